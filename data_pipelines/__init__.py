@@ -1,0 +1,1 @@
+"""Everything that knows about ECG files on disk and nothing about models."""

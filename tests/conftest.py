@@ -1,0 +1,41 @@
+"""Test session set-up: 8 fake CPU devices, a persistent compilation cache, and the shared data folder.
+
+The environment is set here, before anything imports JAX, so that multi-device tests see 8 devices and every
+test process reuses compiled programs from earlier runs.
+"""
+import os
+import pathlib
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_CACHE = pathlib.Path(os.environ.get("STMEM_TEST_CACHE", pathlib.Path.home() / ".cache" / "stmem-tests" / "jax"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+import pytest  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED = pathlib.Path(os.environ.get("STMEM_SHARED", ROOT.parent / "shared"))
+
+
+def _need(path: pathlib.Path) -> pathlib.Path:
+  """A path under ../shared; under CI=true a missing one fails the test instead of skipping it."""
+  if not path.exists():
+    msg = f"{path} is missing (tests read the shared data and fixtures from ../shared)"
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+      pytest.fail(msg)
+    pytest.skip(msg)
+  return path
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> pathlib.Path:
+  return _need(SHARED / "data")
+
+
+@pytest.fixture(scope="session")
+def reference_fixture():
+  import numpy as np
+  path = _need(SHARED / "fixtures" / "stmem_reference_tiny.npz")
+  with np.load(path) as f:
+    return {k: f[k] for k in f.files}
