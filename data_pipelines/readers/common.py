@@ -1,0 +1,123 @@
+"""What every reader shares: picking standard leads by name, parsing demographics, and the format-free checks.
+
+Readers only turn bytes into a `Record`; whether a record is usable (rate, length, finite samples, flat leads) is
+decided once, here, so that every file family is held to the same rules and the same `RecordError` reasons.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from data_pipelines import leads as leads_lib
+from data_pipelines.record import Record, RecordError
+
+# Stable `RecordError.reason` keys, for quarantine reports and tests.
+UNREADABLE = "unreadable"        # the signal file is missing, truncated or corrupt
+BAD_HEADER = "bad_header"        # the header / metadata describing the signal is malformed
+NON_FINITE = "non_finite"        # NaN or inf samples
+FLAT_RECORD = "flat_record"      # every lead is constant (single flat leads are marked absent instead)
+TOO_SHORT = "too_short"          # shorter than `min_seconds`
+UNKNOWN_LEADS = "unknown_leads"  # not one standard lead among the file's signals
+UNSUPPORTED_FS = "unsupported_fs"  # sampling rate below `min_fs`
+REASONS = (UNREADABLE, BAD_HEADER, NON_FINITE, FLAT_RECORD, TOO_SHORT, UNKNOWN_LEADS, UNSUPPORTED_FS)
+
+MIN_FS = 100.0  # PTB-XL's 100 Hz release is the lowest rate in common use; below that QRS shapes are lost.
+
+
+@dataclasses.dataclass(frozen=True)
+class Checks:
+  """Thresholds of `validate`, passed through by every reader so callers set them once."""
+  min_seconds: float = 1.0
+  min_fs: float = MIN_FS
+  allow_non_finite: bool = False  # True keeps NaN gaps (long Holter-like records); `windows` drops them later
+  flat_tolerance: float = 0.0     # mV; a lead whose peak-to-peak range is <= this is flat
+
+
+def select_standard_leads(signal: np.ndarray, names: Sequence[str],
+                          path: str) -> tuple[np.ndarray, tuple[str, ...], tuple[str, ...]]:
+  """Rows of `signal` (C, T) whose names are standard leads, by name, in file order; the others are dropped.
+
+  A second row mapping to the same lead (e.g. `II` and `MLII`) is dropped too: a lead fills one slot only.
+  """
+  if signal.ndim != 2 or signal.shape[0] != len(names):
+    raise RecordError(path, BAD_HEADER, f"{len(names)} lead names for a signal of shape {signal.shape}")
+  keep, canonical, dropped = [], [], []
+  for i, name in enumerate(names):
+    c = leads_lib.canonical_name(name)
+    if c is None or c in canonical:
+      dropped.append(str(name))
+    else:
+      keep.append(i)
+      canonical.append(c)
+  if not keep:
+    raise RecordError(path, UNKNOWN_LEADS, f"no standard lead among {list(map(str, names))}")
+  return signal[keep], tuple(canonical), tuple(dropped)
+
+
+def parse_age(value: Any) -> float | None:
+  """Age in years, or None for blanks, `NaN`, `Unknown`; `89+`-style caps keep their number."""
+  if value is None:
+    return None
+  if isinstance(value, (int, float, np.integer, np.floating)):
+    v = float(value)
+  else:
+    text = str(value).strip().rstrip("+")
+    try:
+      v = float(text)
+    except ValueError:
+      return None
+  return None if math.isnan(v) or v < 0 else v
+
+
+def parse_sex(value: Any) -> str | None:
+  """`M` / `F` from the spellings in the wild (`Male`, `female`, `M`, 0/1 is ambiguous and not accepted)."""
+  text = str(value).strip().lower() if value is not None else ""
+  if text in ("m", "male", "man"):
+    return "M"
+  if text in ("f", "female", "woman"):
+    return "F"
+  return None
+
+
+def validate(record: Record, checks: Checks | None = None, **overrides: Any) -> Record:
+  """The checks that do not depend on the file format; returns the record with flat leads removed.
+
+  A flat (constant) lead carries no signal and is almost always a disconnected electrode, so it is marked absent
+  (listed in `metadata['flat_leads']`) rather than fed as a zero line; if every lead is flat the record is refused.
+  Raises `RecordError` with one of the stable reasons in `REASONS`.
+  """
+  checks = dataclasses.replace(checks or Checks(), **overrides)
+  path = record.path or record.record_id
+  x = record.signal
+  if x.ndim != 2 or x.shape[0] != len(record.leads):
+    raise RecordError(path, BAD_HEADER, f"signal shape {x.shape} for {len(record.leads)} leads")
+  if not record.leads:
+    raise RecordError(path, UNKNOWN_LEADS, "no standard lead")
+  bad_names = [n for n in record.leads if n not in leads_lib.LEAD_ID]
+  if bad_names:
+    raise RecordError(path, UNKNOWN_LEADS, f"non-canonical lead names {bad_names}")
+  if not np.isfinite(record.fs) or record.fs < checks.min_fs:
+    raise RecordError(path, UNSUPPORTED_FS, f"{record.fs} Hz < {checks.min_fs} Hz")
+  if x.shape[1] == 0 or record.seconds < checks.min_seconds:
+    raise RecordError(path, TOO_SHORT, f"{record.seconds:.3f} s < {checks.min_seconds} s")
+  finite = np.isfinite(x)
+  if not finite.all():
+    if not checks.allow_non_finite or np.isinf(x).any():
+      raise RecordError(path, NON_FINITE, f"{int((~finite).sum())} non-finite samples")
+  all_missing = ~finite.any(axis=1)
+  with np.errstate(invalid="ignore"):
+    peak_to_peak = np.where(finite, x, -np.inf).max(axis=1) - np.where(finite, x, np.inf).min(axis=1)
+  flat = all_missing | (peak_to_peak <= checks.flat_tolerance)
+  if flat.all():
+    raise RecordError(path, FLAT_RECORD, f"all {len(record.leads)} leads are constant")
+  if not flat.any():
+    return record
+  flat_names = [n for n, f in zip(record.leads, flat) if f]
+  metadata = dict(record.metadata)
+  metadata["flat_leads"] = list(metadata.get("flat_leads", [])) + flat_names
+  return dataclasses.replace(record, signal=np.ascontiguousarray(x[~flat]),
+                             leads=tuple(n for n, f in zip(record.leads, flat) if not f), metadata=metadata)

@@ -1,0 +1,105 @@
+"""WFDB records: PhysioNet `.hea` + `.dat` (formats 16, 212, ...) and CinC `.hea` + MATLAB v4 `.mat` signal files.
+
+The `wfdb` library does the decoding; this module converts to millivolts by the header's units, keeps standard
+leads by name, and turns header comments (`# Age:`, `# Sex:`, `# Dx:`, LUDB's `#<age>:`) into metadata.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+from typing import Any
+
+import numpy as np
+import wfdb
+
+from data_pipelines.readers import common
+from data_pipelines.record import Record, RecordError
+
+# Multiplier from a header's amplitude unit to millivolts; WFDB writes no unit as mV.
+_TO_MV = {"mv": 1.0, "": 1.0, "uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "v": 1e3}
+_COMMENT_FIELD = re.compile(r"^\s*<?([A-Za-z][A-Za-z0-9 _/()-]*?)>?\s*:\s*(.*?)\s*$")
+_MITDB_DEMOGRAPHICS = re.compile(r"^\s*(\d+|\?+)\s+([MF?])\b")
+_PATIENT_FOLDER = re.compile(r"^patient\d+$", re.IGNORECASE)
+
+
+def record_path(path: str | os.PathLike[str]) -> str:
+  """The record path wfdb wants: the header path without `.hea`."""
+  text = os.fspath(path)
+  return text[:-4] if text.endswith(".hea") else text
+
+
+def parse_comments(comments: list[str]) -> dict[str, Any]:
+  """Header comments -> metadata: `age`, `sex`, `dx` (list of codes) where present, every `key: value` under
+  its lower-case key, and the raw lines under `comments`."""
+  meta: dict[str, Any] = {"comments": list(comments)}
+  for line in comments:
+    m = _COMMENT_FIELD.match(line)
+    if m:
+      key, value = m.group(1).strip().lower(), m.group(2)
+      meta.setdefault(key, value)
+  if "age" not in meta:  # MIT-BIH writes "69 M 1085 1629 x1"
+    for line in comments:
+      m = _MITDB_DEMOGRAPHICS.match(line)
+      if m:
+        meta["age"], meta["sex"] = m.group(1), m.group(2)
+        break
+  if "age" in meta:
+    meta["age"] = common.parse_age(meta["age"])
+  if "sex" in meta:
+    meta["sex"] = common.parse_sex(meta["sex"])
+  if "dx" in meta:
+    meta["dx"] = [c.strip() for c in str(meta["dx"]).split(",") if c.strip()]
+  return meta
+
+
+def _patient_id(meta: dict[str, Any], path: pathlib.Path) -> str | None:
+  for key in ("patient_id", "patient", "subject_id"):
+    if meta.get(key):
+      return str(meta[key])
+  if _PATIENT_FOLDER.match(path.parent.name):  # PTB diagnostic: patient001/s0010_re
+    return path.parent.name
+  return None
+
+
+def read_wfdb(path: str | os.PathLike[str], source: str = "", checks: common.Checks | None = None,
+              **overrides: Any) -> Record:
+  """One WFDB record (path with or without `.hea`) in mV, standard leads by name, validated.
+
+  Raises `RecordError`: `bad_header` when the header cannot be parsed, `unreadable` when the signal file is
+  missing, truncated or corrupt, and the `validate` reasons.
+  """
+  base = record_path(path)
+  hea = base + ".hea"
+  if not os.path.exists(hea):
+    raise RecordError(hea, common.UNREADABLE, "no such header file")
+  try:
+    header = wfdb.rdheader(base)
+  except Exception as e:  # wfdb raises assorted types for malformed text
+    raise RecordError(hea, common.BAD_HEADER, f"{type(e).__name__}: {e}") from None
+  if not header.sig_name or not header.fs:
+    raise RecordError(hea, common.BAD_HEADER, "no signals or no sampling rate")
+  try:
+    rec = wfdb.rdrecord(base, physical=True)
+  except Exception as e:
+    raise RecordError(hea, common.UNREADABLE, f"{type(e).__name__}: {e}") from None
+  signal = rec.p_signal
+  if signal is None or signal.ndim != 2:
+    raise RecordError(hea, common.UNREADABLE, "no samples decoded")
+  if header.sig_len and signal.shape[0] != header.sig_len:
+    raise RecordError(hea, common.UNREADABLE, f"{signal.shape[0]} samples, header says {header.sig_len}")
+  scale = []
+  for name, unit in zip(rec.sig_name, rec.units or [""] * len(rec.sig_name)):
+    factor = _TO_MV.get(str(unit or "").strip().lower())
+    if factor is None:
+      raise RecordError(hea, common.BAD_HEADER, f"lead {name}: amplitude unit {unit!r} is not a voltage")
+    scale.append(factor)
+  signal = signal.T * np.asarray(scale)[:, None]
+  selected, lead_names, dropped = common.select_standard_leads(signal, rec.sig_name, hea)
+  meta = parse_comments(list(rec.comments or []))
+  meta["units"] = "mV"
+  record_id = pathlib.Path(base).name
+  record = Record(signal=selected.astype(np.float32), fs=float(rec.fs), leads=lead_names, record_id=record_id,
+                  patient_id=_patient_id(meta, pathlib.Path(base)) or record_id, source=source, path=hea,
+                  dropped_leads=dropped, metadata=meta)
+  return common.validate(record, checks, **overrides)
