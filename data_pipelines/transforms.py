@@ -1,0 +1,163 @@
+"""Resampling, filters, standardisation, windows and crops: pure numpy, time on the last axis.
+
+Every function computes in float64 (the reference preprocessing does) and returns the dtype it was given, so a
+float32 pipeline stays float32 and a float64 check stays exact.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import scipy.signal
+
+from data_pipelines.record import Record
+from stmem.contract import Contract
+
+EVAL_STARTS = (0, 125, 250)  # the reference's three evaluation crops of a 2500-sample record
+
+
+def _float_dtype(x: np.ndarray) -> np.dtype:
+  return x.dtype if np.issubdtype(x.dtype, np.floating) else np.dtype(np.float32)
+
+
+def resample(x: np.ndarray, fs_in: float, fs_out: float) -> np.ndarray:
+  """FFT resampling (`scipy.signal.resample`) along the last axis to round(T * fs_out / fs_in) samples."""
+  x = np.asarray(x)
+  if fs_in == fs_out:
+    return x.astype(_float_dtype(x), copy=True)
+  n_out = int(round(x.shape[-1] * float(fs_out) / float(fs_in)))
+  return resample_to(x, n_out)
+
+
+def resample_to(x: np.ndarray, n_out: int) -> np.ndarray:
+  """FFT resampling along the last axis to exactly `n_out` samples."""
+  x = np.asarray(x)
+  if x.shape[-1] == n_out:
+    return x.astype(_float_dtype(x), copy=True)
+  y = scipy.signal.resample(x.astype(np.float64), n_out, axis=-1)
+  return y.astype(_float_dtype(x))
+
+
+def bandpass(x: np.ndarray, fs: float, highpass_hz: float | None = 0.67, lowpass_hz: float | None = 40.0,
+             order: int = 5) -> np.ndarray:
+  """Butterworth high-pass then low-pass, each zero-phase (`sosfiltfilt`), as the reference does; None skips one."""
+  x = np.asarray(x)
+  y = x.astype(np.float64)
+  if highpass_hz:
+    sos = scipy.signal.butter(order, highpass_hz, btype="highpass", fs=fs, output="sos")
+    y = scipy.signal.sosfiltfilt(sos, y, axis=-1)
+  if lowpass_hz:
+    if lowpass_hz >= fs / 2:
+      raise ValueError(f"low-pass {lowpass_hz} Hz is not below the Nyquist rate of {fs} Hz")
+    sos = scipy.signal.butter(order, lowpass_hz, btype="lowpass", fs=fs, output="sos")
+    y = scipy.signal.sosfiltfilt(sos, y, axis=-1)
+  return y.astype(_float_dtype(x))
+
+
+def zscore(x: np.ndarray, lead_mask: np.ndarray | None = None, eps: float = 1e-8) -> np.ndarray:
+  """One mean and std over all leads and time of one ECG (L, T); a flat ECG becomes zeros.
+
+  With `lead_mask` (L,), only present leads count and absent rows stay zero, so an absent lead (a zero row in the
+  slot layout) does not shrink the statistics of the leads that exist.
+  """
+  x = np.asarray(x)
+  y = x.astype(np.float64)
+  rows = y if lead_mask is None else y[np.asarray(lead_mask, bool)]
+  out = np.zeros_like(y)
+  if rows.size:
+    mean, std = rows.mean(), rows.std()
+    if std > eps:
+      if lead_mask is None:
+        out = (y - mean) / std
+      else:
+        out[np.asarray(lead_mask, bool)] = (rows - mean) / std
+  return out.astype(_float_dtype(x))
+
+
+def windows(x: np.ndarray, n: int) -> np.ndarray:
+  """Non-overlapping windows of `n` samples (W, L, n) from (L, T); a trailing remainder and windows holding any NaN
+  are dropped."""
+  x = np.asarray(x)
+  count = x.shape[-1] // n
+  out = x[..., :count * n].reshape(*x.shape[:-1], count, n)
+  out = np.moveaxis(out, -2, 0)
+  keep = ~np.isnan(out).reshape(count, -1).any(axis=1)
+  return np.ascontiguousarray(out[keep])
+
+
+def random_crop(x: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+  """A crop of `n` samples starting uniformly at random (the reference's training crop)."""
+  x = np.asarray(x)
+  if x.shape[-1] < n:
+    raise ValueError(f"cannot crop {n} samples from {x.shape[-1]}")
+  start = int(rng.integers(0, x.shape[-1] - n + 1))
+  return x[..., start:start + n]
+
+
+def eval_crops(x: np.ndarray, n: int, starts: Sequence[int] = EVAL_STARTS) -> np.ndarray:
+  """Crops of `n` samples at fixed `starts` (S, ..., n); the reference averages predictions over them."""
+  x = np.asarray(x)
+  if max(starts) + n > x.shape[-1]:
+    raise ValueError(f"crops at {tuple(starts)} of {n} samples do not fit {x.shape[-1]} samples")
+  return np.stack([x[..., s:s + n] for s in starts])
+
+
+def _filter(x: np.ndarray, contract: Contract) -> np.ndarray:
+  return bandpass(x, contract.fs, contract.highpass_hz, contract.lowpass_hz, contract.filter_order)
+
+
+def preprocess(x: np.ndarray, fs: float, contract: Contract) -> np.ndarray:
+  """A signal (L, T) at `fs` -> float32 at `contract.fs`, band-passed here only if `filter_stage` is "offline"."""
+  if contract.resample != "fft":
+    raise ValueError(f"unsupported resampling {contract.resample!r}")
+  y = resample(np.asarray(x, np.float64), fs, contract.fs)
+  if contract.filter_stage == "offline":
+    y = _filter(y, contract)
+  elif contract.filter_stage != "per_crop":
+    raise ValueError(f"unknown filter_stage {contract.filter_stage!r}")
+  return y.astype(np.float32)
+
+
+def prepare_record_windows(record: Record, contract: Contract) -> np.ndarray:
+  """A record -> float32 (W, len(contract.leads), record_samples) windows at `contract.fs`, leads in contract order.
+
+  The record is cut into non-overlapping windows of `record_samples / contract.fs` seconds at its own rate first,
+  windows holding NaN are dropped, and each window is FFT-resampled to exactly `record_samples` (for a 10 s record
+  this is the reference's resampling of the whole record). Leads the record lacks are zero rows; which rows are
+  real is `lead_mask(record, contract)`. A record shorter than one window gives W = 0.
+  """
+  native = int(round(contract.record_samples * float(record.fs) / contract.fs))
+  if record.signal.shape[-1] < native:
+    return np.zeros((0, len(contract.leads), contract.record_samples), np.float32)
+  mask = lead_mask(record, contract)
+  slots = np.zeros((len(contract.leads), record.signal.shape[-1]), np.float64)
+  for row, name in zip(record.signal, record.leads):
+    if name in contract.leads:
+      slots[contract.leads.index(name)] = row
+  pieces = windows(slots, native)
+  out = np.zeros((len(pieces), len(contract.leads), contract.record_samples), np.float32)
+  for i, piece in enumerate(pieces):
+    if contract.resample != "fft":
+      raise ValueError(f"unsupported resampling {contract.resample!r}")
+    y = resample_to(piece, contract.record_samples)
+    if contract.filter_stage == "offline":
+      y = _filter(y, contract)
+    y[~mask] = 0.0
+    out[i] = y
+  return out
+
+
+def lead_mask(record: Record, contract: Contract) -> np.ndarray:
+  """(len(contract.leads),) bool: which contract lead slots the record fills."""
+  return np.array([name in record.leads for name in contract.leads], bool)
+
+
+def finish_crop(crop: np.ndarray, contract: Contract, lead_mask: np.ndarray | None = None) -> np.ndarray:
+  """A crop (L, window) as stored -> model input: band-pass if `filter_stage` is "per_crop", then one z-score."""
+  y = np.asarray(crop, np.float64)
+  if contract.filter_stage == "per_crop":
+    y = _filter(y, contract)
+  if contract.normalisation != "zscore_per_ecg":
+    raise ValueError(f"unknown normalisation {contract.normalisation!r}")
+  return zscore(y, lead_mask).astype(np.float32)
+
