@@ -33,7 +33,7 @@ def _lines(cell: str | None) -> tuple[str, ...]:
 
 
 def _age(text: str) -> float | None:
-  text = text.strip().rstrip("+")
+  text = text.strip().strip("<>+").strip()
   try:
     return float(text)
   except ValueError:

@@ -65,7 +65,7 @@ def parse_age(value: Any) -> float | None:
   if isinstance(value, (int, float, np.integer, np.floating)):
     v = float(value)
   else:
-    text = str(value).strip().rstrip("+")
+    text = str(value).strip().strip("<>+").strip()
     try:
       v = float(text)
     except ValueError:
