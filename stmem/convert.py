@@ -1,0 +1,226 @@
+"""Reference ST-MEM parameter names <-> stmem parameters.
+
+The reference (PyTorch) names are listed in `docs/reference-stmem.md`; its Linear weights are (out, in), a Flax kernel
+is (in, out). Reading a `.pth` uses `torch.load(..., weights_only=True)`, so no code in the file is ever executed; a
+`.npz` is read with `allow_pickle=False`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import re
+
+import numpy as np
+
+Path = tuple  # a parameter path in the model's nnx state, e.g. ('encoder', 'blocks', 0, 'attn', 'qkv', 'kernel')
+
+# (reference suffix pattern, stmem path template, how to convert). `{i}` is the block index.
+_LINEAR = [("weight", "kernel", "transpose"), ("bias", "bias", "same")]
+_NORM = [("weight", "scale", "same"), ("bias", "bias", "same")]
+_BLOCK_PARTS = [
+  ("attn.norm", ("attn_norm",), _NORM),
+  ("attn.fn.to_qkv", ("attn", "qkv"), _LINEAR),
+  ("attn.fn.to_out.0", ("attn", "out"), _LINEAR),
+  ("ff.norm", ("mlp_norm",), _NORM),
+  ("ff.fn.net.0", ("mlp", "fc1"), _LINEAR),
+  ("ff.fn.net.3", ("mlp", "fc2"), _LINEAR),
+]
+
+
+def _rules() -> list[tuple[re.Pattern, tuple, str]]:
+  rules = []
+
+  def add(ref: str, path: tuple, how: str):
+    rules.append((re.compile("^" + ref.replace(".", r"\.").replace("{i}", r"(\d+)") + "$"), path, how))
+
+  for ref_mod, path, parts in [("to_patch_embedding.1", ("patch_norm_in",), _NORM),
+                               ("to_patch_embedding.2", ("patch_linear",), _LINEAR),
+                               ("to_patch_embedding.3", ("patch_norm_out",), _NORM),
+                               ("norm", ("norm",), _NORM)]:
+    for r, p, how in parts:
+      add(f"E{ref_mod}.{r}", ("encoder",) + path + (p,), how)
+  add("Epos_embedding", ("encoder", "pos_embedding"), "squeeze")
+  add("Esep_embedding", ("encoder", "sep_embedding"), "same")
+  add("Elead_embeddings.{i}", ("encoder", "lead_embedding"), "row")
+  for ref_mod, path, parts in _BLOCK_PARTS:
+    for r, p, how in parts:
+      add(f"Eblock{{i}}.{ref_mod}.{r}", ("encoder", "blocks", "{i}") + path + (p,), how)
+      add(f"decoder_blocks.{{i}}.{ref_mod}.{r}", ("decoder_blocks", "{i}") + path + (p,), how)
+  for ref_mod, path, parts in [("to_decoder_embedding", ("to_decoder",), _LINEAR),
+                               ("decoder_norm", ("decoder_norm",), _NORM),
+                               ("decoder_head", ("decoder_head",), _LINEAR)]:
+    for r, p, how in parts:
+      add(f"{ref_mod}.{r}", path + (p,), how)
+  add("mask_embedding", ("mask_token",), "squeeze")
+  add("decoder_pos_embed", ("decoder_pos_embedding",), "squeeze")
+  return rules
+
+
+_RULES = _rules()
+
+
+@dataclasses.dataclass
+class Conversion:
+  params: dict[Path, np.ndarray]        # stmem path -> array, paths rooted at the pretraining model (StMem)
+  unknown: list[str]                    # reference names no rule knows
+  aliases: list[str]                    # names skipped because they repeat another tensor (shared patch embedding)
+  head: dict[str, np.ndarray]           # a fine-tuned classification head, kept aside
+  encoder_only: bool
+
+
+def from_reference(state: dict[str, np.ndarray]) -> Conversion:
+  """Map a reference state dict (full pretraining model, or encoder-only names without `encoder.`) to stmem paths."""
+  state = {k.removeprefix("param/"): np.asarray(v) for k, v in state.items()}
+  encoder_only = not any(k.startswith("encoder.") for k in state)
+  params: dict[Path, np.ndarray] = {}
+  rows: dict[Path, dict[int, np.ndarray]] = {}
+  unknown, aliases, head = [], [], {}
+  for name, value in sorted(state.items()):
+    if encoder_only:
+      key = "E" + name
+    elif name.startswith("encoder."):
+      key = "E" + name.removeprefix("encoder.")
+    else:
+      key = name
+    if key.startswith("Ehead."):
+      head[name.split("head.", 1)[1]] = value
+      continue
+    if not encoder_only and name.startswith("to_patch_embedding."):
+      twin = state.get("encoder." + name)
+      if twin is not None and np.array_equal(twin, value):
+        aliases.append(name)
+        continue
+    for pattern, template, how in _RULES:
+      m = pattern.match(key)
+      if not m:
+        continue
+      path = tuple(int(m.group(1)) if t == "{i}" else t for t in template)
+      if how == "row":
+        rows.setdefault(path, {})[int(m.group(1))] = value
+        break
+      params[path] = _to_stmem(value, how)
+      break
+    else:
+      unknown.append(name)
+  for path, by_index in rows.items():
+    if sorted(by_index) != list(range(len(by_index))):
+      unknown.append(f"lead_embeddings: indices {sorted(by_index)} are not 0..n-1")
+      continue
+    params[path] = np.stack([by_index[i] for i in range(len(by_index))])
+  return Conversion(params=params, unknown=unknown, aliases=aliases, head=head, encoder_only=encoder_only)
+
+
+def to_reference(params: dict[Path, np.ndarray], encoder_only: bool = False) -> dict[str, np.ndarray]:
+  """The inverse mapping: stmem paths (rooted at StMem) -> reference names, for export to the authors' code."""
+  out = {}
+  for path, value in params.items():
+    value = np.asarray(value)
+    for pattern, template, how in _RULES:
+      ref = _render(pattern, template, path)
+      if ref is None:
+        continue
+      if how == "row":
+        for i, row in enumerate(value):
+          out[ref.replace("(\\d+)", str(i))] = row
+      else:
+        out[ref] = _to_reference(value, how)
+      break
+  names = {}
+  for k, v in out.items():
+    if k.startswith("E"):
+      names[k[1:] if encoder_only else "encoder." + k[1:]] = v
+    elif not encoder_only:
+      names[k] = v
+  if not encoder_only:  # the reference lists its shared patch embedding twice
+    names.update({k.removeprefix("encoder."): v for k, v in names.items() if k.startswith("encoder.to_patch_embedding.")})
+  return names
+
+
+def _to_stmem(value: np.ndarray, how: str) -> np.ndarray:
+  if how == "transpose":
+    return value.T
+  if how == "squeeze":  # (1, 32, D) tables and the (1, 1, D) mask token lose their leading singleton axes
+    return value.reshape(tuple(s for s in value.shape[:-1] if s != 1) + value.shape[-1:])
+  return value
+
+
+def _to_reference(value: np.ndarray, how: str) -> np.ndarray:
+  if how == "transpose":
+    return value.T
+  if how == "squeeze":
+    return value.reshape((1,) * (3 - value.ndim) + value.shape)
+  return value
+
+
+def _render(pattern: re.Pattern, template: tuple, path: Path) -> str | None:
+  if len(template) != len(path):
+    return None
+  index = None
+  for t, p in zip(template, path):
+    if t == "{i}":
+      if not isinstance(p, int):
+        return None
+      index = p
+    elif t != p:
+      return None
+  ref = pattern.pattern[1:-1].replace("\\.", ".")
+  if index is not None and "lead_embeddings" not in ref:
+    ref = ref.replace("(\\d+)", str(index), 1)
+  return ref
+
+
+def load_reference_file(path: str | pathlib.Path) -> dict[str, np.ndarray]:
+  """Read a reference checkpoint: `.pth`/`.pt` (needs PyTorch; weights only) or `.npz` (no pickles)."""
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"{path}: no such file")
+  if path.suffix == ".npz":
+    with np.load(path, allow_pickle=False) as f:
+      return {k: f[k] for k in f.files if k.startswith("param/") or "/" not in k}
+  if path.suffix in (".pth", ".pt", ".bin"):
+    try:
+      import torch
+    except ImportError as e:
+      raise ImportError(f"{path}: reading a PyTorch checkpoint needs the optional extra: pip install 'stmem[torch]'") from e
+    obj = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles arbitrary objects
+    state = obj.get("model", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict):
+      raise ValueError(f"{path}: expected a state dict or {{'model': state_dict}}, found {type(obj).__name__}")
+    return {k: v.detach().cpu().numpy() for k, v in state.items() if hasattr(v, "detach")}
+  raise ValueError(f"{path}: unsupported reference file type {path.suffix!r} (expected .pth, .pt or .npz)")
+
+
+def apply(model, conversion: Conversion, *, strict: bool = True) -> list[Path]:
+  """Write converted parameters into an nnx model (StMem, or an Encoder: then only `encoder.*` paths are used).
+
+  Raises ValueError listing unknown reference names, missing stmem parameters and shape mismatches.
+  Returns the stmem paths that the reference did not provide (empty when strict passes).
+  """
+  from flax import nnx
+  from stmem.models.encoder import Encoder
+
+  is_encoder = isinstance(model, Encoder)
+  state = nnx.state(model, nnx.Param)
+  flat = dict(nnx.to_flat_state(state))
+  params = conversion.params
+  if is_encoder:
+    params = {p[1:]: v for p, v in params.items() if p[0] == "encoder"}
+  problems, missing = [], []
+  if conversion.unknown:
+    problems.append(f"unknown reference names: {conversion.unknown}")
+  for path in flat:
+    if path not in params:
+      missing.append(path)
+  if missing and (strict and not (conversion.encoder_only and all(p[0] != "encoder" for p in missing) and not is_encoder)):
+    problems.append("stmem parameters the reference does not provide: " + ", ".join(".".join(map(str, p)) for p in missing))
+  extra = [p for p in params if p not in flat]
+  if extra:
+    problems.append("converted names with no stmem parameter: " + ", ".join(".".join(map(str, p)) for p in extra))
+  for path, value in params.items():
+    if path in flat and tuple(flat[path].shape) != tuple(value.shape):
+      problems.append(f"{'.'.join(map(str, path))}: reference shape {value.shape}, stmem shape {tuple(flat[path].shape)}")
+  if problems:
+    raise ValueError("cannot load the reference parameters:\n  " + "\n  ".join(problems))
+  new_state = nnx.from_flat_state({p: (params[p] if p in params else v) for p, v in flat.items()})
+  nnx.update(model, new_state)
+  return missing

@@ -1,0 +1,68 @@
+"""Transformer pieces shared by the encoder and the decoder, and the fixed sin-cos table."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+xavier = nnx.initializers.xavier_uniform()
+embedding_init = nnx.initializers.normal(0.02)
+
+
+def sincos_table(num_patches: int, width: int) -> np.ndarray:
+  """(num_patches + 2, width): row 0 and the last row (SEP slots) zero, row 1 + p the 1-D sin-cos code of patch p."""
+  half = width // 2
+  omega = 1.0 / 10000 ** (np.arange(half, dtype=np.float64) / half)
+  angles = np.arange(num_patches, dtype=np.float64)[:, None] * omega[None, :]
+  table = np.zeros((num_patches + 2, width), np.float64)
+  table[1:-1] = np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+  return table.astype(np.float32)
+
+
+def linear(n_in: int, n_out: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+  return nnx.Linear(n_in, n_out, kernel_init=xavier, bias_init=nnx.initializers.zeros, dtype=dtype, rngs=rngs)
+
+
+def layer_norm(n: int, dtype, rngs: nnx.Rngs, eps: float = 1e-5) -> nnx.LayerNorm:
+  return nnx.LayerNorm(n, epsilon=eps, dtype=dtype, use_fast_variance=False, rngs=rngs)
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention with a fused q/k/v projection (q, k, v blocks, each head-major) and an output projection."""
+
+  def __init__(self, width: int, num_heads: int, dtype, rngs: nnx.Rngs):
+    self.num_heads = num_heads
+    self.qkv = linear(width, 3 * width, dtype, rngs)
+    self.out = linear(width, width, dtype, rngs)
+
+  def __call__(self, x: jax.Array, key_mask: jax.Array | None) -> jax.Array:
+    b, s, d = x.shape
+    q, k, v = jnp.moveaxis(self.qkv(x).reshape(b, s, 3, self.num_heads, d // self.num_heads), 2, 0)
+    # key_mask (B, S): absent leads' tokens are never attended to, so a padded row equals its unpadded self.
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    y = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    return self.out(y.reshape(b, s, d))
+
+
+class Mlp(nnx.Module):
+  def __init__(self, width: int, hidden: int, dtype, rngs: nnx.Rngs):
+    self.fc1 = linear(width, hidden, dtype, rngs)
+    self.fc2 = linear(hidden, width, dtype, rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))  # exact (erf) GELU, as the reference
+
+
+class Block(nnx.Module):
+  """Pre-LayerNorm transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+  def __init__(self, width: int, num_heads: int, mlp_ratio: int, dtype, rngs: nnx.Rngs):
+    self.attn_norm = layer_norm(width, dtype, rngs)
+    self.attn = Attention(width, num_heads, dtype, rngs)
+    self.mlp_norm = layer_norm(width, dtype, rngs)
+    self.mlp = Mlp(width, mlp_ratio * width, dtype, rngs)
+
+  def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
+    x = x + self.attn(self.attn_norm(x), key_mask)
+    return x + self.mlp(self.mlp_norm(x))
