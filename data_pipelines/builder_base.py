@@ -1,0 +1,454 @@
+"""What every stmem TFDS builder shares: Record -> examples, splits, the quarantine and the files beside the data.
+
+The builders in `data_pipelines/<name>/` are thin on purpose: each one only knows where its dataset keeps records,
+labels and patient ids. Everything that must be identical across datasets (resampling to the contract rate, cutting
+10 s windows, dropping broken windows, the example layout, the content hash that overlap checks rely on, the report
+of skipped records) lives here once, so that two datasets prepared under one contract are interchangeable.
+
+Written beside the ArrayRecord shards (in the builder's versioned folder):
+  contract.json     the preprocessing contract, every parameter included;
+  labels.json       the label names, in the order of the `labels` vector;
+  quarantine.jsonl  one line per skipped record (file, reason, detail);
+  records.jsonl     one line per written record (split, ids, source, content hash, windows): the overlap index;
+  summary.json      counts (records read, examples written, quarantined by reason).
+
+No TensorFlow: builders write `file_format='array_record'` and features are fixed-shape numpy Tensors and Text,
+which tfds encodes and decodes with numpy alone.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+
+from data_pipelines import leads as leads_lib
+from data_pipelines.record import Record, RecordError
+from stmem.contract import Contract
+
+VERSION = "1.0.0"
+SIDE_FILES = ("contract.json", "labels.json", "quarantine.jsonl", "records.jsonl", "summary.json")
+# Deterministic patient-grouped split used by datasets without an official one.
+DEFAULT_FRACTIONS: dict[str, float] = {"train": 0.8, "validation": 0.1, "test": 0.1}
+
+
+# ------------------------------------------------------------------------------------------------ small helpers
+
+
+def content_hash(record: Record) -> str:
+  """sha1 of the raw samples in canonical lead order, quantised to 1 microvolt, and the sampling rate.
+
+  Why quantised: the same recording is redistributed in different containers (PTB-XL `.dat` vs the CinC `.mat` copy)
+  whose float conversions can differ in the last bit; the integer microvolt values do not. Why canonical order:
+  files list leads in different orders. Computed before resampling so it identifies the recording, not our
+  preprocessing of it.
+  """
+  signal, present = record.standard()
+  micro = np.round(np.nan_to_num(np.asarray(signal, np.float64), nan=0.0) * 1000.0).astype(np.int32)
+  h = hashlib.sha1()
+  h.update(f"fs={float(record.fs):g};leads={''.join('1' if p else '0' for p in present)};".encode())
+  h.update(np.ascontiguousarray(micro).tobytes())
+  return h.hexdigest()
+
+
+def hash_fraction(key: str) -> float:
+  """A stable number in [0, 1) from a string: the same patient lands in the same split on every machine."""
+  return int(hashlib.sha1(key.encode()).hexdigest()[:15], 16) / float(16 ** 15)
+
+
+def hash_split(key: str, fractions: Mapping[str, float] = DEFAULT_FRACTIONS) -> str:
+  """The split a patient belongs to, by hashing its id: grouped by patient and independent of file order."""
+  u, acc = hash_fraction(key), 0.0
+  names = list(fractions)
+  total = float(sum(fractions.values()))
+  for name in names:
+    acc += fractions[name] / total
+    if u < acc:
+      return name
+  return names[-1]
+
+
+def parse_fractions(spec: str | Mapping[str, float] | None) -> dict[str, float]:
+  """`train=0.8,validation=0.1,test=0.1` (or a mapping) -> fractions; zero-fraction splits are dropped."""
+  if spec is None or spec == "":
+    return dict(DEFAULT_FRACTIONS)
+  if isinstance(spec, Mapping):
+    out = {str(k): float(v) for k, v in spec.items()}
+  else:
+    out = {}
+    for part in str(spec).split(","):
+      name, _, value = part.partition("=")
+      out[name.strip()] = float(value) if value else 1.0
+  out = {k: v for k, v in out.items() if v > 0}
+  if not out:
+    raise ValueError(f"split fractions {spec!r} give no split")
+  return out
+
+
+def parse_age(value: Any) -> float:
+  """Age in years, -1.0 when unknown (missing, NaN, `Unknown`, negative)."""
+  try:
+    age = float(value)
+  except (TypeError, ValueError):
+    return -1.0
+  return age if math.isfinite(age) and age >= 0 else -1.0
+
+
+def parse_sex(value: Any) -> int:
+  """0 female, 1 male, -1 unknown, from the spellings found in ECG metadata (`Male`, `F`, `M`, booleans).
+
+  Numeric codes are dataset-specific (PTB-XL: 0 = male) and must be converted by the builder before this.
+  """
+  if isinstance(value, (bool, np.bool_)):
+    return int(bool(value))
+  s = str(value).strip().lower()
+  if s in ("m", "male", "man", "1"):
+    return 1
+  if s in ("f", "female", "woman", "0", "w"):
+    return 0
+  return -1
+
+
+def multi_hot(names: Iterable[str], vocabulary: Sequence[str]) -> np.ndarray:
+  """Multi-hot float32 over `vocabulary`; names outside it are ignored."""
+  index = {n: i for i, n in enumerate(vocabulary)}
+  out = np.zeros((len(vocabulary),), np.float32)
+  for n in names:
+    i = index.get(str(n))
+    if i is not None:
+      out[i] = 1.0
+  return out
+
+
+def rglob(root: str | os.PathLike[str], pattern: str) -> list[str]:
+  """Files under `root` at any depth matching `pattern`, sorted. Local folders (epath refuses `**` for GCS reasons);
+  downloads live on local disk."""
+  import pathlib
+  return sorted(str(p) for p in pathlib.Path(os.fspath(root)).rglob(pattern))
+
+
+def non_empty(chosen: Mapping[str, Sequence[Any]]) -> dict[str, Sequence[Any]]:
+  """Splits that have at least one record: tfds refuses to write an empty split (a PTB-XL excerpt may lack fold 9)."""
+  return {name: items for name, items in chosen.items() if len(items)}
+
+
+def read_each(paths: Iterable[Any], reader: Callable[[Any], Record]) -> Iterator[Record | RecordError]:
+  """Read paths one by one, turning any failure into a RecordError that names the file.
+
+  Why not let exceptions fly: one unreadable file among 300,000 must not stop a build (it is quarantined instead),
+  and an unexpected exception type from a third-party reader still has to name the file it came from.
+  """
+  for path in paths:
+    try:
+      yield reader(path)
+    except RecordError as e:
+      yield e
+    except Exception as e:  # noqa: BLE001 - any reader failure becomes a quarantined record.
+      yield RecordError(str(path), "unreadable", f"{type(e).__name__}: {e}")
+
+
+# ------------------------------------------------------------------------------------------------ Record -> windows
+
+
+def _validate(record: Record) -> None:
+  """The shape checks that windows rely on. Duration, rate, finiteness and flat leads are the readers' `validate`,
+  which every reader applies before returning a Record; not repeated here. Raises RecordError."""
+  signal = np.asarray(record.signal)
+  where = record.path or record.record_id
+  if signal.ndim != 2 or signal.shape[0] != len(record.leads) or signal.shape[-1] == 0:
+    raise RecordError(where, "bad_header", f"signal shape {signal.shape} for {len(record.leads)} leads")
+  if not record.leads:
+    raise RecordError(where, "unknown_leads", f"no standard lead (dropped {list(record.dropped_leads)})")
+
+
+def record_windows(record: Record, contract: Contract) -> tuple[np.ndarray, np.ndarray, int]:
+  """(windows, lead_present, dropped): non-overlapping (W, 12, record_samples) float32 windows at contract.fs.
+
+  Resampling, the offline filter (when filter_stage == 'offline') and the cutting are the transforms module's (which
+  already drops windows holding NaN); windows still holding NaN or inf are dropped here and counted in `dropped`,
+  because one bad sample poisons a whole z-scored crop.
+  """
+  from data_pipelines import transforms
+  windows = np.asarray(transforms.prepare_record_windows(record, contract), np.float32)
+  present = np.asarray(transforms.lead_mask(record, contract), bool)
+  good = np.isfinite(windows).reshape(len(windows), -1).all(axis=1) if len(windows) else np.zeros((0,), bool)
+  return windows[good], present, int((~good).sum())
+
+
+def record_examples(record: Record, contract: Contract, labels: np.ndarray, *, age: float = -1.0, sex: int = -1,
+                    source: str | None = None) -> tuple[list[tuple[str, dict[str, Any]]], str, int]:
+  """The examples of one record: ([(key, example)], content_hash, windows dropped). Raises RecordError.
+
+  A record with no usable window is an error (quarantined), never an empty success.
+  """
+  _validate(record)
+  digest = content_hash(record)
+  windows, present, dropped = record_windows(record, contract)
+  where = record.path or record.record_id
+  if not len(windows):
+    native = contract.record_samples * float(record.fs) / contract.fs
+    if dropped or record.signal.shape[-1] >= native:
+      raise RecordError(where, "non_finite", "every window holds NaN or inf samples")
+    raise RecordError(where, "too_short",
+                      f"{record.seconds:.2f} s < {contract.record_samples / contract.fs:.2f} s needed for one window")
+  source = record.source if source is None else source
+  patient = record.patient_id if record.patient_id not in (None, "") else record.record_id
+  out = []
+  for i, w in enumerate(windows):
+    out.append((f"{source}/{record.record_id}/{i}", {
+      "signal": w,
+      "lead_mask": np.asarray(present, bool),
+      "record_id": str(record.record_id),
+      "patient_id": str(patient),
+      "source": str(source),
+      "window": i,
+      "labels": np.asarray(labels, np.float32),
+      "age": np.float32(age),
+      "sex": np.int32(sex),
+      "content_hash": digest,
+    }))
+  return out, digest, dropped
+
+
+def features(num_labels: int, contract: Contract) -> tfds.features.FeaturesDict:
+  """The example layout: rows of `signal` and `lead_mask` are the contract's leads, in its order.
+
+  Fixed-shape numpy Tensors, Scalars and Text only: tfds encodes and decodes these with numpy alone (checked with
+  tfds 4.9.10 and no TensorFlow installed, zero-length `labels` included).
+  """
+  n_leads = len(contract.leads)
+  return tfds.features.FeaturesDict({
+    "signal": tfds.features.Tensor(shape=(n_leads, contract.record_samples), dtype=np.float32),
+    "lead_mask": tfds.features.Tensor(shape=(n_leads,), dtype=np.bool_),
+    "record_id": tfds.features.Text(),
+    "patient_id": tfds.features.Text(),
+    "source": tfds.features.Text(),
+    "window": tfds.features.Scalar(dtype=np.int32),
+    "labels": tfds.features.Tensor(shape=(num_labels,), dtype=np.float32),
+    "age": tfds.features.Scalar(dtype=np.float32),
+    "sex": tfds.features.Scalar(dtype=np.int32),
+    "content_hash": tfds.features.Text(),
+  })
+
+
+# ------------------------------------------------------------------------------------------------ the builder base
+
+
+class BuildStats:
+  """Counts of one build, for the closing summary and summary.json."""
+
+  def __init__(self) -> None:
+    self.records_read = 0
+    self.records_written = 0
+    self.examples_written = 0
+    self.windows_dropped = 0
+    self.quarantined: collections.Counter[str] = collections.Counter()
+    self.errors: list[RecordError] = []
+    self.index: list[dict[str, Any]] = []
+    self.per_split: collections.Counter[str] = collections.Counter()
+
+  def to_dict(self) -> dict[str, Any]:
+    return {
+      "records_read": self.records_read,
+      "records_written": self.records_written,
+      "examples_written": self.examples_written,
+      "examples_per_split": dict(self.per_split),
+      "windows_dropped_non_finite": self.windows_dropped,
+      "quarantined": sum(self.quarantined.values()),
+      "quarantined_by_reason": dict(sorted(self.quarantined.items())),
+    }
+
+
+class StmemBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Base of every stmem builder. Subclasses set `label_names` and implement `_split_generators`.
+
+  Construction arguments (all keyword, beside tfds's own `data_dir`, `file_format`...):
+    manual_dir:  the folder the user downloaded (also accepted through tfds's DownloadConfig); builders whose label
+                 list is read from the download (CinC's dx_mapping.csv) need it here, before tfds asks for `_info`.
+    contract:    the preprocessing contract (default `Contract()`); written as contract.json.
+    strict:      raise on the first bad record instead of quarantining it.
+    show_progress: a tqdm bar over records per split.
+  """
+
+  VERSION = tfds.core.Version(VERSION)
+  RELEASE_NOTES = {str(VERSION): "ST-MEM contract examples: (12, record_samples) float32 windows + lead mask + ids."}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = "Download the dataset yourself and pass its folder as --manual_dir."
+  label_names: tuple[str, ...] = ()
+
+  def __init__(self, *, manual_dir: str | os.PathLike[str] | None = None, contract: Contract | None = None,
+               strict: bool = False, show_progress: bool = True, **kwargs: Any):
+    self.manual_root = epath.Path(manual_dir) if manual_dir is not None else None
+    self.contract = contract if contract is not None else Contract()
+    self.strict = strict
+    self.show_progress = show_progress
+    self.stats = BuildStats()
+    self._generated = False
+    kwargs.setdefault("file_format", "array_record")
+    super().__init__(**kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(
+      features=features(len(self.label_names), self.contract),
+      metadata=tfds.core.MetadataDict(contract=self.contract.to_dict(), label_names=list(self.label_names)),
+    )
+
+  def manual(self, dl_manager: Any = None) -> epath.Path:
+    """The user's download folder, from the constructor or tfds's DownloadConfig."""
+    if self.manual_root is not None:
+      return self.manual_root
+    if dl_manager is not None:
+      return epath.Path(dl_manager.manual_dir)
+    raise ValueError(f"{self.name}: pass manual_dir= (the folder holding the downloaded dataset)")
+
+  # -- the one loop every split goes through
+
+  def generate(self, items: Iterable[Record | RecordError], split: str,
+               describe: Callable[[Record], Mapping[str, Any]], total: int | None = None
+               ) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Examples of `items` (records or their reading errors). `describe(record)` returns the record's `labels`
+    (required), and optionally `age`, `sex`, `source`, `patient_id`; it may raise RecordError (e.g. unknown label).
+    """
+    self._generated = True
+    bar = None
+    if self.show_progress:
+      from tqdm.auto import tqdm
+      bar = tqdm(total=total, desc=f"{self.name} {split}", unit=" records", leave=True)
+    try:
+      for item in items:
+        self.stats.records_read += 1
+        if bar is not None:
+          bar.update(1)
+        try:
+          if isinstance(item, RecordError):
+            raise item
+          meta = dict(describe(item))
+          if meta.get("patient_id"):
+            item.patient_id = str(meta["patient_id"])
+          examples, digest, dropped = record_examples(
+            item, self.contract, meta["labels"], age=parse_age(meta.get("age", -1.0)),
+            sex=int(meta["sex"]) if isinstance(meta.get("sex"), (int, np.integer)) else parse_sex(meta.get("sex")),
+            source=meta.get("source"))
+        except RecordError as e:
+          if self.strict:
+            raise
+          self.stats.quarantined[e.reason] += 1
+          self.stats.errors.append(e)
+          if bar is not None:
+            bar.set_postfix(quarantined=sum(self.stats.quarantined.values()))
+          continue
+        self.stats.records_written += 1
+        self.stats.examples_written += len(examples)
+        self.stats.windows_dropped += dropped
+        self.stats.per_split[split] += len(examples)
+        first = examples[0][1]
+        self.stats.index.append({"split": split, "record_id": first["record_id"], "patient_id": first["patient_id"],
+                                 "source": first["source"], "content_hash": digest, "windows": len(examples),
+                                 "path": os.path.basename(str(item.path)) if item.path else ""})
+        yield from examples
+    finally:
+      if bar is not None:
+        bar.close()
+
+  def _generate_examples(self, *args: Any, **kwargs: Any):
+    """Unused: every split goes through `generate` (tfds only requires the method to exist)."""
+    raise NotImplementedError
+
+  # -- files beside the data
+
+  def download_and_prepare(self, *args: Any, **kwargs: Any) -> None:
+    """tfds's build, then contract.json, labels.json, quarantine.jsonl, records.jsonl and summary.json beside it.
+
+    Written only when this call generated the data: re-running on a prepared folder must not blank its report.
+    """
+    super().download_and_prepare(*args, **kwargs)
+    if self._generated:
+      write_side_files(epath.Path(self.data_dir), self.contract, self.label_names, self.stats)
+
+
+def write_side_files(folder: epath.Path, contract: Contract, label_names: Sequence[str], stats: BuildStats) -> None:
+  folder.mkdir(parents=True, exist_ok=True)
+  (folder / "contract.json").write_text(contract.to_json() + "\n")
+  (folder / "labels.json").write_text(json.dumps(list(label_names), indent=1) + "\n")
+  _write_quarantine(folder / "quarantine.jsonl", stats.errors)
+  (folder / "records.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in stats.index))
+  (folder / "summary.json").write_text(json.dumps(stats.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def _write_quarantine(path: epath.Path, errors: Sequence[RecordError]) -> None:
+  """Through the shared Quarantine writer when it is there, so that every report has one format."""
+  try:
+    from data_pipelines.quarantine import Quarantine
+  except ImportError:  # pragma: no cover - only while quarantine.py is being written.
+    Quarantine = None
+  if Quarantine is not None:
+    q = Quarantine(str(path))
+    for e in errors:
+      q.add(e)
+    if hasattr(q, "close"):
+      q.close()
+    if path.exists():
+      return
+  path.write_text("".join(json.dumps({"path": e.path, "reason": e.reason, "detail": e.detail}) + "\n"
+                          for e in errors))
+
+
+# ------------------------------------------------------------------------------------------------ prepared folders
+
+
+def prepared_dir(path: str | os.PathLike[str], name: str | None = None) -> epath.Path:
+  """The versioned folder of a prepared dataset from any of: that folder, `<data_dir>/<name>`, `<data_dir>` holding
+  exactly one dataset. Why: users remember the --data_dir they passed, not tfds's `<name>/<version>` layout.
+  """
+  p = epath.Path(path)
+  if name:
+    p = p / name
+  if (p / "dataset_info.json").exists():
+    return p
+  versions = sorted((c for c in p.iterdir() if c.is_dir() and (c / "dataset_info.json").exists()),
+                    key=lambda c: tfds.core.Version(c.name) if _is_version(c.name) else tfds.core.Version("0.0.0"))
+  if versions:
+    return versions[-1]
+  found = [c for c in p.iterdir() if c.is_dir()] if p.exists() else []
+  nested = [v for c in found for v in [_try_prepared(c)] if v is not None]
+  if len(nested) == 1:
+    return nested[0]
+  if not nested:
+    raise FileNotFoundError(f"no prepared dataset under {p} (run `stmem prepare NAME --data_dir ...` first)")
+  raise ValueError(f"{p} holds several prepared datasets {[str(n) for n in nested]}: name one")
+
+
+def _is_version(s: str) -> bool:
+  try:
+    tfds.core.Version(s)
+    return True
+  except ValueError:
+    return False
+
+
+def _try_prepared(p: epath.Path) -> epath.Path | None:
+  try:
+    return prepared_dir(p) if any(c.is_dir() for c in p.iterdir()) or (p / "dataset_info.json").exists() else None
+  except (FileNotFoundError, ValueError):
+    return None
+
+
+def load_contract(folder: str | os.PathLike[str]) -> Contract:
+  return Contract.from_json((prepared_dir(folder) / "contract.json").read_text())
+
+
+def load_label_names(folder: str | os.PathLike[str]) -> list[str]:
+  p = prepared_dir(folder) / "labels.json"
+  return json.loads(p.read_text()) if p.exists() else []
+
+
+def load_index(folder: str | os.PathLike[str]) -> list[dict[str, Any]]:
+  """records.jsonl of a prepared folder: one dict per written record."""
+  p = prepared_dir(folder) / "records.jsonl"
+  return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]

@@ -1,0 +1,1 @@
+"""TFDS builder package (tfds wants `<name>/<name>_dataset_builder.py`)."""

@@ -1,0 +1,108 @@
+"""Your own ECGs: a folder of WFDB records, or one numpy array with a metadata CSV ("my data is a big array").
+
+Choose with keyword arguments (`stmem prepare generic --manual_dir DIR ...`, paths relative to DIR or absolute):
+  WFDB:  `wfdb_dir` (default: DIR itself); labels from `# Dx:` header codes when `codes=CODE,CODE` is given, else
+         no labels (zero-length vectors, fine for pretraining).
+  numpy: `array` (.npy, (N, leads, T) or (N, T, leads) as `layout` NLT/NTL), `metadata_csv` (one row per ECG with
+         record_id and optionally patient_id, age, sex and label columns), `source_fs` (the array's sampling rate;
+         `--fs` is the prepared data's), `leads` (names of the lead axis in
+         order, or a named set like `12`), `units_scale` (stored units -> mV), `label_columns` (comma-separated;
+         default every column besides record_id / patient_id / age / sex).
+`source` names the data in every example (default "generic"); `splits` as `train=0.8,validation=0.1,test=0.1`
+hash-splits by patient id (default: everything in `train`).
+"""
+from __future__ import annotations
+
+import csv
+import os
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from data_pipelines import builder_base
+from data_pipelines.labels import snomed
+from data_pipelines.readers import iter_numpy, read_wfdb
+from data_pipelines.readers.numpy_reader import _KNOWN_COLUMNS
+from data_pipelines.record import Record
+
+
+def _split_list(value: str | list[str] | tuple[str, ...] | None) -> list[str] | None:
+  if value is None:
+    return None
+  return [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if v.strip()]
+
+
+class Builder(builder_base.StmemBuilder):
+  """ECGs from a WFDB folder or a numpy array + metadata CSV."""
+
+  MANUAL_DOWNLOAD_INSTRUCTIONS = "Pass the folder holding your records (or array and CSV) as --manual_dir."
+
+  def __init__(self, *, wfdb_dir: str | None = None, array: str | None = None, metadata_csv: str | None = None,
+               source_fs: float | str | None = None, leads: str | None = "12", layout: str = "NLT",
+               units_scale: float | str = 1.0, label_columns: str | None = None, codes: str | None = None,
+               source: str = "generic", splits: str | None = "train=1", **kwargs: Any):
+    manual = kwargs.get("manual_dir")
+    self.source = source
+    self.fractions = builder_base.parse_fractions(splits)
+    self.mode = "numpy" if array is not None else "wfdb"
+    if self.mode == "numpy":
+      if metadata_csv is None or source_fs is None:
+        raise ValueError("generic numpy data needs array=, metadata_csv= and source_fs= (the array's rate in Hz)")
+      self.array, self.metadata_csv = self._path(manual, array), self._path(manual, metadata_csv)
+      self.fs, self.leads, self.layout, self.units_scale = float(source_fs), leads, layout, float(units_scale)
+      columns = _split_list(label_columns)
+      if columns is None:
+        with open(self.metadata_csv, newline="") as f:
+          header = next(csv.reader(f))
+        columns = [c for c in header if c not in _KNOWN_COLUMNS]
+      self.label_columns = columns
+      self.label_names = tuple(columns)
+    else:
+      if label_columns is not None:
+        raise ValueError("label_columns= is for numpy data; WFDB folders take codes=")
+      self.wfdb_dir = wfdb_dir
+      self.label_names = tuple(snomed.parse_dx(codes)) if codes else ()
+    super().__init__(**kwargs)
+
+  @staticmethod
+  def _path(manual: Any, value: str) -> str:
+    if os.path.isabs(value) or manual is None:
+      return value
+    return os.path.join(os.fspath(manual), value)
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    root = self.manual(dl_manager)
+    if self.mode == "numpy":
+      return {name: self._numpy(name) for name in self.fractions}
+    folder = builder_base.epath.Path(self._path(root, self.wfdb_dir) if self.wfdb_dir else root)
+    headers = builder_base.rglob(folder, "*.hea")
+    chosen: dict[str, list[str]] = {name: [] for name in self.fractions}
+    for h in headers:
+      chosen[builder_base.hash_split(builder_base.epath.Path(h).stem, self.fractions)].append(h)
+
+    def describe(record: Record) -> dict[str, Any]:
+      return {"labels": snomed.multi_hot(record.metadata.get("dx", []), self.label_names),
+              "age": record.metadata.get("age"), "sex": record.metadata.get("sex"), "source": self.source}
+
+    return {name: self.generate(builder_base.read_each(paths, lambda p: read_wfdb(p, source=self.source)), name,
+                                describe, total=len(paths))
+            for name, paths in builder_base.non_empty(chosen).items()}
+
+  def _numpy(self, split: str):
+    single = len(self.fractions) == 1
+
+    def items():
+      for item in iter_numpy(self.array, self.metadata_csv, fs=self.fs, leads=self.leads, layout=self.layout,
+                             units_scale=self.units_scale, label_columns=self.label_columns, source=self.source):
+        key = item.patient_id if isinstance(item, Record) else getattr(item, "record_id", item.path)
+        if single or builder_base.hash_split(str(key or ""), self.fractions) == split:
+          yield item
+
+    def describe(record: Record) -> dict[str, Any]:
+      found = record.metadata.get("labels", {})
+      values = np.asarray([found.get(c, np.nan) for c in self.label_columns], np.float32)
+      return {"labels": np.nan_to_num(values, nan=0.0), "age": record.metadata.get("age"),
+              "sex": record.metadata.get("sex"), "source": self.source}
+
+    return self.generate(items(), split, describe)

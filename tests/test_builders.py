@@ -1,0 +1,164 @@
+"""TFDS builders end to end on the shared real records: shapes, labels, side files, quarantine, --strict, overlap."""
+from __future__ import annotations
+
+import csv
+import json
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+
+from data_pipelines import overlap, prepare
+from data_pipelines.labels import ludb as ludb_labels
+from stmem import data
+from stmem.contract import Contract
+
+
+def _prepare(name: str, manual: pathlib.Path, out: pathlib.Path, *extra: str) -> int:
+  return prepare.main([name, "--manual_dir", str(manual), "--data_dir", str(out), "--quiet", *extra])
+
+
+def _all(prepared: data.Prepared) -> list[dict]:
+  return [prepared.source[i] for i in range(len(prepared.source))]
+
+
+@pytest.fixture(scope="module")
+def ludb_dir(shared_data, tmp_path_factory) -> pathlib.Path:
+  out = tmp_path_factory.mktemp("prepared_ludb")
+  assert _prepare("ludb", shared_data / "ludb", out) == 0
+  return out / "ludb"
+
+
+@pytest.fixture(scope="module")
+def cinc_dir(shared_data, tmp_path_factory) -> pathlib.Path:
+  out = tmp_path_factory.mktemp("prepared_cinc")
+  assert _prepare("cinc", shared_data / "cinc2021", out) == 0
+  return out / "cinc"
+
+
+def test_ludb_all_records_with_labels_and_side_files(ludb_dir, shared_data):
+  prepared = data.open_prepared(ludb_dir, "train")
+  examples = _all(prepared)
+  assert len(examples) == 200
+  ex = examples[0]
+  assert ex["signal"].shape == (12, 2500) and ex["signal"].dtype == np.float32
+  assert ex["lead_mask"].shape == (12,) and ex["lead_mask"].dtype == bool and ex["lead_mask"].all()
+  assert len(ex["content_hash"]) == 40 and ex["source"] == b"ludb"
+  assert prepared.label_names == ("af_or_flutter", "sinus_rhythm", "lvh", "axis_normal", "axis_left_deviation")
+  table = ludb_labels.load_ludb(shared_data / "ludb" / "ludb.csv")
+  for ex in examples:
+    row = table[ex["record_id"].decode()]
+    assert ex["labels"][0] == ludb_labels.af_or_flutter(row)
+    assert ex["labels"][2] == ludb_labels.lvh(row)
+    assert ex["sex"] == {"M": 1, "F": 0, None: -1}[row.sex]
+  labels = np.stack([ex["labels"] for ex in examples])
+  assert labels[:, 0].sum() == 18 and labels[:, 2].sum() == 108  # README: AF/AFL 18/200, LVH 108/200
+  assert (labels[:, 3].sum(), labels[:, 4].sum()) == (75, 66)
+  assert len({ex["content_hash"] for ex in examples}) == 200
+  folder = pathlib.Path(prepared.folder)
+  assert Contract.from_json((folder / "contract.json").read_text()) == Contract()
+  assert (folder / "quarantine.jsonl").read_text() == ""
+  summary = json.loads((folder / "summary.json").read_text())
+  assert summary["records_read"] == 200 and summary["examples_written"] == 200 and summary["quarantined"] == 0
+
+
+def test_cinc_sample_splits_and_snomed_labels(cinc_dir):
+  names = json.loads((pathlib.Path(data.open_prepared(cinc_dir, "train").folder) / "labels.json").read_text())
+  assert "426177001" in names and "713427006" in names and "59118001" not in names  # equivalents merged
+  by_id = {}
+  for split in ("train", "validation", "test"):
+    for ex in _all(data.open_prepared(cinc_dir, split)):
+      by_id[ex["record_id"].decode()] = (split, ex)
+  assert len(by_id) == 50
+  split, e = by_id["E07500"]  # Dx 67741000119109,426177001 (LAE, SB); Age 78; Male
+  assert e["labels"].shape == (len(names),) and e["labels"][names.index("426177001")] == 1.0
+  assert e["labels"].sum() == 1.0 and e["age"] == 78.0 and e["sex"] == 1
+  assert by_id["HR06000"][1]["source"] == b"cinc/ptb-xl" and by_id["HR06000"][1]["sex"] == 0
+  assert by_id["JS20000"][1]["source"] == b"cinc/ningbo"
+
+
+def test_corrupted_record_is_quarantined_and_strict_names_it(shared_data, tmp_path, capsys):
+  manual = tmp_path / "cinc"
+  shutil.copytree(shared_data / "cinc2021", manual)
+  bad = manual / "E07501.mat"
+  bad.write_bytes(bad.read_bytes()[:100])
+  assert _prepare("cinc", manual, tmp_path / "out") == 0
+  folder = data.open_prepared(tmp_path / "out" / "cinc", "train").folder
+  summary = json.loads((pathlib.Path(folder) / "summary.json").read_text())
+  assert summary["records_read"] == 50 and summary["records_written"] == 49
+  assert summary["quarantined_by_reason"] == {"unreadable": 1}
+  lines = [json.loads(x) for x in (pathlib.Path(folder) / "quarantine.jsonl").read_text().splitlines()]
+  assert len(lines) == 1 and "E07501" in lines[0]["path"] and lines[0]["reason"] == "unreadable"
+  assert "unreadable: 1" in capsys.readouterr().out
+
+  assert _prepare("cinc", manual, tmp_path / "strict", "--strict") == 1
+  err = capsys.readouterr().err
+  assert "E07501" in err and "unreadable" in err
+
+
+def test_generic_numpy_builder(tmp_path):
+  rng = np.random.default_rng(0)
+  t = np.arange(5000) / 500.0
+  ecgs = (np.sin(2 * np.pi * 1.2 * t)[None, None] * rng.uniform(0.5, 2, (6, 12, 1))).astype(np.float32)
+  ecgs = np.moveaxis(ecgs, 1, 2)  # (N, T, leads): NTL layout
+  ecgs[5, 100, 3] = np.nan
+  np.save(tmp_path / "ecgs.npy", ecgs)
+  with open(tmp_path / "meta.csv", "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["record_id", "patient_id", "age", "sex", "af"])
+    for i in range(6):
+      w.writerow([f"r{i}", f"p{i // 2}", 40 + i, "M" if i % 2 else "F", i % 2])
+  code = _prepare("generic", tmp_path, tmp_path / "out", "--array", "ecgs.npy", "--metadata_csv", "meta.csv",
+                  "--source_fs", "500", "--leads", "12", "--layout", "NTL", "--filter_stage", "offline")
+  assert code == 0
+  prepared = data.open_prepared(tmp_path / "out", "train")
+  examples = sorted(_all(prepared), key=lambda e: e["record_id"])
+  assert [e["record_id"] for e in examples] == [b"r0", b"r1", b"r2", b"r3", b"r4"]  # r5 holds a NaN
+  assert prepared.label_names == ("af",) and prepared.contract.filter_stage == "offline"
+  assert [float(e["labels"][0]) for e in examples] == [0, 1, 0, 1, 0]
+  assert examples[1]["patient_id"] == b"p0" and examples[1]["sex"] == 1 and examples[0]["sex"] == 0
+  assert examples[2]["age"] == 42.0 and examples[0]["signal"].shape == (12, 2500)
+  summary = json.loads((pathlib.Path(prepared.folder) / "summary.json").read_text())
+  assert summary["quarantined_by_reason"] == {"non_finite": 1}
+  batch = next(data.make_iterator(prepared.source, prepared.contract, batch_size=2, train=False))
+  assert batch["signal"].shape == (6, 12, 2250) and batch["labels"].shape == (6, 1)
+
+
+def _ptbxl_like(shared_data: pathlib.Path, root: pathlib.Path) -> pathlib.Path:
+  """A PTB-XL download layout holding the 10 records CinC 2021 redistributes as HR06000..HR06009.
+
+  The samples are CinC's own digital values written as PTB-XL's 500 Hz WFDB files (format 16, gain 1000/mV, as in
+  PTB-XL), so the overlap check must find all 10 despite the different file names and containers. ecg_id 1 has
+  only its 100 Hz file here, so it is quarantined as unreadable in a 500 Hz build.
+  """
+  import wfdb
+  root.mkdir()
+  shutil.copy(shared_data / "ptbxl" / "scp_statements.csv", root / "scp_statements.csv")
+  shutil.copy(shared_data / "ptbxl" / "ptbxl_database_excerpt.csv", root / "ptbxl_database.csv")
+  for i in range(6000, 6010):
+    rec = wfdb.rdrecord(str(shared_data / "cinc2021" / f"HR{i:05d}"), physical=False)
+    folder = root / "records500" / "06000"
+    folder.mkdir(parents=True, exist_ok=True)
+    wfdb.wrsamp(f"{i:05d}_hr", fs=rec.fs, units=["mV"] * 12, sig_name=rec.sig_name, d_signal=rec.d_signal,
+                fmt=["16"] * 12, adc_gain=rec.adc_gain, baseline=rec.baseline, write_dir=str(folder))
+  return root
+
+
+def test_overlap_finds_ptbxl_records_inside_cinc(shared_data, cinc_dir, tmp_path, capsys):
+  manual = _ptbxl_like(shared_data, tmp_path / "ptbxl_download")
+  code = _prepare("ptbxl", manual, tmp_path / "out", "--task", "superdiagnostic", "--check_overlap", str(cinc_dir))
+  assert code == 0
+  out = capsys.readouterr().out
+  assert "overlap: 10 record(s)" in out and "unreadable: 1" in out
+  ptbxl_dir = tmp_path / "out" / "ptbxl"
+  test = data.open_prepared(ptbxl_dir, "test")
+  assert test.label_names == ("CD", "HYP", "MI", "NORM", "STTC")
+  pairs = overlap.find_overlap(cinc_dir, ptbxl_dir)
+  assert sorted(p["a"]["record_id"] for p in pairs) == [f"HR{i:05d}" for i in range(6000, 6010)]
+  assert all(p["b"]["record_id"] == p["a"]["record_id"][2:] + "_hr" for p in pairs)
+  assert overlap.main([str(cinc_dir), str(ptbxl_dir), "--fail_on_overlap"]) == 1
+  assert overlap.main([str(cinc_dir), str(cinc_dir.parent.parent / "nothing")]) == 2
+  ex = next(e for e in _all(test) if e["record_id"] == b"06000_hr")
+  assert ex["patient_id"] == b"5028" and ex["age"] == 59.0 and ex["sex"] == 0  # PTB-XL sex 1 = female
+  assert ex["labels"][3] == 1.0  # NORM
