@@ -22,9 +22,14 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 def _abstract(tree, shardings=None):
-  """ShapeDtypeStructs for a tree, with the target shardings when given (restore into any mesh)."""
+  """ShapeDtypeStructs for a tree, with the target shardings (restore into any mesh).
+
+  Without shardings every array goes to this process's first device: left unset, orbax would reuse the sharding
+  recorded at save time and refuse a checkpoint written on another topology (8 devices saved, 1 restoring).
+  """
   if shardings is None:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
@@ -55,8 +60,13 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, *, params, opt_state=None, data_state: dict | None = None, meta: dict,
-           force: bool = False) -> bool:
+           force: bool = False, extra_items: dict[str, Any] | None = None) -> bool:
     items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(meta)}
+    # Further array trees (a converted fine-tuned head) as their own items: restoring `params` never needs them.
+    for name, tree in (extra_items or {}).items():
+      if name in ("params", "meta", "opt_state", "data_state"):
+        raise ValueError(f"extra item name {name!r} is reserved")
+      items[name] = ocp.args.StandardSave(tree)
     if opt_state is not None:
       items["opt_state"] = ocp.args.StandardSave(opt_state)
     if data_state is not None:
@@ -134,17 +144,19 @@ def load_model(path: str | pathlib.Path, *, encoder_only: bool = False, sharding
     cfg = cfg.replace(dtype=dtype)
   abstract_model = nnx.eval_shape(lambda: StMem(cfg, rngs=nnx.Rngs(0)))
   graphdef, param_state = nnx.split(abstract_model, nnx.Param)
-  template = param_state.to_pure_dict()
+  template = nnx.to_pure_dict(param_state)
   saved_encoder_only = meta.get("encoder_only", False)
   if saved_encoder_only:
     if not encoder_only:
       raise ValueError(f"{directory}/{step}: this checkpoint holds an encoder only; load it with encoder_only=True")
     template = {"encoder": template["encoder"]}
+    if isinstance(shardings, dict) and "encoder" in shardings:  # shardings for the whole model: keep the encoder's
+      shardings = {"encoder": shardings["encoder"]}
   mngr = Checkpointer(directory, async_save=False)
   restored = mngr.restore(step, params=template, param_shardings=shardings, data_state=False)["params"]
   mngr.close()
   if saved_encoder_only:  # the decoder is filled with zeros; only the encoder is returned
-    full = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), param_state.to_pure_dict())
+    full = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), nnx.to_pure_dict(param_state))
     full["encoder"] = restored["encoder"]
   else:
     full = restored
@@ -163,9 +175,26 @@ def make_meta(model_cfg: ModelConfig, contract: Contract, *, config: dict | None
   return meta
 
 
-def save_params(directory: str | pathlib.Path, params, meta: dict, step: int = 0) -> pathlib.Path:
+def save_params(directory: str | pathlib.Path, params, meta: dict, step: int = 0,
+                extra_items: dict[str, Any] | None = None) -> pathlib.Path:
   """Write a parameters-only checkpoint (converted or exported encoders, fine-tuned models) synchronously."""
   ckpt = Checkpointer(directory, every=1, keep=1000, async_save=False)
-  ckpt.save(step, params=params, meta=meta, force=True)
+  ckpt.save(step, params=params, meta=meta, force=True, extra_items=extra_items)
   ckpt.close()
   return pathlib.Path(directory).absolute() / str(step)
+
+
+def read_item(path: str | pathlib.Path, name: str) -> dict:
+  """One extra array item of a checkpoint (e.g. `head`), as numpy arrays; KeyError when the checkpoint has none."""
+  _, directory, step = read_meta(path)
+  if not (directory / str(step) / name).is_dir():
+    raise KeyError(f"{directory}/{step}: no item {name!r}")
+  mngr = ocp.CheckpointManager(directory, item_handlers={name: ocp.StandardCheckpointHandler()})
+  try:
+    shapes = mngr.item_metadata(step)[name].tree
+    template = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), shapes,
+                            is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+    restored = mngr.restore(step, args=ocp.args.Composite(**{name: ocp.args.StandardRestore(_abstract(template))}))
+  finally:
+    mngr.close()
+  return jax.tree.map(np.asarray, dict(restored)[name])
