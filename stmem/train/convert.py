@@ -200,6 +200,13 @@ def main(argv: list[str]) -> int:
     return 1
   except Exception as e:  # a corrupt or hostile file: say so without a traceback through torch's internals
     print(f"stmem convert: {args.reference}: refused ({type(e).__name__}: {e})", file=sys.stderr)
+    if "weights only" in str(e).lower() or "unsupported global" in str(e).lower():
+      # Checkpoints that also pickle Python objects (training arguments...) are refused as a whole: unpickling
+      # them could run code. Someone who trusts the file can keep only the tensors, then convert that.
+      print("  the file holds Python objects besides tensors; stmem never unpickles those. If you trust the file, "
+            "keep only its tensors:\n    python -c \"import torch; f = 'IN.pth'; "
+            "torch.save({'model': torch.load(f, weights_only=False)['model']}, 'weights_only.pth')\"\n"
+            "  and convert weights_only.pth.", file=sys.stderr)
     return 1
   cfg = result.cfg
   kind = "encoder only" if result.encoder_only else "encoder + decoder (pretraining model)"
