@@ -53,14 +53,14 @@ def _stmem(*argv: str) -> int:
 
 
 def _features(ckpt: pathlib.Path, series: np.ndarray) -> np.ndarray:
-  """Pooled 12-lead features of a checkpoint, through the embed program's library function when it exists."""
+  """Pooled 12-lead features of a checkpoint, through the embed programs' library function `embed_arrays`."""
   encoder, _ = checkpoint.load_model(ckpt, encoder_only=True)
   b, l, _ = series.shape
   lead_ids = np.tile(np.arange(l, dtype=np.int32), (b, 1))
   lead_mask = np.ones((b, l), bool)
   try:
-    from stmem.train.embed import embed_arrays
-  except ImportError:
+    from stmem.train.features import embed_arrays
+  except ImportError:  # a checkout without the downstream programs: the encoder itself
     # One jitted program (cached across runs) instead of op-by-op dispatch.
     pooled = nnx.jit(lambda e, s, i, m: e.features(s, i, m)["pooled"])(encoder, series, lead_ids, lead_mask)
     return np.asarray(pooled)
@@ -123,25 +123,23 @@ def test_convert_npz_then_embed_gives_the_reference_features(converted_full, ref
   assert abs(float(out["loss"]) - float(reference_fixture["output/pretrain_loss"])) <= TOL
 
 
-def test_embed_program_reads_the_converted_checkpoint(converted_full, reference_fixture, tmp_path):
-  """`stmem embed` on a .npy of the fixture's input, when the embed program takes array files."""
-  embed = pytest.importorskip("stmem.train.embed", reason="the embed program is not in this checkout")
-  np.save(tmp_path / "series.npy", reference_fixture["input/series"])
-  if not hasattr(embed, "main"):
-    pytest.skip("stmem.train.embed has no main")
-  rc = _stmem("embed", "--checkpoint", converted_full, "--input", tmp_path / "series.npy", "--out", tmp_path / "emb")
-  if rc != 0:
-    pytest.skip("this embed program does not take a .npy input")
-  written = sorted(tmp_path.glob("emb*"))
-  pooled = None
-  for path in written:
-    if path.suffix == ".npy" and "pooled" in path.name:
-      pooled = np.load(path, allow_pickle=False)
-    elif path.suffix == ".npz":
-      with np.load(path, allow_pickle=False) as f:
-        pooled = f["pooled"] if "pooled" in f.files else pooled
-  assert pooled is not None, f"no pooled features among {[p.name for p in written]}"
-  assert np.abs(pooled - reference_fixture["output/encoder_features_12lead"]).max() <= TOL
+def test_stmem_embed_on_raw_records_gives_the_reference_features(converted_full, reference_fixture, tmp_path):
+  """End to end: the fixture's raw 500 Hz LUDB records as WFDB files -> `stmem embed` (the checkpoint's contract:
+  FFT resampling, first 2250 samples, band-pass, z-score) -> the reference's pooled features."""
+  import wfdb
+  names = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
+  raw = tmp_path / "raw"
+  raw.mkdir()
+  for i, sig in enumerate(reference_fixture["prep/raw_500hz"].astype(np.float64)):
+    # 32-bit samples at 1 nV resolution: the file holds the fixture's signal, not a 16-bit rounding of it.
+    wfdb.wrsamp(f"rec{i + 1}", fs=500, units=["mV"] * 12, sig_name=names, p_signal=sig.T, fmt=["32"] * 12,
+                adc_gain=[1e6] * 12, baseline=[0] * 12, write_dir=str(raw))
+  out = tmp_path / "emb"
+  assert _stmem("embed", "--checkpoint", converted_full, "--records", raw, "--out", out, "--crops", "first",
+                "--batch_size", 2, "--no_progress") == 0
+  with np.load(f"{out}.npz", allow_pickle=False) as f:
+    assert list(f["record_id"]) == ["rec1", "rec2"]
+    assert np.abs(f["pooled"] - reference_fixture["output/encoder_features_12lead"]).max() <= TOL
 
 
 @needs_torch
