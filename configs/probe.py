@@ -53,5 +53,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   elif arg == "test":
     c.lead_sets = "12,I"
     c.bootstrap = 200
-    c.lbfgs_steps = 50
+    c.lbfgs_steps = 30
+    c.l2_grid = (1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)
   return c

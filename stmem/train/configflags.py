@@ -13,11 +13,12 @@ from ml_collections import config_flags
 
 def parse(argv: Sequence[str], prog: str, default_config: str, *, workdir_required: bool = True):
   """(config, workdir) from a command line without the program name."""
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", default_config, "configuration file (FILE[:PRESET])", flag_values=fv,
-                                  lock_config=True)
-  flags.DEFINE_string("workdir", None, "where the report (and checkpoint) go", flag_values=fv)
   argv = list(argv)
+  fv = flags.FlagValues()
+  # sys_argv: the overrides (--config.x=...) are registered from this command line, not from sys.argv.
+  config_flags.DEFINE_config_file("config", default_config, "configuration file (FILE[:PRESET])", flag_values=fv,
+                                  lock_config=True, sys_argv=[prog] + argv)
+  flags.DEFINE_string("workdir", None, "where the report (and checkpoint) go", flag_values=fv)
   if any(a in ("-h", "--help", "-help") for a in argv):
     print(f"usage: {prog} --config {default_config.split(':')[0]}:PRESET [--config.KEY=VALUE ...] --workdir DIR")
     raise SystemExit(0)

@@ -1,0 +1,260 @@
+"""`stmem finetune`: train an encoder and a linear head on a labelled task; select on validation; test once.
+
+  stmem finetune --config configs/finetune.py:PRESET [--config.checkpoint=CKPT] --workdir DIR  (see configs/finetune.py)
+
+Read top to bottom: config, data (one task; its train/validation/test splits), model (encoder from the checkpoint or
+from scratch, a linear head, drop path), optimiser, update step, evaluation, train loop with model selection on
+validation, the test split scored once with the selected model, report and checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[2] / "configs" / "finetune.py")
+
+
+class Classifier(nnx.Module):
+  """Encoder + linear head on the pooled features, with drop path (stochastic depth) on every residual branch.
+
+  Drop path lives here, not in `stmem.models`: only fine-tuning uses it. Block i's rate is drop_path * i / (depth-1);
+  a dropped branch is zero for that ECG, a kept one scaled by 1 / (1 - rate). Without drop path, or at evaluation,
+  the forward pass is exactly the encoder's `features(...)["pooled"]` followed by the head.
+  """
+
+  def __init__(self, encoder, num_classes: int, drop_path: float, *, rngs: nnx.Rngs):
+    self.encoder = encoder
+    d = encoder.cfg.width
+    self.head = nnx.Linear(d, num_classes, kernel_init=nnx.initializers.normal(0.01),
+                           bias_init=nnx.initializers.zeros, rngs=rngs)
+    depth = encoder.cfg.depth
+    self.rates = tuple(float(drop_path * i / max(depth - 1, 1)) for i in range(depth))
+
+  def __call__(self, signal, lead_ids, lead_mask, key: jax.Array | None = None):
+    enc = self.encoder
+    x = enc.add_sep_and_leads(enc.embed_patches(signal), lead_ids)
+    b, l, s, d = x.shape
+    h = x.reshape(b, l * s, d)
+    key_mask = jnp.repeat(lead_mask.astype(bool), s, axis=1)
+    for i, block in enumerate(enc.blocks):
+      for j, branch in enumerate((lambda z: block.attn(block.attn_norm(z), key_mask),
+                                  lambda z: block.mlp(block.mlp_norm(z)))):
+        y = branch(h)
+        rate = self.rates[i]
+        if key is not None and rate > 0:
+          keep = jax.random.bernoulli(jax.random.fold_in(key, 2 * i + j), 1 - rate, (b, 1, 1))
+          y = y * keep.astype(y.dtype) / (1 - rate)
+        h = h + y
+    tokens = h.reshape(b, l, s, d)[:, :, 1:-1].astype(jnp.float32)
+    present = lead_mask.astype(jnp.float32)
+    pooled = jnp.einsum("blnd,bl->bd", tokens, present) / (present.sum(1, keepdims=True) * tokens.shape[2])
+    return self.head(enc.norm(pooled))
+
+
+class LabelledSubset:
+  """Records `indices` of a source, with the task's labels in place of whatever the source carries."""
+
+  def __init__(self, source, indices: np.ndarray, labels: np.ndarray):
+    self.source, self.indices, self.labels = source, np.asarray(indices), np.asarray(labels, np.float32)
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, i: int):
+    ex = dict(self.source[int(self.indices[i])])
+    ex["labels"] = self.labels[i]
+    return ex
+
+
+def task_loss(logits, labels, kind: str, smoothing: float = 0.0, class_weight=None):
+  """Mean loss per record: sigmoid BCE summed over classes (multi-label) or softmax cross-entropy (multi-class)."""
+  if kind == "multiclass":
+    target = optax.smooth_labels(labels, smoothing) if smoothing else labels
+    per = optax.softmax_cross_entropy(logits, target)
+    if class_weight is not None:
+      per = per * (labels @ class_weight)
+    return per.mean()
+  target = labels * (1 - smoothing) + 0.5 * smoothing if smoothing else labels
+  per = optax.sigmoid_binary_cross_entropy(logits, target)
+  if class_weight is not None:  # positives of class c weighted by its negative/positive ratio
+    per = per * jnp.where(labels > 0, class_weight[None, :], 1.0)
+  return per.sum(-1).mean()
+
+
+def main(argv: Sequence[str]) -> int:
+  from stmem.train import configflags
+  config, workdir = configflags.parse(argv, "stmem finetune", DEFAULT_CONFIG + ":prepared")
+  log = logging.getLogger("stmem.finetune")
+  if not log.handlers:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  start = time.time()
+
+  from stmem import augment, checkpoint as ckpt_lib, data, evaluation
+  from stmem.models import model_config
+  from stmem.train import features, optim, report, tasks as tasks_lib
+
+  # ------------------------------------------------------------------------------------------ encoder
+  if config.checkpoint:
+    loaded = features.load_encoder(config.checkpoint)
+    origin = f"{config.checkpoint} (fingerprint {loaded.fingerprint})"
+  else:
+    loaded = features.random_encoder(model_config(config.model), seed=int(config.seed))
+    origin = f"from scratch ({config.model})"
+  log.info("encoder: %s", origin)
+
+  # ------------------------------------------------------------------------------------------ data
+  pools, task_list = tasks_lib.load([config.task], loaded.contract, data_dir=config.data_dir,
+                                    data_root=config.data_root,
+                                    labels=[x for x in config.labels.split(",") if x], kind=config.kind,
+                                    synthetic_n=int(config.synthetic_n), seed=int(config.seed))
+  task = task_list[0]
+  pool = pools[task.pool]
+  split = pool.split if pool.split is not None else tasks_lib.hash_split(pool.patient_id)
+  source, contract, adapted = features.adapt(loaded.contract, pool.contract, pool.source, config.lead_set)
+  for line in adapted:
+    log.info("adapted %s", line)
+  subsets = {}
+  for name in tasks_lib.SPLITS:
+    idx = np.flatnonzero(task.keep & (split == name))
+    if not len(idx):
+      raise ValueError(f"task {task.name}: the {name} split is empty")
+    subsets[name] = (idx, LabelledSubset(source, idx, task.labels[idx]))
+  log.info("task %s: %s", task.name, {k: len(v[0]) for k, v in subsets.items()})
+  train_labels = task.labels[subsets["train"][0]]
+  class_weight = None
+  if config.class_weighting == "balanced":
+    if task.kind == "multiclass":
+      counts = np.maximum(train_labels.sum(0), 1)
+      class_weight = jnp.asarray(len(train_labels) / (len(counts) * counts), jnp.float32)
+    else:
+      pos = np.maximum(train_labels.sum(0), 1)
+      class_weight = jnp.asarray((len(train_labels) - pos) / pos, jnp.float32)
+  train_it = data.make_iterator(subsets["train"][1], contract, batch_size=int(config.batch_size), train=True,
+                                seed=int(config.seed), lead_set=config.lead_set, process_index=0, process_count=1)
+
+  # ------------------------------------------------------------------------------------------ model and optimiser
+  model = Classifier(loaded.encoder, task.labels.shape[1], float(config.drop_path), rngs=nnx.Rngs(int(config.seed)))
+  lr = optim.scaled_lr(float(config.base_lr), int(config.batch_size))
+  tx = optim.adamw(nnx.state(model, nnx.Param).to_pure_dict(),
+                   schedule=optim.warmup_cosine(lr, int(config.warmup_steps), int(config.steps)), b1=config.b1,
+                   b2=config.b2, weight_decay=float(config.weight_decay), clip_norm=float(config.clip_norm),
+                   layer_decay=float(config.layer_decay), depth=loaded.encoder.cfg.depth)
+  graphdef, params = nnx.split(model, nnx.Param)
+  params = params.to_pure_dict()
+  opt_state = tx.init(params)
+
+  # ------------------------------------------------------------------------------------------ update step
+  @jax.jit
+  def train_step(params, opt_state, batch, key):
+    def loss_fn(p):
+      m = nnx.merge(graphdef, p)
+      logits = m(batch["signal"], batch["lead_ids"], batch["lead_mask"], key)
+      return task_loss(logits, batch["labels"], task.kind, float(config.label_smoothing), class_weight)
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  @jax.jit
+  def predict_step(params, signal, lead_ids, lead_mask):
+    return nnx.merge(graphdef, params)(signal, lead_ids, lead_mask)
+
+  # ------------------------------------------------------------------------------------------ evaluation
+  link = (lambda z: jax.nn.softmax(z, -1)) if task.kind == "multiclass" else jax.nn.sigmoid
+
+  def evaluate(params, name: str) -> dict:
+    """3-crop evaluation of one split: probabilities averaged over the crops of each record."""
+    idx, subset = subsets[name]
+    probs, labels = [], []
+    for batch in features.batches_of(subset, contract, lead_set=config.lead_set,
+                                      batch_size=int(config.eval_batch_size)):
+      p = np.asarray(link(predict_step(params, batch["signal"], batch["lead_ids"], batch["lead_mask"])))
+      k = features.EVAL_CROPS
+      valid = batch["valid"].reshape(-1, k)[:, 0]
+      probs.append(p.reshape(-1, k, p.shape[-1]).mean(1)[valid])
+      labels.append(batch["labels"][::k][valid])
+    probs, labels = np.concatenate(probs), np.concatenate(labels)
+    eps = 1e-7
+    if task.kind == "multiclass":
+      loss = float(-np.mean(np.sum(labels * np.log(probs + eps), -1)))
+    else:
+      loss = float(-np.mean(np.sum(labels * np.log(probs + eps) + (1 - labels) * np.log(1 - probs + eps), -1)))
+    m = evaluation.macro_metrics(labels, probs)
+    return {"loss": loss, "auroc": m["auroc"], "probs": probs, "labels": labels, "patient_id": pool.patient_id[idx]}
+
+  # ------------------------------------------------------------------------------------------ train loop
+  metrics_file = open(workdir / "metrics.jsonl", "a")
+  best, best_score, best_step = None, -np.inf, -1
+  key = jax.random.key(int(config.seed))
+  for step in range(1, int(config.steps) + 1):
+    batch = next(train_it)
+    if config.randaugment:
+      batch = augment.augment_batch(batch, int(config.seed), step, num_ops=int(config.randaugment_ops),
+                                    prob=float(config.randaugment_prob))
+    arrays = {k: batch[k] for k in ("signal", "lead_ids", "lead_mask", "labels")}
+    params, opt_state, loss = train_step(params, opt_state, arrays, jax.random.fold_in(key, step))
+    if not np.isfinite(float(loss)):
+      raise FloatingPointError(f"step {step}: loss is {float(loss)}")
+    if step % int(config.eval_every) == 0 or step == int(config.steps):
+      val = evaluate(params, "validation")
+      score = -val["loss"] if config.select_on == "loss" else val["auroc"]
+      if np.isfinite(score) and score > best_score:  # selection sees the validation split only
+        best, best_score, best_step = jax.device_get(params), score, step
+      record = {"step": step, "train_loss": float(loss), "val_loss": val["loss"], "val_auroc": val["auroc"],
+                "best_step": best_step, "seconds": round(time.time() - start, 1)}
+      metrics_file.write(json.dumps(record) + "\n")
+      metrics_file.flush()
+      log.info("step %d train loss %.4f val loss %.4f val AUROC %.3f", step, float(loss), val["loss"], val["auroc"])
+  metrics_file.close()
+  if best is None:
+    best, best_step = jax.device_get(params), int(config.steps)
+
+  # ------------------------------------------------------------------------------------------ test, once
+  val = evaluate(best, "validation")
+  test = evaluate(best, "test")
+  multiclass = task.kind == "multiclass"
+  thresholds = None if multiclass else evaluation.thresholds_for(val["labels"], val["probs"])
+  predicted = evaluation.predictions(test["probs"], thresholds, multiclass)
+  y, s = test["labels"], test["probs"]
+  ci = evaluation.patient_bootstrap(
+    lambda i: evaluation.macro_metrics(y[i], s[i], multiclass=multiclass, predicted=predicted[i]),
+    test["patient_id"], n_resamples=int(config.bootstrap), seed=int(config.seed))
+  row = {"task": task.name, "model": "fine-tuned" if config.checkpoint else "from scratch",
+         "lead_set": config.lead_set, "n_records": int(len(y)), "n_patients": int(len(set(test["patient_id"]))),
+         "n_positive": "/".join(str(int(v)) for v in y.sum(0)), "protocol": "train/validation/test", "l2": ""}
+  for m, (point, lo, hi) in ci.items():
+    row.update({m: point, f"{m}_lo": lo, f"{m}_hi": hi})
+  fpr, tpr, _ = evaluation.roc_curve(y.ravel(), s.ravel())
+  notes = [f"encoder: {origin}", f"selected step {best_step} of {config.steps} on validation {config.select_on}",
+           "test split scored once, with the selected model; F1 thresholds chosen on validation",
+           f"intervals: 95 % percentile bootstrap over patients ({config.bootstrap} resamples)"]
+  paths = report.write(workdir, [row], title="Fine-tuning", curves={task.name: {f"{config.lead_set}": (fpr, tpr,
+                                                                                                   row["auroc"])}},
+                       notes=notes, info={"config": config.to_dict(), "best_step": best_step})
+
+  # ------------------------------------------------------------------------------------------ checkpoint
+  # The encoder is saved as an encoder-only checkpoint (every program loads it); the small head goes in the meta.
+  head = {"kernel": np.asarray(best["head"]["kernel"]).tolist(), "bias": np.asarray(best["head"]["bias"]).tolist(),
+          "label_names": list(task.label_names), "kind": task.kind}
+  meta = ckpt_lib.make_meta(loaded.encoder.cfg, loaded.contract, config=config.to_dict(), step=best_step,
+                            encoder_only=True, origin="stmem finetune",
+                            extra={"head": head, "parent": origin, "task": task.name})
+  path = ckpt_lib.save_params(workdir / ckpt_lib.CHECKPOINT_DIR, {"encoder": best["encoder"]}, meta, step=best_step)
+  print(pathlib.Path(paths["markdown"]).read_text())
+  log.info("selected step %d; checkpoint %s; report %s (%.0f s)", best_step, path, workdir, time.time() - start)
+  return 0
