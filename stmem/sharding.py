@@ -1,0 +1,59 @@
+"""Meshes and shardings from config.
+
+`config.mesh` lists (axis name, size) pairs, one size may be -1 (all remaining devices), e.g.
+`[("data", -1), ("fsdp", 1)]`. Parameters and optimiser state are sharded FSDP-style: each array above
+`min_size` elements is split along its largest dimension that the fsdp axis size divides; smaller arrays are
+replicated. The batch is split over every mesh axis (data and fsdp together).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  devices = list(jax.devices() if devices is None else devices)
+  names = tuple(name for name, _ in axes)
+  sizes = [int(size) for _, size in axes]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"mesh {list(axes)}: at most one axis may have size -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f"mesh {list(axes)}: {len(devices)} devices are not divisible by {known}")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise ValueError(f"mesh {list(axes)} needs {math.prod(sizes)} devices, {len(devices)} are available")
+  # Auto axes: the model is written sharding-neutral and XLA propagates from the inputs' shardings.
+  return Mesh(np.asarray(devices).reshape(sizes), names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+
+
+def fsdp_spec(shape: Sequence[int], axis_size: int, fsdp_axis: str = "fsdp", min_size: int = 2 ** 14) -> P:
+  """Split the largest dimension divisible by the fsdp axis size; replicate small or indivisible arrays."""
+  if axis_size <= 1 or math.prod(shape) < min_size:
+    return P()
+  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    if shape[dim] % axis_size == 0:
+      spec = [None] * len(shape)
+      spec[dim] = fsdp_axis
+      return P(*spec)
+  return P()
+
+
+def tree_shardings(tree, mesh: Mesh, fsdp_axis: str = "fsdp", min_size: int = 2 ** 14):
+  """NamedShardings for every array in a tree (parameters or optimiser state) under the FSDP rule."""
+  size = mesh.shape.get(fsdp_axis, 1)
+  return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), size, fsdp_axis, min_size)), tree)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension over every mesh axis; a global batch must be divisible by the device count."""
+  return NamedSharding(mesh, P(tuple(mesh.axis_names)))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())

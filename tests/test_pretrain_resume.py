@@ -1,0 +1,121 @@
+"""Pretraining resumes exactly: 2N steps equal N steps, a stop, and N resumed steps; SIGTERM saves and resumes;
+a non-finite loss stops the run and leaves the last good checkpoint."""
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import pretrain as pretrain_config
+from stmem import checkpoint as ckpt_lib
+from stmem.train import pretrain
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+N = 3
+
+
+def _config(**overrides):
+  c = pretrain_config.get_config("tiny")
+  c.batch_size, c.total_steps, c.warmup_steps = 8, 2 * N, 1
+  c.data.num_synthetic = 24
+  c.checkpoint.every, c.checkpoint.async_save = N, True
+  c.log_every, c.log_batches = 1, True
+  c.mesh = "data:2,fsdp:4"   # resumption through the sharded path
+  c.fsdp_min_size = 1024
+  for k, v in overrides.items():
+    node, *rest = k.split(".")
+    if rest:
+      setattr(c[node], rest[0], v)
+    else:
+      setattr(c, k, v)
+  return c
+
+
+def _params(workdir, step):
+  model, meta = ckpt_lib.load_model(pathlib.Path(workdir) / "checkpoints" / str(step))
+  from flax import nnx
+  return jax.tree.leaves(nnx.state(model, nnx.Param).to_pure_dict()), meta
+
+
+def _batches(workdir):
+  lines = (pathlib.Path(workdir) / "batches.0.jsonl").read_text().splitlines()
+  return [tuple(json.loads(l)["record_id"]) for l in lines]
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+  pretrain.train(_config(), straight)
+  first = pretrain.train(_config(), resumed, stop_after=N)          # stands in for a crash after step N
+  assert first["step"] == N and not (resumed / "checkpoints" / str(2 * N)).exists()
+  second = pretrain.train(_config(), resumed)
+  assert second["start_step"] == N and second["step"] == 2 * N
+  a, meta = _params(straight, 2 * N)
+  b, _ = _params(resumed, 2 * N)
+  for x, y in zip(a, b):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
+  assert _batches(straight) == _batches(resumed)      # the same batches in the same order
+  assert len(set(_batches(straight))) == 2 * N
+  # the checkpoint carries the config and the preprocessing contract
+  assert meta["contract"]["fs"] == 250.0 and meta["contract"]["window"] == 2250
+  assert meta["config"]["batch_size"] == 8 and meta["model"]["width"] == 128
+  losses = [json.loads(l)["loss"] for l in (straight / "metrics.jsonl").read_text().splitlines()]
+  assert len(losses) == 2 * N and all(np.isfinite(losses))
+  assert (straight / "reconstruction.png").stat().st_size > 10_000
+  assert any((straight / "tensorboard").iterdir())
+
+
+def test_sigterm_saves_and_resumes(tmp_path):
+  workdir = tmp_path / "run"
+  cmd = [sys.executable, "-m", "stmem.cli", "pretrain", "--config", str(ROOT / "configs" / "pretrain.py") + ":tiny",
+         "--workdir", str(workdir), "--config.total_steps=500", "--config.log_every=1", "--config.batch_size=8",
+         "--config.data.num_synthetic=24", "--config.checkpoint.every=1000"]
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+      break
+    time.sleep(0.2)
+  assert proc.poll() is None, proc.communicate()[1][-2000:]
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-2000:]
+  assert "preempted at step" in err
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert len(steps) == 1 and 3 <= steps[0] < 500
+  stopped = steps[0]
+  # the same command (with a shorter schedule, to finish quickly) resumes from that checkpoint
+  cmd[cmd.index("--config.total_steps=500")] = f"--config.total_steps={stopped + 2}"
+  done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert f"resuming from step {stopped}" in done.stderr
+  assert json.loads(done.stdout)["step"] == stopped + 2
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+  calls = {"n": 0}
+  real = pretrain.data_lib.to_global
+
+  def poisoned(batch, sharding):  # from the 5th step on, the batch holds NaN
+    calls["n"] += 1
+    if calls["n"] >= 5:
+      batch = {**batch, "signal": np.full_like(batch["signal"], np.nan)}
+    return real(batch, sharding)
+
+  monkeypatch.setattr(pretrain.data_lib, "to_global", poisoned)
+  workdir = tmp_path / "nan"
+  config = _config(total_steps=8, mesh="data:-1,fsdp:1")
+  config.checkpoint.every = 2
+  with pytest.raises(pretrain.NonFiniteLoss, match="last good checkpoint is step 4"):
+    pretrain.train(config, workdir)
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps[-1] == 4
+  good, _ = _params(workdir, 4)
+  assert all(np.isfinite(np.asarray(x)).all() for x in good)

@@ -1,0 +1,98 @@
+"""The same update step on 1 device and on 8 fake CPU devices (data x fsdp mesh) gives the same result."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from stmem import sharding
+from stmem.models import StMem, model_config
+from stmem.train import optim
+from stmem.train.pretrain import make_train_step, parse_mesh
+
+
+def _run(mesh, accum_steps=1, steps=2):
+  cfg = model_config("tiny")
+
+  def init(key):
+    return nnx.state(StMem(cfg, rngs=nnx.Rngs(key)), nnx.Param).to_pure_dict()
+
+  abstract = jax.eval_shape(init, jax.random.key(0))
+  tx = optim.adamw(abstract, schedule=optim.warmup_cosine(1e-3, 1, 10), b1=0.9, b2=0.95, weight_decay=0.01,
+                   frozen=(r".*pos_embedding",))
+  p_sh = sharding.tree_shardings(abstract, mesh, min_size=1024)
+  o_sh = sharding.tree_shardings(jax.eval_shape(tx.init, abstract), mesh, min_size=1024)
+  params = jax.jit(init, out_shardings=p_sh)(jax.random.key(0))
+  opt_state = jax.jit(tx.init, out_shardings=o_sh)(params)
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: StMem(cfg, rngs=nnx.Rngs(0))))
+  b_sh = sharding.batch_sharding(mesh)
+  step = jax.jit(make_train_step(graphdef, tx, accum_steps), in_shardings=(p_sh, o_sh, b_sh, None, None),
+                 out_shardings=(p_sh, o_sh, None, None), donate_argnums=(0, 1))
+  rng = np.random.default_rng(0)
+  ok = jnp.asarray(True)
+  losses = []
+  for i in range(steps):
+    batch = {"signal": rng.standard_normal((8, 12, cfg.window)).astype(np.float32),
+             "lead_ids": np.tile(np.arange(12, dtype=np.int32), (8, 1)), "lead_mask": np.ones((8, 12), bool)}
+    batch["lead_mask"][1, 6:] = False
+    batch = {k: jax.device_put(v, b_sh) for k, v in batch.items()}
+    params, opt_state, metrics, ok = step(params, opt_state, batch, jax.random.key(i), ok)
+    losses.append(float(metrics["loss"]))
+  return losses, jax.device_get(params), params
+
+
+@pytest.fixture(scope="module")
+def runs():
+  assert jax.device_count() == 8, "conftest sets 8 fake CPU devices"
+  one = sharding.make_mesh(parse_mesh("data:-1,fsdp:1"), devices=jax.devices()[:1])
+  eight = sharding.make_mesh(parse_mesh("data:2,fsdp:4"))
+  return _run(one), _run(eight)
+
+
+def test_fsdp_actually_shards_parameters(runs):
+  params = runs[1][2]
+  qkv = params["encoder"]["blocks"][0]["attn"]["qkv"]["kernel"]
+  assert qkv.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+  assert qkv.addressable_shards[0].data.shape == (128, 384 // 4)
+  assert params["encoder"]["sep_embedding"].sharding.spec == jax.sharding.PartitionSpec()  # small: replicated
+
+
+def test_one_device_equals_eight_devices(runs):
+  (loss1, params1, _), (loss8, params8, _) = runs
+  np.testing.assert_allclose(loss1, loss8, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(params1), jax.tree.leaves(params8)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_gradient_accumulation_equals_the_whole_batch():
+  # Compared before the optimiser: Adam turns float noise in exactly-zero gradients (the key bias: softmax is
+  # shift-invariant) into +-lr updates, which says nothing about accumulation.
+  cfg = model_config("tiny")
+  model = StMem(cfg, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  params = params.to_pure_dict()
+  # An optax-like transformation whose update is the gradient itself: new params - params = gradient.
+  identity = type("Identity", (), {"init": lambda self, p: (), "update": lambda self, g, s, p=None: (g, s)})()
+  rng = np.random.default_rng(1)
+  batch = {"signal": jnp.asarray(rng.standard_normal((4, 12, cfg.window)), jnp.float32),
+           "lead_ids": jnp.tile(jnp.arange(12), (4, 1)), "lead_mask": jnp.ones((4, 12), bool)}
+  whole = jax.jit(make_train_step(graphdef, identity, 1))
+  split = jax.jit(make_train_step(graphdef, identity, 2))
+  key = jax.random.key(3)
+  ok = jnp.asarray(True)
+  p_split, _, m_split, _ = split(params, (), batch, key, ok)
+  # micro-batch i is masked with fold_in(key, i): reproduce both halves as whole batches
+  halves = [whole(params, (), jax.tree.map(lambda x: x[i * 2:(i + 1) * 2], batch), jax.random.fold_in(key, i), ok)
+            for i in range(2)]
+  np.testing.assert_allclose(float(m_split["loss"]), np.mean([float(h[2]["loss"]) for h in halves]), atol=1e-5)
+  g_split = jax.tree.map(jnp.subtract, p_split, params)
+  g_mean = jax.tree.map(lambda a, b, p: (a + b) / 2 - p, halves[0][0], halves[1][0], params)
+  for a, b in zip(jax.tree.leaves(g_split), jax.tree.leaves(g_mean)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_mesh_spec_errors():
+  with pytest.raises(ValueError, match="needs 6 devices"):
+    sharding.make_mesh([("data", 2), ("fsdp", 3)])
+  with pytest.raises(ValueError, match="at most one axis"):
+    sharding.make_mesh([("data", -1), ("fsdp", -1)])
