@@ -51,9 +51,11 @@ class Checkpointer:
 
   def __init__(self, directory: str | pathlib.Path, *, every: int = 1000, keep: int = 3, async_save: bool = True):
     self.directory = pathlib.Path(directory).absolute()
+    self.every = every
     self.manager = ocp.CheckpointManager(
       self.directory,
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
+      # The interval is decided here, not by orbax (which also saves the first step it sees).
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=1,
                                            enable_async_checkpointing=async_save, create=True))
 
   def latest_step(self) -> int | None:
@@ -61,6 +63,8 @@ class Checkpointer:
 
   def save(self, step: int, *, params, opt_state=None, data_state: dict | None = None, meta: dict,
            force: bool = False, extra_items: dict[str, Any] | None = None) -> bool:
+    if not force and step % self.every:
+      return False
     items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(meta)}
     # Further array trees (a converted fine-tuned head) as their own items: restoring `params` never needs them.
     for name, tree in (extra_items or {}).items():
