@@ -248,13 +248,14 @@ def main(argv: Sequence[str]) -> int:
                        notes=notes, info={"config": config.to_dict(), "best_step": best_step})
 
   # ------------------------------------------------------------------------------------------ checkpoint
-  # The encoder is saved as an encoder-only checkpoint (every program loads it); the small head goes in the meta.
-  head = {"kernel": np.asarray(best["head"]["kernel"]).tolist(), "bias": np.asarray(best["head"]["bias"]).tolist(),
-          "label_names": list(task.label_names), "kind": task.kind}
+  # An encoder-only checkpoint (every program loads it) with the head as its own item (`checkpoint.read_item`).
+  head = {"kernel": np.asarray(best["head"]["kernel"]), "bias": np.asarray(best["head"]["bias"])}
   meta = ckpt_lib.make_meta(loaded.encoder.cfg, loaded.contract, config=config.to_dict(), step=best_step,
                             encoder_only=True, origin="stmem finetune",
-                            extra={"head": head, "parent": origin, "task": task.name})
-  path = ckpt_lib.save_params(workdir / ckpt_lib.CHECKPOINT_DIR, {"encoder": best["encoder"]}, meta, step=best_step)
+                            extra={"head": {"label_names": list(task.label_names), "kind": task.kind},
+                                   "parent": origin, "task": task.name})
+  path = ckpt_lib.save_params(workdir / ckpt_lib.CHECKPOINT_DIR, {"encoder": best["encoder"]}, meta, step=best_step,
+                              extra_items={"head": head})
   print(pathlib.Path(paths["markdown"]).read_text())
   log.info("selected step %d; checkpoint %s; report %s (%.0f s)", best_step, path, workdir, time.time() - start)
   return 0
