@@ -64,11 +64,10 @@ class Encoder(nnx.Module):
     b, l, s, d = x.shape
     h = x.reshape(b, l * s, d)
     key_mask = None if lead_mask is None else jnp.repeat(lead_mask.astype(bool), s, axis=1)
-    captured = {}
-    for i, block in enumerate(self.blocks):
-      h = block(h, key_mask)
-      if i in capture or i - len(self.blocks) in capture:
-        captured[i] = h.reshape(b, l, s, d)
+    n = len(self.blocks)
+    wanted = [i for i in range(n) if i in capture or i - n in capture]
+    h, every = layers.run_stack(self.blocks, h, key_mask, keep_all=bool(wanted))
+    captured = {i: every[i].reshape(b, l, s, d) for i in wanted}
     return h.reshape(b, l, s, d), captured
 
   # -- downstream use ----------------------------------------------------------------------------------------------

@@ -64,8 +64,7 @@ class StMem(nnx.Module):
     pos = self.decoder_pos_embedding[...].astype(y.dtype)
     seq = jnp.concatenate([y[:, :, :1] + pos[0], unshuffled + pos[1:n + 1], y[:, :, -1:] + pos[-1]], axis=2)
     seq = seq.reshape(b * l, n + 2, dd)
-    for block in self.decoder_blocks:
-      seq = block(seq)
+    seq, _ = layers.run_stack(self.decoder_blocks, seq)
     pred = self.decoder_head(self.decoder_norm(seq)).reshape(b, l, n + 2, -1)[:, :, 1:-1].astype(jnp.float32)
 
     target = patch_targets(enc.patchify(signal).astype(jnp.float32), cfg.norm_pix_loss)
