@@ -70,6 +70,11 @@ class Block(nnx.Module):
     return x + self.mlp(self.mlp_norm(x))
 
 
+# Module switch, read at trace time: True runs stacks of blocks as a scan (fast on CPU, see run_stack), False as an
+# unrolled Python loop. Both compute the same function.
+SCAN_BLOCKS = True
+
+
 def run_stack(blocks: Sequence[Block], h: jax.Array, key_mask: jax.Array | None = None, *,
               keep_all: bool = False) -> tuple[jax.Array, jax.Array | None]:
   """Apply identical blocks in order as one `lax.scan` over their parameters, stacked on the fly.
@@ -83,6 +88,12 @@ def run_stack(blocks: Sequence[Block], h: jax.Array, key_mask: jax.Array | None 
   the chain at block boundaries. (`lax.optimization_barrier` does not help: the CPU pipeline drops it before
   fusion.) Stacking copies the blocks' weights once per call, a small cost next to the matmuls.
   """
+  if not SCAN_BLOCKS:  # the plain loop, kept for FLOP counting (XLA's cost analysis counts a loop body once)
+    outputs = []
+    for block in blocks:
+      h = block(h, key_mask)
+      outputs.append(h)
+    return h, (jnp.stack(outputs) if keep_all else None)
   graphdef, _ = nnx.split(blocks[0])
   stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[nnx.split(b)[1] for b in blocks])
 
