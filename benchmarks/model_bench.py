@@ -94,15 +94,18 @@ def peak_rss_bytes() -> int:
   return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
-def _time(fn, repeats: int, warmup: int = 1) -> list[float]:
+def _time(fn, repeats: int, warmup: int = 1) -> tuple[list[float], list[float]]:
+  """Wall-clock and process CPU seconds (all threads) of each timed run. On a busy machine wall time grows while
+  CPU time stays near the work done, so cpu / wall below the core count shows contention."""
   for _ in range(warmup):
     fn()
-  times = []
+  times, cpu = [], []
   for _ in range(max(repeats, 1)):
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     fn()
     times.append(time.perf_counter() - start)
-  return times
+    cpu.append(time.process_time() - start_cpu)
+  return times, cpu
 
 
 def _rates(flops: float, seconds: float, matmul: dict[str, Any] | None, dtype: str) -> dict[str, Any]:
@@ -181,7 +184,7 @@ def bench_pretrain(variant: str, dtype: str, batch: int, repeats: int,
                                                    jax.random.key(state["i"]))
     jax.block_until_ready((state["params"], loss))
 
-  times = _time(one, repeats)
+  times, cpu = _time(one, repeats)
   seconds = statistics.median(times)
   flops = pretrain_step_flops(cfg, batch)
 
@@ -191,6 +194,7 @@ def bench_pretrain(variant: str, dtype: str, batch: int, repeats: int,
 
   return {"workload": "pretrain", "variant": variant, "dtype": dtype, "batch": batch,
           "compile_seconds": compile_s, "step_seconds": seconds, "times": [round(t, 4) for t in times],
+          "cpu_seconds": statistics.median(cpu),
           "samples_per_s": batch / seconds, "flops_analytic": flops, "flops_xla": unrolled_xla_flops(lower),
           **_rates(flops, seconds, matmul, dtype), "memory": compiled_memory(compiled),
           "peak_rss_bytes": peak_rss_bytes()}
@@ -211,12 +215,13 @@ def bench_embed(variant: str, dtype: str, batch: int, repeats: int,
   start = time.perf_counter()
   compiled = embed.lower(params, signal, lead_ids).compile()
   compile_s = time.perf_counter() - start
-  times = _time(lambda: compiled(params, signal, lead_ids).block_until_ready(), repeats)
+  times, cpu = _time(lambda: compiled(params, signal, lead_ids).block_until_ready(), repeats)
   seconds = statistics.median(times)
   flops = batch * embed_forward_flops(cfg)
   flops_xla = unrolled_xla_flops(lambda: jax.jit(lambda *a: pooled(*a)).lower(params, signal, lead_ids))
   return {"workload": "embed", "variant": variant, "dtype": dtype, "batch": batch, "leads": LEADS,
           "compile_seconds": compile_s, "batch_seconds": seconds, "times": [round(t, 4) for t in times],
+          "cpu_seconds": statistics.median(cpu),
           "samples_per_s": batch / seconds, "flops_analytic": flops, "flops_xla": flops_xla,
           **_rates(flops, seconds, matmul, dtype), "memory": compiled_memory(compiled),
           "peak_rss_bytes": peak_rss_bytes()}

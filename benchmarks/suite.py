@@ -118,7 +118,7 @@ def _summary(out: dict[str, Any]) -> dict[str, Any]:
     if "error" in r:
       continue
     key = f"{r['workload']}/{r['variant']}/{r['dtype']}"
-    rows[key] = {k: r.get(k) for k in ("step_seconds", "batch_seconds", "samples_per_s", "flop_per_s",
+    rows[key] = {k: r.get(k) for k in ("step_seconds", "batch_seconds", "cpu_seconds", "samples_per_s", "flop_per_s",
                                        "frac_of_f32_matmul", "frac_of_bf16_matmul", "compile_seconds",
                                        "peak_rss_bytes") if k in r}
     rows[key]["compiled_peak_bytes"] = (r.get("memory") or {}).get("peak_bytes")

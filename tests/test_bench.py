@@ -33,7 +33,8 @@ def test_model_workloads(report, kind, time_field):
   for r in rows:
     assert "error" not in r, r.get("error")
     assert r["variant"] == "tiny" and r["batch"] == 8
-    for field in (time_field, "compile_seconds", "samples_per_s", "flop_per_s", "flops_analytic", "peak_rss_bytes"):
+    for field in (time_field, "cpu_seconds", "compile_seconds", "samples_per_s", "flop_per_s", "flops_analytic",
+                  "peak_rss_bytes"):
       assert r[field] > 0, field
     assert math.isclose(r["samples_per_s"], 8 / r[time_field], rel_tol=1e-6)
     # XLA's count adds elementwise work to the analytic matmul count: close, and a little above.
