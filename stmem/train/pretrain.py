@@ -93,8 +93,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, sto
   stand in for a crash)."""
   workdir = pathlib.Path(workdir).expanduser().absolute()
   is_main = jax.process_index() == 0
+  workdir.mkdir(parents=True, exist_ok=True)  # every process: each writes its own batches.<process>.jsonl here
   if is_main:
-    workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
   # ---------------------------------------------------------------------------------------------------- mesh
@@ -153,11 +153,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, sto
   data_iter = make_iter(data_state)
 
   # ------------------------------------------------------------------------------------------------ update step
+  # Key, flag and metrics replicated: every process can read the scalars. The flag starts on the mesh, as every later
+  # step returns it: a flag off the mesh made the second step trace and compile again (twice the start-up time).
+  replicated = sharding_lib.replicated(mesh)
   step_fn = jax.jit(make_train_step(graphdef, tx, config.optim.accum_steps),
-                    in_shardings=(param_shardings, opt_shardings, batch_sharding, None, None),
-                    out_shardings=(param_shardings, opt_shardings, None, None), donate_argnums=(0, 1))
+                    in_shardings=(param_shardings, opt_shardings, batch_sharding, replicated, replicated),
+                    out_shardings=(param_shardings, opt_shardings, replicated, replicated), donate_argnums=(0, 1))
   base_key = jax.random.key(config.seed + 1)
-  ok = jnp.asarray(True)
+  ok = jax.device_put(jnp.asarray(True), replicated)
 
   # ------------------------------------------------------------------------------------------------ train loop
   writer = metrics_lib.MetricWriter(workdir)
@@ -185,8 +188,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, sto
   try:
     while step < config.total_steps:
       batch = next(data_iter)
-      if figure_batch is None and is_main:
-        figure_batch = {k: np.asarray(batch[k][:1]) for k in ("signal", "lead_ids", "lead_mask")}
+      if figure_batch is None:  # process 0's first example, on every process: the figure's forward pass is collective
+        figure_batch = _from_process_zero({k: np.asarray(batch[k][:1]) for k in ("signal", "lead_ids", "lead_mask")})
       if batch_log is not None:
         batch_log.write(json.dumps({"step": step, "record_id": [_str(r) for r in batch["record_id"]]}) + "\n")
       global_batch = data_lib.to_global({k: batch[k] for k in ("signal", "lead_ids", "lead_mask")}, batch_sharding)
@@ -209,8 +212,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, sto
         writer.write(step, m)
         writer.console(step, config.total_steps, m, force=step == config.total_steps)
         summary["loss"] = m["loss"]
-      if config.figure_every and step % config.figure_every == 0 and is_main:
-        _reconstruction_figure(graphdef, params, figure_batch, cfg, contract, workdir / f"reconstruction_{step:06d}.png")
+      if config.figure_every and step % config.figure_every == 0:
+        _reconstruction_figure(graphdef, params, figure_batch, cfg, contract,
+                               workdir / f"reconstruction_{step:06d}.png", write=is_main)
       save(step)
       if _stop_requested(preempted["flag"]):
         save(step, force=True)
@@ -226,9 +230,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, sto
         return summary
     save(step, force=True)
     checkpointer.wait()
-    if is_main and figure_batch is not None:
-      summary["figure"] = str(_reconstruction_figure(graphdef, params, figure_batch, cfg, contract,
-                                                     workdir / "reconstruction.png"))
+    if figure_batch is not None:
+      figure = _reconstruction_figure(graphdef, params, figure_batch, cfg, contract, workdir / "reconstruction.png",
+                                      write=is_main)
+      if is_main:
+        summary["figure"] = str(figure)
     summary.update(step=step, checkpoint=str(checkpointer.directory / str(step)), metrics=str(writer.path))
     return summary
   finally:
@@ -257,6 +263,14 @@ def _stop_requested(local_flag: bool) -> bool:
   return bool(np.any(multihost_utils.process_allgather(np.asarray(local_flag))))
 
 
+def _from_process_zero(tree):
+  """Process 0's copy of a small numpy tree, on every process (host inputs to a multi-process jit must agree)."""
+  if jax.process_count() == 1:
+    return tree
+  from jax.experimental import multihost_utils
+  return jax.tree.map(lambda x, y: np.asarray(y).astype(x.dtype), tree, multihost_utils.broadcast_one_to_all(tree))
+
+
 def _flops(step_fn, *args) -> float | None:
   """FLOPs of one update step from XLA's cost analysis (None where the backend gives none)."""
   try:
@@ -267,8 +281,10 @@ def _flops(step_fn, *args) -> float | None:
     return None
 
 
-def _reconstruction_figure(graphdef, params, batch, cfg, contract, path):
-  """One ECG: its patches, the masked ones shaded and the model's reconstruction over them (in z-score units)."""
+def _reconstruction_figure(graphdef, params, batch, cfg, contract, path, *, write: bool = True):
+  """One ECG: its patches, the masked ones shaded and the model's reconstruction over them (in z-score units).
+
+  Every process must call this (the parameters may be sharded over all of them); only those with `write` plot."""
   from stmem import plots
   from stmem.models.stmem import patch_targets
 
@@ -278,6 +294,11 @@ def _reconstruction_figure(graphdef, params, batch, cfg, contract, path):
     return out["pred"], out["mask"]
 
   pred, mask = forward(params, batch["signal"], batch["lead_ids"], batch["lead_mask"])
+  if jax.process_count() > 1:  # the outputs may live partly on other processes' devices
+    from jax.experimental import multihost_utils
+    pred, mask = multihost_utils.process_allgather((pred, mask), tiled=True)
+  if not write:
+    return None
   patches = np.asarray(batch["signal"][0]).reshape(batch["signal"].shape[1], -1, cfg.patch_size)
   pred = np.asarray(pred[0])
   if cfg.norm_pix_loss:  # predictions are per-patch normalised: put them back in the patch's own scale
@@ -301,6 +322,8 @@ def main(argv: list[str]) -> int:
     print("usage: stmem pretrain --config configs/pretrain.py:PRESET --workdir DIR [--config.FIELD=VALUE ...]",
           file=sys.stderr)
     return 2
+  from stmem import distributed
+  distributed.initialize()  # a no-op for one process; must come before any JAX computation
   try:
     summary = train(fv.config, fv.workdir)
   except NonFiniteLoss as e:

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# ST-MEM pretraining on a Cloud TPU VM (one host or a pod slice): every worker runs the same command, and
+# jax.distributed.initialize() finds the workers from the TPU metadata (STMEM_DISTRIBUTED=1; stmem.distributed).
+#
+#   TPU_NAME=stmem-v4-32 ZONE=us-central2-b WORKDIR=/mnt/runs/base launch/tpu_vm.sh \
+#       --config.data.source=prepared --config.data.data_dir=/mnt/tfds --config.data.name=cinc
+#
+# Variables (read on this machine; the command is built here and run on every worker):
+#   TPU_NAME, ZONE   the TPU VM (required); PROJECT optional (gcloud's default project otherwise)
+#   WORKDIR          run folder shared by all workers (required): a mounted filesystem (Filestore/NFS, or a GCS
+#                    bucket through gcsfuse); the program writes with local file APIs, so not a gs:// URL
+#   REPO_DIR         the stmem checkout on the workers (default ~/stmem; copy or clone it there first)
+#   CONFIG           default configs/pretrain.py:base
+#   PYTHON           interpreter on the workers (default python3; jax[tpu] and stmem's dependencies installed)
+#   SETUP            optional command run first on every worker, e.g. "git -C ~/stmem pull"
+#   STMEM_HEARTBEAT_TIMEOUT   passed on to the workers when set (default there 60 s)
+# Arguments after the script name are passed to launch/pretrain.py (--config.* overrides).
+# Preemption (spot / maintenance) sends SIGTERM: every worker saves at the same step; rerun this script to resume.
+set -euo pipefail
+: "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
+: "${WORKDIR:?set WORKDIR to a run folder every worker sees}"
+REPO_DIR="${REPO_DIR:-~/stmem}"
+CONFIG="${CONFIG:-configs/pretrain.py:base}"
+PYTHON="${PYTHON:-python3}"
+
+env_vars="STMEM_DISTRIBUTED=1${STMEM_HEARTBEAT_TIMEOUT:+ STMEM_HEARTBEAT_TIMEOUT=$STMEM_HEARTBEAT_TIMEOUT}"
+args="$(printf '%q ' --config "$CONFIG" --workdir "$WORKDIR" "$@")"
+remote="cd $REPO_DIR && ${SETUP:+$SETUP && }$env_vars $PYTHON launch/pretrain.py $args"
+project=()
+[[ -n "${PROJECT:-}" ]] && project=(--project "$PROJECT")
+echo "on every worker of $TPU_NAME: $remote" >&2
+exec gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" ${project[@]+"${project[@]}"} --worker=all --command "$remote"
