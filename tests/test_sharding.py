@@ -80,13 +80,18 @@ def test_one_device_equals_eight_devices(runs):
       np.testing.assert_allclose(a, b, atol=1e-5, err_msg=jax.tree_util.keystr(path))
 
 
+def _tiny_with_identity_optimiser():
+  """A tiny model's graphdef and parameters, and an optax-like transformation whose update is the gradient itself,
+  so that a step's new params - params = the gradient."""
+  cfg = model_config("tiny")
+  graphdef, params = nnx.split(StMem(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+  identity = type("Identity", (), {"init": lambda self, p: (), "update": lambda self, g, s, p=None: (g, s)})()
+  return cfg, graphdef, nnx.to_pure_dict(params), identity
+
+
 def test_one_device_equals_eight_devices_gradients():
   """The sharded step's gradients (no optimiser in between) equal one device's, every element to 1e-5."""
-  cfg = model_config("tiny")
-  model = StMem(cfg, rngs=nnx.Rngs(0))
-  graphdef, params = nnx.split(model, nnx.Param)
-  params = nnx.to_pure_dict(params)
-  identity = type("Identity", (), {"init": lambda self, p: (), "update": lambda self, g, s, p=None: (g, s)})()
+  cfg, graphdef, params, identity = _tiny_with_identity_optimiser()
   rng = np.random.default_rng(2)
   batch = {"signal": rng.standard_normal((8, 12, cfg.window)).astype(np.float32),
            "lead_ids": np.tile(np.arange(12, dtype=np.int32), (8, 1)), "lead_mask": np.ones((8, 12), bool)}
@@ -105,12 +110,7 @@ def test_one_device_equals_eight_devices_gradients():
 def test_gradient_accumulation_equals_the_whole_batch():
   # Compared before the optimiser: Adam turns float noise in exactly-zero gradients (the key bias: softmax is
   # shift-invariant) into +-lr updates, which says nothing about accumulation.
-  cfg = model_config("tiny")
-  model = StMem(cfg, rngs=nnx.Rngs(0))
-  graphdef, params = nnx.split(model, nnx.Param)
-  params = nnx.to_pure_dict(params)
-  # An optax-like transformation whose update is the gradient itself: new params - params = gradient.
-  identity = type("Identity", (), {"init": lambda self, p: (), "update": lambda self, g, s, p=None: (g, s)})()
+  cfg, graphdef, params, identity = _tiny_with_identity_optimiser()
   rng = np.random.default_rng(1)
   batch = {"signal": jnp.asarray(rng.standard_normal((4, 12, cfg.window)), jnp.float32),
            "lead_ids": jnp.tile(jnp.arange(12), (4, 1)), "lead_mask": jnp.ones((4, 12), bool)}

@@ -9,7 +9,6 @@ validation, the test split scored once with the selected model, report and check
 from __future__ import annotations
 
 import json
-import logging
 import pathlib
 import time
 from collections.abc import Sequence
@@ -93,13 +92,8 @@ def task_loss(logits, labels, kind: str, smoothing: float = 0.0, class_weight=No
 def main(argv: Sequence[str]) -> int:
   from stmem.train import configflags
   config, workdir = configflags.parse(argv, "stmem finetune", DEFAULT_CONFIG + ":prepared")
-  log = logging.getLogger("stmem.finetune")
-  if not log.handlers:
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
+  from stmem.train.metrics import console_logger
+  log = console_logger("stmem.finetune")
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   start = time.time()

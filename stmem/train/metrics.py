@@ -3,6 +3,7 @@ process 0 only, plus a one-line console progress report. Also the MFU estimate's
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 import sys
 import time
@@ -24,6 +25,18 @@ def device_peak_flops(dtype: str) -> float | None:
     if kind.startswith(name):
       return (bf16 if dtype == "bfloat16" else f32) * jax.device_count()
   return None
+
+
+def console_logger(name: str) -> logging.Logger:
+  """Our own progress lines at INFO, without turning on every library's INFO logging (orbax is chatty)."""
+  log = logging.getLogger(name)
+  if not log.handlers:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+  return log
 
 
 class MetricWriter:

@@ -9,7 +9,6 @@ the report with 95 % patient-level bootstrap intervals.
 """
 from __future__ import annotations
 
-import logging
 import pathlib
 import time
 from collections.abc import Sequence
@@ -17,18 +16,6 @@ from collections.abc import Sequence
 import numpy as np
 
 DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[2] / "configs" / "probe.py")
-
-
-def _logger(name: str) -> logging.Logger:
-  """Our own progress lines at INFO, without turning on every library's INFO logging (orbax is chatty)."""
-  log = logging.getLogger(name)
-  if not log.handlers:
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
-  return log
 
 
 def _csv(text: str) -> list[str]:
@@ -102,7 +89,8 @@ def summarise(task, model: str, lead_set: str, out: dict, pool, protocol: str, c
 def main(argv: Sequence[str]) -> int:
   from stmem.train import configflags
   config, workdir = configflags.parse(argv, "stmem probe", DEFAULT_CONFIG + ":shared")
-  log = _logger("stmem.probe")
+  from stmem.train.metrics import console_logger
+  log = console_logger("stmem.probe")
   start = time.time()
 
   from data_pipelines import leads as leads_lib
