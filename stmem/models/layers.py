@@ -40,7 +40,13 @@ class Attention(nnx.Module):
 
   def __call__(self, x: jax.Array, key_mask: jax.Array | None) -> jax.Array:
     b, s, d = x.shape
-    q, k, v = jnp.moveaxis(self.qkv(x).reshape(b, s, 3, self.num_heads, d // self.num_heads), 2, 0)
+    dtype = self.qkv.dtype or x.dtype
+    bias = self.qkv.bias[...]
+    # The key bias adds the same q.b_k to every score of a query, which the softmax ignores: its true gradient is
+    # zero, and Adam would turn the float noise in it into random drift that depends on the device layout.
+    bias = jnp.concatenate([bias[:d], jax.lax.stop_gradient(bias[d:2 * d]), bias[2 * d:]])
+    qkv = jnp.dot(x.astype(dtype), self.qkv.kernel[...].astype(dtype)) + bias.astype(dtype)
+    q, k, v = jnp.moveaxis(qkv.reshape(b, s, 3, self.num_heads, d // self.num_heads), 2, 0)
     # key_mask (B, S): absent leads' tokens are never attended to, so a padded row equals its unpadded self.
     mask = None if key_mask is None else key_mask[:, None, None, :]
     y = jax.nn.dot_product_attention(q, k, v, mask=mask)
