@@ -45,10 +45,15 @@ def parse_mesh(spec: str) -> list[tuple[str, int]]:
 def build_source(config) -> tuple[data_lib.Source, Contract]:
   """The training examples and their contract: the built-in simulator, or a prepared dataset."""
   if config.data.source == "synthetic":
+    from data_pipelines import transforms
     from stmem import synthetic
-    contract = Contract()
-    arrays = synthetic.make_dataset(config.data.num_synthetic, seed=config.seed, seconds=contract.record_samples / contract.fs,
-                                    fs=contract.fs)
+    # Filtered once here (the contract's "offline" stage) rather than per crop: the simulator's records are in
+    # memory anyway, and per-crop filtering would be most of a tiny model's step.
+    contract = Contract(filter_stage="offline")
+    arrays = synthetic.make_dataset(config.data.num_synthetic, seed=config.seed,
+                                    seconds=contract.record_samples / contract.fs, fs=contract.fs)
+    arrays["signal"] = transforms.bandpass(arrays["signal"], contract.fs, contract.highpass_hz, contract.lowpass_hz,
+                                           contract.filter_order).astype("float32")
     return data_lib.ArraySource({k: arrays[k] for k in ("signal", "record_id", "patient_id")}), contract
   if config.data.source == "prepared":
     prepared = data_lib.open_prepared(pathlib.Path(config.data.data_dir).expanduser(), config.data.split,
@@ -98,7 +103,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, sto
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
   # ---------------------------------------------------------------------------------------------------- mesh
-  mesh = sharding_lib.make_mesh(parse_mesh(config.mesh))
+  devices = jax.devices()[:config.num_devices] if config.get("num_devices") else None
+  mesh = sharding_lib.make_mesh(parse_mesh(config.mesh), devices=devices)
   batch_sharding = sharding_lib.batch_sharding(mesh)
   num_processes = jax.process_count()
   if config.batch_size % (mesh.size * config.optim.accum_steps) or config.batch_size % num_processes:
