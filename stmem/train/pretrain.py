@@ -113,9 +113,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, sto
 
   # -------------------------------------------------------------------------------------------- input pipeline
   source, contract = build_source(config)
-  lead_names, _ = leads_lib.parse_lead_set(config.data.lead_set), None
-  contract = Contract.from_dict({**contract.to_dict(), "leads": list(lead_names)}) if config.data.lead_set != "12" \
-    else contract
+  # The checkpoint's contract names the leads the model was trained on.
+  contract = Contract.from_dict({**contract.to_dict(), "leads": list(leads_lib.parse_lead_set(config.data.lead_set))})
 
   def make_iter(state=None):
     return data_lib.make_iterator(source, contract, state=state, batch_size=config.batch_size // num_processes,
