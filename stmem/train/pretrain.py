@@ -179,13 +179,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, sto
   # Which records each step saw, per process: to check exact resumption of the data order.
   batch_log = (workdir / f"batches.{jax.process_index()}.jsonl").open("a") if config.get("log_batches") else None
 
-  def save(step: int, force: bool = False):
-    nonlocal last_good
-    if step == last_good:  # already saved (a periodic save at the final or preemption step)
-      return
-    if not bool(ok):  # never overwrite good checkpoints with a diverged state
+  def check_finite(step: int):
+    if not bool(ok):  # a device sync: done at log steps and before saves, not every step
       raise NonFiniteLoss(f"the loss became non-finite between step {last_good} and step {step}; "
                           f"the last good checkpoint is step {last_good} in {checkpointer.directory}")
+
+  def save(step: int, force: bool = False):
+    nonlocal last_good
+    if step == last_good or not (force or step % checkpointer.every == 0):  # already saved, or not due
+      return
+    check_finite(step)  # never overwrite good checkpoints with a diverged state
     if checkpointer.save(step, params=params, opt_state=opt_state, data_state=data_iter.get_state(),
                          meta={**meta, "step": step}, force=force):
       last_good = step
@@ -204,9 +207,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, sto
                                                     jax.random.fold_in(base_key, step), ok)
       step += 1
       if step % config.log_every == 0 or step == config.total_steps:
-        if not bool(ok):
-          raise NonFiniteLoss(f"the loss became non-finite between step {last_good} and step {step}; "
-                              f"the last good checkpoint is step {last_good} in {checkpointer.directory}")
+        check_finite(step)
         now = time.perf_counter()
         steps_per_s = (step - last_log[1]) / max(now - last_log[0], 1e-9)
         last_log = (now, step)
