@@ -12,9 +12,11 @@ import re
 
 import numpy as np
 
-Path = tuple  # a parameter path in the model's nnx state, e.g. ('encoder', 'blocks', 0, 'attn', 'qkv', 'kernel')
+Path = tuple  # a parameter path in the model's nnx state, e.g. ('encoder', 'blocks', 'attn', 'qkv', 'kernel')
 
-# (reference suffix pattern, stmem path template, how to convert). `{i}` is the block index.
+# (reference suffix pattern, stmem path, how to convert). A pattern with `{i}` (block i, lead embedding i) names one
+# row of a stacked stmem array: the transformer blocks are stored stacked (block i is row i of every block
+# parameter, see `stmem.models.layers.stacked`), and so is the lead-embedding table.
 _LINEAR = [("weight", "kernel", "transpose"), ("bias", "bias", "same")]
 _NORM = [("weight", "scale", "same"), ("bias", "bias", "same")]
 _BLOCK_PARTS = [
@@ -27,11 +29,21 @@ _BLOCK_PARTS = [
 ]
 
 
-def _rules() -> list[tuple[re.Pattern, tuple, str]]:
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+  pattern: re.Pattern   # full reference name ('E' + name for encoder names)
+  ref: str              # the same name as a template, `{i}` for the row index
+  path: Path            # stmem path
+  how: str              # "transpose", "squeeze" or "same", applied to each row
+  indexed: bool         # the name is one row of a stacked stmem array
+
+
+def _rules() -> list[_Rule]:
   rules = []
 
   def add(ref: str, path: tuple, how: str):
-    rules.append((re.compile("^" + ref.replace(".", r"\.").replace("{i}", r"(\d+)") + "$"), path, how))
+    pattern = re.compile("^" + ref.replace(".", r"\.").replace("{i}", r"(\d+)") + "$")
+    rules.append(_Rule(pattern, ref, path, how, "{i}" in ref))
 
   for ref_mod, path, parts in [("to_patch_embedding.1", ("patch_norm_in",), _NORM),
                                ("to_patch_embedding.2", ("patch_linear",), _LINEAR),
@@ -41,11 +53,11 @@ def _rules() -> list[tuple[re.Pattern, tuple, str]]:
       add(f"E{ref_mod}.{r}", ("encoder",) + path + (p,), how)
   add("Epos_embedding", ("encoder", "pos_embedding"), "squeeze")
   add("Esep_embedding", ("encoder", "sep_embedding"), "same")
-  add("Elead_embeddings.{i}", ("encoder", "lead_embedding"), "row")
+  add("Elead_embeddings.{i}", ("encoder", "lead_embedding"), "same")
   for ref_mod, path, parts in _BLOCK_PARTS:
     for r, p, how in parts:
-      add(f"Eblock{{i}}.{ref_mod}.{r}", ("encoder", "blocks", "{i}") + path + (p,), how)
-      add(f"decoder_blocks.{{i}}.{ref_mod}.{r}", ("decoder_blocks", "{i}") + path + (p,), how)
+      add(f"Eblock{{i}}.{ref_mod}.{r}", ("encoder", "blocks") + path + (p,), how)
+      add(f"decoder_blocks.{{i}}.{ref_mod}.{r}", ("decoder_blocks",) + path + (p,), how)
   for ref_mod, path, parts in [("to_decoder_embedding", ("to_decoder",), _LINEAR),
                                ("decoder_norm", ("decoder_norm",), _NORM),
                                ("decoder_head", ("decoder_head",), _LINEAR)]:
@@ -57,6 +69,7 @@ def _rules() -> list[tuple[re.Pattern, tuple, str]]:
 
 
 _RULES = _rules()
+_BY_PATH = {rule.path: rule for rule in _RULES}
 
 
 @dataclasses.dataclass
@@ -66,6 +79,14 @@ class Conversion:
   aliases: list[str]                    # names skipped because they repeat another tensor (shared patch embedding)
   head: dict[str, np.ndarray]           # a fine-tuned classification head, kept aside
   encoder_only: bool
+  rows: dict[Path, dict[int, np.ndarray]] = dataclasses.field(default_factory=dict)  # indexed names, by row
+
+  def reference_name(self, path: Path, row: int | None = None) -> str:
+    """The reference's name of a stmem path (of one row of a stacked one), as it appears in the file."""
+    ref = _BY_PATH[tuple(path)].ref.replace("{i}", str(row))
+    if ref.startswith("E"):
+      return ref[1:] if self.encoder_only else "encoder." + ref[1:]
+    return ref
 
 
 def from_reference(state: dict[str, np.ndarray]) -> Conversion:
@@ -90,41 +111,38 @@ def from_reference(state: dict[str, np.ndarray]) -> Conversion:
       if twin is not None and np.array_equal(twin, value):
         aliases.append(name)
         continue
-    for pattern, template, how in _RULES:
-      m = pattern.match(key)
+    for rule in _RULES:
+      m = rule.pattern.match(key)
       if not m:
         continue
-      path = tuple(int(m.group(1)) if t == "{i}" else t for t in template)
-      if how == "row":
-        rows.setdefault(path, {})[int(m.group(1))] = value
-        break
-      params[path] = _to_stmem(value, how)
+      if rule.indexed:
+        rows.setdefault(rule.path, {})[int(m.group(1))] = _to_stmem(value, rule.how)
+      else:
+        params[rule.path] = _to_stmem(value, rule.how)
       break
     else:
       unknown.append(name)
+  # Stacked where the rows are 0..n-1 of one shape; `apply` names the rows that are missing or extra for a model.
   for path, by_index in rows.items():
-    if sorted(by_index) != list(range(len(by_index))):
-      unknown.append(f"lead_embeddings: indices {sorted(by_index)} are not 0..n-1")
-      continue
-    params[path] = np.stack([by_index[i] for i in range(len(by_index))])
-  return Conversion(params=params, unknown=unknown, aliases=aliases, head=head, encoder_only=encoder_only)
+    if sorted(by_index) == list(range(len(by_index))) and len({v.shape for v in by_index.values()}) == 1:
+      params[path] = np.stack([by_index[i] for i in range(len(by_index))])
+  return Conversion(params=params, unknown=unknown, aliases=aliases, head=head, encoder_only=encoder_only,
+                    rows=rows)
 
 
 def to_reference(params: dict[Path, np.ndarray], encoder_only: bool = False) -> dict[str, np.ndarray]:
   """The inverse mapping: stmem paths (rooted at StMem) -> reference names, for export to the authors' code."""
   out = {}
   for path, value in params.items():
+    rule = _BY_PATH.get(tuple(path))
+    if rule is None:
+      continue
     value = np.asarray(value)
-    for pattern, template, how in _RULES:
-      ref = _render(pattern, template, path)
-      if ref is None:
-        continue
-      if how == "row":
-        for i, row in enumerate(value):
-          out[ref.replace("(\\d+)", str(i))] = row
-      else:
-        out[ref] = _to_reference(value, how)
-      break
+    if rule.indexed:
+      for i, row in enumerate(value):
+        out[rule.ref.replace("{i}", str(i))] = _to_reference(row, rule.how)
+    else:
+      out[rule.ref] = _to_reference(value, rule.how)
   names = {}
   for k, v in out.items():
     if k.startswith("E"):
@@ -150,23 +168,6 @@ def _to_reference(value: np.ndarray, how: str) -> np.ndarray:
   if how == "squeeze":
     return value.reshape((1,) * (3 - value.ndim) + value.shape)
   return value
-
-
-def _render(pattern: re.Pattern, template: tuple, path: Path) -> str | None:
-  if len(template) != len(path):
-    return None
-  index = None
-  for t, p in zip(template, path):
-    if t == "{i}":
-      if not isinstance(p, int):
-        return None
-      index = p
-    elif t != p:
-      return None
-  ref = pattern.pattern[1:-1].replace("\\.", ".")
-  if index is not None and "lead_embeddings" not in ref:
-    ref = ref.replace("(\\d+)", str(index), 1)
-  return ref
 
 
 def load_reference_file(path: str | pathlib.Path) -> dict[str, np.ndarray]:
@@ -202,23 +203,51 @@ def apply(model, conversion: Conversion, *, strict: bool = True) -> list[Path]:
   is_encoder = isinstance(model, Encoder)
   state = nnx.state(model, nnx.Param)
   flat = dict(nnx.to_flat_state(state))
-  params = conversion.params
+  root = ("encoder",) if is_encoder else ()
+
+  def rooted(path: Path) -> Path:
+    return root + tuple(path)
+
+  params = {p: v for p, v in conversion.params.items() if p not in conversion.rows}
+  rows = conversion.rows
   if is_encoder:
     params = {p[1:]: v for p, v in params.items() if p[0] == "encoder"}
-  problems, missing = [], []
+    rows = {p[1:]: v for p, v in rows.items() if p[0] == "encoder"}
+  problems, missing, extra = [], [], []
+  missing_paths: list[Path] = []  # rooted stmem paths, to tell a decoder missing from an encoder-only file
   if conversion.unknown:
     problems.append(f"unknown reference names: {conversion.unknown}")
+  # Indexed names (block i, lead embedding i) fill the rows of a stacked parameter: name each missing or extra row.
+  for path, by_index in rows.items():
+    if path not in flat:
+      extra += [conversion.reference_name(rooted(path), i) for i in sorted(by_index)]
+      continue
+    n = int(flat[path].shape[0])
+    extra += [conversion.reference_name(rooted(path), i) for i in sorted(by_index) if i >= n]
+    absent = [i for i in range(n) if i not in by_index]
+    if absent:
+      missing += [conversion.reference_name(rooted(path), i) for i in absent]
+      missing_paths.append(rooted(path))
+      continue
+    shapes = {tuple(by_index[i].shape) for i in range(n)}
+    if len(shapes) > 1:
+      problems.append(f"{conversion.reference_name(rooted(path), 0)}...: rows of different shapes {sorted(shapes)}")
+      continue
+    params[path] = np.stack([by_index[i] for i in range(n)])
   for path in flat:
-    if path not in params:
-      missing.append(path)
-  if missing and (strict and not (conversion.encoder_only and all(p[0] != "encoder" for p in missing) and not is_encoder)):
-    problems.append("stmem parameters the reference does not provide: " + ", ".join(".".join(map(str, p)) for p in missing))
-  extra = [p for p in params if p not in flat]
+    if path not in params and path not in rows:
+      missing.append(".".join(map(str, rooted(path))))
+      missing_paths.append(rooted(path))
+  decoder_only_missing = conversion.encoder_only and not is_encoder and all(p[0] != "encoder" for p in missing_paths)
+  if missing and strict and not decoder_only_missing:
+    problems.append("stmem parameters the reference does not provide: " + ", ".join(missing))
+  extra += [".".join(map(str, rooted(p))) for p in params if p not in flat]
   if extra:
-    problems.append("converted names with no stmem parameter: " + ", ".join(".".join(map(str, p)) for p in extra))
+    problems.append("converted names with no stmem parameter: " + ", ".join(extra))
   for path, value in params.items():
     if path in flat and tuple(flat[path].shape) != tuple(value.shape):
-      problems.append(f"{'.'.join(map(str, path))}: reference shape {value.shape}, stmem shape {tuple(flat[path].shape)}")
+      problems.append(f"{'.'.join(map(str, rooted(path)))}: reference shape {value.shape}, "
+                      f"stmem shape {tuple(flat[path].shape)}")
   if problems:
     raise ValueError("cannot load the reference parameters:\n  " + "\n  ".join(problems))
   new_state = nnx.from_flat_state({p: (params[p] if p in params else v) for p, v in flat.items()})

@@ -180,7 +180,7 @@ def test_unknown_and_missing_names_are_refused_with_their_list(reference_fixture
   assert _stmem("convert", "--reference", path, "--out", tmp_path / "out") != 0
   err = capsys.readouterr().err
   assert "encoder.block0.attn.fn.rotary.freqs" in err
-  assert "blocks.1.mlp_norm.bias" in err and "decoder_head.kernel" in err
+  assert "encoder.block1.ff.norm.bias" in err and "decoder_head.kernel" in err
   assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
@@ -289,7 +289,7 @@ def test_checkpoints_restore_into_any_mesh(tmp_path):
 
   # An encoder-only checkpoint takes the whole model's shardings too.
   encoder, _ = checkpoint.load_model(_encoder_only_copy(tmp_path, params, cfg), encoder_only=True, shardings=shardings)
-  qkv = encoder.blocks[0].attn.qkv.kernel[...]
+  qkv = encoder.blocks.attn.qkv.kernel[...]
   assert qkv.sharding.spec == sharding.fsdp_spec(qkv.shape, 8)
 
 

@@ -163,23 +163,46 @@ def test_absent_leads_take_no_part_in_the_loss():
 
 def test_xavier_uniform_linears_with_zero_bias():
   model = StMem(model_config("tiny"), rngs=nnx.Rngs(0))
-  for name, linear in [("qkv", model.encoder.blocks[0].attn.qkv), ("fc1", model.encoder.blocks[1].mlp.fc1),
-                       ("patch", model.encoder.patch_linear), ("head", model.decoder_head)]:
-    kernel = np.asarray(linear.kernel[...])
+  blocks = model.encoder.blocks  # stacked: block i is row i of each parameter
+  for name, kernel, bias in [("qkv block 0", blocks.attn.qkv.kernel[0], blocks.attn.qkv.bias[0]),
+                             ("fc1 block 1", blocks.mlp.fc1.kernel[1], blocks.mlp.fc1.bias[1]),
+                             ("decoder fc2", model.decoder_blocks.mlp.fc2.kernel[0], model.decoder_blocks.mlp.fc2.bias[0]),
+                             ("patch", model.encoder.patch_linear.kernel[...], model.encoder.patch_linear.bias[...]),
+                             ("head", model.decoder_head.kernel[...], model.decoder_head.bias[...])]:
+    kernel = np.asarray(kernel)
     limit = np.sqrt(6.0 / sum(kernel.shape))  # the fused q/k/v counts as one (D, 3D) matrix
     assert np.abs(kernel).max() <= limit, name
     assert np.abs(kernel).max() > 0.95 * limit, name
     np.testing.assert_allclose(kernel.var(), limit ** 2 / 3, rtol=0.1)
-    assert not np.asarray(linear.bias[...]).any(), name
+    assert not np.asarray(bias).any(), name
+  # Each block is initialised independently, not as copies of one.
+  assert not np.allclose(np.asarray(blocks.attn.qkv.kernel[0]), np.asarray(blocks.attn.qkv.kernel[1]))
 
 
 def test_gelu_is_exact_and_norm_epsilons():
   model = StMem(model_config("tiny"), rngs=nnx.Rngs(0))
   assert model.encoder.norm.epsilon == 1e-5
-  assert all(b.attn_norm.epsilon == 1e-5 and b.mlp_norm.epsilon == 1e-5 for b in model.encoder.blocks)
+  blocks = model.encoder.blocks
+  assert blocks.attn_norm.epsilon == 1e-5 and blocks.mlp_norm.epsilon == 1e-5
   assert model.decoder_norm.epsilon == 1e-6
   # sin-cos table: SEP rows zero, patch rows sin half then cos half
   pos = np.asarray(model.encoder.pos_embedding[...])
   assert not pos[0].any() and not pos[-1].any()
   np.testing.assert_allclose(pos[1 + 3, :64], np.sin(3 / 10000 ** (np.arange(64) / 64)), atol=1e-6)
   np.testing.assert_allclose(pos[1 + 3, 64:], np.cos(3 / 10000 ** (np.arange(64) / 64)), atol=1e-6)
+
+
+def test_branch_scale_zero_skips_a_block_and_one_changes_nothing():
+  # Drop path multiplies residual branches: a block whose two branches are scaled by 0 is the identity.
+  cfg = model_config("tiny")
+  enc = Encoder(cfg, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (2, 12, cfg.window))
+  ids = jnp.tile(jnp.arange(12), (2, 1))
+  tokens = enc.add_sep_and_leads(enc.embed_patches(x), ids)
+  plain, _ = enc.run_blocks(tokens, None)
+  ones, _ = enc.run_blocks(tokens, None, branch_scale=jnp.ones((cfg.depth, 2, 2)))
+  np.testing.assert_allclose(np.asarray(ones), np.asarray(plain), atol=1e-6)
+  skip_last = jnp.ones((cfg.depth, 2, 2)).at[-1].set(0.0)
+  first_only, captured = enc.run_blocks(tokens, None, capture=(0,), branch_scale=skip_last)
+  np.testing.assert_allclose(np.asarray(first_only), np.asarray(captured[0]), atol=1e-6)
+  assert np.abs(np.asarray(first_only) - np.asarray(plain)).max() > 1e-3

@@ -70,7 +70,7 @@ def test_unknown_and_missing_names_are_reported(reference_fixture):
   with pytest.raises(ValueError) as err:
     convert.apply(model, conv)
   msg = str(err.value)
-  assert "some_new_thing" in msg and "decoder_norm.bias" in msg and "blocks.7" in msg
+  assert "some_new_thing" in msg and "decoder_norm.bias" in msg and "encoder.block7.attn.fn.to_qkv.weight" in msg
 
 
 def test_encoder_only_names_load_into_an_encoder(reference_fixture):

@@ -51,9 +51,9 @@ def runs():
 
 def test_fsdp_actually_shards_parameters(runs):
   params = runs[1][2]
-  qkv = params["encoder"]["blocks"][0]["attn"]["qkv"]["kernel"]
-  assert qkv.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
-  assert qkv.addressable_shards[0].data.shape == (128, 384 // 4)
+  qkv = params["encoder"]["blocks"]["attn"]["qkv"]["kernel"]  # (depth 2, 128, 384): blocks stacked on axis 0
+  assert qkv.sharding.spec == jax.sharding.PartitionSpec(None, None, "fsdp")
+  assert qkv.addressable_shards[0].data.shape == (2, 128, 384 // 4)
   assert params["encoder"]["sep_embedding"].sharding.spec == jax.sharding.PartitionSpec()  # small: replicated
 
 
@@ -68,7 +68,7 @@ def test_key_bias_gets_no_gradient():
   # Its true gradient is zero (softmax is shift-invariant); the model stops it so that Adam cannot amplify float
   # noise into layout-dependent drift. Only weight decay moves it.
   grads = _gradients(sharding.make_mesh(parse_mesh("data:-1,fsdp:1"), devices=jax.devices()[:1]))
-  qkv_bias = grads["encoder"]["blocks"][0]["attn"]["qkv"]["bias"]
+  qkv_bias = grads["encoder"]["blocks"]["attn"]["qkv"]["bias"][0]  # block 0
   width = qkv_bias.shape[0] // 3
   assert not qkv_bias[width:2 * width].any()
   assert np.abs(qkv_bias[:width]).max() > 0 and np.abs(qkv_bias[2 * width:]).max() > 0

@@ -20,16 +20,17 @@ class Encoder(nnx.Module):
     dtype = jnp.dtype(cfg.dtype)
     d, p = cfg.width, cfg.patch_size
     # Patch embedding shared by all leads: LayerNorm over each raw patch, Linear, LayerNorm.
-    self.patch_norm_in = layers.layer_norm(p, dtype, rngs)
+    self.patch_norm_in = layers.layer_norm(p, rngs)
     self.patch_linear = layers.linear(p, d, dtype, rngs)
-    self.patch_norm_out = layers.layer_norm(d, dtype, rngs)
+    self.patch_norm_out = layers.layer_norm(d, rngs)
     # Fixed sin-cos positions (32 rows: SEP, 30 patches, SEP). A Param so fine-tuning may train it;
     # pretraining freezes it in the optimiser.
     self.pos_embedding = nnx.Param(jnp.asarray(layers.sincos_table(cfg.num_patches, d)))
     self.sep_embedding = nnx.Param(layers.embedding_init(rngs.params(), (d,)))
     self.lead_embedding = nnx.Param(layers.embedding_init(rngs.params(), (cfg.num_lead_ids, d)))
-    self.blocks = nnx.List([layers.Block(d, cfg.num_heads, cfg.mlp_ratio, dtype, rngs) for _ in range(cfg.depth)])
-    self.norm = layers.layer_norm(d, dtype, rngs)
+    # All blocks as one Block with stacked parameters (block i is row i of each): see layers.stacked.
+    self.blocks = layers.stacked(cfg.depth, lambda r: layers.Block(d, cfg.num_heads, cfg.mlp_ratio, dtype, r), rngs)
+    self.norm = layers.layer_norm(d, rngs)
 
   # -- pieces, used by the pretraining model between which it applies masking ------------------------------------
   def patchify(self, signal: jax.Array) -> jax.Array:
@@ -46,43 +47,48 @@ class Encoder(nnx.Module):
     """(B, L, T) -> (B, L, N, D) patch tokens with their positional code added (before masking, as the reference)."""
     x = self.patch_norm_out(self.patch_linear(self.patch_norm_in(self.patchify(signal))))
     n = x.shape[2]
-    return x + self.pos_embedding[1:n + 1].astype(x.dtype)
+    return x + self.pos_embedding[1:n + 1]
 
   def add_sep_and_leads(self, x: jax.Array, lead_ids: jax.Array) -> jax.Array:
     """(B, L, K, D) -> (B, L, K + 2, D): SEP at both ends, then each lead's own embedding on all its tokens."""
     b, l, _, d = x.shape
-    pos = self.pos_embedding[...].astype(x.dtype)
-    sep = self.sep_embedding[...].astype(x.dtype)
+    pos = self.pos_embedding[...]
+    sep = self.sep_embedding[...]
     left = jnp.broadcast_to(sep + pos[0], (b, l, 1, d))
     right = jnp.broadcast_to(sep + pos[-1], (b, l, 1, d))
     x = jnp.concatenate([left, x, right], axis=2)
-    lead = jnp.take(self.lead_embedding[...].astype(x.dtype), lead_ids, axis=0)  # (B, L, D)
+    lead = jnp.take(self.lead_embedding[...], lead_ids, axis=0)  # (B, L, D)
     return x + lead[:, :, None, :]
 
-  def run_blocks(self, x: jax.Array, lead_mask: jax.Array | None, capture: tuple[int, ...] = ()):
-    """Transformer over all tokens of all leads; returns pre-norm tokens (B, L, S, D) and {i: block i's output}."""
+  def run_blocks(self, x: jax.Array, lead_mask: jax.Array | None, capture: tuple[int, ...] = (),
+                 branch_scale: jax.Array | None = None):
+    """Transformer over all tokens of all leads; returns pre-norm tokens (B, L, S, D) and {i: block i's output}.
+
+    branch_scale (depth, B, 2), optional: residual-branch multipliers per block (drop path; see layers.Block).
+    """
     b, l, s, d = x.shape
     h = x.reshape(b, l * s, d)
     key_mask = None if lead_mask is None else jnp.repeat(lead_mask.astype(bool), s, axis=1)
-    n = len(self.blocks)
+    n = self.cfg.depth
     wanted = [i for i in range(n) if i in capture or i - n in capture]
-    h, every = layers.run_stack(self.blocks, h, key_mask, keep_all=bool(wanted))
+    h, every = layers.run_stack(self.blocks, h, key_mask, keep_all=bool(wanted), branch_scale=branch_scale)
     captured = {i: every[i].reshape(b, l, s, d) for i in wanted}
     return h.reshape(b, l, s, d), captured
 
   # -- downstream use ----------------------------------------------------------------------------------------------
   def features(self, signal: jax.Array, lead_ids: jax.Array, lead_mask: jax.Array | None = None,
-               blocks: tuple[int, ...] = ()) -> dict:
+               blocks: tuple[int, ...] = (), branch_scale: jax.Array | None = None) -> dict:
     """Features of unmasked ECGs.
 
     pooled   (B, D): mean over the patch tokens of present leads, then the final LayerNorm (the reference's features);
     per_lead (B, L, D): mean over each lead's patch tokens, then the final LayerNorm;
     tokens   (B, L, N, D): every patch token after the final LayerNorm;
     blocks   {i: (B, L, N + 2, D)}: the raw output of each block asked for (negative indices count from the end).
+    branch_scale (depth, B, 2), optional: residual-branch multipliers (drop path in fine-tuning; see layers.Block).
     """
     x = self.add_sep_and_leads(self.embed_patches(signal), lead_ids)
-    h, captured = self.run_blocks(x, lead_mask, blocks)
-    patch_tokens = h[:, :, 1:-1].astype(jnp.float32)
+    h, captured = self.run_blocks(x, lead_mask, blocks, branch_scale)
+    patch_tokens = h[:, :, 1:-1]
     n = patch_tokens.shape[2]
     present = jnp.ones(h.shape[:2], jnp.float32) if lead_mask is None else lead_mask.astype(jnp.float32)
     summed = jnp.einsum("blnd,bl->bd", patch_tokens, present)

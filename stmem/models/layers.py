@@ -1,7 +1,13 @@
-"""Transformer pieces shared by the encoder and the decoder, and the fixed sin-cos table."""
+"""Transformer pieces shared by the encoder and the decoder, the fixed sin-cos table, and the one matrix product.
+
+Precision: parameters and the residual stream are float32. Every Linear layer multiplies in the model's compute
+dtype (`ModelConfig.dtype`) and accumulates and returns float32 (`matmul`); norms, GELU, softmax and the residual
+adds stay float32. With compute dtype float32 this is plain float32 arithmetic.
+"""
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -22,12 +28,83 @@ def sincos_table(num_patches: int, width: int) -> np.ndarray:
   return table.astype(np.float32)
 
 
-def linear(n_in: int, n_out: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
-  return nnx.Linear(n_in, n_out, kernel_init=xavier, bias_init=nnx.initializers.zeros, dtype=dtype, rngs=rngs)
+# ------------------------------------------------------------------------------------------------ the matrix product
+
+_CONTRACT_LAST = (((1,), (0,)), ((), ()))  # (M, K) x (K, N)
+_TILE = 64  # see _transposed
 
 
-def layer_norm(n: int, dtype, rngs: nnx.Rngs, eps: float = 1e-5) -> nnx.LayerNorm:
-  return nnx.LayerNorm(n, epsilon=eps, dtype=dtype, use_fast_variance=False, rngs=rngs)
+def _product(a: jax.Array, b: jax.Array, dims) -> jax.Array:
+  return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def _transposed(x: jax.Array) -> jax.Array:
+  """x.T (K, M) as a real copy in memory.
+
+  Why not `x.T`: XLA folds a transpose into the product that consumes it, and the CPU library it calls for products
+  (YNNPACK) then receives an operand whose contracted axis is the major one. For bfloat16 it has no fast kernel for
+  that layout and ran the weight-gradient products at half speed (164 against 415 GFLOP/s on the 2-core x86 CPU).
+  Splitting the kept axis before transposing leaves XLA no layout that makes the transpose free, so it writes the
+  transposed copy, which costs far less than the slow product.
+  """
+  m, k = x.shape
+  if k % _TILE:
+    return x.T
+  return x.reshape(m, k // _TILE, _TILE).transpose(1, 2, 0).reshape(k, m)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul(x: jax.Array, w: jax.Array, compute_dtype) -> jax.Array:
+  return _product(x.astype(compute_dtype), w.astype(compute_dtype), _CONTRACT_LAST)
+
+
+def _matmul_fwd(x, w, compute_dtype):
+  xc, wc = x.astype(compute_dtype), w.astype(compute_dtype)
+  return _product(xc, wc, _CONTRACT_LAST), (xc, wc)
+
+
+def _matmul_bwd(compute_dtype, residuals, g):
+  # Both gradient products also multiply in the compute dtype and accumulate in float32 (what mixed precision does
+  # elsewhere); the gradients come out float32, never rounded to bfloat16.
+  xc, wc = residuals
+  gc = g.astype(compute_dtype)
+  dx = _product(gc, wc, (((1,), (1,)), ((), ())))
+  dw = _product(_transposed(xc), gc, _CONTRACT_LAST)
+  return dx, dw
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def matmul(x: jax.Array, w: jax.Array, compute_dtype=jnp.float32) -> jax.Array:
+  """x (..., K) @ w (K, N) -> float32 (..., N), multiplied in `compute_dtype` with float32 accumulation."""
+  lead = x.shape[:-1]
+  y = _matmul(x.reshape(-1, x.shape[-1]), w, jnp.dtype(compute_dtype))
+  return y.reshape(*lead, w.shape[-1])
+
+
+class Linear(nnx.Module):
+  """y = x @ kernel + bias through `matmul`; Xavier-uniform kernel, zero bias (the reference's initialisation)."""
+
+  def __init__(self, n_in: int, n_out: int, dtype, rngs: nnx.Rngs):
+    self.kernel = nnx.Param(xavier(rngs.params(), (n_in, n_out), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((n_out,), jnp.float32))
+    self.compute_dtype = jnp.dtype(dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return matmul(x, self.kernel[...], self.compute_dtype) + self.bias[...]
+
+
+def linear(n_in: int, n_out: int, dtype, rngs: nnx.Rngs) -> Linear:
+  return Linear(n_in, n_out, dtype, rngs)
+
+
+def layer_norm(n: int, rngs: nnx.Rngs, eps: float = 1e-5) -> nnx.LayerNorm:
+  """float32 LayerNorm with the exact (two-pass) variance, as the reference."""
+  return nnx.LayerNorm(n, epsilon=eps, use_fast_variance=False, rngs=rngs)
+
+
+# ------------------------------------------------------------------------------------------------ the block
 
 
 class Attention(nnx.Module):
@@ -40,12 +117,11 @@ class Attention(nnx.Module):
 
   def __call__(self, x: jax.Array, key_mask: jax.Array | None) -> jax.Array:
     b, s, d = x.shape
-    dtype = self.qkv.dtype or x.dtype
     bias = self.qkv.bias[...]
     # The key bias adds the same q.b_k to every score of a query, which the softmax ignores: its true gradient is
     # zero, and Adam would turn the float noise in it into random drift that depends on the device layout.
     bias = jnp.concatenate([bias[:d], jax.lax.stop_gradient(bias[d:2 * d]), bias[2 * d:]])
-    qkv = jnp.dot(x.astype(dtype), self.qkv.kernel[...].astype(dtype)) + bias.astype(dtype)
+    qkv = matmul(x, self.qkv.kernel[...], self.qkv.compute_dtype) + bias
     q, k, v = jnp.moveaxis(qkv.reshape(b, s, 3, self.num_heads, d // self.num_heads), 2, 0)
     # key_mask (B, S): absent leads' tokens are never attended to, so a padded row equals its unpadded self.
     mask = None if key_mask is None else key_mask[:, None, None, :]
@@ -63,48 +139,88 @@ class Mlp(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Pre-LayerNorm transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+  """Pre-LayerNorm transformer block: x + Attn(LN(x)), then x + MLP(LN(x)).
+
+  `branch_scale` (B, 2), optional: per-example multipliers of the attention and MLP branches (drop path passes 0
+  for a dropped branch and 1 / (1 - rate) for a kept one); None is 1.
+  """
 
   def __init__(self, width: int, num_heads: int, mlp_ratio: int, dtype, rngs: nnx.Rngs):
-    self.attn_norm = layer_norm(width, dtype, rngs)
+    self.attn_norm = layer_norm(width, rngs)
     self.attn = Attention(width, num_heads, dtype, rngs)
-    self.mlp_norm = layer_norm(width, dtype, rngs)
+    self.mlp_norm = layer_norm(width, rngs)
     self.mlp = Mlp(width, mlp_ratio * width, dtype, rngs)
 
-  def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
-    x = x + self.attn(self.attn_norm(x), key_mask)
-    return x + self.mlp(self.mlp_norm(x))
+  def __call__(self, x: jax.Array, key_mask: jax.Array | None = None,
+               branch_scale: jax.Array | None = None) -> jax.Array:
+    a = self.attn(self.attn_norm(x), key_mask)
+    if branch_scale is not None:
+      a = a * branch_scale[:, 0, None, None]
+    x = x + a
+    m = self.mlp(self.mlp_norm(x))
+    if branch_scale is not None:
+      m = m * branch_scale[:, 1, None, None]
+    return x + m
 
 
-# Module switch, read at trace time: True runs stacks of blocks as a scan (fast on CPU, see run_stack), False as an
-# unrolled Python loop. Both compute the same function.
+# ------------------------------------------------------------------------------------------------ stacks of blocks
+
+
+def stacked(depth: int, make: Callable[[nnx.Rngs], Block], rngs: nnx.Rngs) -> Block:
+  """`depth` blocks held as one Block whose every parameter has a leading axis of size `depth` (block i is row i).
+
+  Why stacked: the blocks run as one `lax.scan` over that axis (see `run_stack`), and a scan wants its weights
+  stacked. Stacking lists of blocks on every call copied all their weights forward and back on every step.
+  """
+  @nnx.split_rngs(splits=depth)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def create(rngs: nnx.Rngs) -> Block:
+    return make(rngs)
+
+  return create(rngs)
+
+
+def num_stacked(blocks: Block) -> int:
+  return int(blocks.attn_norm.scale.shape[0])
+
+
+# Module switch, read at trace time: True runs stacks of blocks as a scan, False as an unrolled Python loop over the
+# rows. Both compute the same function; the loop is kept for FLOP counting (XLA's cost analysis counts a loop body
+# once).
 SCAN_BLOCKS = True
 
 
-def run_stack(blocks: Sequence[Block], h: jax.Array, key_mask: jax.Array | None = None, *,
-              keep_all: bool = False) -> tuple[jax.Array, jax.Array | None]:
-  """Apply identical blocks in order as one `lax.scan` over their parameters, stacked on the fly.
+def run_stack(blocks: Block, h: jax.Array, key_mask: jax.Array | None = None, *, keep_all: bool = False,
+              branch_scale: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+  """Apply stacked blocks (`stacked`) in order to h (B, S, D).
 
   Returns the last block's output and, with keep_all, every block's output stacked on a leading axis.
+  branch_scale (depth, B, 2), optional: each block's `Block` branch multipliers.
 
-  Why a scan and not a Python loop: unrolled, XLA on CPU does not materialise the residual stream. It fuses the
+  Why a scan and not an unrolled loop: unrolled, XLA on CPU does not materialise the residual stream. It fuses the
   elementwise chain h_i = h_0 + (every branch output before block i) into each consumer, and in the backward pass
-  recomputes that chain, transposed, inside the copy that feeds every weight-gradient matmul: on a 2-core CPU
+  recomputes that chain, transposed, inside the copy that feeds every weight-gradient product: on a 2-core CPU
   that was about 30 % of a base pretraining step. A scan's carry is a real buffer at every iteration, which cuts
   the chain at block boundaries. (`lax.optimization_barrier` does not help: the CPU pipeline drops it before
-  fusion.) Stacking copies the blocks' weights once per call, a small cost next to the matmuls.
+  fusion.)
   """
-  if not SCAN_BLOCKS:  # the plain loop, kept for FLOP counting (XLA's cost analysis counts a loop body once)
+  graphdef, state = nnx.split(blocks)
+  depth = num_stacked(blocks)
+  scales = branch_scale if branch_scale is not None else [None] * depth
+
+  def apply(h, row, scale):
+    return nnx.merge(graphdef, row)(h, key_mask, scale)
+
+  if not SCAN_BLOCKS:
     outputs = []
-    for block in blocks:
-      h = block(h, key_mask)
+    for i in range(depth):
+      h = apply(h, jax.tree.map(lambda leaf: leaf[i], state), scales[i])
       outputs.append(h)
     return h, (jnp.stack(outputs) if keep_all else None)
-  graphdef, _ = nnx.split(blocks[0])
-  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[nnx.split(b)[1] for b in blocks])
 
-  def body(h, state):
-    h = nnx.merge(graphdef, state)(h, key_mask)
+  def body(h, xs):
+    row, scale = xs
+    h = apply(h, row, scale)
     return h, (h if keep_all else None)
 
-  return jax.lax.scan(body, h, stacked)
+  return jax.lax.scan(body, h, (state, branch_scale))

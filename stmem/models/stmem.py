@@ -29,9 +29,9 @@ class StMem(nnx.Module):
     self.to_decoder = layers.linear(cfg.width, dd, dtype, rngs)
     self.mask_token = nnx.Param(layers.embedding_init(rngs.params(), (dd,)))
     self.decoder_pos_embedding = nnx.Param(jnp.asarray(layers.sincos_table(cfg.num_patches, dd)))
-    self.decoder_blocks = nnx.List([layers.Block(dd, cfg.decoder_heads, cfg.mlp_ratio, dtype, rngs)
-                                    for _ in range(cfg.decoder_depth)])
-    self.decoder_norm = layers.layer_norm(dd, dtype, rngs, eps=1e-6)  # the only eps-1e-6 norm, as the reference
+    self.decoder_blocks = layers.stacked(
+      cfg.decoder_depth, lambda r: layers.Block(dd, cfg.decoder_heads, cfg.mlp_ratio, dtype, r), rngs)
+    self.decoder_norm = layers.layer_norm(dd, rngs, eps=1e-6)  # the only eps-1e-6 norm, as the reference
     self.decoder_head = layers.linear(dd, cfg.patch_size, dtype, rngs)
 
   def __call__(self, signal: jax.Array, lead_ids: jax.Array, lead_mask: jax.Array | None = None, *,
@@ -58,16 +58,16 @@ class StMem(nnx.Module):
     # Decoder: each lead's 32 tokens are one sequence; leads are folded into the batch (no loop, no cross-lead attention).
     y = self.to_decoder(latent)
     dd = y.shape[-1]
-    mask_tokens = jnp.broadcast_to(self.mask_token[...].astype(y.dtype), (b, l, n - num_keep, dd))
+    mask_tokens = jnp.broadcast_to(self.mask_token[...], (b, l, n - num_keep, dd))
     shuffled = jnp.concatenate([y[:, :, 1:-1], mask_tokens], axis=2)
     unshuffled = jnp.take_along_axis(shuffled, ids_restore[..., None], axis=2)
-    pos = self.decoder_pos_embedding[...].astype(y.dtype)
+    pos = self.decoder_pos_embedding[...]
     seq = jnp.concatenate([y[:, :, :1] + pos[0], unshuffled + pos[1:n + 1], y[:, :, -1:] + pos[-1]], axis=2)
     seq = seq.reshape(b * l, n + 2, dd)
     seq, _ = layers.run_stack(self.decoder_blocks, seq)
-    pred = self.decoder_head(self.decoder_norm(seq)).reshape(b, l, n + 2, -1)[:, :, 1:-1].astype(jnp.float32)
+    pred = self.decoder_head(self.decoder_norm(seq)).reshape(b, l, n + 2, -1)[:, :, 1:-1]
 
-    target = patch_targets(enc.patchify(signal).astype(jnp.float32), cfg.norm_pix_loss)
+    target = patch_targets(enc.patchify(signal), cfg.norm_pix_loss)
     per_patch = ((pred - target) ** 2).mean(axis=-1)                          # (B, L, N)
     weight = mask if lead_mask is None else mask * lead_mask[..., None].astype(mask.dtype)
     loss = (per_patch * weight).sum() / jnp.maximum(weight.sum(), 1.0)

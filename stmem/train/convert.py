@@ -142,7 +142,9 @@ def convert_state(state: dict[str, np.ndarray], *, variant: str = "auto", head_d
   cfg = resolve_variant(inferred, variant, encoder_only)
   conv = convert.from_reference(state)
   # Published weights may be stored in half precision; stmem keeps float32 parameters.
-  conv.params = {p: (v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v) for p, v in conv.params.items()}
+  as_f32 = lambda v: v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v  # noqa: E731
+  conv.params = {p: as_f32(v) for p, v in conv.params.items()}
+  conv.rows = {p: {i: as_f32(v) for i, v in rows.items()} for p, rows in conv.rows.items()}
   model = StMem(cfg, rngs=nnx.Rngs(0))
   try:
     convert.apply(model.encoder if encoder_only else model, conv)

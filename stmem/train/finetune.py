@@ -25,9 +25,10 @@ DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[2] / "configs" / "
 class Classifier(nnx.Module):
   """Encoder + linear head on the pooled features, with drop path (stochastic depth) on every residual branch.
 
-  Drop path lives here, not in `stmem.models`: only fine-tuning uses it. Block i's rate is drop_path * i / (depth-1);
-  a dropped branch is zero for that ECG, a kept one scaled by 1 / (1 - rate). Without drop path, or at evaluation,
-  the forward pass is exactly the encoder's `features(...)["pooled"]` followed by the head.
+  The randomness of drop path lives here, not in `stmem.models`: only fine-tuning uses it; the encoder only takes the
+  resulting branch multipliers. Block i's rate is drop_path * i / (depth-1); a dropped branch is zero for that ECG, a
+  kept one scaled by 1 / (1 - rate). Without drop path, or at evaluation, the forward pass is exactly the encoder's
+  `features(...)["pooled"]` followed by the head.
   """
 
   def __init__(self, encoder, num_classes: int, drop_path: float, *, rngs: nnx.Rngs):
@@ -40,23 +41,12 @@ class Classifier(nnx.Module):
 
   def __call__(self, signal, lead_ids, lead_mask, key: jax.Array | None = None):
     enc = self.encoder
-    x = enc.add_sep_and_leads(enc.embed_patches(signal), lead_ids)
-    b, l, s, d = x.shape
-    h = x.reshape(b, l * s, d)
-    key_mask = jnp.repeat(lead_mask.astype(bool), s, axis=1)
-    for i, block in enumerate(enc.blocks):
-      for j, branch in enumerate((lambda z: block.attn(block.attn_norm(z), key_mask),
-                                  lambda z: block.mlp(block.mlp_norm(z)))):
-        y = branch(h)
-        rate = self.rates[i]
-        if key is not None and rate > 0:
-          keep = jax.random.bernoulli(jax.random.fold_in(key, 2 * i + j), 1 - rate, (b, 1, 1))
-          y = y * keep.astype(y.dtype) / (1 - rate)
-        h = h + y
-    tokens = h.reshape(b, l, s, d)[:, :, 1:-1].astype(jnp.float32)
-    present = lead_mask.astype(jnp.float32)
-    pooled = jnp.einsum("blnd,bl->bd", tokens, present) / (present.sum(1, keepdims=True) * tokens.shape[2])
-    return self.head(enc.norm(pooled))
+    branch_scale = None
+    if key is not None and any(self.rates):
+      rates = jnp.asarray(self.rates, jnp.float32)[:, None, None]                      # (depth, 1, 1)
+      keep = jax.random.bernoulli(key, 1 - rates, (len(self.rates), signal.shape[0], 2))  # (depth, B, 2)
+      branch_scale = keep.astype(jnp.float32) / (1 - rates)
+    return self.head(enc.features(signal, lead_ids, lead_mask, branch_scale=branch_scale)["pooled"])
 
 
 class LabelledSubset:
