@@ -45,4 +45,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+  from stmem import hugepages
+  hugepages.reexec_if_wanted()  # huge pages for XLA's buffers: see stmem/hugepages.py
   app.run(lambda argv: sys.exit(main(argv)))

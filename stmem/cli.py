@@ -50,5 +50,12 @@ def main(argv: list[str] | None = None) -> int:
   return int(module.main(rest) or 0)
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """The console script: first the process-level allocator setting (`stmem.hugepages`), then the command."""
+  from stmem import hugepages
+  hugepages.reexec_if_wanted()
   sys.exit(main())
+
+
+if __name__ == "__main__":
+  run()
