@@ -13,12 +13,20 @@ import jax
 import jax.numpy as jnp
 
 
+def _product(a: jax.Array, b: jax.Array) -> jax.Array:
+  # float32 accumulation and output for every input dtype: what the model's mixed precision does
+  # (stmem.models.layers.matmul), and on CPUs with bf16 dot instructions the fast path (a bf16 -> bf16 product ran
+  # at the float32 rate on the 2-core AMD EPYC, bf16 -> f32 at 1.8x it).
+  return jax.lax.dot(a, b, preferred_element_type=jnp.float32)
+
+
 def matmul_rate(size: int = 4096, dtype: str = "float32", repeats: int = 5) -> dict[str, Any]:
-  """FLOP/s of a (size x size) @ (size x size) product; the median of `repeats` timed runs after one warm-up."""
+  """FLOP/s of a (size x size) @ (size x size) product in `dtype` with float32 accumulation; the median of `repeats`
+  timed runs after one warm-up."""
   dt = jnp.dtype(dtype)
   a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32).astype(dt)
   b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32).astype(dt)
-  f = jax.jit(jnp.matmul)
+  f = jax.jit(_product)
   f(a, b).block_until_ready()
   times = []
   for _ in range(max(repeats, 1)):

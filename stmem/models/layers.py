@@ -59,16 +59,18 @@ def _matmul(x: jax.Array, w: jax.Array, compute_dtype) -> jax.Array:
 
 
 def _matmul_fwd(x, w, compute_dtype):
-  xc, wc = x.astype(compute_dtype), w.astype(compute_dtype)
-  return _product(xc, wc, _CONTRACT_LAST), (xc, wc)
+  xc = x.astype(compute_dtype)
+  # Keep the float32 weight (alive anyway as a parameter) and cast it again in the backward pass: saving the cast
+  # copy would hold a second set of weights (170 MB for base in bfloat16) until the backward pass.
+  return _product(xc, w.astype(compute_dtype), _CONTRACT_LAST), (xc, w)
 
 
 def _matmul_bwd(compute_dtype, residuals, g):
   # Both gradient products also multiply in the compute dtype and accumulate in float32 (what mixed precision does
   # elsewhere); the gradients come out float32, never rounded to bfloat16.
-  xc, wc = residuals
+  xc, w = residuals
   gc = g.astype(compute_dtype)
-  dx = _product(gc, wc, (((1,), (1,)), ((), ())))
+  dx = _product(gc, w.astype(compute_dtype), (((1,), (1,)), ((), ())))
   dw = _product(_transposed(xc), gc, _CONTRACT_LAST)
   return dx, dw
 
