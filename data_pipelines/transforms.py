@@ -1,7 +1,9 @@
 """Resampling, filters, standardisation, windows and crops: pure numpy, time on the last axis.
 
-Every function computes in float64 (the reference preprocessing does) and returns the dtype it was given, so a
-float32 pipeline stays float32 and a float64 check stays exact.
+Resampling and filters compute in float64 (the reference preprocessing does); the z-score accumulates its sums in
+float64 and does its elementwise work in the input's dtype. Each returns the dtype it was given, so a float32
+pipeline stays float32 and a float64 check stays exact. The per-crop functions (`bandpass`, `zscore`,
+`finish_crop`) take one ECG (L, T) or a batch (..., L, T) alike: the input pipeline calls them once per batch.
 """
 from __future__ import annotations
 
@@ -63,23 +65,23 @@ def bandpass(x: np.ndarray, fs: float, highpass_hz: float | None = 0.67, lowpass
 
 
 def zscore(x: np.ndarray, lead_mask: np.ndarray | None = None, eps: float = 1e-8) -> np.ndarray:
-  """One mean and std over all leads and time of one ECG (L, T); a flat ECG becomes zeros.
+  """One mean and std over all leads and time of each ECG (..., L, T); a flat ECG becomes zeros.
 
-  With `lead_mask` (L,), only present leads count and absent rows stay zero, so an absent lead (a zero row in the
-  slot layout) does not shrink the statistics of the leads that exist.
+  With `lead_mask` (..., L), only present leads count and absent rows come out zero, so an absent lead (a zero row
+  in the slot layout) does not shrink the statistics of the leads that exist.
   """
   x = np.asarray(x)
-  y = x.astype(np.float64)
-  rows = y if lead_mask is None else y[np.asarray(lead_mask, bool)]
-  out = np.zeros_like(y)
-  if rows.size:
-    mean, std = rows.mean(), rows.std()
-    if std > eps:
-      if lead_mask is None:
-        out = (y - mean) / std
-      else:
-        out[np.asarray(lead_mask, bool)] = (rows - mean) / std
-  return out.astype(_float_dtype(x))
+  y = x if np.issubdtype(x.dtype, np.floating) else x.astype(np.float32)
+  present = np.ones(y.shape[:-1], bool) if lead_mask is None else np.broadcast_to(np.asarray(lead_mask, bool),
+                                                                                   y.shape[:-1])
+  weight = present[..., None].astype(y.dtype)                               # (..., L, 1)
+  count = np.maximum(present.sum(axis=-1) * y.shape[-1], 1)[..., None, None]  # samples of present leads per ECG
+  axes = (-2, -1)
+  mean = (y * weight).sum(axis=axes, keepdims=True, dtype=np.float64) / count
+  centred = (y - mean.astype(y.dtype)) * weight
+  std = np.sqrt(np.square(centred).sum(axis=axes, keepdims=True, dtype=np.float64) / count)
+  scale = np.where(std > eps, 1.0 / np.maximum(std, eps), 0.0).astype(y.dtype)  # flat (or empty) ECG -> zeros
+  return (centred * scale).astype(_float_dtype(x))
 
 
 def windows(x: np.ndarray, n: int) -> np.ndarray:
@@ -161,10 +163,11 @@ def lead_mask(record: Record, contract: Contract) -> np.ndarray:
 
 
 def finish_crop(crop: np.ndarray, contract: Contract, lead_mask: np.ndarray | None = None) -> np.ndarray:
-  """A crop (L, window) as stored -> model input: band-pass if `filter_stage` is "per_crop", then one z-score."""
-  y = np.asarray(crop, np.float64)
+  """Crops (..., L, window) as stored -> float32 model input: band-pass if `filter_stage` is "per_crop" (in
+  float64), then one z-score per ECG."""
+  y = np.asarray(crop)
   if contract.filter_stage == "per_crop":
-    y = _filter(y, contract)
+    y = _filter(y.astype(np.float64), contract)
   if contract.normalisation != "zscore_per_ecg":
     raise ValueError(f"unknown normalisation {contract.normalisation!r}")
   return zscore(y, lead_mask).astype(np.float32)

@@ -141,14 +141,15 @@ def lead_selection(lead_set: str | Sequence[str] | None, contract: Contract) -> 
   return rows, ids
 
 
-def _finish(crop: np.ndarray, mask: np.ndarray, rows: np.ndarray, contract: Contract) -> np.ndarray:
-  """Selected slots, then the contract's per-crop work (filter if per_crop, z-score); absent slots stay zero.
+def _finish(crops: np.ndarray, masks: np.ndarray, contract: Contract) -> np.ndarray:
+  """A batch of crops (B, slots, T) of the selected slots -> the contract's per-crop work (filter if per_crop,
+  z-score per ECG), in one call for the whole batch; absent slots stay zero.
 
   Why select before z-scoring: a model given 6 leads at inference sees statistics of those 6 leads only, so
   training on a lead subset must standardise the same way.
   """
   from data_pipelines import transforms
-  return np.asarray(transforms.finish_crop(crop[rows], contract, np.asarray(mask[rows], bool)), np.float32)
+  return np.asarray(transforms.finish_crop(crops, contract, masks), np.float32)
 
 
 def _read(source: Source, indices: Sequence[int]) -> list[Mapping[str, Any]]:
@@ -194,20 +195,21 @@ class _TrainBatch:
   def __call__(self, order: np.ndarray) -> dict[str, np.ndarray]:
     from data_pipelines import transforms
     examples = _read(self.source, order[:, 1])
-    signals, masks, labels, rids, pids = [], [], [], [], []
+    crops, masks, labels, rids, pids = [], [], [], [], []
     for (position, index), ex in zip(order, examples):
       rng = np.random.default_rng((self.seed, int(position) // self.shard_len, int(index)))
       signal = np.asarray(ex["signal"], np.float32)
       mask = np.asarray(ex.get("lead_mask", np.ones(signal.shape[0], bool)), bool)
-      crop = transforms.random_crop(signal, self.contract.window, rng)
-      signals.append(_finish(crop, mask, self.rows, self.contract))
+      crops.append(transforms.random_crop(signal, self.contract.window, rng)[self.rows])
       masks.append(mask[self.rows])
       labels.append(np.asarray(ex.get("labels", np.zeros((0,), np.float32)), np.float32))
       rids.append(_text(ex.get("record_id", str(index))))
       pids.append(_text(ex.get("patient_id", ex.get("record_id", str(index)))))
     b = len(examples)
-    return {"signal": np.stack(signals), "lead_ids": np.broadcast_to(self.ids, (b, len(self.ids))).copy(),
-            "lead_mask": np.stack(masks), "labels": np.stack(labels), "record_id": np.asarray(rids),
+    masks = np.stack(masks)
+    return {"signal": _finish(np.stack(crops), masks, self.contract),
+            "lead_ids": np.broadcast_to(self.ids, (b, len(self.ids))).copy(),
+            "lead_mask": masks, "labels": np.stack(labels), "record_id": np.asarray(rids),
             "patient_id": np.asarray(pids), "valid": np.ones((b,), bool), "crop_index": np.zeros((b,), np.int32)}
 
 
@@ -240,15 +242,17 @@ class _EvalBatch:
       mask = np.asarray(ex.get("lead_mask", np.ones(signal.shape[0], bool)), bool)
       crops = transforms.eval_crops(signal, window, starts=self.starts)
       labels = np.asarray(ex.get("labels", np.zeros((0,), np.float32)), np.float32)
-      out["signal"].append(np.stack([_finish(c, mask, self.rows, self.contract) for c in crops]))
+      out["signal"].append(crops[:, self.rows])
       out["lead_mask"].append(np.broadcast_to(mask[self.rows], (k, n_slots)))
       out["labels"].append(np.broadcast_to(labels, (k, labels.shape[0])))
       out["record_id"] += [_text(ex.get("record_id", str(index)))] * k
       out["patient_id"] += [_text(ex.get("patient_id", ex.get("record_id", str(index))))] * k
       out["valid"].append(np.ones((k,), bool))
     rows = len(indices) * k
-    return {"signal": np.concatenate(out["signal"]), "lead_ids": np.broadcast_to(self.ids, (rows, n_slots)).copy(),
-            "lead_mask": np.concatenate(out["lead_mask"]), "labels": np.concatenate(out["labels"]),
+    lead_mask = np.concatenate(out["lead_mask"])
+    return {"signal": _finish(np.concatenate(out["signal"]), lead_mask, self.contract),
+            "lead_ids": np.broadcast_to(self.ids, (rows, n_slots)).copy(),
+            "lead_mask": lead_mask, "labels": np.concatenate(out["labels"]),
             "record_id": np.asarray(out["record_id"]), "patient_id": np.asarray(out["patient_id"]),
             "valid": np.concatenate(out["valid"]), "crop_index": np.tile(np.arange(k, dtype=np.int32), len(indices))}
 
