@@ -60,6 +60,8 @@ ADAPTABLE = {
   "fs": "resampled to the checkpoint's rate",
   "leads": "reordered by lead name; leads the checkpoint lacks are refused",
   "record_samples": "cropped to the checkpoint's window",
+  # The data's own crop length means nothing to a checkpoint: its window (at its rate) is cut from each record.
+  "window": "the checkpoint's window is cropped from each record, at the checkpoint's rate",
   "filter_stage": "filtered where the checkpoint expects",
 }
 

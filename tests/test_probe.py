@@ -106,7 +106,8 @@ def test_contract_mismatch_refused_or_adapted(synthetic_pool):
   with pytest.raises(ContractMismatch, match="never saw"):
     features.adapt(dataclasses.replace(Contract(), leads=("I", "II")), pool.contract, pool.source, "I+V1")
   # Data at 500 Hz for a 250 Hz checkpoint: resampled on read.
-  fast = dataclasses.replace(pool.contract, fs=500.0, record_samples=5000)
+  # (as `stmem prepare --fs 500` writes it: 9 s windows of 4500 samples in 10 s records of 5000)
+  fast = dataclasses.replace(pool.contract, fs=500.0, window=4500, record_samples=5000)
 
   class Doubled:
     def __len__(self):
@@ -118,7 +119,8 @@ def test_contract_mismatch_refused_or_adapted(synthetic_pool):
       return ex
 
   source, contract, notes = features.adapt(Contract(), fast, Doubled())
-  assert contract.fs == 250.0 and contract.record_samples == 2500 and any("fs" in n for n in notes)
+  assert contract.fs == 250.0 and contract.record_samples == 2500 and contract.window == 2250
+  assert any("fs" in n for n in notes) and any("window" in n for n in notes)
   assert source[0]["signal"].shape == (12, 2500)
 
 

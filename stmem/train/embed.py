@@ -191,7 +191,7 @@ def main(argv: Sequence[str]) -> int:
     shapes["per_patch"] = (len(names), contract.window // contract.patch_size, cfg.width)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   writer = Writer(args.out, capacity, shapes, {
-    "fingerprint": loaded.fingerprint, "contract": loaded.contract.to_dict(), "checkpoint": str(args.checkpoint),
+    "fingerprint": loaded.fingerprint, "contract": loaded.contract.to_dict(), "checkpoint": loaded.name,
     "lead_names": list(names), "crops": args.crops, "model": dict(vars(cfg)) if hasattr(cfg, "__dict__") else {}})
   fn = features.feature_fn(per_lead=True, per_patch=args.per_patch)
   from flax import nnx
