@@ -162,3 +162,47 @@ def test_overlap_finds_ptbxl_records_inside_cinc(shared_data, cinc_dir, tmp_path
   ex = next(e for e in _all(test) if e["record_id"] == b"06000_hr")
   assert ex["patient_id"] == b"5028" and ex["age"] == 59.0 and ex["sex"] == 0  # PTB-XL sex 1 = female
   assert ex["labels"][3] == 1.0  # NORM
+
+
+def test_code15_builder_end_to_end(tmp_path, capsys):
+  from tests.test_readers import write_code15_folder
+  manual, truth = write_code15_folder(tmp_path / "code15")
+  assert _prepare("code15", manual, tmp_path / "out") == 0
+  out = capsys.readouterr().out
+  assert "records read:      4" in out and "too_short: 1" in out and "flat_record: 1" in out
+  prepared = data.open_prepared(tmp_path / "out" / "code15", "train")
+  examples = {e["record_id"].decode(): e for e in _all(prepared)}
+  assert sorted(examples) == ["101", "201"]  # 102 is 7.3 s (< one 10 s window), 202 is all zeros
+  assert prepared.label_names == ("1dAVb", "RBBB", "LBBB", "SB", "AF", "ST")
+  e = examples["101"]
+  assert e["source"] == b"code15" and e["patient_id"] == b"7" and e["age"] == 54.0 and e["sex"] == 1
+  assert e["labels"].tolist() == [0, 1, 0, 0, 0, 0] and e["signal"].shape == (12, 2500)
+  # The stored window is the exam resampled 400 -> 250 Hz, leads by name (DI..V6 -> I..V6), in mV.
+  from data_pipelines import transforms
+  np.testing.assert_allclose(e["signal"], transforms.resample(truth[101], 400.0, 250.0), atol=1e-5)
+  # The 7.3 s exams of CODE-15 are kept with shorter stored windows, as the builder's docstring advises.
+  assert _prepare("code15", manual, tmp_path / "short", "--record_seconds", "7", "--window_seconds", "6") == 0
+  short = data.open_prepared(tmp_path / "short" / "code15", "train")
+  assert sorted(e["record_id"].decode() for e in _all(short)) == ["101", "102", "201"]
+  assert short.contract.record_samples == 1750 and short.contract.window == 1500
+
+
+def test_ptbxl_builder_reads_the_native_100hz_record(shared_data, tmp_path):
+  # The real PTB-XL layout: records100/00000/00001_lr.{hea,dat} and the metadata files, as downloaded.
+  manual = tmp_path / "ptbxl"
+  (manual / "records100" / "00000").mkdir(parents=True)
+  for ext in (".hea", ".dat"):
+    shutil.copy(shared_data / "ptbxl" / f"00001_lr{ext}", manual / "records100" / "00000" / f"00001_lr{ext}")
+  shutil.copy(shared_data / "ptbxl" / "scp_statements.csv", manual / "scp_statements.csv")
+  # Only ecg_id 1 of the excerpt has its 100 Hz file here: keep its metadata row (the header and that row).
+  rows = (shared_data / "ptbxl" / "ptbxl_database_excerpt.csv").read_text().splitlines()
+  (manual / "ptbxl_database.csv").write_text("\n".join([rows[0]] + [r for r in rows[1:] if r.startswith("1,")]) + "\n")
+  assert _prepare("ptbxl", manual, tmp_path / "out", "--task", "superdiagnostic", "--sampling_rate", "100") == 0
+  summary = json.loads(next((tmp_path / "out" / "ptbxl").glob("*/summary.json")).read_text())
+  assert summary["records_written"] == 1 and summary["quarantined"] == 0
+  (split,) = summary["examples_per_split"]
+  (ex,) = _all(data.open_prepared(tmp_path / "out" / "ptbxl", split))
+  assert ex["record_id"] == b"00001_lr" and ex["source"] == b"ptb-xl"
+  assert ex["signal"].shape == (12, 2500) and ex["lead_mask"].all()  # 100 Hz -> 250 Hz, AVR/AVL by name
+  names = data.open_prepared(tmp_path / "out" / "ptbxl", split).label_names
+  assert ex["labels"][names.index("NORM")] == 1.0 and ex["labels"].sum() == 1.0  # scp_codes NORM, LVOLT, SR

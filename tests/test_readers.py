@@ -35,7 +35,12 @@ def _write_csv(path: pathlib.Path, rows: list[dict]) -> None:
 
 @pytest.fixture
 def code15_folder(tmp_path) -> tuple[pathlib.Path, dict[int, np.ndarray]]:
+  return write_code15_folder(tmp_path)
+
+
+def write_code15_folder(tmp_path: pathlib.Path) -> tuple[pathlib.Path, dict[int, np.ndarray]]:
   """Two part files in the CODE-15 layout: (N, 4096, 12) float32 at 400 Hz, zero-padded at both ends."""
+  tmp_path.mkdir(parents=True, exist_ok=True)
   truth = {}
   for part, exam_ids in ((0, [101, 102, 0]), (1, [201, 202])):
     tracings = np.zeros((len(exam_ids), 4096, 12), np.float32)
