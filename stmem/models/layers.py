@@ -110,6 +110,28 @@ def layer_norm(n: int, rngs: nnx.Rngs, eps: float = 1e-5) -> nnx.LayerNorm:
 # ------------------------------------------------------------------------------------------------ the block
 
 
+# Added to the scores of absent keys: far below any real score, finite so that a row with no key at all (an
+# evaluation padding row) stays finite instead of turning into NaN.
+_MASKED = -1e30
+
+
+def attention(qkv: jax.Array, num_heads: int, key_mask: jax.Array | None) -> jax.Array:
+  """Softmax attention from the fused projection qkv (B, S, 3D) -> (B, S, D), float32.
+
+  Heads are moved in front of the tokens once, so both products are plain batched matrix products with the
+  contracted axis last (`jax.nn.dot_product_attention` contracts over axes in the middle and spent about a third
+  more time here: 12-lead base embedding, 384 tokens, 64 against 50 ms a block on the 2-core CPU).
+  """
+  b, s, three_d = qkv.shape
+  d = three_d // 3
+  q, k, v = qkv.reshape(b, s, 3, num_heads, d // num_heads).transpose(2, 0, 3, 1, 4)   # each (B, H, S, hd)
+  scores = jnp.einsum("bhqc,bhkc->bhqk", q * (d // num_heads) ** -0.5, k)
+  if key_mask is not None:  # key_mask (B, S): absent leads' tokens are never attended to
+    scores = scores + jnp.where(key_mask, 0.0, _MASKED)[:, None, None, :]
+  y = jnp.einsum("bhqk,bhkc->bhqc", jax.nn.softmax(scores, axis=-1), v)
+  return y.transpose(0, 2, 1, 3).reshape(b, s, d)
+
+
 class Attention(nnx.Module):
   """Multi-head self-attention with a fused q/k/v projection (q, k, v blocks, each head-major) and an output projection."""
 
@@ -119,17 +141,14 @@ class Attention(nnx.Module):
     self.out = linear(width, width, dtype, rngs)
 
   def __call__(self, x: jax.Array, key_mask: jax.Array | None) -> jax.Array:
-    b, s, d = x.shape
+    d = x.shape[-1]
     bias = self.qkv.bias[...]
     # The key bias adds the same q.b_k to every score of a query, which the softmax ignores: its true gradient is
     # zero, and Adam would turn the float noise in it into random drift that depends on the device layout.
     bias = jnp.concatenate([bias[:d], jax.lax.stop_gradient(bias[d:2 * d]), bias[2 * d:]])
     qkv = matmul(x, self.qkv.kernel[...], self.qkv.compute_dtype) + bias
-    q, k, v = jnp.moveaxis(qkv.reshape(b, s, 3, self.num_heads, d // self.num_heads), 2, 0)
-    # key_mask (B, S): absent leads' tokens are never attended to, so a padded row equals its unpadded self.
-    mask = None if key_mask is None else key_mask[:, None, None, :]
-    y = jax.nn.dot_product_attention(q, k, v, mask=mask)
-    return self.out(y.reshape(b, s, d))
+    # A padded row equals its unpadded self: absent tokens are masked as keys (see `attention`).
+    return self.out(attention(qkv, self.num_heads, key_mask))
 
 
 class Mlp(nnx.Module):
