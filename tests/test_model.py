@@ -206,3 +206,15 @@ def test_branch_scale_zero_skips_a_block_and_one_changes_nothing():
   first_only, captured = enc.run_blocks(tokens, None, capture=(0,), branch_scale=skip_last)
   np.testing.assert_allclose(np.asarray(first_only), np.asarray(captured[0]), atol=1e-6)
   assert np.abs(np.asarray(first_only) - np.asarray(plain)).max() > 1e-3
+
+
+def test_a_row_with_no_present_lead_stays_finite():
+  # Evaluation pads batches with rows whose every slot is absent; their features are discarded, but a NaN there
+  # would still poison batch-wide reductions.
+  enc = Encoder(model_config("tiny"), rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (2, 3, 2250))
+  ids = jnp.asarray([[0, 1, 2]] * 2)
+  present = jnp.asarray([[True, True, False], [False, False, False]])
+  feats = enc.features(x, ids, present)
+  for name in ("pooled", "per_lead", "tokens"):
+    assert np.isfinite(np.asarray(feats[name])).all(), name

@@ -92,7 +92,7 @@ class Encoder(nnx.Module):
     n = patch_tokens.shape[2]
     present = jnp.ones(h.shape[:2], jnp.float32) if lead_mask is None else lead_mask.astype(jnp.float32)
     summed = jnp.einsum("blnd,bl->bd", patch_tokens, present)
-    pooled = summed / (present.sum(axis=1, keepdims=True) * n)
+    pooled = summed / jnp.maximum(present.sum(axis=1, keepdims=True) * n, 1.0)  # a row with no lead: zeros
     return {
       "pooled": self.norm(pooled),
       "per_lead": self.norm(patch_tokens.mean(axis=2)),
