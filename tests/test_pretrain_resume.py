@@ -120,3 +120,15 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
   assert steps[-1] == 4
   good, _ = _params(workdir, 4)
   assert all(np.isfinite(np.asarray(x)).all() for x in good)
+
+
+def test_command_line_overrides_work_in_process(tmp_path, capsys):
+  # `stmem demo --steps N` calls `stmem pretrain ... --config.total_steps=N` inside its own process: the overrides
+  # must be read from the given command line, not from sys.argv.
+  from stmem import cli
+  workdir = tmp_path / "run"
+  assert cli.main(["pretrain", "--config", str(ROOT / "configs" / "pretrain.py") + ":tiny", "--workdir", str(workdir),
+                   "--config.total_steps=2", "--config.batch_size=8", "--config.data.num_synthetic=16",
+                   "--config.mesh=data:-1,fsdp:1", "--config.num_devices=1"]) == 0
+  assert json.loads(capsys.readouterr().out)["step"] == 2
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]

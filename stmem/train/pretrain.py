@@ -316,22 +316,12 @@ def _reconstruction_figure(graphdef, params, batch, cfg, contract, path, *, writ
 
 
 def main(argv: list[str]) -> int:
-  from absl import flags
-  from ml_collections import config_flags
-
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/pretrain.py:tiny", flag_values=fv,
-                                  lock_config=True)
-  flags.DEFINE_string("workdir", None, "where checkpoints, metrics and figures go", flag_values=fv)
-  fv(["stmem pretrain"] + list(argv))
-  if fv.config is None or not fv.workdir:
-    print("usage: stmem pretrain --config configs/pretrain.py:PRESET --workdir DIR [--config.FIELD=VALUE ...]",
-          file=sys.stderr)
-    return 2
+  from stmem.train import configflags
+  config, workdir = configflags.parse(argv, "stmem pretrain", None)
   from stmem import distributed
   distributed.initialize()  # a no-op for one process; must come before any JAX computation
   try:
-    summary = train(fv.config, fv.workdir)
+    summary = train(config, workdir)
   except NonFiniteLoss as e:
     print(f"stmem pretrain: {e}", file=sys.stderr)
     return 3
