@@ -202,7 +202,7 @@ def plot_lead_set_auroc(rows: Sequence[Mapping[str, Any]], path: str | os.PathLi
   ax.set_ylabel("AUROC (95 % CI)")
   ax.grid(axis="y", color="#eeeeee")
   ax.set_axisbelow(True)
-  ax.legend(loc="lower right", fontsize=9)
+  ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)  # never over an interval
   if title:
     ax.set_title(title)
   fig.tight_layout()
