@@ -21,7 +21,7 @@ class Encoder(nnx.Module):
     d, p = cfg.width, cfg.patch_size
     # Patch embedding shared by all leads: LayerNorm over each raw patch, Linear, LayerNorm.
     self.patch_norm_in = layers.layer_norm(p, rngs)
-    self.patch_linear = layers.linear(p, d, dtype, rngs)
+    self.patch_linear = layers.Linear(p, d, dtype, rngs)
     self.patch_norm_out = layers.layer_norm(d, rngs)
     # Fixed sin-cos positions (32 rows: SEP, 30 patches, SEP). A Param so fine-tuning may train it;
     # pretraining freezes it in the optimiser.

@@ -26,13 +26,13 @@ class StMem(nnx.Module):
     dtype = jnp.dtype(cfg.dtype)
     dd = cfg.decoder_width
     self.encoder = Encoder(cfg, rngs=rngs)
-    self.to_decoder = layers.linear(cfg.width, dd, dtype, rngs)
+    self.to_decoder = layers.Linear(cfg.width, dd, dtype, rngs)
     self.mask_token = nnx.Param(layers.embedding_init(rngs.params(), (dd,)))
     self.decoder_pos_embedding = nnx.Param(jnp.asarray(layers.sincos_table(cfg.num_patches, dd)))
     self.decoder_blocks = layers.stacked(
       cfg.decoder_depth, lambda r: layers.Block(dd, cfg.decoder_heads, cfg.mlp_ratio, dtype, r), rngs)
     self.decoder_norm = layers.layer_norm(dd, rngs, eps=1e-6)  # the only eps-1e-6 norm, as the reference
-    self.decoder_head = layers.linear(dd, cfg.patch_size, dtype, rngs)
+    self.decoder_head = layers.Linear(dd, cfg.patch_size, dtype, rngs)
 
   def __call__(self, signal: jax.Array, lead_ids: jax.Array, lead_mask: jax.Array | None = None, *,
                key: jax.Array | None = None, noise: jax.Array | None = None) -> dict:
