@@ -53,20 +53,17 @@ def layer_scales(params, layer_decay: float, depth: int):
   Encoder block i (row i of the stacked block parameters) gets layer_decay**(depth - i), the patch/lead/position
   embeddings layer_decay**(depth + 1), everything else (final norm, head) 1.
   """
-  blocks, embeddings = re.compile(STACKED_BLOCKS), re.compile(EMBEDDINGS)
   per_block = layer_decay ** (depth - np.arange(depth, dtype=np.float64))
 
-  def scale(path, x):
-    p = path_str(path)
-    if blocks.fullmatch(p):
+  def scale(path, label, x):
+    if label == "block":
       if x.shape[0] != depth:
-        raise ValueError(f"{p}: expected {depth} stacked blocks on axis 0, found shape {x.shape}")
+        raise ValueError(f"{path_str(path)}: expected {depth} stacked blocks on axis 0, found shape {x.shape}")
       return jnp.asarray(per_block.reshape((depth,) + (1,) * (len(x.shape) - 1)), jnp.float32)
-    if embeddings.fullmatch(p):
-      return jnp.float32(layer_decay ** (depth + 1))
-    return jnp.float32(1.0)
+    return jnp.float32(layer_decay ** (depth + 1) if label == "embed" else 1.0)
 
-  return jax.tree_util.tree_map_with_path(scale, params)
+  labels = label_tree(params, [(STACKED_BLOCKS, "block"), (EMBEDDINGS, "embed")], "other")
+  return jax.tree_util.tree_map_with_path(scale, labels, params)
 
 
 def scale_updates(scales) -> optax.GradientTransformation:
