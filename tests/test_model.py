@@ -218,3 +218,38 @@ def test_a_row_with_no_present_lead_stays_finite():
   feats = enc.features(x, ids, present)
   for name in ("pooled", "per_lead", "tokens"):
     assert np.isfinite(np.asarray(feats[name])).all(), name
+
+
+# -- hand-written gradients (memory-lean residuals) equal the derived ones -----------------------------------------
+def test_layer_norm_equals_nnx_layer_norm_in_value_and_gradient():
+  from stmem.models.layers import LayerNorm
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(3, 5, 96)) * 2 + 1, jnp.float32)
+  weights = jnp.asarray(rng.normal(size=x.shape), jnp.float32)  # a loss whose gradient is not constant
+  ours = LayerNorm(96, eps=1e-6)
+  theirs = nnx.LayerNorm(96, epsilon=1e-6, use_fast_variance=False, rngs=nnx.Rngs(0))
+  for norm in (ours, theirs):
+    norm.scale.value = jnp.asarray(rng.normal(size=96), jnp.float32) if norm is ours else ours.scale.value
+    norm.bias.value = jnp.asarray(rng.normal(size=96), jnp.float32) if norm is ours else ours.bias.value
+  assert (np.asarray(ours(x)) == np.asarray(theirs(x))).all()  # bit for bit: same order of operations
+  loss = lambda norm, x: (norm(x) * weights).sum()
+  (d_ours, dx_ours), (d_theirs, dx_theirs) = (nnx.grad(loss, argnums=(0, 1))(n, x) for n in (ours, theirs))
+  np.testing.assert_allclose(np.asarray(dx_ours), np.asarray(dx_theirs), atol=2e-5)
+  for name in ("scale", "bias"):
+    np.testing.assert_allclose(np.asarray(d_ours[name].value), np.asarray(d_theirs[name].value), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_gelu_and_softmax_gradients_equal_jax_derived_ones():
+  from stmem.models.layers import gelu, softmax
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(4, 6, 9)) * 3, jnp.float32)
+  x = x.at[0, :, 4:].add(-1e30)  # masked keys, as attention adds them
+  w = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+  for ours, reference in ((gelu, lambda v: jax.nn.gelu(v, approximate=False)),
+                          (softmax, lambda v: jax.nn.softmax(v, axis=-1))):
+    v = x if ours is softmax else jnp.clip(x, -10, 10)
+    assert (np.asarray(ours(v)) == np.asarray(reference(v))).all()
+    g_ours = jax.grad(lambda v: (ours(v) * w).sum())(v)
+    g_reference = jax.grad(lambda v: (reference(v) * w).sum())(v)
+    np.testing.assert_allclose(np.asarray(g_ours), np.asarray(g_reference), atol=1e-5)

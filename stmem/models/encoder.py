@@ -20,9 +20,9 @@ class Encoder(nnx.Module):
     dtype = jnp.dtype(cfg.dtype)
     d, p = cfg.width, cfg.patch_size
     # Patch embedding shared by all leads: LayerNorm over each raw patch, Linear, LayerNorm.
-    self.patch_norm_in = layers.layer_norm(p, rngs)
+    self.patch_norm_in = layers.LayerNorm(p)
     self.patch_linear = layers.Linear(p, d, dtype, rngs)
-    self.patch_norm_out = layers.layer_norm(d, rngs)
+    self.patch_norm_out = layers.LayerNorm(d)
     # Fixed sin-cos positions (32 rows: SEP, 30 patches, SEP). A Param so fine-tuning may train it;
     # pretraining freezes it in the optimiser.
     self.pos_embedding = nnx.Param(jnp.asarray(layers.sincos_table(cfg.num_patches, d)))
@@ -30,7 +30,7 @@ class Encoder(nnx.Module):
     self.lead_embedding = nnx.Param(layers.embedding_init(rngs.params(), (cfg.num_lead_ids, d)))
     # All blocks as one Block with stacked parameters (block i is row i of each): see layers.stacked.
     self.blocks = layers.stacked(cfg.depth, lambda r: layers.Block(d, cfg.num_heads, cfg.mlp_ratio, dtype, r), rngs)
-    self.norm = layers.layer_norm(d, rngs)
+    self.norm = layers.LayerNorm(d)
 
   # -- pieces, used by the pretraining model between which it applies masking ------------------------------------
   def patchify(self, signal: jax.Array) -> jax.Array:

@@ -99,9 +99,46 @@ class Linear(nnx.Module):
     return matmul(x, self.kernel[...], self.compute_dtype) + self.bias[...]
 
 
-def layer_norm(n: int, rngs: nnx.Rngs, eps: float = 1e-5) -> nnx.LayerNorm:
-  """float32 LayerNorm with the exact (two-pass) variance, as the reference."""
-  return nnx.LayerNorm(n, epsilon=eps, use_fast_variance=False, rngs=rngs)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+  return _layer_norm_fwd(x, scale, bias, eps)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, eps):
+  # The exact two-pass variance and flax's order of operations, so outputs equal nnx.LayerNorm's bit for bit.
+  mean = x.mean(-1, keepdims=True)
+  centred = x - mean
+  rstd = jax.lax.rsqrt(jnp.square(centred).mean(-1, keepdims=True) + eps)
+  return centred * (rstd * scale) + bias, (x, mean, rstd, scale)
+
+
+def _layer_norm_bwd(eps, residuals, g):
+  x, mean, rstd, scale = residuals
+  x_hat = (x - mean) * rstd
+  batch_axes = tuple(range(x.ndim - 1))
+  g_hat = g * scale
+  dx = rstd * (g_hat - g_hat.mean(-1, keepdims=True) - x_hat * (g_hat * x_hat).mean(-1, keepdims=True))
+  return dx, (g * x_hat).sum(batch_axes), g.sum(batch_axes)
+
+
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+class LayerNorm(nnx.Module):
+  """float32 LayerNorm over the last axis with the exact (two-pass) variance, as the reference.
+
+  Its parameters are nnx.LayerNorm's (`scale`, `bias`) and so are its outputs. Why not nnx.LayerNorm: its gradient,
+  derived by JAX, keeps three activations as wide as the block (x - mean, x_hat and a product) for the backward
+  pass; this one keeps the input and two numbers per row, and recomputes x_hat from them.
+  """
+
+  def __init__(self, n: int, eps: float = 1e-5):
+    self.scale = nnx.Param(jnp.ones((n,), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((n,), jnp.float32))
+    self.epsilon = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return _layer_norm(x.astype(jnp.float32), self.scale[...], self.bias[...], self.epsilon)
 
 
 # ------------------------------------------------------------------------------------------------ the block
@@ -110,6 +147,25 @@ def layer_norm(n: int, rngs: nnx.Rngs, eps: float = 1e-5) -> nnx.LayerNorm:
 # Added to the scores of absent keys: far below any real score, finite so that a row with no key at all (an
 # evaluation padding row) stays finite instead of turning into NaN.
 _MASKED = -1e30
+
+
+@jax.custom_vjp
+def softmax(x: jax.Array) -> jax.Array:
+  """Softmax over the last axis whose gradient keeps only its output (JAX's derived one also keeps exp(x) and the
+  sums: one more score-sized stack per block)."""
+  return jax.nn.softmax(x, axis=-1)
+
+
+def _softmax_fwd(x):
+  y = softmax(x)
+  return y, y
+
+
+def _softmax_bwd(y, g):
+  return (y * (g - (g * y).sum(-1, keepdims=True)),)
+
+
+softmax.defvjp(_softmax_fwd, _softmax_bwd)
 
 
 def attention(qkv: jax.Array, num_heads: int, key_mask: jax.Array | None) -> jax.Array:
@@ -125,7 +181,7 @@ def attention(qkv: jax.Array, num_heads: int, key_mask: jax.Array | None) -> jax
   scores = jnp.einsum("bhqc,bhkc->bhqk", q * (d // num_heads) ** -0.5, k)
   if key_mask is not None:  # key_mask (B, S): absent leads' tokens are never attended to
     scores = scores + jnp.where(key_mask, 0.0, _MASKED)[:, None, None, :]
-  y = jnp.einsum("bhqk,bhkc->bhqc", jax.nn.softmax(scores, axis=-1), v)
+  y = jnp.einsum("bhqk,bhkc->bhqc", softmax(scores), v)
   return y.transpose(0, 2, 1, 3).reshape(b, s, d)
 
 
@@ -148,13 +204,37 @@ class Attention(nnx.Module):
     return self.out(attention(qkv, self.num_heads, key_mask))
 
 
+@jax.custom_vjp
+def gelu(x: jax.Array) -> jax.Array:
+  """The exact (erf) GELU, as the reference; its gradient keeps only x for the backward pass.
+
+  Why its own gradient: differentiated as written, JAX keeps three intermediates of the erf GELU as wide as the MLP
+  (exp, erfc and a product) for every block, on top of the product's own input. Recomputing them from x in the
+  backward pass is a few elementwise operations and writes three fewer activation stacks per step.
+  """
+  return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_fwd(x):
+  return gelu(x), x
+
+
+def _gelu_bwd(x, g):
+  cdf = 0.5 * jax.lax.erfc(-x * np.float32(1 / np.sqrt(2)))
+  pdf = jnp.exp(-0.5 * x * x) * np.float32(1 / np.sqrt(2 * np.pi))
+  return (g * (cdf + x * pdf),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
 class Mlp(nnx.Module):
   def __init__(self, width: int, hidden: int, dtype, rngs: nnx.Rngs):
     self.fc1 = Linear(width, hidden, dtype, rngs)
     self.fc2 = Linear(hidden, width, dtype, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))  # exact (erf) GELU, as the reference
+    return self.fc2(gelu(self.fc1(x)))
 
 
 class Block(nnx.Module):
@@ -165,9 +245,9 @@ class Block(nnx.Module):
   """
 
   def __init__(self, width: int, num_heads: int, mlp_ratio: int, dtype, rngs: nnx.Rngs):
-    self.attn_norm = layer_norm(width, rngs)
+    self.attn_norm = LayerNorm(width)
     self.attn = Attention(width, num_heads, dtype, rngs)
-    self.mlp_norm = layer_norm(width, rngs)
+    self.mlp_norm = LayerNorm(width)
     self.mlp = Mlp(width, mlp_ratio * width, dtype, rngs)
 
   def __call__(self, x: jax.Array, key_mask: jax.Array | None = None,

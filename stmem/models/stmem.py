@@ -31,7 +31,7 @@ class StMem(nnx.Module):
     self.decoder_pos_embedding = nnx.Param(jnp.asarray(layers.sincos_table(cfg.num_patches, dd)))
     self.decoder_blocks = layers.stacked(
       cfg.decoder_depth, lambda r: layers.Block(dd, cfg.decoder_heads, cfg.mlp_ratio, dtype, r), rngs)
-    self.decoder_norm = layers.layer_norm(dd, rngs, eps=1e-6)  # the only eps-1e-6 norm, as the reference
+    self.decoder_norm = layers.LayerNorm(dd, eps=1e-6)  # the only eps-1e-6 norm, as the reference
     self.decoder_head = layers.Linear(dd, cfg.patch_size, dtype, rngs)
 
   def __call__(self, signal: jax.Array, lead_ids: jax.Array, lead_mask: jax.Array | None = None, *,
