@@ -1,5 +1,7 @@
 """The probe harness on the shared real data: LUDB AF/flutter, LVH, electric axis (left vs normal) and CinC sinus
-tachycardia, read raw, 5-fold patient-grouped cross-validation, bootstrap intervals, random-encoder rows.
+tachycardia, read raw, 5-fold patient-grouped cross-validation, bootstrap intervals, random-encoder rows; and a
+lead set in an order the checkpoint never saw, fed by name. (On the same shared data: fine-tuning in
+tests/test_downstream_prepared.py, the embedding round trip in tests/test_embed.py.)
 
 The encoder is a tiny randomly initialised one: the point is the harness, not the numbers.
 """
@@ -34,3 +36,17 @@ def test_probe_on_shared_data(shared_data, tmp_path):
   assert "random init" in md and "AUROC [95 % CI]" in md
   for name in ("auroc_ludb_af.png", "roc_cinc_stach.png", "report.csv"):
     assert (out / name).stat().st_size > 0
+
+
+def test_a_lead_set_in_an_order_the_checkpoint_never_saw_is_fed_by_name(shared_data, tmp_path):
+  # Real CinC records: V5+aVL+II gives the features of II+aVL+V5 (each slot carries its lead's identity), and
+  # differs from another three leads.
+  from stmem.train import features, tasks
+  loaded = features.load_encoder(tiny_checkpoint(tmp_path / "ckpt"))
+  pool, _ = tasks.cinc_pool(shared_data, loaded.contract)
+  assert len(pool.record_id) == 50
+  got = {s: features.extract({"m": loaded}, pool.source, pool.contract, lead_set=s, batch_size=16)
+         for s in ("V5+aVL+II", "II+aVL+V5", "II+aVL+V4")}
+  np.testing.assert_allclose(got["V5+aVL+II"]["features"]["m"], got["II+aVL+V5"]["features"]["m"], atol=2e-5)
+  assert np.abs(got["V5+aVL+II"]["features"]["m"] - got["II+aVL+V4"]["features"]["m"]).max() > 1e-3
+  assert list(got["V5+aVL+II"]["record_id"]) == list(pool.record_id)
