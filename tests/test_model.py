@@ -228,9 +228,9 @@ def test_layer_norm_equals_nnx_layer_norm_in_value_and_gradient():
   weights = jnp.asarray(rng.normal(size=x.shape), jnp.float32)  # a loss whose gradient is not constant
   ours = LayerNorm(96, eps=1e-6)
   theirs = nnx.LayerNorm(96, epsilon=1e-6, use_fast_variance=False, rngs=nnx.Rngs(0))
+  scale, bias = (jnp.asarray(rng.normal(size=96), jnp.float32) for _ in range(2))
   for norm in (ours, theirs):
-    norm.scale.value = jnp.asarray(rng.normal(size=96), jnp.float32) if norm is ours else ours.scale.value
-    norm.bias.value = jnp.asarray(rng.normal(size=96), jnp.float32) if norm is ours else ours.bias.value
+    norm.scale.value, norm.bias.value = scale, bias
   assert (np.asarray(ours(x)) == np.asarray(theirs(x))).all()  # bit for bit: same order of operations
   loss = lambda norm, x: (norm(x) * weights).sum()
   (d_ours, dx_ours), (d_theirs, dx_theirs) = (nnx.grad(loss, argnums=(0, 1))(n, x) for n in (ours, theirs))
