@@ -279,10 +279,6 @@ def stacked(depth: int, make: Callable[[nnx.Rngs], Block], rngs: nnx.Rngs) -> Bl
   return create(rngs)
 
 
-def num_stacked(blocks: Block) -> int:
-  return int(blocks.attn_norm.scale.shape[0])
-
-
 # Module switch, read at trace time: True runs stacks of blocks as a scan, False as an unrolled Python loop over the
 # rows. Both compute the same function; the loop is kept for FLOP counting (XLA's cost analysis counts a loop body
 # once).
@@ -304,13 +300,13 @@ def run_stack(blocks: Block, h: jax.Array, key_mask: jax.Array | None = None, *,
   fusion.)
   """
   graphdef, state = nnx.split(blocks)
-  depth = num_stacked(blocks)
-  scales = branch_scale if branch_scale is not None else [None] * depth
 
   def apply(h, row, scale):
     return nnx.merge(graphdef, row)(h, key_mask, scale)
 
   if not SCAN_BLOCKS:
+    depth = int(blocks.attn_norm.scale.shape[0])
+    scales = branch_scale if branch_scale is not None else [None] * depth
     outputs = []
     for i in range(depth):
       h = apply(h, jax.tree.map(lambda leaf: leaf[i], state), scales[i])
