@@ -29,7 +29,7 @@ def _build(ludb: pathlib.Path, data_dir: str, filter_stage: str) -> dict[str, An
   import tensorflow_datasets as tfds
 
   from data_pipelines.ludb import ludb_dataset_builder
-  from stmem.contract import Contract
+  from data_pipelines.contract import Contract
   tfds.disable_progress_bar()
   builder = ludb_dataset_builder.Builder(data_dir=data_dir, manual_dir=str(ludb), show_progress=False,
                                          contract=Contract(filter_stage=filter_stage))

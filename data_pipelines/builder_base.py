@@ -31,7 +31,7 @@ from etils import epath
 
 from data_pipelines import leads as leads_lib
 from data_pipelines.record import Record, RecordError
-from stmem.contract import Contract
+from data_pipelines.contract import Contract
 
 VERSION = "1.0.0"
 SIDE_FILES = ("contract.json", "labels.json", "quarantine.jsonl", "records.jsonl", "summary.json")

@@ -22,7 +22,7 @@ import sys
 from typing import Any
 
 from data_pipelines.record import RecordError
-from stmem.contract import Contract
+from data_pipelines.contract import Contract
 
 BUILDERS = ("ptbxl", "cinc", "ludb", "code15", "generic")
 

@@ -15,7 +15,7 @@ import numpy as np
 import scipy.signal
 
 from data_pipelines.record import Record
-from stmem.contract import Contract
+from data_pipelines.contract import Contract
 
 EVAL_STARTS = (0, 125, 250)  # the reference's three evaluation crops of a 2500-sample record
 

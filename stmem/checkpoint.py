@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from stmem.contract import Contract
+from data_pipelines.contract import Contract
 from stmem.models.config import ModelConfig
 
 CHECKPOINT_DIR = "checkpoints"

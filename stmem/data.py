@@ -36,7 +36,7 @@ import grain
 import numpy as np
 
 from data_pipelines import leads as leads_lib
-from stmem.contract import Contract
+from data_pipelines.contract import Contract
 
 EVAL_STARTS = (0, 125, 250)  # the reference's three evaluation crops at 250 Hz (0, 0.5 and 1 s)
 BATCH_KEYS = ("signal", "lead_ids", "lead_mask", "labels", "record_id", "patient_id", "valid", "crop_index")
@@ -383,7 +383,7 @@ def prepared_iterator(data_dir: str | os.PathLike[str], split: str, *, batch_siz
                       **kwargs: Any) -> tuple[grain.DatasetIterator, Prepared]:
   """Iterator over a prepared split, under the folder's own contract unless `contract` is given.
 
-  Why allow another contract: a checkpoint's window may differ from the data's; `stmem.contract.check` decides
+  Why allow another contract: a checkpoint's window may differ from the data's; `data_pipelines.contract.check` decides
   whether that is adaptable before this is called.
   """
   prepared = open_prepared(data_dir, split, name)

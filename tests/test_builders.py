@@ -12,7 +12,7 @@ import pytest
 from data_pipelines import overlap, prepare
 from data_pipelines.labels import ludb as ludb_labels
 from stmem import data
-from stmem.contract import Contract
+from data_pipelines.contract import Contract
 
 
 def _prepare(name: str, manual: pathlib.Path, out: pathlib.Path, *extra: str) -> int:

@@ -22,7 +22,7 @@ import pytest
 from flax import nnx
 
 from stmem import checkpoint, cli, convert, sharding
-from stmem.contract import Contract
+from data_pipelines.contract import Contract
 from stmem.models import Encoder, StMem, model_config
 from stmem.train import convert as convert_prog
 from stmem.train import export as export_prog

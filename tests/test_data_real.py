@@ -15,7 +15,7 @@ from data_pipelines.labels import ludb as ludb_labels
 from data_pipelines.labels import ptbxl, snomed
 from data_pipelines.quarantine import Quarantine, read_quarantine
 from data_pipelines.readers import REASONS, RecordError, iter_wfdb_folder, read_cpsc_mat, read_wfdb
-from stmem.contract import Contract
+from data_pipelines.contract import Contract
 
 
 @pytest.fixture(scope="module")

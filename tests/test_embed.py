@@ -24,7 +24,7 @@ def test_embed_arrays_equals_model():
 
 
 def test_embed_raw_folder_round_trip(shared_data, tmp_path):
-  from stmem.contract import Contract
+  from data_pipelines.contract import Contract
   from stmem.data import ArraySource
   from stmem.train import embed, features
   from data_pipelines.readers import read_wfdb

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from stmem import data
-from stmem.contract import Contract
+from data_pipelines.contract import Contract
 
 CONTRACT = Contract()
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from stmem import evaluation
-from stmem.contract import Contract, ContractMismatch
+from data_pipelines.contract import Contract, ContractMismatch
 from stmem.train import linear
 
 

@@ -9,7 +9,7 @@ import pytest
 from data_pipelines import leads as leads_lib
 from data_pipelines import transforms as T
 from data_pipelines.record import Record
-from stmem.contract import Contract
+from data_pipelines.contract import Contract
 
 
 def test_reference_preprocessing_parity(reference_fixture):

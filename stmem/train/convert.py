@@ -27,7 +27,7 @@ import sys
 
 import numpy as np
 
-from stmem.contract import Contract
+from data_pipelines.contract import Contract
 from stmem.models.config import VARIANTS, ModelConfig
 
 HEAD_DIM = 64  # every published ST-MEM variant (small, base) uses 64-wide heads; the file does not record heads

@@ -19,8 +19,8 @@ import numpy as np
 from flax import nnx
 
 from data_pipelines import leads as leads_lib
-from stmem import contract as contract_lib
-from stmem.contract import Contract
+from data_pipelines import contract as contract_lib
+from data_pipelines.contract import Contract
 
 EVAL_CROPS = 3
 

@@ -23,7 +23,7 @@ from data_pipelines import leads as leads_lib
 from stmem import checkpoint as ckpt_lib
 from stmem import data as data_lib
 from stmem import sharding as sharding_lib
-from stmem.contract import Contract
+from data_pipelines.contract import Contract
 from stmem.models import StMem, model_config
 from stmem.train import metrics as metrics_lib
 from stmem.train import optim

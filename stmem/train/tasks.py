@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from stmem.contract import Contract
+from data_pipelines.contract import Contract
 
 SPLITS = ("train", "validation", "test")
 HOLDOUT = {"train": 0.7, "validation": 0.1, "test": 0.2}  # the paper's 70/10/20, when data has no splits

@@ -9,7 +9,8 @@ import dataclasses
 import json
 from typing import Any
 
-REFERENCE_LEADS = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
+from data_pipelines.leads import LEADS
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,7 +19,7 @@ class Contract:
   window: int = 2250                # samples the model sees (9 s at 250 Hz)
   record_samples: int = 2500        # samples stored per example (10 s); crops are cut from these
   patch_size: int = 75              # samples per patch (0.3 s)
-  leads: tuple[str, ...] = REFERENCE_LEADS
+  leads: tuple[str, ...] = LEADS
   units: str = "mV"
   resample: str = "fft"             # scipy.signal.resample
   highpass_hz: float | None = 0.67  # Butterworth, zero phase (sosfiltfilt)
