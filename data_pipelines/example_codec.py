@@ -102,7 +102,9 @@ def parse(serialized: bytes) -> dict[str, tuple[str, Any]]:
 class Decoder:
   """serialised example -> the dict tfds would decode it to, for the features `layout` describes.
 
-  `layout` maps feature name -> (shape, numpy dtype, is_text), as `like` reads it from an example tfds decoded. Tensors come back as arrays of their dtype and shape, scalars as numpy scalars, text as bytes.
+  `layout` maps feature name -> (shape, numpy dtype, kind), as `like` reads it from an example tfds decoded; kind
+  "array" comes back as an array of that dtype and shape (float32 tensors are read-only views of the bytes),
+  "python" as a Python scalar, "text" as bytes.
   """
 
   def __init__(self, layout: Mapping[str, tuple[tuple[int, ...], Any, str]]):

@@ -42,7 +42,8 @@ def read_examples(name: str, folder: str | os.PathLike[str], contract: Contract,
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"{folder} is not a folder of {name} records")
   with tempfile.TemporaryDirectory(prefix="stmem-in-memory-") as tmp:  # tfds wants a data_dir; nothing is written
-    builder = prepare.builder_class(name)(data_dir=tmp, manual_dir=folder, contract=contract, show_progress=False, **options)
+    builder = prepare.builder_class(name)(data_dir=tmp, manual_dir=folder, contract=contract, show_progress=False,
+                                          **options)
     generators = builder._split_generators(None)  # noqa: SLF001 - the builder's own record -> examples path
     columns: dict[str, list[Any]] = {}
     for split, examples in generators.items():

@@ -517,7 +517,8 @@ class _EvalBatch:
   def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
     b, k, slots, window = len(indices), len(self.starts), len(self.ids), self.contract.window
     valid = np.asarray(indices) >= 0
-    out = {"signal": np.zeros((b, k, slots, window), np.float32), "lead_ids": np.broadcast_to(self.ids, (b, slots)).copy(),
+    out = {"signal": np.zeros((b, k, slots, window), np.float32),
+           "lead_ids": np.broadcast_to(self.ids, (b, slots)).copy(),
            "lead_mask": np.zeros((b, slots), bool), "labels": np.zeros((b, self.num_labels), np.float32),
            "record_id": np.full((b,), b"", object), "patient_id": np.full((b,), b"", object), "valid": valid}
     real = np.asarray(indices)[valid]

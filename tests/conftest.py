@@ -39,3 +39,18 @@ def reference_fixture():
   path = _need(SHARED / "fixtures" / "stmem_reference_tiny.npz")
   with np.load(path) as f:
     return {k: f[k] for k in f.files}
+
+
+@pytest.fixture
+def opened(monkeypatch):
+  """The `stmem.data.DatasetSpec`s that every `stmem.data.open_pool` call of the test asked for, in order."""
+  from stmem import data
+  calls = []
+  real = data.open_pool
+
+  def spy(spec, contract=None):
+    calls.append(spec)
+    return real(spec, contract)
+
+  monkeypatch.setattr(data, "open_pool", spy)
+  return calls

@@ -6,7 +6,7 @@ import numpy as np
 from tests.helpers import tiny_checkpoint
 
 
-def test_finetune_writes_report_and_checkpoint(tmp_path, monkeypatch):
+def test_finetune_writes_report_and_checkpoint(tmp_path, monkeypatch, opened):
   from stmem import checkpoint as ckpt_lib
   from stmem.train import features, finetune
   ckpt = tiny_checkpoint(tmp_path / "ckpt")
@@ -24,6 +24,7 @@ def test_finetune_writes_report_and_checkpoint(tmp_path, monkeypatch):
                       "--config.drop_path=0.1", "--config.layer_decay=0.75", "--config.label_smoothing=0.1",
                       "--config.class_weighting=balanced", "--config.synthetic_n=120", "--workdir", str(out)])
   assert rc == 0
+  assert [s.source for s in opened] == ["synthetic"]  # read through stmem.data.open_pool (tests/test_programs_data.py)
   # Two evaluations on validation during training, validation again for thresholds, then test once, last.
   assert len(seen) == 4 and seen[0] == seen[1] == seen[2] and not (seen[3] & seen[0])
   lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

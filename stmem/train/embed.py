@@ -1,13 +1,15 @@
 """`stmem embed`: export pooled, per-lead and (optionally) per-patch embeddings of a frozen encoder.
 
-  stmem embed --checkpoint CKPT (--data_dir PREPARED --split S | --records RAW_FOLDER) --out FILE_PREFIX
+  stmem embed --checkpoint CKPT (--data_dir PREPARED --split S | --records RAW_FOLDER | --synthetic N)
+              --out FILE_PREFIX
               [--per_patch] [--lead_set 12] [--crops first|mean3] [--batch_size 32]
 
 No masking at inference: the output equals `encoder.features(...)` on the preprocessed crops. Raw folders (WFDB,
 searched recursively) are read through `stmem.data.open_pool` exactly as `stmem prepare generic` would prepare them
 under the checkpoint's contract (FFT-resampled to its rate, every 10 s window a row, band-pass, z-score; records
-it cannot use are skipped and listed); a prepared dataset is checked against the contract and adapted where safe. Crops: see configs/embed.py. Output: FILE_PREFIX.npz and FILE_PREFIX.parquet, written as the
-batches come (bounded memory), with record ids, lead names, the checkpoint's fingerprint and contract.
+it cannot use are skipped and listed); a prepared dataset is checked against the contract and adapted where safe.
+Crops: see configs/embed.py. Output: FILE_PREFIX.npz and FILE_PREFIX.parquet, written as the batches come (bounded
+memory), with record ids, lead names, the checkpoint's fingerprint and contract.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--data_dir", help="a prepared dataset (stmem prepare)")
   src.add_argument("--records", help="a folder of raw WFDB records")
+  src.add_argument("--synthetic", type=int, metavar="N", help="N simulated ECGs (stmem.synthetic)")
   p.add_argument("--split", default=d.split)
   p.add_argument("--out", required=True, help="output prefix: writes PREFIX.npz and PREFIX.parquet")
   p.add_argument("--per_patch", action="store_true", help="also export every patch token (N, L, 30, D)")
@@ -142,8 +145,10 @@ def main(argv: Sequence[str]) -> int:
   # ------------------------------------------------------------------------------------------ data
   if args.data_dir:
     spec = data.DatasetSpec("prepared", path=args.data_dir, splits=(args.split,))
-  else:  # a folder of WFDB records, read as `stmem prepare generic` reads it, under the checkpoint's contract
+  elif args.records:  # WFDB records, read as `stmem prepare generic` reads them, under the checkpoint's contract
     spec = data.DatasetSpec("raw", path=args.records, name="generic")
+  else:
+    spec = data.DatasetSpec("synthetic", num_synthetic=args.synthetic)
   pool = data.open_pool(spec, loaded.contract)
   for q in pool.quarantine.get("records", []):
     log(f"skipped {q['path']}: {q['reason']} ({q['detail']})")
@@ -151,7 +156,7 @@ def main(argv: Sequence[str]) -> int:
   for line in adapted:
     log(f"adapted {line}")
   capacity = len(source)
-  if not args.data_dir:
+  if args.records:
     log(f"raw records preprocessed by the checkpoint's contract ({contract.fs:g} Hz, every "
         f"{contract.record_samples / contract.fs:g} s window, crops: {args.crops})")
 
