@@ -57,6 +57,23 @@ def test_direct_decode_equals_tfds_decode(cinc_dir):
   np.testing.assert_array_equal(batch[1]["signal"], theirs[0]["signal"])
 
 
+def test_direct_decode_of_negative_and_empty_values():
+  # Negative integers are 10-byte varints, empty labels an empty list: both as tfds decodes them.
+  from data_pipelines import builder_base, example_codec
+  for labels in (np.array([0, 1], np.float32), np.zeros((0,), np.float32)):
+    feats = builder_base.features(len(labels), Contract())
+    ex = {"signal": np.random.default_rng(0).standard_normal((12, 2500)).astype(np.float32),
+          "lead_mask": np.arange(12) != 4, "record_id": "r1", "patient_id": "p1", "source": "x", "window": 3,
+          "labels": labels, "age": -1.0, "sex": -1, "content_hash": "abc"}
+    serialized = feats.serialize_example(ex)
+    want = feats.deserialize_example_np(serialized)
+    got = example_codec.Decoder.like(want)(serialized)
+    assert got["sex"] == -1 and got["age"] == -1.0 and got["window"] == 3 and got["labels"].shape == labels.shape
+    for k, v in want.items():
+      assert type(got[k]) is type(v), k
+      np.testing.assert_array_equal(got[k], v, err_msg=k)
+
+
 def test_raw_folder_in_memory_equals_the_prepared_dataset(cinc_dir, shared_data):
   # One path: a raw folder read in memory (data.open_pool) gives the examples `stmem prepare` wrote, split by split.
   prepared = data.open_pool(data.DatasetSpec("prepared", path=str(cinc_dir)))

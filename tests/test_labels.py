@@ -66,3 +66,25 @@ def test_ludb_rows(tmp_path):
   assert (ludb.lvh(one), ludb.lvh(two)) == (0, 1)
   assert (ludb.axis_left_vs_normal(one), ludb.axis_left_vs_normal(two)) == (1, None)
   assert (ludb.sinus_rhythm(one), ludb.sinus_rhythm(two)) == (0, 1)
+
+
+def test_named_tasks_are_columns_of_the_builders_labels():
+  from data_pipelines.labels import tasks
+  from data_pipelines.ludb import ludb_dataset_builder
+  names = ludb_dataset_builder.LABEL_NAMES  # af_or_flutter, sinus_rhythm, lvh, axis_normal, axis_left_deviation
+  labels = np.array([[1, 0, 0, 1, 0], [0, 1, 1, 0, 1], [0, 1, 0, 0, 0]], np.float32)  # 3rd: a vertical axis
+  af = tasks.make_task(tasks.task_spec("ludb_af"), names, labels)
+  assert af.label_names == ("af_or_flutter",) and af.labels[:, 0].tolist() == [1, 0, 0] and af.keep.all()
+  axis = tasks.make_task(tasks.task_spec("ludb_axis"), names, labels)
+  assert axis.labels[:, 0].tolist() == [0, 1, 0] and axis.keep.tolist() == [True, True, False]
+  sex = tasks.make_task(tasks.task_spec("ludb_sex"), names, labels, {"sex": np.array([1, 0, -1])})
+  assert sex.labels[:, 0].tolist() == [1, 0, 0] and sex.keep.tolist() == [True, True, False]
+  # cinc:CODE+CODE: columns by SNOMED code, an equivalent code read as the code the Challenge scored it as.
+  spec = tasks.task_spec("cinc:427084000+59118001")
+  assert spec.columns == ("427084000", "713427006") and spec.pool_key == tasks.task_spec("cinc_stach").pool_key
+  prepared = tasks.make_task(tasks.task_spec("prepared", labels=("lvh",), kind="multiclass"), names, labels)
+  assert prepared.kind == "multiclass" and prepared.labels[:, 0].tolist() == [0, 1, 0]
+  with pytest.raises(ValueError, match="not among the data's labels"):
+    tasks.make_task(tasks.task_spec("cinc_stach"), names, labels)
+  with pytest.raises(ValueError, match="unknown task"):
+    tasks.task_spec("ludb_nope")

@@ -110,3 +110,18 @@ def test_prepare_record_windows_long_short_and_missing_leads():
   assert T.prepare_record_windows(short, Contract()).shape == (0, 12, 2500)
   limb = dataclasses.replace(Contract(), leads=("II", "I"))
   assert T.prepare_record_windows(long, limb).shape == (2, 2, 2500)
+
+
+def test_hashed_crop_starts_are_uniform_and_a_function_of_seed_epoch_index():
+  index = np.arange(20000)
+  length = np.full(20000, 2500)
+  a = T.hashed_starts(0, 0, index, length, 2250)
+  assert a.min() == 0 and a.max() == 250 and len(np.unique(a)) == 251
+  counts = np.bincount(a, minlength=251)
+  assert counts.min() > 40 and counts.max() < 130  # about 80 each
+  np.testing.assert_array_equal(T.hashed_starts(0, 0, index[::-1], length, 2250), a[::-1])  # order-free
+  assert (T.hashed_starts(0, 1, index, length, 2250) != a).mean() > 0.99   # a new epoch, new crops
+  assert (T.hashed_starts(1, 0, index, length, 2250) != a).mean() > 0.99   # a new seed, new crops
+  assert (T.hashed_starts(0, 0, index[:3], np.array([2250, 2251, 9000]), 2250) <= [0, 1, 6750]).all()
+  with pytest.raises(ValueError):
+    T.hashed_starts(0, 0, index[:1], np.array([100]), 2250)
