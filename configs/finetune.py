@@ -23,7 +23,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.checkpoint = ""             # "" = from scratch (random init of config.model)
   c.model = "tiny"
-  c.task = "prepared"           # one task name of stmem/train/tasks.py
+  c.task = "prepared"           # one task name of data_pipelines/labels/tasks.py
   c.data_dir = ""
   c.data_root = "../shared/data"
   c.labels = ""
