@@ -8,8 +8,8 @@ Builds LUDB (200 WFDB records, 500 Hz) once per filter stage, then, over the pre
   (ArrayRecord bytes of the batch, one batched read), `decode` (bytes -> arrays, `data_pipelines.example_codec`),
   `crop` (one random crop per example copied into the batch array), `zscore` (band-pass when the stage is per_crop,
   then one z-score per ECG, for the whole batch), `batch` (the rest of assembling a batch: crop RNGs, ids, masks,
-  labels). Their sum gives `samples_per_s_per_core`, and `cores_to_feed` is how many such cores keep up with an
-  accelerator consuming `step_rate` samples/s (the issue's figure for one H100-class GPU on the base step:
+  labels), as wall time and as CPU time. The CPU total gives `samples_per_s_per_core`, and `cores_to_feed` is how
+  many such cores keep up with an accelerator consuming `step_rate` samples/s (the issue's figure for one H100-class GPU on the base step:
   4,000-6,000 ECGs/s).
 - `pipeline`: the whole grain pipeline (`stmem.data.make_iterator`, training mode) timed end to end with each
   worker count (`auto`: `stmem.data.default_worker_count`, one per core).
@@ -58,7 +58,11 @@ def _build(ludb: pathlib.Path, data_dir: str, filter_stage: str) -> dict[str, An
 
 def _stages(folder: str, *, batch_size: int, batches: int, step_rate: float) -> dict[str, Any]:
   """Each stage of a training batch timed alone, in this process, on the same batches: microseconds per sample
-  (median over the batches)."""
+  (median over the batches), of wall time and of this process's CPU time (all its threads).
+
+  Why CPU time too: on a shared machine the wall time of a stage includes waiting for a core; the CPU time is what
+  the stage costs a core, which is what `cores_to_feed` needs.
+  """
   import numpy as np
 
   from stmem import data
@@ -66,34 +70,40 @@ def _stages(folder: str, *, batch_size: int, batches: int, step_rate: float) -> 
   source, contract = prepared.source, prepared.contract
   make = data._TrainBatch(source, contract, None, 0, len(source), data._num_labels(source))  # noqa: SLF001
   rng = np.random.default_rng(0)
-  times: dict[str, list[float]] = {k: [] for k in ("read", "decode", "crop", "zscore", "total")}
+  names = ("read", "decode", "crop", "zscore", "total")
+  wall: dict[str, list[float]] = {k: [] for k in names}
+  cpu: dict[str, list[float]] = {k: [] for k in names}
   for b in range(batches + 1):
     indices = rng.permutation(len(source))[:batch_size]
     order = np.stack([np.arange(b * batch_size, (b + 1) * batch_size), indices], axis=1)
-    t0 = time.perf_counter()
-    raw = source.tfds_source.data_source.__getitems__([int(i) for i in indices])
-    t1 = time.perf_counter()
-    examples = [source.decode(r) for r in raw]
-    t2 = time.perf_counter()
     starts = rng.integers(0, contract.record_samples - contract.window + 1, (batch_size, 1))
+    marks = [(time.perf_counter(), time.process_time())]
+    raw = source.tfds_source.data_source.__getitems__([int(i) for i in indices])
+    marks.append((time.perf_counter(), time.process_time()))
+    examples = [source.decode(r) for r in raw]
+    marks.append((time.perf_counter(), time.process_time()))
     columns = data._Columns(examples, indices, make.rows, starts, contract.window, make.num_labels)  # noqa: SLF001
-    t3 = time.perf_counter()
+    marks.append((time.perf_counter(), time.process_time()))
     data._finish(columns.signal[:, 0], columns.lead_mask, contract)  # noqa: SLF001
-    t4 = time.perf_counter()
-    make(order)
-    t5 = time.perf_counter()
+    marks.append((time.perf_counter(), time.process_time()))
+    make(order)  # the whole batch as the pipeline makes it
+    marks.append((time.perf_counter(), time.process_time()))
     if b == 0:  # warm-up: first reads open files, first filter designs are cached
       continue
-    for k, (a, z) in {"read": (t0, t1), "decode": (t1, t2), "crop": (t2, t3), "zscore": (t3, t4),
-                      "total": (t4, t5)}.items():
-      times[k].append((z - a) / batch_size * 1e6)
-  us = {k: statistics.median(v) for k, v in times.items()}
-  parts = ("read", "decode", "crop", "zscore")
-  us["batch"] = max(us["total"] - sum(us[k] for k in parts), 0.0)
-  per_core = 1e6 / us["total"]
-  return {"filter_stage": contract.filter_stage, "batch_size": batch_size,
-          "us_per_sample": {k: round(us[k], 1) for k in (*parts, "batch", "total")},
-          "share": {k: round(us[k] / us["total"], 3) for k in (*parts, "batch")},
+    for i, k in enumerate(names):
+      wall[k].append((marks[i + 1][0] - marks[i][0]) / batch_size * 1e6)
+      cpu[k].append((marks[i + 1][1] - marks[i][1]) / batch_size * 1e6)
+
+  def table(times: dict[str, list[float]]) -> dict[str, float]:
+    us = {k: statistics.median(v) for k, v in times.items()}
+    us["batch"] = max(us["total"] - sum(us[k] for k in names[:-1]), 0.0)  # crop RNG, ids, masks, labels
+    return {k: round(us[k], 1) for k in (*names[:-1], "batch", "total")}
+
+  wall_us, cpu_us = table(wall), table(cpu)
+  per_core = 1e6 / cpu_us["total"]
+  return {"filter_stage": contract.filter_stage, "batch_size": batch_size, "us_per_sample": wall_us,
+          "cpu_us_per_sample": cpu_us,
+          "cpu_share": {k: round(v / cpu_us["total"], 3) for k, v in cpu_us.items() if k != "total"},
           "samples_per_s_per_core": round(per_core, 1), "step_rate": step_rate,
           "cores_to_feed": math.ceil(step_rate / per_core)}
 
