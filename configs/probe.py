@@ -8,6 +8,8 @@
       a prepared dataset (`stmem prepare`): its train/validation/test splits, or cross-validation if it has one split.
   stmem probe --config configs/probe.py:synthetic --workdir DIR     (no checkpoint: random-encoder rows only)
 
+Tasks: the names of data_pipelines/labels/tasks.py (ludb_af, ludb_lvh, ludb_axis, ludb_sex, cinc_stach, cinc:CODE+CODE,
+ptbxl_super, synthetic, prepared); raw ones read `<data_root>/<folder>` through `stmem.data.open_pool`.
 Lead sets: named (12, limb6, precordial6, limb3, I, II, V1, I+II, I+II+V2) or any '+'-joined list of lead names in
 any order (`--config.lead_sets=12,V2+I+aVF`); each slot is fed by lead name, never by position.
 Writes report.md / report.csv / report.json, auroc_<task>.png and roc_<task>.png into the workdir.
@@ -25,7 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint = ""             # a stmem checkpoint (workdir, checkpoints/ folder or step folder); "" = random only
   c.model = "tiny"              # architecture of the random encoder when there is no checkpoint
   c.tasks = "ludb_af,ludb_lvh,ludb_axis,cinc_stach"
-  c.data_root = "../shared/data"  # raw folders for ludb_* / cinc_* tasks
+  c.data_root = "../shared/data"  # holds the raw folders (ludb/, cinc2021/, ptbxl/) of the named tasks
   c.data_dir = ""               # prepared dataset for the `prepared` task
   c.labels = ""                 # comma-separated label names of a prepared dataset ("" = all)
   c.kind = "multilabel"         # prepared task: "multilabel" (sigmoid per class) or "multiclass" (softmax)

@@ -144,7 +144,7 @@ class ConcatSource:
     out: list[Any] = [None] * len(which)
     for k in np.unique(which):
       at = np.flatnonzero(which == k)
-      for i, ex in zip(at, _read(self.sources[k], [int(indices[i]) - int(self.offsets[k]) for i in at])):
+      for i, ex in zip(at, read_many(self.sources[k], [int(indices[i]) - int(self.offsets[k]) for i in at])):
         out[i] = ex
     return out
 
@@ -160,10 +160,14 @@ class Subset:
     return len(self.indices)
 
   def __getitem__(self, i: int) -> Mapping[str, Any]:
-    ex = self.source[int(self.indices[i])]
+    return self.__getitems__([i])[0]
+
+  def __getitems__(self, indices: Sequence[int]) -> list[Mapping[str, Any]]:
+    """One batched read of the underlying source."""
+    examples = read_many(self.source, [int(self.indices[int(i)]) for i in indices])
     if self.labels is None:
-      return ex
-    return {**ex, "labels": self.labels[i]}
+      return examples
+    return [{**ex, "labels": self.labels[int(i)]} for ex, i in zip(examples, indices)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,7 +286,7 @@ def _prepared_pool(spec: DatasetSpec) -> Pool:
     got: dict[str, list[Any]] = {k: [] for k in COLUMNS}
     for p in opened:
       for lo in range(0, len(p.source), 256):
-        for ex in _read(p.source, range(lo, min(lo + 256, len(p.source)))):
+        for ex in read_many(p.source, range(lo, min(lo + 256, len(p.source)))):
           got["record_id"].append(ex.get("record_id", b""))
           got["patient_id"].append(ex.get("patient_id", ex.get("record_id", b"")))
           got["labels"].append(np.asarray(ex.get("labels", np.zeros(0)), np.float32))
@@ -396,7 +400,7 @@ def lead_selection(lead_set: str | Sequence[str] | None, contract: Contract) -> 
   return rows, ids
 
 
-def _read(source: Source, indices: Sequence[int]) -> list[Mapping[str, Any]]:
+def read_many(source: Source, indices: Sequence[int]) -> list[Mapping[str, Any]]:
   """Examples at `indices`, in one batched read when the source offers it (ArrayRecord reads them in parallel)."""
   getitems = getattr(source, "__getitems__", None)
   if getitems is not None:
@@ -491,7 +495,7 @@ class _TrainBatch:
     self.num_labels = num_labels
 
   def __call__(self, order: np.ndarray) -> dict[str, np.ndarray]:
-    examples = _read(self.source, order[:, 1])
+    examples = read_many(self.source, order[:, 1])
     window = self.contract.window
     epochs = order[:, 0] // self.shard_len
     lengths = np.asarray([np.shape(ex["signal"])[-1] for ex in examples], np.int64)
@@ -523,8 +527,8 @@ class _EvalBatch:
            "record_id": np.full((b,), b"", object), "patient_id": np.full((b,), b"", object), "valid": valid}
     real = np.asarray(indices)[valid]
     if len(real):
-      c = _Columns(_read(self.source, real), real, self.rows, np.broadcast_to(self.starts, (len(real), k)), window,
-                   self.num_labels)
+      starts = np.broadcast_to(self.starts, (len(real), k))
+      c = _Columns(read_many(self.source, real), real, self.rows, starts, window, self.num_labels)
       out["signal"][valid] = _finish(c.signal, c.lead_mask, self.contract)
       out["lead_mask"][valid], out["labels"][valid] = c.lead_mask, c.labels
       out["record_id"][valid], out["patient_id"][valid] = c.record_id, c.patient_id

@@ -75,10 +75,13 @@ class ResampledSource:
     return len(self.source)
 
   def __getitem__(self, index: int) -> dict[str, Any]:
-    from data_pipelines import transforms
-    ex = dict(self.source[index])
-    ex["signal"] = transforms.resample_to(np.asarray(ex["signal"], np.float32), self.record_samples)
-    return ex
+    return self.__getitems__([index])[0]
+
+  def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+    """One batched read of the underlying source, each example resampled."""
+    from stmem import data
+    return [{**ex, "signal": transforms.resample_to(np.asarray(ex["signal"], np.float32), self.record_samples)}
+            for ex in data.read_many(self.source, indices)]
 
 
 def adapt(checkpoint: Contract, data: Contract, source: Any, lead_set: str | Sequence[str] | None = None
