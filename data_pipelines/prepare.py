@@ -7,14 +7,19 @@
   stmem prepare generic --manual_dir ~/mine --data_dir ~/prepared --array ecgs.npy --metadata_csv meta.csv \
       --source_fs 500 --leads 12 --layout NTL
 
-Options after the common ones (`--task`, `--sources`, `--codes`, `--splits`, `--array`...) are the builder's own
-keyword arguments, passed as text; see each builder's module docstring. Bad records are skipped and listed in
-quarantine.jsonl with their reason, never silently; `--strict` stops at the first one instead, naming the file.
+  stmem prepare generic --manual_dir ~/training2017 --data_dir ~/prepared --lead_map ECG=I \
+      --labels_csv REFERENCE.csv --pad_short true --source cinc2017 --splits train=0.7,validation=0.1,test=0.2
+
+Options after the common ones (`--task`, `--sources`, `--codes`, `--splits`, `--array`, `--lead_map`...) are the
+builder's own keyword arguments, passed as text: `stmem prepare NAME --help` lists them. Bad records are skipped and
+listed in quarantine.jsonl with their reason, never silently; `--strict` stops at the first one instead, naming the
+file. The closing summary counts what was written, skipped, padded and duplicated, with a histogram of lengths.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import os
 import shutil
@@ -34,9 +39,29 @@ def builder_class(name: str) -> type:
   return importlib.import_module(f"data_pipelines.{name}.{name}_dataset_builder").Builder
 
 
-def _parser() -> argparse.ArgumentParser:
+def builder_options(cls: type) -> dict[str, tuple[str, Any]]:
+  """{option: (one-line meaning, default)} of a builder: its own `OPTIONS` and the ones every builder takes."""
+  params = inspect.signature(cls.__init__).parameters
+  for base in cls.__mro__:
+    if "COMMON_OPTIONS" in vars(base):
+      params = {**inspect.signature(base.__init__).parameters, **params}
+  meanings = {**cls.OPTIONS, **cls.COMMON_OPTIONS}
+  return {k: (meanings[k], params[k].default if k in params else None) for k in meanings}
+
+
+def _datasets_help() -> str:
+  lines = ["datasets (`stmem prepare NAME --help` lists a dataset's own options):"]
+  for name in BUILDERS:
+    doc = (importlib.import_module(f"data_pipelines.{name}.{name}_dataset_builder").__doc__ or "").strip()
+    lines.append(f"  {name:<8} {doc.splitlines()[0] if doc else ''}")
+  return "\n".join(lines)
+
+
+def _parser(name: str | None = None) -> argparse.ArgumentParser:
+  """The common options; with `name` (a known builder), its own options too, so that `--help` lists them."""
   p = argparse.ArgumentParser(prog="stmem prepare", description=__doc__.split("\n")[0],
-                              epilog="Builder options: --key value pairs after these, e.g. --task rhythm.")
+                              formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog=_datasets_help() if name is None else None)
   p.add_argument("name", help=f"dataset: {', '.join(BUILDERS)}")
   p.add_argument("--manual_dir", required=True, help="the folder you downloaded the dataset into")
   p.add_argument("--data_dir", required=True, help="where prepared datasets go (<data_dir>/<name>/<version>/)")
@@ -52,6 +77,12 @@ def _parser() -> argparse.ArgumentParser:
                  help="after building, report records shared (by content hash) with another prepared dataset")
   p.add_argument("--overwrite", action="store_true", help="replace an existing prepared copy")
   p.add_argument("--quiet", action="store_true", help="no progress bar")
+  if name is not None:
+    group = p.add_argument_group(f"options of {name} (text; see data_pipelines/{name}/{name}_dataset_builder.py)")
+    for key, (meaning, default) in builder_options(builder_class(name)).items():
+      shown = "" if default in (None, inspect.Parameter.empty) else f" (default: {default})"
+      group.add_argument(f"--{key}", dest=f"builder__{key}", metavar="VALUE", nargs="?", const="true",
+                         default=argparse.SUPPRESS, help=meaning.replace("%", "%%") + shown)
   return p
 
 
@@ -94,13 +125,29 @@ def summary_lines(name: str, folder: str, stats: dict[str, Any]) -> list[str]:
     lines.append(f"    {reason}: {count}")
   if stats["quarantined"]:
     lines.append(f"  see {os.path.join(folder, 'quarantine.jsonl')} for each skipped file and why")
+  if stats.get("records_padded"):
+    lines.append(f"  zero-padded:       {stats['records_padded']} record(s) shorter than one window (--pad_short; "
+                 "`valid_samples` marks the padding)")
+  lengths = stats.get("length_seconds") or {}
+  if lengths.get("bins"):
+    lines.append(f"  record lengths:    {lengths['min']:g}-{lengths['max']:g} s (median {lengths['median']:g} s): "
+                 + ", ".join(f"{k} {v}" for k, v in lengths["bins"].items()))
+  if stats.get("label_counts"):
+    kind = f" ({stats['label_kind']})" if stats.get("label_kind") else ""
+    lines.append(f"  labels{kind}: " + ", ".join(f"{k} {v}" for k, v in stats["label_counts"].items()))
+  dup = stats.get("duplicate_records", 0)
+  lines.append(f"  duplicates:        {dup} record(s) repeat the samples of another (by content hash)"
+               + (": " + "; ".join(" = ".join(g) for g in stats.get("duplicate_groups", [])[:5]) if dup else ""))
   return lines
 
 
 def main(argv: list[str] | None = None) -> int:
   """Build one dataset; 0 on success, 1 when --strict met a bad record, 2 on a usage or setup error."""
-  args, extra = _parser().parse_known_args(sys.argv[1:] if argv is None else argv)
-  options = _builder_options(extra)
+  argv = list(sys.argv[1:] if argv is None else argv)
+  name = next((a for a in argv if not a.startswith("-")), None)
+  args, extra = _parser(name if name in BUILDERS else None).parse_known_args(argv)
+  options = {k[len("builder__"):]: v for k, v in vars(args).items() if k.startswith("builder__")}
+  options.update(_builder_options(extra))
   import tensorflow_datasets as tfds
 
   from data_pipelines import builder_base

@@ -1,0 +1,99 @@
+"""Real files as people download them: a CinC 2017-like WFDB folder prepared by one command, probed and embedded.
+
+The folder is written here from real LUDB samples (lead I, resampled to 300 Hz) and carries each quirk of the
+PhysioNet/CinC 2017 AliveCor download: a record line with a base date wfdb rejects (the date first, ISO style),
+CRLF line ends, one channel named `ECG`, MATLAB v4 `.mat` signals (`16+24` format), a headerless `REFERENCE.csv` of
+`record,label`, and lengths from 9 to 61 s. Nothing is converted by hand: `README_COMMAND` (the README's "Preparing
+data" command) prepares it, and probe and embed read the prepared folder.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+import scipy.io
+import scipy.signal
+
+from stmem import cli
+from tests.test_probe import tiny_checkpoint
+
+PROBE_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "probe.py")
+FS = 300
+# Seconds per record: the 9 s one is padded (--pad_short), the long ones give every full 10 s window.
+LENGTHS = (9, 10, 12, 61, 10, 15, 20, 10, 30, 10, 11, 45, 10, 9.5, 25, 10)
+CLASSES = ("N", "A", "O", "~")
+# The README's command, with DIR / OUT filled in by the test.
+README_COMMAND = ("prepare generic --manual_dir {raw} --data_dir {out} --lead_map ECG=I --labels_csv REFERENCE.csv "
+                  "--pad_short true --source cinc2017 --quiet")
+
+
+def write_cinc2017_like(shared_data: pathlib.Path, folder: pathlib.Path) -> dict[str, str]:
+  """Records A00001... from consecutive LUDB lead I strips; returns {record: class}. Record A00016 repeats the
+  samples of A00002 under another name (an internal duplicate)."""
+  from data_pipelines.readers import read_wfdb
+  folder.mkdir(parents=True)
+  strips, k = [], 1
+  need = sum(int(np.ceil(s / 10)) for s in LENGTHS)
+  while len(strips) < need:
+    r = read_wfdb(shared_data / "ludb" / f"{k}.hea")
+    strips.append(scipy.signal.resample(r.signal[r.leads.index("I")], 10 * FS))  # 500 Hz -> 300 Hz
+    k += 1
+  labels, at = {}, 0
+  for i, seconds in enumerate(LENGTHS):
+    name = f"A{i + 1:05d}"
+    n = int(np.ceil(seconds / 10))
+    x = np.concatenate(strips[at:at + n])[:int(seconds * FS)] if name != "A00016" else previous[:10 * FS]
+    at += n
+    if name == "A00002":
+      previous = x
+    digital = np.round(x * 1000).astype(np.int16)[None]  # 1000 adu/mV, as the AliveCor export
+    scipy.io.savemat(folder / f"{name}.mat", {"val": digital}, format="4")
+    header = (f"{name} 1 {FS} {digital.shape[1]} 2016-06-05 09:{i:02d}:00\r\n"
+              f"{name}.mat 16+24 1000/mV 16 0 {int(digital[0, 0])} 0 0 ECG\r\n")
+    (folder / f"{name}.hea").write_bytes(header.encode())
+    labels[name] = CLASSES[i % len(CLASSES)]
+  (folder / "REFERENCE.csv").write_text("".join(f"{r},{c}\n" for r, c in labels.items()))
+  return labels
+
+
+@pytest.fixture(scope="module")
+def cinc2017(shared_data, tmp_path_factory) -> dict:
+  root = tmp_path_factory.mktemp("cinc2017")
+  labels = write_cinc2017_like(shared_data, root / "training2017")
+  out = root / "prepared"
+  command = README_COMMAND.format(raw=root / "training2017", out=out).split()
+  return {"raw": root / "training2017", "out": out, "labels": labels, "command": command}
+
+
+def test_readme_shows_the_command():
+  readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+  assert "--lead_map ECG=I --labels_csv REFERENCE.csv --pad_short true" in readme
+
+
+def test_prepare_cinc2017_folder_with_one_command(cinc2017, capsys):
+  assert cli.main(cinc2017["command"]) == 0
+  printed = capsys.readouterr().out
+  folder = next((cinc2017["out"] / "generic").glob("*/summary.json")).parent
+  summary = json.loads((folder / "summary.json").read_text())
+  assert summary["records_read"] == len(LENGTHS) and summary["quarantined"] == 0, summary
+  assert summary["records_padded"] == 2  # the 9 s and 9.5 s records; nothing else is padded
+  windows = sum(max(int(s // 10), 1) for s in LENGTHS)
+  assert summary["examples_written"] == windows
+  assert summary["length_seconds"]["min"] == 9.0 and summary["length_seconds"]["max"] == 61.0
+  assert summary["length_seconds"]["bins"]["10-15 s"] == 8
+  assert json.loads((folder / "labels.json").read_text()) == sorted(CLASSES)
+  assert summary["label_kind"] == "multiclass" and summary["label_counts"] == {"A": 4, "N": 4, "O": 4, "~": 4}
+  assert summary["duplicate_records"] == 1 and summary["duplicate_groups"] == [["train/A00002", "train/A00016"]]
+  assert "record lengths:    9-61 s" in printed and "duplicates:        1 record(s)" in printed
+  from data_pipelines.contract import Contract
+  from stmem import data
+  opened = data.open_prepared(cinc2017["out"] / "generic", "train")
+  examples = [opened.source[i] for i in range(len(opened.source))]
+  first = next(ex for ex in examples if ex["record_id"] in ("A00001", b"A00001"))
+  assert first["lead_mask"].tolist() == [True] + [False] * 11  # ECG became lead I
+  assert int(first["valid_samples"]) == 9 * 250 and not np.isnan(first["signal"]).any()
+  assert np.all(first["signal"][0, 9 * 250:] == 0)  # padded with zeros, marked by valid_samples
+  assert all(int(ex["valid_samples"]) == Contract().record_samples for ex in examples
+             if ex["record_id"] not in ("A00001", b"A00001", "A00014", b"A00014"))
