@@ -95,7 +95,7 @@ def parse_fractions(spec: str | Mapping[str, float] | None) -> dict[str, float]:
 
 
 def parse_bool(value: bool | str, name: str) -> bool:
-  """A builder option given as text (`true`, `false`, `1`, `0`, `yes`, `no`); ValueError naming the option."""
+  """A builder option given as text (`true`, `false`, `1`, `0`, `yes`, `no`); UsageError naming the option."""
   if isinstance(value, bool):
     return value
   text = str(value).strip().lower()
@@ -103,7 +103,8 @@ def parse_bool(value: bool | str, name: str) -> bool:
     return True
   if text in ("false", "0", "no", "n", ""):
     return False
-  raise ValueError(f"--{name} {value!r}: expected true or false")
+  from data_pipelines.errors import UsageError
+  raise UsageError(f"--{name} {value!r}: expected true or false")
 
 
 def parse_age(value: Any) -> float:

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from data_pipelines.errors import DataError, UsageError
 from data_pipelines.record import RecordError
 
 NO_LABEL = "no_label"  # the RecordError reason for a record the labels CSV does not name
@@ -61,14 +62,14 @@ def _number(text: str) -> float | None:
 
 def load(path: str | os.PathLike[str], id_column: str | None = None,
          label_columns: Sequence[str] | None = None) -> LabelTable:
-  """Read a labels CSV (module docstring); ValueError naming the file and what to do when it does not fit."""
+  """Read a labels CSV (module docstring); a UsageError (bad option) or DataError (bad file) naming the file."""
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise ValueError(f"labels_csv {path}: no such file")
+    raise UsageError(f"--labels_csv {path}: no such file")
   with open(path, newline="", encoding="utf-8-sig") as f:
     rows = [[c.strip() for c in r] for r in csv.reader(f) if any(c.strip() for c in r)]
   if not rows:
-    raise ValueError(f"labels_csv {path}: the file is empty")
+    raise DataError(f"--labels_csv {path}: the file is empty")
   first = [c.lower() for c in rows[0]]
   header = id_column is not None or label_columns is not None or first[0] in ID_COLUMNS
   if not header:
@@ -78,17 +79,17 @@ def load(path: str | os.PathLike[str], id_column: str | None = None,
     id_column = next((c for c in columns if c.lower() in ID_COLUMNS), columns[0])
   missing = [c for c in [id_column, *(label_columns or ())] if c not in columns]
   if missing:
-    raise ValueError(f"labels_csv {path}: no column(s) {missing}; its columns are {columns}")
+    raise UsageError(f"--labels_csv {path}: no column(s) {missing}; its columns are {columns}")
   wanted = list(label_columns) if label_columns else [c for c in columns if c != id_column]
   if not wanted:
-    raise ValueError(f"labels_csv {path}: no label column beside {id_column!r}")
+    raise DataError(f"--labels_csv {path}: no label column beside {id_column!r}")
   at = {c: columns.index(c) for c in columns}
   body = [r + [""] * (len(columns) - len(r)) for r in rows[1:]]
   numeric = all(_number(r[at[c]]) is not None for r in body for c in wanted if r[at[c]])
   if len(wanted) == 1 and not numeric:
     return _classes(path, [(r[at[id_column]], [r[at[wanted[0]]]] if r[at[wanted[0]]] else []) for r in body])
   if not numeric:
-    raise ValueError(f"labels_csv {path}: columns {wanted} mix words and numbers; name one class column or "
+    raise DataError(f"--labels_csv {path}: columns {wanted} mix words and numbers; name one class column or "
                      f"numeric columns with --label_columns")
   out: dict[str, np.ndarray] = {}
   for r in body:
@@ -100,14 +101,14 @@ def load(path: str | os.PathLike[str], id_column: str | None = None,
 def _put(out: dict[str, np.ndarray], path: str, record: str, vector: np.ndarray) -> None:
   key = _key(record)
   if key in out:
-    raise ValueError(f"labels_csv {path}: record {record!r} has two rows; keep one")
+    raise DataError(f"--labels_csv {path}: record {record!r} has two rows; keep one")
   out[key] = vector
 
 
 def _classes(path: str, pairs: Sequence[tuple[str, list[str]]]) -> LabelTable:
   names = tuple(sorted({c for _, cs in pairs for c in cs}))
   if not names:
-    raise ValueError(f"labels_csv {path}: no labels found (expected rows like `A00001,N`)")
+    raise DataError(f"--labels_csv {path}: no labels found (expected rows like `A00001,N`)")
   index = {n: i for i, n in enumerate(names)}
   out: dict[str, np.ndarray] = {}
   for record, cs in pairs:
