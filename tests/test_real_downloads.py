@@ -97,3 +97,15 @@ def test_prepare_cinc2017_folder_with_one_command(cinc2017, capsys):
   assert np.all(first["signal"][0, 9 * 250:] == 0)  # padded with zeros, marked by valid_samples
   assert all(int(ex["valid_samples"]) == Contract().record_samples for ex in examples
              if ex["record_id"] not in ("A00001", b"A00001", "A00014", b"A00014"))
+
+
+def test_overlap_of_a_dataset_with_itself_lists_its_internal_duplicates(cinc2017, capsys):
+  if not (cinc2017["out"] / "generic").exists():
+    assert cli.main(cinc2017["command"]) == 0
+  capsys.readouterr()
+  folder = str(cinc2017["out"] / "generic")
+  assert cli.main(["overlap", folder, folder]) == 0
+  printed = capsys.readouterr().out
+  assert "1 record(s) of" in printed and "repeat another's samples (1 group(s))" in printed
+  assert "cinc2017/A00002 [train] == cinc2017/A00016 [train]" in printed
+  assert cli.main(["overlap", folder, folder, "--fail_on_overlap"]) == 1
