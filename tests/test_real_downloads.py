@@ -109,3 +109,44 @@ def test_overlap_of_a_dataset_with_itself_lists_its_internal_duplicates(cinc2017
   assert "1 record(s) of" in printed and "repeat another's samples (1 group(s))" in printed
   assert "cinc2017/A00002 [train] == cinc2017/A00016 [train]" in printed
   assert cli.main(["overlap", folder, folder, "--fail_on_overlap"]) == 1
+
+
+@pytest.fixture(scope="module")
+def prepared(cinc2017) -> pathlib.Path:
+  if not (cinc2017["out"] / "generic").exists():
+    assert cli.main(cinc2017["command"]) == 0
+  return cinc2017["out"] / "generic"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> pathlib.Path:
+  return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+def test_probe_prepared_cinc2017_on_lead_i_reports_each_class(prepared, ckpt, tmp_path):
+  workdir = tmp_path / "probe"
+  assert cli.main(["probe", f"--config={PROBE_CONFIG}:test", "--config.tasks=prepared", f"--config.data_dir={prepared}",
+                   "--config.kind=multiclass", "--config.lead_sets=I", "--config.random_baseline=False",
+                   f"--config.checkpoint={ckpt}", "--config.cv_folds=4", "--workdir", str(workdir)]) == 0
+  saved = json.loads((workdir / "report.json").read_text())
+  (row,) = saved["rows"]
+  assert row["task"] == "cinc2017" and row["lead_set"] == "I"  # named by its data, not `prepared`
+  assert [c["class"] for c in row["classes"]] == sorted(CLASSES)
+  assert all(c["n_positive"] > 0 and c["auroc_lo"] <= c["auroc"] <= c["auroc_hi"] for c in row["classes"])
+  # Each stored window is scored; a class with fewer than 10 of them is flagged in the notes.
+  windows = {c: sum(max(int(s // 10), 1) for i, s in enumerate(LENGTHS) if CLASSES[i % 4] == c) for c in CLASSES}
+  assert {c["class"]: c["n_positive"] for c in row["classes"]} == windows
+  flagged = {c for c in CLASSES if any(f"class {c} has" in n and "mean little" in n for n in saved["notes"])}
+  assert flagged == {c for c, n in windows.items() if n < 10} != set()
+  md = (workdir / "report.md").read_text()
+  assert "| cinc2017 | checkpoint | I | ~ |" in md
+
+
+def test_embed_prepared_cinc2017(prepared, ckpt, tmp_path):
+  prefix = str(tmp_path / "emb")
+  assert cli.main(["embed", "--checkpoint", str(ckpt), "--data_dir", str(prepared), "--split", "train",
+                   "--out", prefix, "--lead_set", "I", "--no_progress"]) == 0
+  z = np.load(prefix + ".npz")
+  summary = json.loads(next(prepared.glob("*/summary.json")).read_text())
+  assert len(z["record_id"]) == summary["examples_written"] and list(z["lead_names"]) == ["I"]
+  assert np.isfinite(z["pooled"]).all() and z["pooled"].shape[1] == 64
