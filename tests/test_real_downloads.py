@@ -150,3 +150,51 @@ def test_embed_prepared_cinc2017(prepared, ckpt, tmp_path):
   summary = json.loads(next(prepared.glob("*/summary.json")).read_text())
   assert len(z["record_id"]) == summary["examples_written"] and list(z["lead_names"]) == ["I"]
   assert np.isfinite(z["pooled"]).all() and z["pooled"].shape[1] == 64
+
+
+def test_prepare_help_lists_builders_and_their_options(capsys):
+  from data_pipelines import prepare
+  with pytest.raises(SystemExit):
+    prepare.main(["--help"])
+  printed = capsys.readouterr().out
+  for name in prepare.BUILDERS:
+    assert f"\n  {name} " in printed
+  with pytest.raises(SystemExit):
+    prepare.main(["generic", "--help"])
+  printed = capsys.readouterr().out
+  for option in ("--lead_map", "--labels_csv", "--id_column", "--label_columns", "--pad_short", "--array"):
+    assert option in printed
+  assert "rename file channels to standard leads" in printed and "(default: train=1)" in printed
+  with pytest.raises(SystemExit):
+    prepare.main(["ptbxl", "--help"])
+  assert "--sampling_rate" in capsys.readouterr().out
+
+
+def test_every_builder_option_has_a_meaning():
+  import inspect
+
+  from data_pipelines import prepare
+  for name in prepare.BUILDERS:
+    cls = prepare.builder_class(name)
+    own = {k for k, v in inspect.signature(cls.__init__).parameters.items() if v.kind == v.KEYWORD_ONLY}
+    assert own <= set(prepare.builder_options(cls)), (name, own - set(prepare.builder_options(cls)))
+
+
+def test_unlabelled_and_short_records_are_quarantined_with_their_reason(shared_data, tmp_path):
+  raw = tmp_path / "raw"
+  write_cinc2017_like(shared_data, raw)
+  (raw / "REFERENCE.csv").write_text("A00001,N\nA00002,N\nA00003,A\n")  # A00001 is 9 s; the others: no row
+  for extra, written, reasons in (([], 2, {"no_label": len(LENGTHS) - 3, "too_short": 1}),
+                                  (["--pad_short", "true"], 3, {"no_label": len(LENGTHS) - 3})):
+    out = tmp_path / f"out{len(extra)}"
+    assert cli.main(["prepare", "generic", "--manual_dir", str(raw), "--data_dir", str(out), "--lead_map", "ECG=I",
+                     "--labels_csv", "REFERENCE.csv", "--quiet", *extra]) == 0
+    folder = next((out / "generic").glob("*/summary.json")).parent
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["records_written"] == written and summary["quarantined_by_reason"] == reasons
+    if not extra:
+      (line,) = [q for q in map(json.loads, (folder / "quarantine.jsonl").read_text().splitlines())
+                 if q["reason"] == "too_short"]
+      assert "A00001" in line["path"] and "--pad_short true" in line["detail"]
+  assert cli.main(["prepare", "generic", "--manual_dir", str(raw), "--data_dir", str(tmp_path / "bad"),
+                   "--lead_map", "ECG", "--quiet"]) == 2
