@@ -77,6 +77,11 @@ def hash_split(key: str, fractions: Mapping[str, float] = DEFAULT_FRACTIONS) -> 
   return names[-1]
 
 
+def split_names(keys: Iterable[Any], fractions: Mapping[str, float] = DEFAULT_FRACTIONS) -> np.ndarray:
+  """`hash_split` of each key (patient ids) as a str array: the one patient-grouped split, for data in memory."""
+  return np.asarray([hash_split(str(k), fractions) for k in keys], dtype=str)
+
+
 def parse_fractions(spec: str | Mapping[str, float] | None) -> dict[str, float]:
   """`train=0.8,validation=0.1,test=0.1` (or a mapping) -> fractions; zero-fraction splits are dropped."""
   if spec is None or spec == "":

@@ -165,7 +165,7 @@ def test_overlap_finds_ptbxl_records_inside_cinc(shared_data, cinc_dir, tmp_path
 
 
 def test_code15_builder_end_to_end(tmp_path, capsys):
-  from tests.test_readers import write_code15_folder
+  from tests.helpers import write_code15_folder
   manual, truth = write_code15_folder(tmp_path / "code15")
   assert _prepare("code15", manual, tmp_path / "out") == 0
   out = capsys.readouterr().out

@@ -14,7 +14,7 @@ import pytest
 
 from data_pipelines import prepare
 from stmem import data
-from tests.test_probe import tiny_checkpoint
+from tests.helpers import tiny_checkpoint
 
 PROBE_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "probe.py")
 

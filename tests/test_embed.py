@@ -4,7 +4,7 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 
-from tests.test_probe import tiny_checkpoint
+from tests.helpers import tiny_checkpoint
 
 
 def test_embed_arrays_equals_model():
