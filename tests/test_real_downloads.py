@@ -17,7 +17,7 @@ import scipy.io
 import scipy.signal
 
 from stmem import cli
-from tests.test_probe import tiny_checkpoint
+from tests.helpers import tiny_checkpoint
 
 PROBE_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "probe.py")
 FS = 300
