@@ -84,3 +84,17 @@ def test_one_bootstrap_gives_macro_and_class_intervals():
   one = evaluation.patient_bootstrap(lambda i: {"auroc": evaluation.auroc(y[i, k], s[i, k])}, pids,
                                      n_resamples=100, seed=1)
   np.testing.assert_allclose(both["classes"][k]["auroc"], one["auroc"])
+
+
+def test_multilabel_report_gives_per_class_rows_and_thresholded_f1():
+  rng = np.random.default_rng(4)
+  y = (rng.random((150, 3)) < np.asarray([0.5, 0.3, 0.2])).astype(np.float32)
+  s = 1 / (1 + np.exp(-(rng.normal(size=(150, 3)) + 2 * y * np.asarray([1.5, 0.8, 0.0]))))
+  pred = evaluation.predictions(s, evaluation.thresholds_for(y, s), multiclass=False)
+  row, _ = report.task_row("ptbxl", "checkpoint", "12", y, s, pred, [f"p{i}" for i in range(150)],
+                           class_names=("NORM", "MI", "HYP"), multiclass=False, protocol="splits",
+                           n_resamples=100, seed=0)
+  assert row["positives"] == {"NORM": int(y[:, 0].sum()), "MI": int(y[:, 1].sum()), "HYP": int(y[:, 2].sum())}
+  by = {c["class"]: c for c in row["classes"]}
+  assert by["NORM"]["f1"] == evaluation.f1(y[:, 0], pred[:, 0]) and by["NORM"]["auroc"] > by["HYP"]["auroc"]
+  assert "| ptbxl | checkpoint | 12 | MI |" in report.markdown([row])
