@@ -17,6 +17,8 @@ import sys
 
 import numpy as np
 
+from data_pipelines.errors import UsageError
+
 FORMATS = {"safetensors": "model.safetensors", "npz": "model.npz"}
 
 
@@ -51,7 +53,7 @@ def export(checkpoint_path: str | pathlib.Path, out: str | pathlib.Path, *, fmt:
   from stmem import checkpoint, model_card
 
   if fmt not in FORMATS:
-    raise ValueError(f"unknown format {fmt!r}; choose from {sorted(FORMATS)}")
+    raise UsageError(f"--format {fmt!r}: choose from {sorted(FORMATS)}")
   encoder, meta = checkpoint.load_model(checkpoint_path, encoder_only=True)
   names = encoder_reference_names(encoder)
   enc_params = {"encoder": nnx.to_pure_dict(nnx.state(encoder, nnx.Param))}
@@ -64,7 +66,11 @@ def export(checkpoint_path: str | pathlib.Path, out: str | pathlib.Path, *, fmt:
   if fmt == "safetensors":
     from safetensors.numpy import save_file
     # "format: pt" tells loaders the names and layouts are PyTorch's.
-    save_file(names, str(weights), metadata={"format": "pt", "producer": "stmem export", "stmem_fingerprint": fp})
+    # The contract and model config travel inside the file too, so that `stmem convert` of the file alone restores
+    # them exactly (the contract decides the preprocessing; the reference's would be silently different).
+    save_file(names, str(weights), metadata={"format": "pt", "producer": "stmem export", "stmem_fingerprint": fp,
+                                             "stmem_contract": json.dumps(meta["contract"], sort_keys=True),
+                                             "stmem_model": json.dumps(meta["model"], sort_keys=True)})
   else:
     np.savez(weights, **names)
   digest = _sha256(weights)
