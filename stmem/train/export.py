@@ -13,7 +13,6 @@ import argparse
 import hashlib
 import json
 import pathlib
-import sys
 
 import numpy as np
 
@@ -54,13 +53,15 @@ def export(checkpoint_path: str | pathlib.Path, out: str | pathlib.Path, *, fmt:
 
   if fmt not in FORMATS:
     raise UsageError(f"--format {fmt!r}: choose from {sorted(FORMATS)}")
+  out = pathlib.Path(out).expanduser()
+  if out.exists() and not out.is_dir():
+    raise UsageError(f"--out {out} is a file; give a folder for the model file, config.json and README.md")
   encoder, meta = checkpoint.load_model(checkpoint_path, encoder_only=True)
   names = encoder_reference_names(encoder)
   enc_params = {"encoder": nnx.to_pure_dict(nnx.state(encoder, nnx.Param))}
   fp = checkpoint.fingerprint(enc_params)
   count = int(sum(v.size for v in names.values()))
 
-  out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
   weights = out / FORMATS[fmt]
   if fmt == "safetensors":
@@ -104,11 +105,7 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--out", required=True, help="folder to write model file, config.json and README.md into")
   parser.add_argument("--format", default="safetensors", choices=sorted(FORMATS))
   args = parser.parse_args(argv)
-  try:
-    config = export(args.checkpoint, args.out, fmt=args.format)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"stmem export: {e}", file=sys.stderr)
-    return 1
+  config = export(args.checkpoint, args.out, fmt=args.format)
   print(f"stmem export: {args.checkpoint} -> {args.out}/{config['weights']['file']} "
         f"({config['parameter_count']:,} parameters, fingerprint {config['fingerprint']}), config.json, README.md")
   return 0
