@@ -28,8 +28,9 @@ class UserError(Exception):
     super().__init__(self.message + (f"\n  {hint}" if hint else ""))
 
 
-class UsageError(UserError):
-  """A wrong option, value, preset or configuration key (exit code 2)."""
+class UsageError(UserError, ValueError):
+  """A wrong option, value, preset or configuration key (exit code 2). Also a ValueError: code that validates a
+  value can raise it where callers already expect a ValueError."""
   exit_code = USAGE
 
 
