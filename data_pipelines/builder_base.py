@@ -348,20 +348,21 @@ LENGTH_EDGES = (0.0, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 
 
 def length_histogram(seconds: Sequence[float]) -> dict[str, Any]:
-  """Record lengths: min / median / max and counts per `LENGTH_EDGES` bin (`"10-15 s"`), empty bins left out.
+  """Record lengths: min / median / max and `bins`, [range, count] pairs in `LENGTH_EDGES` order (`["10-15 s", 8]`),
+  empty bins left out (pairs, not a mapping, so that summary.json keeps them in order).
 
   Why in every summary: a variable-length set (9-61 s) gives many windows per long record and none per short one,
   which changes what a 'record' weighs in training; the summary should show that before anyone trains on it.
   """
   if not len(seconds):
-    return {"min": None, "median": None, "max": None, "bins": {}}
+    return {"min": None, "median": None, "max": None, "bins": []}
   x = np.asarray(seconds, np.float64)
   edges = list(LENGTH_EDGES) + [np.inf]
-  bins = {}
+  bins = []
   for lo, hi in zip(edges[:-1], edges[1:]):
     n = int(((x >= lo) & (x < hi)).sum())
     if n:
-      bins[f"{lo:g}-{hi:g} s" if np.isfinite(hi) else f">= {lo:g} s"] = n
+      bins.append([f"{lo:g}-{hi:g} s" if np.isfinite(hi) else f">= {lo:g} s", n])
   return {"min": round(float(x.min()), 2), "median": round(float(np.median(x)), 2), "max": round(float(x.max()), 2),
           "bins": bins}
 

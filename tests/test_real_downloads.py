@@ -82,11 +82,12 @@ def test_prepare_cinc2017_folder_with_one_command(cinc2017, capsys):
   windows = sum(max(int(s // 10), 1) for s in LENGTHS)
   assert summary["examples_written"] == windows
   assert summary["length_seconds"]["min"] == 9.0 and summary["length_seconds"]["max"] == 61.0
-  assert summary["length_seconds"]["bins"]["10-15 s"] == 8
+  assert summary["length_seconds"]["bins"] == [["5-10 s", 2], ["10-15 s", 8], ["15-20 s", 1], ["20-30 s", 2],
+                                              ["30-60 s", 2], ["60-120 s", 1]]
   assert json.loads((folder / "labels.json").read_text()) == sorted(CLASSES)
   assert summary["label_kind"] == "multiclass" and summary["label_counts"] == {"A": 4, "N": 4, "O": 4, "~": 4}
   assert summary["duplicate_records"] == 1 and summary["duplicate_groups"] == [["train/A00002", "train/A00016"]]
-  assert "record lengths:    9-61 s" in printed and "duplicates:        1 record(s)" in printed
+  assert "record lengths:    9-61 s (median 10.5 s): 5-10 s 2, 10-15 s 8," in printed and "duplicates:        1 record(s)" in printed
   from data_pipelines.contract import Contract
   from stmem import data
   opened = data.open_prepared(cinc2017["out"] / "generic", "train")

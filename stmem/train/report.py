@@ -55,7 +55,8 @@ def task_row(task: str, model: str, lead_set: str, labels: np.ndarray, scores: n
 
   `labels` (N, C) multi-hot or one-hot, `scores` (N, C) probabilities, `predicted` (N, C) bool (F1), `patient_ids`
   (N,) for the bootstrap. The row holds the macro figures, `classes` (one dict per class with its own figures and
-  counts), `positives` {class: n} and `warnings` (too few records, patients or positives for a figure to mean much).
+  counts), `positives` {class: n} and `warnings` (too few records, patients or positives for a figure to mean much;
+  worded without the model, so that the rows of several models on one split give one note).
   """
   from stmem import evaluation
   y = np.atleast_2d(np.asarray(labels, np.float32))
@@ -73,7 +74,7 @@ def task_row(task: str, model: str, lead_set: str, labels: np.ndarray, scores: n
   row["classes"] = []
   warnings = []
   if n_patients < MIN_PATIENTS:
-    warnings.append(f"{task} ({model}, {lead_set}): only {n} records of {n_patients} patients scored; the intervals "
+    warnings.append(f"{task} ({lead_set}): only {n} records of {n_patients} patients scored; the intervals "
                     f"cannot describe new patients")
   for k, name in enumerate(names):
     c = {"class": name, "n_positive": int(positives[k]), "n_negative": n - int(positives[k])}
@@ -83,7 +84,7 @@ def task_row(task: str, model: str, lead_set: str, labels: np.ndarray, scores: n
     few = min(c["n_positive"], c["n_negative"])
     if few < MIN_CLASS_RECORDS:
       side = "positive" if c["n_positive"] <= c["n_negative"] else "negative"
-      warnings.append(f"{task} ({model}, {lead_set}): class {name} has {few} {side} record(s) scored; its AUROC/AUPRC "
+      warnings.append(f"{task} ({lead_set}): class {name} has {few} {side} record(s) scored; its AUROC/AUPRC "
                       f"(and the macro figure it enters) mean little below {MIN_CLASS_RECORDS}")
   row["warnings"] = warnings
   fpr, tpr = evaluation.macro_roc_curve(y, scores)
