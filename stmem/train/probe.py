@@ -134,11 +134,12 @@ def main(argv: Sequence[str]) -> int:
           rows.append(row)
           if model == "checkpoint" or len(encoders) == 1 or lead_set == lead_sets[0]:
             curves.setdefault(row["task"], {})[f"{lead_set} ({model})"] = curve
-          log.info("%-12s %-12s %-10s AUROC %.3f [%.3f, %.3f]", task.name, model, lead_set, row["auroc"],
+          log.info("%-12s %-12s %-10s AUROC %.3f [%.3f, %.3f]", row["task"], model, lead_set, row["auroc"],
                    row["auroc_lo"], row["auroc_hi"])
 
   # ------------------------------------------------------------------------------------------ report
-  notes += [f"{t.name}: {evaluation_folds(t, pools[key], config)[3]}" for key, t in task_list]
+  notes += [f"{report.task_title(t.name, config)}: {evaluation_folds(t, pools[key], config)[3]}"
+            for key, t in task_list]
   notes.append(f"intervals: 95 % percentile bootstrap over patients ({config.bootstrap} resamples); F1 thresholds "
                f"chosen on validation; L2 chosen on validation {config.select_on}")
   paths = report.write(workdir, rows, title="Linear probe", curves=curves, notes=notes,
