@@ -20,9 +20,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from data_pipelines.errors import DataError, UsageError
+from data_pipelines.readers.common import NO_LABEL
 from data_pipelines.record import RecordError
 
-NO_LABEL = "no_label"  # the RecordError reason for a record the labels CSV does not name
 ID_COLUMNS = ("record_id", "record", "id", "filename", "file", "name", "recording")
 
 

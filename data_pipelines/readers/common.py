@@ -25,7 +25,9 @@ TOO_SHORT = "too_short"          # shorter than `min_seconds`
 UNKNOWN_LEADS = "unknown_leads"  # not one standard lead among the file's signals
 UNSUPPORTED_FS = "unsupported_fs"  # sampling rate below `min_fs`
 DUPLICATE_LEADS = "duplicate_leads"  # two signals name the same standard lead: which one it is cannot be known
-REASONS = (UNREADABLE, BAD_HEADER, NON_FINITE, FLAT_RECORD, TOO_SHORT, UNKNOWN_LEADS, UNSUPPORTED_FS, DUPLICATE_LEADS)
+NO_LABEL = "no_label"            # the labels CSV given for a folder has no row for the record
+REASONS = (UNREADABLE, BAD_HEADER, NON_FINITE, FLAT_RECORD, TOO_SHORT, UNKNOWN_LEADS, UNSUPPORTED_FS, DUPLICATE_LEADS,
+           NO_LABEL)
 
 MIN_FS = 100.0  # PTB-XL's 100 Hz release is the lowest rate in common use; below that QRS shapes are lost.
 
