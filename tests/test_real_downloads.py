@@ -199,3 +199,20 @@ def test_unlabelled_and_short_records_are_quarantined_with_their_reason(shared_d
       assert "A00001" in line["path"] and "--pad_short true" in line["detail"]
   assert cli.main(["prepare", "generic", "--manual_dir", str(raw), "--data_dir", str(tmp_path / "bad"),
                    "--lead_map", "ECG", "--quiet"]) == 2
+
+
+def test_crops_of_a_padded_record_stay_inside_the_recording(prepared):
+  from stmem import data
+  opened = data.open_prepared(prepared, "train")
+  ids = [opened.source[i]["record_id"] for i in range(len(opened.source))]
+  ids = [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+  padded, full = ids.index("A00001"), ids.index("A00002")  # 9 s (padded to 10 s) and 10 s
+  subset = data.Subset(opened.source, [padded, full])
+  (batch,) = list(data.make_iterator(subset, opened.contract, batch_size=2, train=False, worker_count=0))
+  crops = batch["signal"][:, :, 0]  # (record, crop, samples) of lead I
+  assert crops.shape[1] == 3 and not np.array_equal(crops[1, 0], crops[1, 2])  # 10 s: crops at 0, 0.5 s, 1 s
+  np.testing.assert_array_equal(crops[0, 0], crops[0, 2])  # 9 s: every crop is the recording's 9 s, no padding
+  for epoch in range(3):  # training crops too start where the recording still fills a crop: at 0 here
+    (train,) = list(data.make_iterator(data.Subset(opened.source, [padded]), opened.contract, batch_size=1,
+                                       train=True, seed=epoch, worker_count=0, num_epochs=1))
+    np.testing.assert_allclose(train["signal"][0, 0], crops[0, 0], atol=1e-6)

@@ -77,7 +77,10 @@ class ResampledSource:
   def __getitem__(self, index: int) -> dict[str, Any]:
     from data_pipelines import transforms
     ex = dict(self.source[index])
+    length = np.shape(ex["signal"])[-1]
     ex["signal"] = transforms.resample_to(np.asarray(ex["signal"], np.float32), self.record_samples)
+    if "valid_samples" in ex:  # where zero padding starts, at the new rate
+      ex["valid_samples"] = int(round(int(ex["valid_samples"]) * self.record_samples / length))
     return ex
 
 
