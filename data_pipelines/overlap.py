@@ -100,28 +100,39 @@ def format_report(pairs: list[dict[str, Any]], a: str | os.PathLike[str], b: str
   return "\n".join(lines)
 
 
+def report(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> tuple[str, int]:
+  """(the printed report, how many records are shared or repeated) for two datasets, or one against itself."""
+  if same_dataset(a, b):
+    groups = find_duplicates(a)
+    return format_duplicates(groups, a), sum(len(g) - 1 for g in groups)
+  pairs = find_overlap(a, b)
+  return format_report(pairs, a, b), len(pairs)
+
+
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="stmem overlap", description=__doc__.split("\n")[0])
   p.add_argument("data_dir_a")
   p.add_argument("data_dir_b")
   p.add_argument("--json", action="store_true", help="print every shared pair as JSON")
-  p.add_argument("--fail_on_overlap", action="store_true", help="exit 1 when any record is shared")
+  p.add_argument("--fail_on_overlap", action="store_true",
+                 help="exit 1 when any record is shared (for A A: when any record repeats another)")
   args = p.parse_args(sys.argv[1:] if argv is None else argv)
   try:
-    if same_dataset(args.data_dir_a, args.data_dir_b):
+    if not args.json:
+      text, found = report(args.data_dir_a, args.data_dir_b)
+      print(text)
+    elif same_dataset(args.data_dir_a, args.data_dir_b):
       groups = find_duplicates(args.data_dir_a)
-      print(json.dumps({"duplicated": sum(len(g) - 1 for g in groups), "groups": groups}, indent=1) if args.json
-            else format_duplicates(groups, args.data_dir_a))
-      return 1 if groups and args.fail_on_overlap else 0
-    pairs = find_overlap(args.data_dir_a, args.data_dir_b)
+      found = sum(len(g) - 1 for g in groups)
+      print(json.dumps({"duplicated": found, "groups": groups}, indent=1))
+    else:
+      pairs = find_overlap(args.data_dir_a, args.data_dir_b)
+      found = len(pairs)
+      print(json.dumps({"shared": found, "pairs": pairs}, indent=1))
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  if args.json:
-    print(json.dumps({"shared": len(pairs), "pairs": pairs}, indent=1))
-  else:
-    print(format_report(pairs, args.data_dir_a, args.data_dir_b))
-  return 1 if pairs and args.fail_on_overlap else 0
+  return 1 if found and args.fail_on_overlap else 0
 
 
 if __name__ == "__main__":

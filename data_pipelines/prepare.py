@@ -309,7 +309,7 @@ def _overlaps(folder: str, others: list[str]) -> int:
     return 0
   from data_pipelines import overlap
   for other in others:
-    print(overlap.format_report(overlap.find_overlap(folder, other), folder, other))
+    print(overlap.report(folder, other)[0])
   return 0
 
 

@@ -110,6 +110,10 @@ def test_overlap_of_a_dataset_with_itself_lists_its_internal_duplicates(cinc2017
   assert "1 record(s) of" in printed and "repeat another's samples (1 group(s))" in printed
   assert "cinc2017/A00002 [train] == cinc2017/A00016 [train]" in printed
   assert cli.main(["overlap", folder, folder, "--fail_on_overlap"]) == 1
+  capsys.readouterr()
+  assert cli.main(["overlap", folder, str(next(pathlib.Path(folder).glob("*/summary.json")).parent), "--json"]) == 0
+  saved = json.loads(capsys.readouterr().out)
+  assert saved["duplicated"] == 1 and [r["record_id"] for r in saved["groups"][0]] == ["A00002", "A00016"]
 
 
 @pytest.fixture(scope="module")
