@@ -329,6 +329,8 @@ class BuildStats:
       "length_seconds": length_histogram(self.seconds),
       "duplicate_records": sum(len(v) - 1 for v in dup.values()),
       "duplicate_groups": [[f"{r['split']}/{r['record_id']}" for r in v] for v in dup.values()][:20],
+      "records_with_notes": sum(1 for r in self.index if r.get("notes")),
+      "first_note": next((f"{r['record_id']}: {r['notes'][0]}" for r in self.index if r.get("notes")), None),
       "label_kind": self.label_kind,
       "label_counts": ({n: int(c) for n, c in zip(self.label_names, self.label_counts)}
                        if self.label_counts is not None else {}),
@@ -472,7 +474,8 @@ class StmemBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         first = examples[0][1]
         self.stats.index.append({"split": split, "record_id": first["record_id"], "patient_id": first["patient_id"],
                                  "source": first["source"], "content_hash": digest, "windows": len(examples),
-                                 "path": os.path.basename(str(item.path)) if item.path else ""})
+                                 "path": os.path.basename(str(item.path)) if item.path else "",
+                                 **({"notes": list(item.metadata["notes"])} if item.metadata.get("notes") else {})})
         yield from examples
     finally:
       if bar is not None:

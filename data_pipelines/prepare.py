@@ -181,6 +181,9 @@ def summary_lines(name: str, folder: str, stats: dict[str, Any]) -> list[str]:
   if lengths.get("bins"):
     lines.append(f"  record lengths:    {lengths['min']:g}-{lengths['max']:g} s (median {lengths['median']:g} s): "
                  + ", ".join(f"{k} {v}" for k, v in lengths["bins"]))
+  if stats.get("records_with_notes"):
+    lines.append(f"  read leniently:    {stats['records_with_notes']} record(s), e.g. {stats['first_note']} "
+                 "(each in records.jsonl)")
   if stats.get("label_counts"):
     kind = f" ({stats['label_kind']})" if stats.get("label_kind") else ""
     lines.append(f"  labels{kind}: " + ", ".join(f"{k} {v}" for k, v in stats["label_counts"].items()))

@@ -87,6 +87,10 @@ def test_prepare_cinc2017_folder_with_one_command(cinc2017, capsys):
   assert json.loads((folder / "labels.json").read_text()) == sorted(CLASSES)
   assert summary["label_kind"] == "multiclass" and summary["label_counts"] == {"A": 4, "N": 4, "O": 4, "~": 4}
   assert summary["duplicate_records"] == 1 and summary["duplicate_groups"] == [["train/A00002", "train/A00016"]]
+  assert summary["records_with_notes"] == len(LENGTHS) and "left out '2016-06-05 09:00:00'" in summary["first_note"]
+  index = [json.loads(line) for line in (folder / "records.jsonl").read_text().splitlines()]
+  assert all("wfdb could not read" in r["notes"][0] for r in index)
+  assert "read leniently:    16 record(s)" in printed
   assert "record lengths:    9-61 s (median 10.5 s): 5-10 s 2, 10-15 s 8," in printed and "duplicates:        1 record(s)" in printed
   from data_pipelines.contract import Contract
   from stmem import data

@@ -122,6 +122,7 @@ def _decode_leniently(base: str, hea: str, first: RecordError) -> tuple[Any, Any
       fields = line.split()
       if fields and not fields[0].startswith("#") and (folder / fields[0]).is_file():
         target = pathlib.Path(tmp, fields[0])
+        target.parent.mkdir(parents=True, exist_ok=True)  # a signal file in a subfolder of the record's
         if not target.exists():
           try:
             os.symlink(os.path.abspath(folder / fields[0]), target)
