@@ -423,6 +423,8 @@ class _Columns:
     b, k = starts.shape
     self.signal = np.empty((b, k, len(rows), window), np.float32)
     self.lead_mask = np.empty((b, len(rows)), bool)
+    if len(rows) and (np.diff(rows) == 1).all():  # consecutive rows: a slice, so each crop is copied once
+      rows = slice(int(rows[0]), int(rows[-1]) + 1)
     self.labels = np.zeros((b, num_labels), np.float32)
     rids, pids = [], []
     for i, (ex, index) in enumerate(zip(examples, indices)):
@@ -478,8 +480,9 @@ class _Order:
 class _TrainBatch:
   """(B, 2) [position, source index] -> a training batch with one random crop per example.
 
-  A class, not a closure, so grain workers can pickle it. Each crop's RNG is `default_rng((seed, epoch, index))`:
-  the same record gets the same crop in the same epoch, whatever the batch, process or worker it lands in.
+  A class, not a closure, so grain workers can pickle it. Each crop's start is a hash of (seed, epoch, index)
+  (`transforms.hashed_starts`): the same record gets the same crop in the same epoch, whatever the batch, process
+  or worker it lands in.
   """
 
   def __init__(self, source: Source, contract: Contract, lead_set: Any, seed: int, shard_len: int, num_labels: int):
@@ -490,10 +493,12 @@ class _TrainBatch:
   def __call__(self, order: np.ndarray) -> dict[str, np.ndarray]:
     examples = _read(self.source, order[:, 1])
     window = self.contract.window
+    epochs = order[:, 0] // self.shard_len
+    lengths = np.asarray([usable_samples(ex) for ex in examples], np.int64)  # padding (pad_short) left out
     starts = np.empty((len(order), 1), np.int64)
-    for i, ((position, index), ex) in enumerate(zip(order, examples)):
-      rng = np.random.default_rng((self.seed, int(position) // self.shard_len, int(index)))
-      starts[i, 0] = transforms.random_start(usable_samples(ex), window, rng)
+    for epoch in np.unique(epochs):  # one epoch per batch, or two across an epoch boundary
+      at = epochs == epoch
+      starts[at, 0] = transforms.hashed_starts(self.seed, int(epoch), order[at, 1], lengths[at], window)
     c = _Columns(examples, order[:, 1], self.rows, starts, window, self.num_labels)
     b = len(examples)
     return {"signal": _finish(c.signal[:, 0], c.lead_mask, self.contract),

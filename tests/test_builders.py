@@ -59,8 +59,8 @@ def test_direct_decode_equals_tfds_decode(cinc_dir):
 
 def test_raw_folder_in_memory_equals_the_prepared_dataset(cinc_dir, shared_data):
   # One path: a raw folder read in memory (data.open_pool) gives the examples `stmem prepare` wrote, split by split.
-  raw = data.open_pool(data.DatasetSpec("raw", path=str(shared_data / "cinc2021"), name="cinc"))
   prepared = data.open_pool(data.DatasetSpec("prepared", path=str(cinc_dir)))
+  raw = data.open_pool(data.DatasetSpec("raw", path=str(shared_data / "cinc2021"), name="cinc"), prepared.contract)
   assert raw.label_names == prepared.label_names and raw.quarantine["total"] == 0
   assert sorted(raw.record_id) == sorted(prepared.record_id) and len(raw.record_id) == 50
   at = {r: i for i, r in enumerate(prepared.record_id)}
@@ -92,7 +92,8 @@ def test_ludb_all_records_with_labels_and_side_files(ludb_dir, shared_data):
   assert (labels[:, 3].sum(), labels[:, 4].sum()) == (75, 66)
   assert len({ex["content_hash"] for ex in examples}) == 200
   folder = pathlib.Path(prepared.folder)
-  assert Contract.from_json((folder / "contract.json").read_text()) == Contract()
+  # `stmem prepare` filters once per record by default (the input pipeline's cheap path).
+  assert Contract.from_json((folder / "contract.json").read_text()) == Contract(filter_stage="offline")
   assert (folder / "quarantine.jsonl").read_text() == ""
   summary = json.loads((folder / "summary.json").read_text())
   assert summary["records_read"] == 200 and summary["examples_written"] == 200 and summary["quarantined"] == 0
@@ -202,7 +203,7 @@ def test_overlap_finds_ptbxl_records_inside_cinc(shared_data, cinc_dir, tmp_path
 def test_code15_builder_end_to_end(tmp_path, capsys):
   from tests.helpers import write_code15_folder
   manual, truth = write_code15_folder(tmp_path / "code15")
-  assert _prepare("code15", manual, tmp_path / "out") == 0
+  assert _prepare("code15", manual, tmp_path / "out", "--filter_stage", "per_crop") == 0
   out = capsys.readouterr().out
   assert "records read:      4" in out and "too_short: 1" in out and "flat_record: 1" in out
   prepared = data.open_prepared(tmp_path / "out" / "code15", "train")

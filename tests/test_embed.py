@@ -40,7 +40,8 @@ def test_embed_raw_folder_round_trip(shared_data, tmp_path):
   # Independently: the same folder prepared by `stmem prepare generic` under the checkpoint's contract, its first
   # crop through the encoder. Raw and prepared examples must be the same examples.
   from data_pipelines import prepare
-  assert prepare.main(["generic", "--manual_dir", str(raw), "--data_dir", str(tmp_path / "prep"), "--quiet"]) == 0
+  assert prepare.main(["generic", "--manual_dir", str(raw), "--data_dir", str(tmp_path / "prep"), "--quiet",
+                       "--filter_stage", "per_crop"]) == 0  # the checkpoint's contract
   loaded = features.load_encoder(ckpt)
   prepared = data.open_prepared(tmp_path / "prep", "train")
   order = sorted(range(5), key=lambda i: prepared.source[i]["record_id"])
