@@ -276,3 +276,12 @@ def test_labels_csv_pairs_and_tables(tmp_path):
   (tmp_path / "twice.csv").write_text("A1,N\nA1,A\n")
   with pytest.raises(DataError, match="two rows"):
     labels_csv.load(tmp_path / "twice.csv")
+
+
+def test_wfdb_lenient_header_with_a_truncated_signal_is_unreadable(tmp_path):
+  _write_mat_record(tmp_path, "T1", " 2016-06-05 09:01:00")
+  data = (tmp_path / "T1.mat").read_bytes()
+  (tmp_path / "T1.mat").write_bytes(data[:len(data) // 2])  # the header reads once the date is left out
+  with pytest.raises(RecordError) as info:
+    read_wfdb(tmp_path / "T1.hea", lead_map={"ecg": "I"})
+  assert info.value.reason == "unreadable" and "T1.hea" in str(info.value)

@@ -109,7 +109,7 @@ def _decode(base: str, hea: str) -> tuple[Any, Any]:
 
 def _decode_leniently(base: str, hea: str, first: RecordError) -> tuple[Any, Any, str]:
   """`_decode` of the header with its base time/date left out (`lenient_header`), beside links to the signal files,
-  in a temporary folder; re-raises `first` when leaving them out does not help."""
+  in a temporary folder; re-raises `first` when the header still does not read without them."""
   with open(hea, encoding="ascii", errors="ignore", newline="") as f:
     text, ignored = lenient_header(f.read())
   if not ignored:
@@ -130,8 +130,10 @@ def _decode_leniently(base: str, hea: str, first: RecordError) -> tuple[Any, Any
             shutil.copyfile(folder / fields[0], target)
     try:
       header, rec = _decode(os.path.join(tmp, name), hea)
-    except RecordError:
-      raise first from None
+    except RecordError as second:
+      if second.reason == common.BAD_HEADER:  # not (only) the date: the header's own error says more
+        raise first from None
+      raise  # the header reads now, and the signal is what fails
   return header, rec, f"header: left out {ignored!r} after the sample count, which wfdb could not read ({first.detail})"
 
 
