@@ -312,6 +312,7 @@ class BuildStats:
     self.label_names: tuple[str, ...] = ()
     self.label_kind: str | None = None
     self.label_counts: np.ndarray | None = None  # records written per label
+    self.notes: list[str] = []  # what a builder wants the user to read in the summary (e.g. unused label rows)
 
   def duplicates(self) -> dict[str, list[dict[str, Any]]]:
     """{content hash: the written records that share it} for hashes written more than once."""
@@ -333,6 +334,7 @@ class BuildStats:
       "duplicate_groups": [[f"{r['split']}/{r['record_id']}" for r in v] for v in dup.values()][:20],
       "records_with_notes": sum(1 for r in self.index if r.get("notes")),
       "first_note": next((f"{r['record_id']}: {r['notes'][0]}" for r in self.index if r.get("notes")), None),
+      "notes": list(self.notes),
       "label_kind": self.label_kind,
       "label_counts": ({n: int(c) for n, c in zip(self.label_names, self.label_counts)}
                        if self.label_counts is not None else {}),

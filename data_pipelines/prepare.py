@@ -188,6 +188,7 @@ def summary_lines(name: str, folder: str, stats: dict[str, Any]) -> list[str]:
   if stats.get("label_counts"):
     kind = f" ({stats['label_kind']})" if stats.get("label_kind") else ""
     lines.append(f"  labels{kind}: " + ", ".join(f"{k} {v}" for k, v in stats["label_counts"].items()))
+  lines += [f"  note: {n}" for n in stats.get("notes", ())]
   dup = stats.get("duplicate_records", 0)
   lines.append(f"  duplicates:        {dup} record(s) repeat the samples of another (by content hash)"
                + (": " + "; ".join(" = ".join(g) for g in stats.get("duplicate_groups", [])[:5]) if dup else ""))

@@ -192,7 +192,8 @@ def test_every_builder_option_has_a_meaning():
 def test_unlabelled_and_short_records_are_quarantined_with_their_reason(shared_data, tmp_path):
   raw = tmp_path / "raw"
   write_cinc2017_like(shared_data, raw)
-  (raw / "REFERENCE.csv").write_text("A00001,N\nA00002,N\nA00003,A\n")  # A00001 is 9 s; the others: no row
+  # A00001 is 9 s; A00004... have no row; Z99999 is no record of the folder.
+  (raw / "REFERENCE.csv").write_text("A00001,N\nA00002,N\nA00003,A\nZ99999,O\n")
   for extra, written, reasons in (([], 2, {"no_label": len(LENGTHS) - 3, "too_short": 1}),
                                   (["--pad_short", "true"], 3, {"no_label": len(LENGTHS) - 3})):
     out = tmp_path / f"out{len(extra)}"
@@ -201,6 +202,7 @@ def test_unlabelled_and_short_records_are_quarantined_with_their_reason(shared_d
     folder = next((out / "generic").glob("*/summary.json")).parent
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["records_written"] == written and summary["quarantined_by_reason"] == reasons
+    assert summary["notes"] == ["1 row(s) of REFERENCE.csv name no record in the folder (e.g. Z99999)"]
     if not extra:
       (line,) = [q for q in map(json.loads, (folder / "quarantine.jsonl").read_text().splitlines())
                  if q["reason"] == "too_short"]

@@ -106,6 +106,12 @@ class Builder(builder_base.StmemBuilder):
       return {name: self._numpy(name) for name in self.fractions}
     folder = builder_base.epath.Path(self._path(root, self.wfdb_dir) if self.wfdb_dir else root)
     headers = builder_base.rglob(folder, "*.hea")
+    if self.table is not None:
+      found = {labels_csv_lib.record_key(h) for h in headers}
+      unused = sorted(set(self.table.rows) - found)
+      if unused:
+        self.stats.notes.append(f"{len(unused)} row(s) of {os.path.basename(self.table.path)} name no record in the "
+                                f"folder (e.g. {', '.join(unused[:3])})")
     chosen: dict[str, list[str]] = {name: [] for name in self.fractions}
     for h in headers:
       chosen[builder_base.hash_split(builder_base.epath.Path(h).stem, self.fractions)].append(h)

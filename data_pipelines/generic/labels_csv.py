@@ -36,13 +36,14 @@ class LabelTable:
 
   def vector(self, record_id: str, where: str = "") -> np.ndarray:
     """The labels of one record; RecordError `no_label` naming the CSV when it has no row for it."""
-    v = self.rows.get(_key(record_id))
+    v = self.rows.get(record_key(record_id))
     if v is None:
       raise RecordError(where or record_id, NO_LABEL, f"record {record_id!r} has no row in {self.path}")
     return v
 
 
-def _key(name: str) -> str:
+def record_key(name: str) -> str:
+  """The name a CSV row and a record file are matched by: the file name without a signal/header extension."""
   base = os.path.basename(str(name).strip())
   stem, ext = os.path.splitext(base)
   return stem if ext.lower() in (".hea", ".mat", ".dat", ".csv", ".npy", ".edf") else base
@@ -99,7 +100,7 @@ def load(path: str | os.PathLike[str], id_column: str | None = None,
 
 
 def _put(out: dict[str, np.ndarray], path: str, record: str, vector: np.ndarray) -> None:
-  key = _key(record)
+  key = record_key(record)
   if key in out:
     raise DataError(f"--labels_csv {path}: record {record!r} has two rows; keep one")
   out[key] = vector
