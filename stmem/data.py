@@ -498,7 +498,7 @@ class _TrainBatch:
     examples = read_many(self.source, order[:, 1])
     window = self.contract.window
     epochs = order[:, 0] // self.shard_len
-    lengths = np.asarray([np.shape(ex["signal"])[-1] for ex in examples], np.int64)
+    lengths = np.asarray([usable_samples(ex) for ex in examples], np.int64)  # padding (pad_short) left out
     starts = np.empty((len(order), 1), np.int64)
     for epoch in np.unique(epochs):  # one epoch per batch, or two across an epoch boundary
       at = epochs == epoch
@@ -508,6 +508,13 @@ class _TrainBatch:
     return {"signal": _finish(c.signal[:, 0], c.lead_mask, self.contract),
             "lead_ids": np.broadcast_to(self.ids, (b, len(self.ids))).copy(), "lead_mask": c.lead_mask,
             "labels": c.labels, "record_id": c.record_id, "patient_id": c.patient_id, "valid": np.ones((b,), bool)}
+
+
+def usable_samples(ex: Mapping[str, Any]) -> int:
+  """Samples of an example's stored window that hold recording: `valid_samples` when the builder zero-padded it
+  (`stmem prepare ... --pad_short true`), else the whole window. Crops are drawn from these."""
+  n = int(np.shape(ex["signal"])[-1])
+  return min(n, int(ex["valid_samples"])) if "valid_samples" in ex else n
 
 
 class _EvalBatch:
@@ -527,8 +534,12 @@ class _EvalBatch:
            "record_id": np.full((b,), b"", object), "patient_id": np.full((b,), b"", object), "valid": valid}
     real = np.asarray(indices)[valid]
     if len(real):
-      starts = np.broadcast_to(self.starts, (len(real), k))
-      c = _Columns(read_many(self.source, real), real, self.rows, starts, window, self.num_labels)
+      examples = read_many(self.source, real)
+      # A zero-padded example (`pad_short`) moves its crops back inside the recording: they start at most at
+      # valid_samples - window, so no evaluation crop holds padding where the recording fills one crop.
+      last = np.asarray([max(usable_samples(ex) - window, 0) for ex in examples], np.int64)
+      c = _Columns(examples, real, self.rows, np.minimum(self.starts[None, :], last[:, None]), window,
+                   self.num_labels)
       out["signal"][valid] = _finish(c.signal, c.lead_mask, self.contract)
       out["lead_mask"][valid], out["labels"][valid] = c.lead_mask, c.labels
       out["record_id"][valid], out["patient_id"][valid] = c.record_id, c.patient_id

@@ -57,7 +57,7 @@ def test_probe_on_prepared_ludb_cross_validates_by_patient(ckpt, ludb, tmp_path)
     assert r["protocol"] == "5-fold patient-grouped cross-validation"
     assert r["n_positive"] == "18/108"  # LUDB's AF/flutter and LVH positives (../shared/data/README.md)
     assert r["auroc_lo"] <= r["auroc"] <= r["auroc_hi"]
-  assert (tmp_path / "probe" / "auroc_prepared.png").exists()
+  assert (tmp_path / "probe" / "auroc_ludb.png").exists()  # the task is named by its data, not `prepared`
 
 
 def test_probe_adapts_a_500hz_offline_filtered_dataset(ckpt, cinc_500hz, tmp_path):

@@ -17,8 +17,6 @@ import argparse
 import json
 import os
 import pathlib
-import shutil
-import tempfile
 import zipfile
 from collections.abc import Sequence
 from typing import Any
@@ -56,11 +54,14 @@ class Writer:
   .npz entries are written with the true row count, copied in slices, so no array is ever whole in memory.
   """
 
-  def __init__(self, prefix: str, capacity: int, shapes: dict[str, tuple[int, ...]], metadata: dict[str, Any]):
+  def __init__(self, prefix: str, capacity: int, shapes: dict[str, tuple[int, ...]], metadata: dict[str, Any],
+               staging: Any):
     import pyarrow as pa
     import pyarrow.parquet as pq
     self.prefix, self.capacity, self.shapes, self.metadata = prefix, capacity, shapes, metadata
-    self.tmp = tempfile.mkdtemp(prefix="stmem-embed-", dir=os.path.dirname(os.path.abspath(prefix)) or ".")
+    # Everything is written in `staging` (a stmem.atomic.Staging) and moved into place by `close`: a failed or empty
+    # run leaves neither a 0-row file nor a temporary folder behind.
+    self.staging, self.tmp = staging, staging.folder
     self.maps = {k: np.lib.format.open_memmap(os.path.join(self.tmp, f"{k}.npy"), mode="w+", dtype=np.float32,
                                               shape=(max(capacity, 1), *s)) for k, s in shapes.items()}
     self.ids: dict[str, list[str]] = {"record_id": [], "patient_id": []}
@@ -77,7 +78,7 @@ class Writer:
               pa.field("lead_mask", pa.list_(pa.bool_(), shapes["per_lead"][0]))]
     fields += [pa.field(k, vec(s)) for k, s in shapes.items()]
     self.schema = pa.schema(fields, metadata={k: json.dumps(v) for k, v in metadata.items()})
-    self.parquet = pq.ParquetWriter(prefix + ".parquet", self.schema)
+    self.parquet = pq.ParquetWriter(staging.path("out.parquet"), self.schema)
 
   def write(self, arrays: dict[str, np.ndarray], record_id: Sequence[str], patient_id: Sequence[str],
             lead_mask: np.ndarray) -> None:
@@ -108,7 +109,7 @@ class Writer:
     for k, v in self.metadata.items():  # lists of names stay arrays of names; anything else is JSON text
       plain = isinstance(v, list) and all(isinstance(x, str) for x in v)
       extra[k] = np.asarray(v if plain or isinstance(v, str) else json.dumps(v), dtype=str)
-    with zipfile.ZipFile(self.prefix + ".npz", "w", allowZip64=True) as z:
+    with zipfile.ZipFile(self.staging.path("out.npz"), "w", allowZip64=True) as z:
       for k, m in self.maps.items():
         with z.open(f"{k}.npy", "w", force_zip64=True) as f:
           np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(m.dtype),
@@ -121,7 +122,7 @@ class Writer:
           np.lib.format.write_array(f, v, allow_pickle=False)
     for m in self.maps.values():
       m._mmap.close()
-    shutil.rmtree(self.tmp, ignore_errors=True)
+    self.staging.commit({"out.npz": self.prefix + ".npz", "out.parquet": self.prefix + ".parquet"})
     return self.prefix + ".npz", self.prefix + ".parquet"
 
 
@@ -129,13 +130,17 @@ def main(argv: Sequence[str]) -> int:
   args = _parse(argv)
   import sys
 
-  from data_pipelines import leads as leads_lib
+  from data_pipelines import errors, leads as leads_lib
   from data_pipelines import transforms
+  from data_pipelines.errors import DataError
   from stmem import data
   from stmem.train import features
 
   def log(msg: str) -> None:
     print(f"stmem embed: {msg}", file=sys.stderr)
+
+  if args.records:  # before the (slow) checkpoint load
+    errors.require_dir(args.records, "--records")
 
   # ------------------------------------------------------------------------------------------ encoder
   loaded = features.load_encoder(args.checkpoint)
@@ -165,27 +170,32 @@ def main(argv: Sequence[str]) -> int:
   shapes = {"pooled": (cfg.width,), "per_lead": (len(names), cfg.width)}
   if args.per_patch:
     shapes["per_patch"] = (len(names), contract.window // contract.patch_size, cfg.width)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  writer = Writer(args.out, capacity, shapes, {
-    "fingerprint": loaded.fingerprint, "contract": loaded.contract.to_dict(), "checkpoint": loaded.name,
-    "lead_names": list(names), "crops": args.crops, "model": dict(vars(cfg)) if hasattr(cfg, "__dict__") else {}})
-  fn = features.feature_fn(per_lead=True, per_patch=args.per_patch)
-  from flax import nnx
-  graphdef, state = nnx.split(loaded.encoder)
-  bar = None
-  if not args.no_progress:
-    from tqdm import tqdm
-    bar = tqdm(total=capacity, unit="record", desc="embed", file=sys.stderr)
-  for batch in features.eval_batches(source, contract, lead_set=names, batch_size=args.batch_size, crops=crops):
-    out = fn(graphdef, state, batch["signal"], batch["lead_ids"], batch["lead_mask"])
-    valid = batch["valid"]
-    arrays = {{"tokens": "per_patch"}.get(k, k): np.asarray(v)[valid] for k, v in out.items()}
-    writer.write(arrays, [r.decode() for r in batch["record_id"][valid]],
-                 [p.decode() for p in batch["patient_id"][valid]], batch["lead_mask"][valid])
+  from stmem import atomic
+  with atomic.Staging(os.path.dirname(os.path.abspath(args.out))) as staging:
+    writer = Writer(args.out, capacity, shapes, {
+      "fingerprint": loaded.fingerprint, "contract": loaded.contract.to_dict(), "checkpoint": loaded.name,
+      "lead_names": list(names), "crops": args.crops, "model": dict(vars(cfg)) if hasattr(cfg, "__dict__") else {}},
+      staging)
+    fn = features.feature_fn(per_lead=True, per_patch=args.per_patch)
+    from flax import nnx
+    graphdef, state = nnx.split(loaded.encoder)
+    bar = None
+    if not args.no_progress:
+      from tqdm import tqdm
+      bar = tqdm(total=capacity, unit="record", desc="embed", file=sys.stderr)
+    for batch in features.eval_batches(source, contract, lead_set=names, batch_size=args.batch_size, crops=crops):
+      out = fn(graphdef, state, batch["signal"], batch["lead_ids"], batch["lead_mask"])
+      valid = batch["valid"]
+      arrays = {{"tokens": "per_patch"}.get(k, k): np.asarray(v)[valid] for k, v in out.items()}
+      writer.write(arrays, [r.decode() for r in batch["record_id"][valid]],
+                   [p.decode() for p in batch["patient_id"][valid]], batch["lead_mask"][valid])
+      if bar is not None:
+        bar.update(int(valid.sum()))
     if bar is not None:
-      bar.update(int(valid.sum()))
-  if bar is not None:
-    bar.close()
-  npz, parquet = writer.close()
+      bar.close()
+    if writer.n == 0:
+      raise DataError(f"no usable record in {args.records or args.data_dir} ({capacity} found, each skipped one "
+                      f"listed above); nothing written to {args.out}.npz / .parquet")
+    npz, parquet = writer.close()
   log(f"{writer.n} records -> {npz}, {parquet} (fingerprint {loaded.fingerprint})")
   return 0

@@ -78,10 +78,17 @@ class ResampledSource:
     return self.__getitems__([index])[0]
 
   def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-    """One batched read of the underlying source, each example resampled."""
+    """One batched read of the underlying source, each example resampled (and where its zero padding starts)."""
     from stmem import data
-    return [{**ex, "signal": transforms.resample_to(np.asarray(ex["signal"], np.float32), self.record_samples)}
-            for ex in data.read_many(self.source, indices)]
+    out = []
+    for ex in data.read_many(self.source, indices):
+      ex = dict(ex)
+      length = np.shape(ex["signal"])[-1]
+      ex["signal"] = transforms.resample_to(np.asarray(ex["signal"], np.float32), self.record_samples)
+      if "valid_samples" in ex:  # where zero padding starts, at the new rate
+        ex["valid_samples"] = int(round(int(ex["valid_samples"]) * self.record_samples / length))
+      out.append(ex)
+    return out
 
 
 def adapt(checkpoint: Contract, data: Contract, source: Any, lead_set: str | Sequence[str] | None = None

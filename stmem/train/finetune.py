@@ -199,21 +199,15 @@ def main(argv: Sequence[str]) -> int:
   multiclass = task.kind == "multiclass"
   thresholds = None if multiclass else evaluation.thresholds_for(val["labels"], val["probs"])
   predicted = evaluation.predictions(test["probs"], thresholds, multiclass)
-  y, s = test["labels"], test["probs"]
-  ci = evaluation.patient_bootstrap(
-    lambda i: evaluation.macro_metrics(y[i], s[i], multiclass=multiclass, predicted=predicted[i]),
-    test["patient_id"], n_resamples=int(config.bootstrap), seed=int(config.seed))
-  row = {"task": task.name, "model": "fine-tuned" if config.checkpoint else "from scratch",
-         "lead_set": config.lead_set, "n_records": int(len(y)), "n_patients": int(len(set(test["patient_id"]))),
-         "n_positive": "/".join(str(int(v)) for v in y.sum(0)), "protocol": "train/validation/test", "l2": ""}
-  for m, (point, lo, hi) in ci.items():
-    row.update({m: point, f"{m}_lo": lo, f"{m}_hi": hi})
-  fpr, tpr, _ = evaluation.roc_curve(y.ravel(), s.ravel())
+  row, curve = report.task_row(report.task_title(task.name, config),
+                               "fine-tuned" if config.checkpoint else "from scratch", config.lead_set, test["labels"],
+                               test["probs"], predicted, test["patient_id"], class_names=task.label_names,
+                               multiclass=multiclass, protocol="train/validation/test",
+                               n_resamples=int(config.bootstrap), seed=int(config.seed), l2="")
   notes = [f"encoder: {origin}", f"selected step {best_step} of {config.steps} on validation {config.select_on}",
            "test split scored once, with the selected model; F1 thresholds chosen on validation",
            f"intervals: 95 % percentile bootstrap over patients ({config.bootstrap} resamples)"]
-  paths = report.write(workdir, [row], title="Fine-tuning", curves={task.name: {f"{config.lead_set}": (fpr, tpr,
-                                                                                                   row["auroc"])}},
+  paths = report.write(workdir, [row], title="Fine-tuning", curves={row["task"]: {f"{config.lead_set}": curve}},
                        notes=notes, info={"config": config.to_dict(), "best_step": best_step})
 
   # ------------------------------------------------------------------------------------------ checkpoint

@@ -66,24 +66,12 @@ def probe_task(x: np.ndarray, task, weights, config) -> dict:
 
 
 def summarise(task, model: str, lead_set: str, out: dict, pool, protocol: str, config) -> tuple[dict, tuple]:
-  """A report row (metrics with patient-bootstrap intervals) and the ROC curve of the test predictions."""
-  from stmem import evaluation
-  y, s, p = task.labels[out["rows"]], out["scores"], out["predicted"]
-  pids = pool.patient_id[out["rows"]]
-  multiclass = task.kind == "multiclass"
-
-  def metric(i):
-    return evaluation.macro_metrics(y[i], s[i], multiclass=multiclass, predicted=p[i])
-
-  ci = evaluation.patient_bootstrap(metric, pids, n_resamples=int(config.bootstrap), seed=config.seed)
-  row = {"task": task.name, "model": model, "lead_set": lead_set, "n_records": int(len(y)),
-         "n_patients": int(len(set(pids))), "n_positive": int(y.sum()) if y.shape[1] == 1 else
-         "/".join(str(int(v)) for v in y.sum(axis=0)), "protocol": protocol,
-         "l2": float(np.median(out["l2"]))}
-  for m, (point, lo, hi) in ci.items():
-    row.update({m: point, f"{m}_lo": lo, f"{m}_hi": hi})
-  fpr, tpr, _ = evaluation.roc_curve(y.ravel(), s.ravel())  # pooled over classes (micro) when there are several
-  return row, (fpr, tpr, row["auroc"])
+  """A report row (macro and per-class metrics with patient-bootstrap intervals, warnings) and the ROC curve."""
+  from stmem.train import report
+  return report.task_row(report.task_title(task.name, config), model, lead_set, task.labels[out["rows"]],
+                         out["scores"], out["predicted"], pool.patient_id[out["rows"]],
+                         class_names=task.label_names, multiclass=task.kind == "multiclass", protocol=protocol,
+                         n_resamples=int(config.bootstrap), seed=int(config.seed), l2=float(np.median(out["l2"])))
 
 
 def main(argv: Sequence[str]) -> int:
@@ -145,12 +133,13 @@ def main(argv: Sequence[str]) -> int:
           row, curve = summarise(task, model, lead_set, out, pool, protocols[task.name][3], config)
           rows.append(row)
           if model == "checkpoint" or len(encoders) == 1 or lead_set == lead_sets[0]:
-            curves.setdefault(task.name, {})[f"{lead_set} ({model})"] = curve
-          log.info("%-12s %-12s %-10s AUROC %.3f [%.3f, %.3f]", task.name, model, lead_set, row["auroc"],
+            curves.setdefault(row["task"], {})[f"{lead_set} ({model})"] = curve
+          log.info("%-12s %-12s %-10s AUROC %.3f [%.3f, %.3f]", row["task"], model, lead_set, row["auroc"],
                    row["auroc_lo"], row["auroc_hi"])
 
   # ------------------------------------------------------------------------------------------ report
-  notes += [f"{t.name}: {evaluation_folds(t, pools[key], config)[3]}" for key, t in task_list]
+  notes += [f"{report.task_title(t.name, config)}: {evaluation_folds(t, pools[key], config)[3]}"
+            for key, t in task_list]
   notes.append(f"intervals: 95 % percentile bootstrap over patients ({config.bootstrap} resamples); F1 thresholds "
                f"chosen on validation; L2 chosen on validation {config.select_on}")
   paths = report.write(workdir, rows, title="Linear probe", curves=curves, notes=notes,
