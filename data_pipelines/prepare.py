@@ -198,9 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     except AssertionError as e:  # tfds's writer refuses a split left empty (every record in it quarantined)
       if "No examples were yielded" not in str(e):
         raise
-      report = _keep_report(folder, builder)
-      raise DataError(f"{args.name}: no usable record in a split; every record of it was quarantined "
-                      f"({builder.stats.to_dict()['quarantined_by_reason'] or 'none read'}); see {report}") from e
+      raise _unusable(manual, folder, builder) from e
     except BaseException:
       _keep_report(folder, builder)
       raise
@@ -208,9 +206,7 @@ def main(argv: list[str] | None = None) -> int:
       raise DataError(f"no record found under --manual_dir {manual}: is it the folder {args.name} was downloaded "
                       "into?")
     if builder.stats.records_written == 0:
-      report = _keep_report(folder, builder)
-      raise DataError(f"no usable record under --manual_dir {manual}: all {builder.stats.records_read} were "
-                      f"quarantined ({builder.stats.to_dict()['quarantined_by_reason']}); see {report}")
+      raise _unusable(manual, folder, builder)
     inputs.write(builder.data_dir, fingerprint)
     builder_base.swap_into_place(builder.data_dir, folder)
   finally:
@@ -232,6 +228,14 @@ def _main_thread() -> bool:
 def _terminate(signum, frame):  # noqa: ARG001 - signal handler signature
   """SIGTERM ends the build like Ctrl-C: through the `finally` that removes the staging folder."""
   raise KeyboardInterrupt
+
+
+def _unusable(manual: str, folder: str, builder: Any) -> DataError:
+  """The error of a build where a split (or everything) came out empty because its records were quarantined."""
+  report = _keep_report(folder, builder)
+  stats = builder.stats.to_dict()
+  return DataError(f"no usable record (for every split) under --manual_dir {manual}: {stats['records_read']} read, "
+                   f"{stats['quarantined']} quarantined {stats['quarantined_by_reason']}; see {report}")
 
 
 def _keep_report(folder: str, builder: Any) -> str | None:
