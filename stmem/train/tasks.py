@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from data_pipelines.contract import Contract
+from data_pipelines.errors import UsageError
 
 SPLITS = ("train", "validation", "test")
 HOLDOUT = {"train": 0.7, "validation": 0.1, "test": 0.2}  # the paper's 70/10/20, when data has no splits
@@ -182,7 +183,7 @@ def _ludb_task(name: str, rows: list) -> Task:
     return _binary(name, "ludb", [ludb.axis_left_vs_normal(r) for r in rows], "axis_left_vs_normal")
   if name == "ludb_sex":
     return _binary(name, "ludb", [None if r.sex is None else int(r.sex == "M") for r in rows], "male")
-  raise ValueError(f"unknown LUDB task {name!r}")
+  raise UsageError(f"unknown LUDB task {name!r}")
 
 
 def _cinc_task(name: str, dx: list[list[str]]) -> Task:
@@ -203,9 +204,12 @@ def load(task_names: Sequence[str], contract: Contract, *, data_dir: str = "", d
   for name in task_names:
     if name == "prepared":
       if not data_dir:
-        raise ValueError("task 'prepared' needs config.data_dir")
+        raise UsageError("task 'prepared' needs --config.data_dir (a folder written by stmem prepare)")
       pools.setdefault("prepared", prepared_pool(data_dir))
       p = pools["prepared"]
+      unknown = [l for l in labels if l not in p.label_names]
+      if unknown:
+        raise UsageError(f"--config.labels: {unknown} not among the labels of {data_dir}: {list(p.label_names)}")
       cols = [p.label_names.index(l) for l in labels] if labels else list(range(len(p.label_names)))
       tasks.append(Task("prepared", "prepared", tuple(p.label_names[c] for c in cols), p.labels[:, cols],
                         np.ones(len(p.record_id), bool), kind))
@@ -222,5 +226,5 @@ def load(task_names: Sequence[str], contract: Contract, *, data_dir: str = "", d
         pools["cinc"], extras["cinc"] = cinc_pool(data_root, contract)
       tasks.append(_cinc_task(name, extras["cinc"]["dx"]))
     else:
-      raise ValueError(f"unknown task {name!r}; see stmem/train/tasks.py for the names")
+      raise UsageError(f"unknown task {name!r} (--config.task / --config.tasks); see stmem/train/tasks.py for the names")
   return pools, tasks
