@@ -16,8 +16,10 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -335,6 +337,19 @@ def test_rerun_from_other_inputs_is_refused_and_overwrite_never_destroys(world, 
   assert tree(folder) == before
   assert sorted(p.name for p in out.iterdir()) == ["generic"] and sorted(p.name for p in (out / "generic").iterdir()) \
     == ["1.0.0"]  # no staging or incomplete.* folder left
+  # An --overwrite stopped by SIGTERM (a scheduler's kill, Ctrl-C alike) while it builds: the same.
+  many = tmp_path / "many"
+  for i in range(40):
+    write_record(many, f"m{i}", LEADS, seed=100 + i)
+  p = subprocess.Popen([sys.executable, "-m", "stmem.cli", "prepare", "generic", "--manual_dir", str(many),
+                        "--data_dir", str(out), "--quiet", "--overwrite"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 120
+  while not list(out.glob(".generic.building-*")) and p.poll() is None and time.time() < deadline:
+    time.sleep(0.01)
+  p.send_signal(signal.SIGTERM)
+  err = p.communicate(timeout=120)[1]
+  assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err, (p.returncode, err[-2000:])
+  assert tree(folder) == before and sorted(p.name for p in out.iterdir()) == ["generic"]
   # Every record unusable: the build fails, the previous dataset stays, and the quarantine report is kept.
   broken = tmp_path / "broken"
   broken.mkdir()
