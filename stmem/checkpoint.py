@@ -236,8 +236,13 @@ def load_model(path: str | pathlib.Path, *, encoder_only: bool = False, sharding
   mngr = Checkpointer(directory, async_save=False)
   try:
     restored = mngr.restore(step, params=template, param_shardings=shardings, data_state=False)["params"]
-  finally:
-    mngr.close()
+  except DataError:
+    try:  # closing may re-raise the same read failure: the DataError that names the step is the one to report
+      mngr.close()
+    except Exception:  # noqa: BLE001
+      pass
+    raise
+  mngr.close()
   # Weights holding NaN or inf make every feature NaN: refused here, naming the parameters, not found downstream.
   errors.check_finite({jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(restored)[0]},
                       f"checkpoint {directory}/{step}", is_finite=lambda a: bool(jnp.isfinite(a).all()))
