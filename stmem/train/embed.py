@@ -4,9 +4,9 @@
               [--per_patch] [--lead_set 12] [--crops first|mean3] [--batch_size 32]
 
 No masking at inference: the output equals `encoder.features(...)` on the preprocessed crops. Raw folders (WFDB,
-searched recursively) are read with `data_pipelines.readers` and preprocessed by the checkpoint's contract
-(FFT-resampled to its rate, first 10 s, band-pass, z-score); a prepared dataset is checked against the contract and
-adapted where safe. Crops: see configs/embed.py. Output: FILE_PREFIX.npz and FILE_PREFIX.parquet, written as the
+searched recursively) are read through `stmem.data.open_pool` exactly as `stmem prepare generic` would prepare them
+under the checkpoint's contract (FFT-resampled to its rate, every 10 s window a row, band-pass, z-score; records
+it cannot use are skipped and listed); a prepared dataset is checked against the contract and adapted where safe. Crops: see configs/embed.py. Output: FILE_PREFIX.npz and FILE_PREFIX.parquet, written as the
 batches come (bounded memory), with record ids, lead names, the checkpoint's fingerprint and contract.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import json
 import os
 import pathlib
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -40,7 +40,6 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--lead_set", default=d.lead_set)
   p.add_argument("--crops", choices=("first", "mean3"), default=d.crops)
   p.add_argument("--batch_size", type=int, default=d.batch_size)
-  p.add_argument("--read_chunk", type=int, default=d.read_chunk)
   p.add_argument("--no_progress", action="store_true")
   return p.parse_args(list(argv))
 
@@ -124,43 +123,14 @@ class Writer:
     return self.prefix + ".npz", self.prefix + ".parquet"
 
 
-def raw_sources(folder: str, contract, chunk: int, log) -> tuple[int, Iterator[Any]]:
-  """(upper bound on records, iterator of ArraySources of up to `chunk` records) from a raw WFDB folder."""
-  from data_pipelines import readers
-  from stmem import data
-  from stmem.train import features
-  count = sum(1 for _ in pathlib.Path(folder).rglob("*.hea"))
-
-  def chunks():
-    batch = []
-    for rec in readers.iter_wfdb_folder(folder):
-      if isinstance(rec, Exception):
-        log(f"skipped {getattr(rec, 'record_id', '?')}: {rec}")
-        continue
-      batch.append(rec)
-      if len(batch) == chunk:
-        yield batch
-        batch = []
-    if batch:
-      yield batch
-
-  def sources():
-    for records in chunks():
-      arrays = features.records_to_arrays(records, contract)
-      for rid in arrays.pop("skipped"):
-        log(f"skipped {rid}: shorter than {contract.record_samples / contract.fs:g} s")
-      if len(arrays["record_id"]):
-        yield data.ArraySource(arrays)
-
-  return count, sources()
-
-
 def main(argv: Sequence[str]) -> int:
   args = _parse(argv)
   import sys
 
   from data_pipelines import errors, leads as leads_lib
+  from data_pipelines import transforms
   from data_pipelines.errors import DataError
+  from stmem import data
   from stmem.train import features
 
   def log(msg: str) -> None:
@@ -172,22 +142,23 @@ def main(argv: Sequence[str]) -> int:
   # ------------------------------------------------------------------------------------------ encoder
   loaded = features.load_encoder(args.checkpoint)
   names = leads_lib.parse_lead_set(args.lead_set)
-  crops = 1 if args.crops == "first" else features.EVAL_CROPS
+  crops = 1 if args.crops == "first" else transforms.EVAL_CROPS
 
   # ------------------------------------------------------------------------------------------ data
   if args.data_dir:
-    from stmem import data
-    prepared = data.open_prepared(args.data_dir, args.split)
-    source, contract, adapted = features.adapt(loaded.contract, prepared.contract, prepared.source, names)
-    for line in adapted:
-      log(f"adapted {line}")
-    capacity, sources = len(source), iter([source])
-  else:
-    features.adapt(loaded.contract, loaded.contract, None, names)  # the lead set against the checkpoint's leads
-    contract = features.canonical_contract(loaded.contract)
-    capacity, sources = raw_sources(args.records, loaded.contract, args.read_chunk, log)
-    log(f"raw records preprocessed by the checkpoint's contract ({contract.fs:g} Hz, first "
-        f"{contract.record_samples / contract.fs:g} s, crops: {args.crops})")
+    spec = data.DatasetSpec("prepared", path=args.data_dir, splits=(args.split,))
+  else:  # a folder of WFDB records, read as `stmem prepare generic` reads it, under the checkpoint's contract
+    spec = data.DatasetSpec("raw", path=args.records, name="generic")
+  pool = data.open_pool(spec, loaded.contract)
+  for q in pool.quarantine.get("records", []):
+    log(f"skipped {q['path']}: {q['reason']} ({q['detail']})")
+  source, contract, adapted = features.adapt(loaded.contract, pool.contract, pool.source, names)
+  for line in adapted:
+    log(f"adapted {line}")
+  capacity = len(source)
+  if not args.data_dir:
+    log(f"raw records preprocessed by the checkpoint's contract ({contract.fs:g} Hz, every "
+        f"{contract.record_samples / contract.fs:g} s window, crops: {args.crops})")
 
   # ------------------------------------------------------------------------------------------ export
   cfg = loaded.encoder.cfg
@@ -207,18 +178,14 @@ def main(argv: Sequence[str]) -> int:
     if not args.no_progress:
       from tqdm import tqdm
       bar = tqdm(total=capacity, unit="record", desc="embed", file=sys.stderr)
-    for source in sources:
-      for batch in features.batches_of(source, contract, lead_set=names, batch_size=args.batch_size, crops=crops):
-        out = fn(graphdef, state, batch["signal"], batch["lead_ids"], batch["lead_mask"])
-        valid = batch["valid"].reshape(-1, crops)[:, 0]
-        arrays = {}
-        for k, v in out.items():
-          v = np.asarray(v)
-          arrays[{"tokens": "per_patch"}.get(k, k)] = v.reshape(-1, crops, *v.shape[1:]).mean(axis=1)[valid]
-        writer.write(arrays, [r.decode() for r in batch["record_id"][::crops][valid]],
-                     [p.decode() for p in batch["patient_id"][::crops][valid]], batch["lead_mask"][::crops][valid])
-        if bar is not None:
-          bar.update(int(valid.sum()))
+    for batch in features.eval_batches(source, contract, lead_set=names, batch_size=args.batch_size, crops=crops):
+      out = fn(graphdef, state, batch["signal"], batch["lead_ids"], batch["lead_mask"])
+      valid = batch["valid"]
+      arrays = {{"tokens": "per_patch"}.get(k, k): np.asarray(v)[valid] for k, v in out.items()}
+      writer.write(arrays, [r.decode() for r in batch["record_id"][valid]],
+                   [p.decode() for p in batch["patient_id"][valid]], batch["lead_mask"][valid])
+      if bar is not None:
+        bar.update(int(valid.sum()))
     if bar is not None:
       bar.close()
     if writer.n == 0:
