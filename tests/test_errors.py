@@ -149,7 +149,7 @@ def _cases(w: dict[str, pathlib.Path]) -> dict[str, tuple[tuple, int, tuple[str,
     "prepare/window_longer_than_record": ((*prep, r / "p4", "--window_seconds", "12"), 2,
                                           ("--window_seconds", "--record_seconds"), (r / "p4",)),
     "prepare/unknown_builder_option": ((*prep, r / "p5", "--array", "x.npy", "--metadata_csv", "m.csv", "--source_fs",
-                                        "500", "--lead", "12"), 2, ("does not take --lead;",), (r / "p5",)),
+                                        "500", "--laeds", "12"), 2, ("does not take --laeds;",), (r / "p5",)),
     "prepare/empty_input": (("prepare", "generic", "--manual_dir", w["empty"], "--data_dir", r / "p6", "--quiet"), 1,
                             ("no record found", str(w["empty"])), (r / "p6",)),
     # overlap
@@ -179,7 +179,7 @@ def _cases(w: dict[str, pathlib.Path]) -> dict[str, tuple[tuple, int, tuple[str,
     "probe/nonexistent_data": (("probe", "--config", "configs/probe.py:prepared", "--config.data_dir", missing,
                                 "--workdir", r / "w10"), 1, (str(missing),), ()),
     "embed/missing_split": (("embed", "--checkpoint", w["ckpt"], "--data_dir", w["prepared"], "--split", "valid",
-                             "--out", r / "e5" / "x"), 2, ("'valid'", "'train'"), (r / "e5" / "x.npz",)),
+                             "--out", r / "e5" / "x"), 1, ("'valid'",), (r / "e5" / "x.npz",)),
     "embed/file_for_prepared_folder": (("embed", "--checkpoint", w["ckpt"], "--data_dir", f, "--out",
                                         r / "e6" / "x"), 1, (str(f),), (r / "e6" / "x.npz",)),
     "probe/unknown_label": (("probe", "--config", "configs/probe.py:prepared", "--config.data_dir", w["prepared"],
@@ -201,7 +201,7 @@ def _cases(w: dict[str, pathlib.Path]) -> dict[str, tuple[tuple, int, tuple[str,
                                   r / "e3" / "x"), 1, ("checkpoint step 2",), (r / "e3" / "x.npz",)),
     # defect 1 + 9: every record skipped (a duplicated lead) -> an error, and nothing written
     "embed/empty_input": (("embed", "--checkpoint", w["ckpt"], "--records", w["dup_only"], "--out", r / "e4" / "x",
-                           "--no_progress"), 1, ("no usable record", str(w["dup_only"])),
+                           "--no_progress"), 1, ("no usable", "duplicate_leads", str(w["dup_only"])),
                           (r / "e4" / "x.npz", r / "e4" / "x.parquet")),
     "export/nonexistent_checkpoint": (("export", "--checkpoint", missing, "--out", r / "x0"), 1, (str(missing),),
                                       (r / "x0",)),
@@ -239,7 +239,7 @@ def test_user_error_is_one_message_and_an_exit_code(case, world, results):
     assert not path.exists(), f"{case} left {path}"
   if case == "prepare/unknown_builder_option":  # only the mistyped option is blamed, not the valid ones beside it
     blamed = message.split("does not take", 1)[1].split(";", 1)[0]
-    assert blamed.strip() == "--lead", message
+    assert blamed.strip() == "--laeds", message
   if case.startswith("embed/"):  # no staging folder left beside the output
     assert not list((world["root"]).glob("e*/.stmem-staging-*"))
 
