@@ -485,6 +485,14 @@ class StmemBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       if bar is not None:
         bar.close()
 
+  # tfds prints the folder it builds in, which is `stmem prepare`'s staging folder ("... to .../.ludb.building-x/");
+  # the closing summary names the final folder instead.
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
+
   def _generate_examples(self, *args: Any, **kwargs: Any):
     """Unused: every split goes through `generate` (tfds only requires the method to exist)."""
     raise NotImplementedError

@@ -71,16 +71,6 @@ def require_dir(path: str | os.PathLike[str], option: str, *, must_exist: bool =
   return p
 
 
-def require_file(path: str | os.PathLike[str], option: str) -> str:
-  """`path` (with `~` expanded) as an existing file, or a UserError naming `option`."""
-  p = os.path.expanduser(os.fspath(path))
-  if os.path.isdir(p):
-    raise UsageError(f"{option} {p} is a folder; give a file")
-  if not os.path.exists(p):
-    raise UsageError(f"{option} {p} does not exist")
-  return p
-
-
 def check_finite(arrays: dict[str, Any], where: str, *, is_finite=None) -> None:
   """Refuse weights holding NaN or inf, naming the first parameters that do (DataError).
 

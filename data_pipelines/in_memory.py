@@ -17,6 +17,7 @@ import numpy as np
 
 from data_pipelines import prepare
 from data_pipelines.contract import Contract
+from data_pipelines.errors import DataError
 
 TEXT_KEYS = ("record_id", "patient_id", "source", "content_hash")
 
@@ -54,7 +55,7 @@ def read_examples(name: str, folder: str | os.PathLike[str], contract: Contract,
   errors = tuple({"path": e.path, "reason": e.reason, "detail": e.detail} for e in builder.stats.errors)
   if not columns:
     reasons = sorted({e["reason"] for e in errors})
-    raise ValueError(f"{folder}: no usable {name} record ({len(errors)} skipped: {', '.join(reasons) or 'none found'})")
+    raise DataError(f"{folder}: no usable {name} record ({len(errors)} skipped: {', '.join(reasons) or 'none found'})")
   arrays = {k: np.asarray(v, dtype=str) if k in TEXT_KEYS + ("split",) else np.stack([np.asarray(x) for x in v])
             for k, v in columns.items()}
   return Examples(arrays, tuple(builder.label_names), errors)

@@ -223,9 +223,10 @@ def main(argv: list[str] | None = None) -> int:
   tfds.disable_progress_bar()  # our own bar counts records; tfds's counts examples and shuffling.
   created = not os.path.exists(data_dir)
   os.makedirs(data_dir, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=f".{args.name}.building-", dir=data_dir)
   previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
+  staging = ""
   try:
+    staging = tempfile.mkdtemp(prefix=f".{args.name}.building-", dir=data_dir)
     try:
       builder = cls(data_dir=staging, manual_dir=manual, contract=contract, strict=args.strict,
                     show_progress=not args.quiet, **options)
@@ -249,23 +250,17 @@ def main(argv: list[str] | None = None) -> int:
     except AssertionError as e:  # tfds's writer refuses a split left empty (every record in it quarantined)
       if "No examples were yielded" not in str(e):
         raise
-      report = _keep_report(folder, builder)
-      raise DataError(f"{args.name}: no usable record in a split; every record of it was quarantined "
-                      f"({builder.stats.to_dict()['quarantined_by_reason'] or 'none read'}); see {report}") from e
+      raise _unusable(manual, folder, builder) from e
     except BaseException:
       _keep_report(folder, builder)
       raise
-    if builder.stats.records_read == 0:
-      raise DataError(f"no record found under --manual_dir {manual}: is it the folder {args.name} was downloaded "
-                      "into?")
     if builder.stats.records_written == 0:
-      report = _keep_report(folder, builder)
-      raise DataError(f"no usable record under --manual_dir {manual}: all {builder.stats.records_read} were "
-                      f"quarantined ({builder.stats.to_dict()['quarantined_by_reason']}); see {report}")
+      raise _unusable(manual, folder, builder)
     inputs.write(builder.data_dir, fingerprint)
     builder_base.swap_into_place(builder.data_dir, folder)
   finally:
-    shutil.rmtree(staging, ignore_errors=True)
+    if staging:
+      shutil.rmtree(staging, ignore_errors=True)
     if created and not os.listdir(data_dir):  # a failed first build leaves no empty --data_dir behind
       os.rmdir(data_dir)
     if previous is not None:
@@ -283,6 +278,17 @@ def _main_thread() -> bool:
 def _terminate(signum, frame):  # noqa: ARG001 - signal handler signature
   """SIGTERM ends the build like Ctrl-C: through the `finally` that removes the staging folder."""
   raise KeyboardInterrupt
+
+
+def _unusable(manual: str, folder: str, builder: Any) -> DataError:
+  """The error of a build where a split (or everything) came out empty: no record found, or all quarantined."""
+  stats = builder.stats.to_dict()
+  if not stats["records_read"]:
+    return DataError(f"no record found under --manual_dir {manual}: is it the folder the {builder.name} download "
+                     "went into?")
+  report = _keep_report(folder, builder)
+  return DataError(f"no usable record for a split under --manual_dir {manual}: {stats['records_read']} read, "
+                   f"{stats['quarantined']} quarantined {stats['quarantined_by_reason']}; see {report}")
 
 
 def _keep_report(folder: str, builder: Any) -> str | None:

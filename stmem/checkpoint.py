@@ -10,6 +10,7 @@ import hashlib
 import json
 import pathlib
 import re
+import sys
 from typing import Any
 
 import jax
@@ -64,6 +65,35 @@ def _check_json_item(step_dir: pathlib.Path, item: str) -> None:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
       raise DataError(f"checkpoint step {step_dir.name}: {f} is not readable JSON ({e}); the step is corrupt: "
                       "use another step") from e
+
+
+def _quiet_abandoned_reads() -> None:
+  """Silence the echoes of a failed restore, and only those.
+
+  When one array of a step cannot be read, orbax's event loop stops while its other reads are still in flight; as
+  they finish, Python prints tracebacks after the one-line message that named the step: "Exception ignored" for
+  each abandoned read (the same tensorstore error again, through sys.unraisablehook) and "Event loop is closed"
+  from tensorstore's callback thread (through sys.excepthook). Seen in 2 of 8 concurrent runs.
+  """
+  if getattr(sys.unraisablehook, "_stmem_quiet", False):
+    return
+
+  def echo(exc: BaseException | None) -> bool:
+    text = str(exc)
+    return "Event loop is closed" in text or "Encountered error while reading array" in text
+
+  unraisable, excepthook = sys.unraisablehook, sys.excepthook
+
+  def quiet_unraisable(u):
+    if not echo(u.exc_value):
+      unraisable(u)
+
+  def quiet_excepthook(kind, value, tb):
+    if not echo(value):
+      excepthook(kind, value, tb)
+
+  quiet_unraisable._stmem_quiet = True
+  sys.unraisablehook, sys.excepthook = quiet_unraisable, quiet_excepthook
 
 
 def unreadable(step_dir: pathlib.Path, e: BaseException) -> DataError:
@@ -124,6 +154,7 @@ class Checkpointer:
     try:
       return dict(self.manager.restore(step, args=ocp.args.Composite(**items)))
     except Exception as e:  # noqa: BLE001 - tensorstore raises a bare Exception for truncated or missing files
+      _quiet_abandoned_reads()
       raise unreadable(step_dir, e) from e
 
   def restore_latest_readable(self, log=None, **kwargs) -> tuple[int, dict[str, Any] | None]:
@@ -236,8 +267,13 @@ def load_model(path: str | pathlib.Path, *, encoder_only: bool = False, sharding
   mngr = Checkpointer(directory, async_save=False)
   try:
     restored = mngr.restore(step, params=template, param_shardings=shardings, data_state=False)["params"]
-  finally:
-    mngr.close()
+  except DataError:
+    try:  # closing may re-raise the same read failure: the DataError that names the step is the one to report
+      mngr.close()
+    except Exception:  # noqa: BLE001
+      pass
+    raise
+  mngr.close()
   # Weights holding NaN or inf make every feature NaN: refused here, naming the parameters, not found downstream.
   errors.check_finite({jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(restored)[0]},
                       f"checkpoint {directory}/{step}", is_finite=lambda a: bool(jnp.isfinite(a).all()))

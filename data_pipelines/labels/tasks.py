@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from data_pipelines.errors import UsageError
 from data_pipelines.labels import snomed
 
 KINDS = ("multilabel", "multiclass")
@@ -81,16 +82,16 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in (
 def task_spec(name: str, *, labels: Sequence[str] = (), kind: str = "multilabel") -> TaskSpec:
   """The spec of a task name; `labels` and `kind` apply to `prepared` (its chosen label names, its link)."""
   if kind not in KINDS:
-    raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+    raise UsageError(f"kind must be one of {KINDS}, not {kind!r}")
   if name == "prepared":
     return TaskSpec("prepared", "prepared", kind=kind, columns=tuple(labels) or None)
   if name.startswith("cinc:"):
     codes = snomed.parse_dx(name.split(":", 1)[1].replace("+", ","))
     if not codes:
-      raise ValueError(f"task {name!r} names no SNOMED code (write cinc:CODE+CODE)")
+      raise UsageError(f"task {name!r} names no SNOMED code (write cinc:CODE+CODE)")
     return TaskSpec(name, columns=tuple(snomed.EQUIVALENT_CODES.get(c, c) for c in codes), **_CINC)
   if name not in TASKS:
-    raise ValueError(f"unknown task {name!r}; tasks are {', '.join(TASKS)}, prepared, cinc:CODE+CODE "
+    raise UsageError(f"unknown task {name!r}; tasks are {', '.join(TASKS)}, prepared, cinc:CODE+CODE "
                      f"(data_pipelines/labels/tasks.py)")
   return TASKS[name]
 
@@ -108,7 +109,8 @@ def make_task(spec: TaskSpec, label_names: Sequence[str], labels: np.ndarray,
   wanted = list(spec.columns) if spec.columns is not None else names
   missing = [c for c in wanted + list(spec.keep_any) if c not in names]
   if missing:
-    raise ValueError(f"task {spec.name}: label(s) {missing} are not among the data's labels {names}")
+    raise UsageError(f"task {spec.name}: label(s) {missing} are not among the data's labels {names} "
+                     "(--config.labels)")
   keep = np.ones(n, bool)
   if spec.keep_any:
     keep = labels[:, [names.index(c) for c in spec.keep_any]].max(axis=1) > 0
