@@ -9,6 +9,7 @@ import dataclasses
 import json
 from typing import Any
 
+from data_pipelines.errors import DataError
 from data_pipelines.leads import LEADS
 
 
@@ -67,8 +68,8 @@ ADAPTABLE = {
 }
 
 
-class ContractMismatch(ValueError):
-  pass
+class ContractMismatch(DataError, ValueError):
+  """Data prepared under a contract the checkpoint cannot adapt to (a user error: exit code 1, no traceback)."""
 
 
 def compare(checkpoint: Contract, data: Contract) -> tuple[list[str], list[str]]:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from data_pipelines.errors import UsageError
+
 LEADS: tuple[str, ...] = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
 NUM_LEADS = len(LEADS)
 LEAD_ID: dict[str, int] = {name: i for i, name in enumerate(LEADS)}
@@ -36,8 +38,9 @@ LEAD_SETS: dict[str, tuple[str, ...]] = {
 }
 
 
-class UnknownLeadError(ValueError):
-  """A lead name that is not one of the 12 standard leads under any known spelling."""
+class UnknownLeadError(UsageError, ValueError):
+  """A lead name that is not one of the 12 standard leads under any known spelling, or a lead set naming a lead twice
+  or none (a usage error: exit code 2)."""
 
 
 def canonical_name(name: str) -> str | None:
@@ -76,7 +79,7 @@ def parse_lead_set(spec: str | Sequence[str]) -> tuple[str, ...]:
     parts = list(spec)
   names = tuple(LEADS[i] for i in lead_ids(parts))
   if len(set(names)) != len(names):
-    raise ValueError(f"lead set {spec!r} names a lead twice")
+    raise UnknownLeadError(f"lead set {spec!r} names a lead twice")
   if not names:
-    raise ValueError("empty lead set")
+    raise UnknownLeadError(f"empty lead set {spec!r}; name leads (I+II) or a set ({', '.join(LEAD_SETS)})")
   return names

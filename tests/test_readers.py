@@ -171,15 +171,21 @@ def test_cpsc_struct_roundtrip_and_errors(tmp_path):
 
 # --- WFDB written here ------------------------------------------------------------------------------------------
 
-def test_wfdb_microvolts_converted_and_duplicate_leads_dropped(tmp_path):
+def test_wfdb_microvolts_converted_and_duplicate_leads_refused(tmp_path):
   signal = _ecg(3, 2000).T  # (T, 3)
-  wfdb.wrsamp("uv", fs=500, units=["uV", "mV", "mV"], sig_name=["I", "MLII", "II"],
+  wfdb.wrsamp("uv", fs=500, units=["uV", "mV", "mV"], sig_name=["I", "MLII", "V1"],
               p_signal=signal * np.array([1000.0, 1.0, 1.0]), fmt=["16"] * 3, write_dir=str(tmp_path),
               comments=["Age: NaN", "Sex: Unknown", "Dx: 426783006"])
   r = read_wfdb(tmp_path / "uv.hea")
-  assert r.leads == ("I", "II") and r.dropped_leads == ("II",)  # MLII took the II slot first
+  assert r.leads == ("I", "II", "V1") and r.dropped_leads == ()  # MLII is lead II
   np.testing.assert_allclose(r.signal[0], signal[:, 0], atol=1e-3)
   assert r.metadata["age"] is None and r.metadata["sex"] is None and r.metadata["dx"] == ["426783006"]
+  # MLII and II both claim lead II: one is mislabelled and nothing says which, so the record is refused.
+  wfdb.wrsamp("dup", fs=500, units=["mV"] * 3, sig_name=["I", "MLII", "II"], p_signal=signal, fmt=["16"] * 3,
+              write_dir=str(tmp_path))
+  with pytest.raises(RecordError) as info:
+    read_wfdb(tmp_path / "dup.hea")
+  assert info.value.reason == "duplicate_leads" and "dup.hea" in str(info.value) and "'MLII', 'II'" in str(info.value)
 
 
 def test_wfdb_missing_header(tmp_path):
@@ -227,8 +233,11 @@ def test_validate_flat_and_missing_leads():
 
 def test_select_standard_leads():
   x = np.arange(12, dtype=float).reshape(4, 3)
-  signal, names, dropped = select_standard_leads(x, ["vx", "AVL", "d1", "aVL"], "p")
-  assert names == ("aVL", "I") and dropped == ("vx", "aVL") and signal[:, 0].tolist() == [3, 6]
+  signal, names, dropped = select_standard_leads(x, ["vx", "AVL", "d1", "V2"], "p")
+  assert names == ("aVL", "I", "V2") and dropped == ("vx",) and signal[:, 0].tolist() == [3, 6, 9]
+  with pytest.raises(RecordError) as info:  # two spellings of one lead: which signal is aVL cannot be known
+    select_standard_leads(x, ["vx", "AVL", "d1", "aVL"], "p")
+  assert info.value.reason == "duplicate_leads" and "aVL" in str(info.value)
   with pytest.raises(RecordError) as info:
     select_standard_leads(x, ["a", "b", "c", "d"], "p")
   assert info.value.reason == "unknown_leads"

@@ -23,7 +23,8 @@ FLAT_RECORD = "flat_record"      # every lead is constant (single flat leads are
 TOO_SHORT = "too_short"          # shorter than `min_seconds`
 UNKNOWN_LEADS = "unknown_leads"  # not one standard lead among the file's signals
 UNSUPPORTED_FS = "unsupported_fs"  # sampling rate below `min_fs`
-REASONS = (UNREADABLE, BAD_HEADER, NON_FINITE, FLAT_RECORD, TOO_SHORT, UNKNOWN_LEADS, UNSUPPORTED_FS)
+DUPLICATE_LEADS = "duplicate_leads"  # two signals name the same standard lead: which one it is cannot be known
+REASONS = (UNREADABLE, BAD_HEADER, NON_FINITE, FLAT_RECORD, TOO_SHORT, UNKNOWN_LEADS, UNSUPPORTED_FS, DUPLICATE_LEADS)
 
 MIN_FS = 100.0  # PTB-XL's 100 Hz release is the lowest rate in common use; below that QRS shapes are lost.
 
@@ -41,14 +42,18 @@ def select_standard_leads(signal: np.ndarray, names: Sequence[str],
                           path: str) -> tuple[np.ndarray, tuple[str, ...], tuple[str, ...]]:
   """Rows of `signal` (C, T) whose names are standard leads, by name, in file order; the others are dropped.
 
-  A second row mapping to the same lead (e.g. `II` and `MLII`) is dropped too: a lead fills one slot only.
+  Two rows naming the same lead (`ii` twice, or `II` and `MLII`) refuse the record (`duplicate_leads`): one of them
+  is mislabelled and nothing says which, so keeping either would put a wrong signal in that lead's slot.
   """
   if signal.ndim != 2 or signal.shape[0] != len(names):
     raise RecordError(path, BAD_HEADER, f"{len(names)} lead names for a signal of shape {signal.shape}")
   keep, canonical, dropped = [], [], []
   for i, name in enumerate(names):
     c = leads_lib.canonical_name(name)
-    if c is None or c in canonical:
+    if c is not None and c in canonical:
+      same = [str(n) for n in names if leads_lib.canonical_name(n) == c]
+      raise RecordError(path, DUPLICATE_LEADS, f"lead {c} appears {len(same)} times (signals named {same})")
+    if c is None:
       dropped.append(str(name))
     else:
       keep.append(i)

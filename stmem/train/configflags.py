@@ -33,6 +33,7 @@ from absl import flags
 from ml_collections import config_flags
 
 import configs as _configs_package
+from data_pipelines.errors import UsageError
 
 CONFIG_DIR = pathlib.Path(_configs_package.__file__).resolve().parent
 HELP_FLAGS = ("-h", "--help", "-help", "--helpfull", "--helpshort")
@@ -42,9 +43,9 @@ _PATH_NAMES = ("checkpoint", "out", "records", "reference", "workdir")
 _PATH_SUFFIXES = ("_dir", "_root", "_path", "_file", "_csv")
 
 
-class ConfigError(ValueError):
-  """A command line or config file the program cannot use; the message names the option or file and the fix."""
-  exit_code = 2
+class ConfigError(UsageError):
+  """A command line or config file the program cannot use; the message names the option or file and the fix
+  (exit code 2, printed in one line by `stmem.cli`)."""
 
 
 def is_path_key(key: str) -> bool:
@@ -262,7 +263,7 @@ def parse(argv: Sequence[str], prog: str, default: str | None, *, workdir: str |
     config_flags.DEFINE_config_file("config", full, "configuration file (FILE[:PRESET])", flag_values=fv,
                                     lock_config=True, sys_argv=[prog] + rest)
     unparsed = fv([prog] + rest, known_only=False)
-  except flags.Error as e:
+  except flags.Error as e:  # an unknown option, a value of the wrong type
     raise ConfigError(f"{prog}: {_absl_message(e)} (see `{prog} --config {path.stem} --help` for the keys)") from e
   except (KeyError, AttributeError, TypeError, ValueError) as e:  # an override of a key the config lacks
     raise ConfigError(f"{prog}: {_override_message(e, rest)} (see `{prog} --config {path.stem} --help` for the keys)") from e
@@ -290,11 +291,12 @@ def _override_message(e: Exception, argv: list[str]) -> str:
   missing = str(e).strip("\"'")
   for a in argv:
     if a.startswith("--config.") and missing and missing in a.split("=", 1)[0].split("."):
-      return f"{a.split('=', 1)[0]}: no such config key"
+      return f"unknown config key {a.split('=', 1)[0]}"
   return f"{type(e).__name__}: {e}"
 
 
 def _absl_message(e: Exception) -> str:
   """absl's messages start with the flag and repeat the whole value: keep the first line."""
   text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-  return re.sub(r"^Unknown command line flag '([^']+)'", r"unknown option --\1", text)
+  text = re.sub(r"^Unknown command line flag '([^']+)'", r"unknown option --\1", text)
+  return text.removeprefix("flag ")
