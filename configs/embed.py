@@ -34,6 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.batch_size = 32        # records per forward pass, over all devices and processes (a multiple of the devices)
   c.read_chunk = 256       # raw records read and preprocessed at a time (bounds memory for large folders)
   c.mesh = "data:-1"       # device mesh: the batch is split over every device of every process
+  c.num_devices = 0        # 0: every device; k: the first k (single-process runs only)
   c.no_progress = False    # True: no progress bar
   if arg == "test":
     c.batch_size = 8

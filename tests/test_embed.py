@@ -35,9 +35,9 @@ def test_embed_raw_folder_round_trip(shared_data, tmp_path):
       shutil.copy(shared_data / "ludb" / f"{i}.{ext}", raw)
   ckpt = tiny_checkpoint(tmp_path / "ckpt")
   prefix = str(tmp_path / "out" / "emb")
-  # 5 records read 2 at a time and embedded 2 at a time: 3 chunks, the last one padded.
+  # 5 records read 2 at a time, each chunk one batch of 8 (a multiple of the 8 test devices): 3 chunks, all padded.
   assert embed.main(["--checkpoint", str(ckpt), "--records", str(raw), "--out", prefix, "--per_patch",
-                     "--lead_set", "V2+I+aVF", "--batch_size", "2", "--read_chunk", "2", "--no_progress"]) == 0
+                     "--lead_set", "V2+I+aVF", "--batch_size", "8", "--read_chunk", "2", "--no_progress"]) == 0
 
   loaded = features.load_encoder(ckpt)
   records = [read_wfdb(raw / f"{i}.hea") for i in range(1, 6)]

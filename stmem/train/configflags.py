@@ -245,7 +245,7 @@ def parse(argv: Sequence[str], prog: str, default: str | None, *, workdir: str |
       raise SystemExit(print(f"usage: {prog} --config NAME[:PRESET] [--config.KEY=VALUE ...] --workdir DIR\n"
                              f"  NAME: one of {', '.join(available())}, or a config file; "
                              f"`{prog} --config NAME --help` lists its presets and keys") or 0)
-    raise ConfigError(f"{prog}: --config is required (one of {', '.join(available())}, e.g. --config "
+    raise ConfigError(f"--config is required (one of {', '.join(available())}, e.g. --config "
                       f"{prog.split()[-1] if prog.split()[-1] in available() else available()[0]}:PRESET)")
   path, preset = resolve(spec)
   module = load_module(path)
@@ -264,18 +264,18 @@ def parse(argv: Sequence[str], prog: str, default: str | None, *, workdir: str |
                                     lock_config=True, sys_argv=[prog] + rest)
     unparsed = fv([prog] + rest, known_only=False)
   except flags.Error as e:  # an unknown option, a value of the wrong type
-    raise ConfigError(f"{prog}: {_absl_message(e)} (see `{prog} --config {path.stem} --help` for the keys)") from e
+    raise ConfigError(f"{_absl_message(e)} (see `{prog} --config {path.stem} --help` for the keys)") from e
   except (KeyError, AttributeError, TypeError, ValueError) as e:  # an override of a key the config lacks
-    raise ConfigError(f"{prog}: {_override_message(e, rest)} (see `{prog} --config {path.stem} --help` for the keys)") from e
+    raise ConfigError(f"{_override_message(e, rest)} (see `{prog} --config {path.stem} --help` for the keys)") from e
   if len(unparsed) > 1:
-    raise ConfigError(f"{prog}: unexpected arguments {unparsed[1:]}")
+    raise ConfigError(f"unexpected arguments {unparsed[1:]}")
   config = fv.config
   for key, value in flat_items(config):
     if isinstance(value, str) and value and is_path_key(key):
       _set(config, key, expand(value))
   wd = fv.workdir if workdir is not None else None
   if workdir == "required" and not wd:
-    raise ConfigError(f"{prog}: --workdir is required (the folder where its outputs go)")
+    raise ConfigError("--workdir is required (the folder where its outputs go)")
   return config, (expand(wd) if wd else wd)
 
 

@@ -1,50 +1,33 @@
 """`stmem embed`: export pooled, per-lead and (optionally) per-patch embeddings of a frozen encoder.
 
+  stmem embed --config embed --config.checkpoint=CKPT --config.records=RAW_FOLDER --config.out=FILE_PREFIX
   stmem embed --checkpoint CKPT (--data_dir PREPARED --split S | --records RAW_FOLDER) --out FILE_PREFIX
-              [--per_patch] [--lead_set 12] [--crops first|mean3] [--batch_size 32]
+              [--per_patch] [--lead_set 12] [--crops first|mean3] [--batch_size 32]     (see configs/embed.py)
+
+Read top to bottom: mesh, encoder (replicated on every device), data (a prepared split or a raw folder, this
+process's share of every batch), the jitted forward pass (batch sharded over every device of every process, outputs
+replicated), the loop that writes rows as they come. Several processes (`launch/`, `stmem.distributed`) each read
+their share and process 0 writes every record exactly once, in the global batch order.
 
 No masking at inference: the output equals `encoder.features(...)` on the preprocessed crops. Raw folders (WFDB,
 searched recursively) are read with `data_pipelines.readers` and preprocessed by the checkpoint's contract
 (FFT-resampled to its rate, first 10 s, band-pass, z-score); a prepared dataset is checked against the contract and
-adapted where safe. Crops: see configs/embed.py. Output: FILE_PREFIX.npz and FILE_PREFIX.parquet, written as the
-batches come (bounded memory), with record ids, lead names, the checkpoint's fingerprint and contract.
+adapted where safe. Output: FILE_PREFIX.npz and FILE_PREFIX.parquet, written as the batches come (bounded memory),
+with record ids, lead names, the checkpoint's fingerprint and contract.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
 import shutil
+import sys
 import tempfile
 import zipfile
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
-
-
-def _parse(argv: Sequence[str]) -> argparse.Namespace:
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(
-    "embed_config", pathlib.Path(__file__).resolve().parents[2] / "configs" / "embed.py")
-  defaults = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(defaults)
-  d = defaults.get_config()
-  p = argparse.ArgumentParser(prog="stmem embed", description=__doc__.split("\n\n")[0])
-  p.add_argument("--checkpoint", required=True)
-  src = p.add_mutually_exclusive_group(required=True)
-  src.add_argument("--data_dir", help="a prepared dataset (stmem prepare)")
-  src.add_argument("--records", help="a folder of raw WFDB records")
-  p.add_argument("--split", default=d.split)
-  p.add_argument("--out", required=True, help="output prefix: writes PREFIX.npz and PREFIX.parquet")
-  p.add_argument("--per_patch", action="store_true", help="also export every patch token (N, L, 30, D)")
-  p.add_argument("--lead_set", default=d.lead_set)
-  p.add_argument("--crops", choices=("first", "mean3"), default=d.crops)
-  p.add_argument("--batch_size", type=int, default=d.batch_size)
-  p.add_argument("--read_chunk", type=int, default=d.read_chunk)
-  p.add_argument("--no_progress", action="store_true")
-  return p.parse_args(list(argv))
 
 
 class Writer:
@@ -154,66 +137,134 @@ def raw_sources(folder: str, contract, chunk: int, log) -> tuple[int, Iterator[A
   return count, sources()
 
 
-def main(argv: Sequence[str]) -> int:
-  args = _parse(argv)
-  import sys
+def _by_record(batch: dict[str, np.ndarray], crops: int) -> dict[str, np.ndarray]:
+  """An evaluation batch with its crop axis: signal (B, K, L, T), everything else one row per record.
 
-  from data_pipelines import leads as leads_lib
-  from stmem.train import features
+  The data layer is moving to this layout (issue 13); until it has, its flat rows (crops of a record adjacent) are
+  regrouped here, and only here."""
+  if batch["signal"].ndim == 4:
+    return batch
+  return {k: v.reshape(-1, crops, *v.shape[1:]) if k == "signal" else v[::crops] for k, v in batch.items()}
 
-  def log(msg: str) -> None:
+
+def _log(msg: str) -> None:
+  import jax
+  if jax.process_index() == 0:
     print(f"stmem embed: {msg}", file=sys.stderr)
 
-  # ------------------------------------------------------------------------------------------ encoder
-  loaded = features.load_encoder(args.checkpoint)
-  names = leads_lib.parse_lead_set(args.lead_set)
-  crops = 1 if args.crops == "first" else features.EVAL_CROPS
 
-  # ------------------------------------------------------------------------------------------ data
-  if args.data_dir:
-    from stmem import data
-    prepared = data.open_prepared(args.data_dir, args.split)
+def embed(config) -> dict:
+  """Write the embeddings that `config` (configs/embed.py) asks for; returns a summary (process 0's is complete)."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from data_pipelines import leads as leads_lib
+  from stmem import data, sharding as sharding_lib
+  from stmem.train import features, hostgather
+  from stmem.train.pretrain import parse_mesh
+
+  # ------------------------------------------------------------------------------------------------ mesh
+  devices = jax.devices()[:config.num_devices] if config.num_devices else None
+  mesh = sharding_lib.make_mesh(parse_mesh(config.mesh), devices=devices)
+  batch_sharding, replicated = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
+  processes = jax.process_count()
+  if config.batch_size % mesh.size or config.batch_size % processes:
+    raise ValueError(f"--config.batch_size={config.batch_size} must be a multiple of the {mesh.size} devices and "
+                     f"the {processes} processes")
+  is_main = jax.process_index() == 0
+
+  # ------------------------------------------------------------------------------------------------ encoder
+  loaded = features.load_encoder(config.checkpoint)
+  names = leads_lib.parse_lead_set(config.lead_set)
+  crops = 1 if config.crops == "first" else features.EVAL_CROPS
+  graphdef, state = nnx.split(loaded.encoder)
+  state = jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, replicated, lambda i: np.asarray(x)[i]), state)
+
+  # ------------------------------------------------------------------------------------------------ data
+  if config.data_dir:
+    prepared = data.open_prepared(config.data_dir, config.split)
     source, contract, adapted = features.adapt(loaded.contract, prepared.contract, prepared.source, names)
     for line in adapted:
-      log(f"adapted {line}")
+      _log(f"adapted {line}")
     capacity, sources = len(source), iter([source])
   else:
     features.adapt(loaded.contract, loaded.contract, None, names)  # the lead set against the checkpoint's leads
     contract = features.canonical_contract(loaded.contract)
-    capacity, sources = raw_sources(args.records, loaded.contract, args.read_chunk, log)
-    log(f"raw records preprocessed by the checkpoint's contract ({contract.fs:g} Hz, first "
-        f"{contract.record_samples / contract.fs:g} s, crops: {args.crops})")
+    capacity, sources = raw_sources(config.records, loaded.contract, config.read_chunk, _log)
+    _log(f"raw records preprocessed by the checkpoint's contract ({contract.fs:g} Hz, first "
+         f"{contract.record_samples / contract.fs:g} s, crops: {config.crops})")
+  starts = features.eval_starts(contract.record_samples, contract.window, crops)
 
-  # ------------------------------------------------------------------------------------------ export
+  def batches(source):
+    """This process's share of each global batch, every record once (padding rows invalid)."""
+    it = data.make_iterator(source, contract, batch_size=config.batch_size // processes, train=False,
+                            lead_set=names, eval_starts=starts)
+    return (_by_record(b, crops) for b in it)
+
+  # ------------------------------------------------------------------------------------------------ forward pass
+  fn = features.feature_fn(per_lead=True, per_patch=config.per_patch)
+
+  def forward(state, signal, lead_ids, lead_mask):
+    """(B, K, L, T) -> features averaged over the K crops of each record."""
+    b, k = signal.shape[:2]
+    out = fn(graphdef, state, signal.reshape(b * k, *signal.shape[2:]), jnp.repeat(lead_ids, k, axis=0),
+             jnp.repeat(lead_mask, k, axis=0))
+    return {key: v.reshape(b, k, *v.shape[1:]).mean(axis=1) for key, v in out.items()}
+
+  # Outputs replicated: process 0 holds every row of the global batch and writes them.
+  step = jax.jit(forward, in_shardings=(replicated, batch_sharding, batch_sharding, batch_sharding),
+                 out_shardings=replicated)
+
+  # ------------------------------------------------------------------------------------------------ export loop
   cfg = loaded.encoder.cfg
   shapes = {"pooled": (cfg.width,), "per_lead": (len(names), cfg.width)}
-  if args.per_patch:
+  if config.per_patch:
     shapes["per_patch"] = (len(names), contract.window // contract.patch_size, cfg.width)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  writer = Writer(args.out, capacity, shapes, {
-    "fingerprint": loaded.fingerprint, "contract": loaded.contract.to_dict(), "checkpoint": loaded.name,
-    "lead_names": list(names), "crops": args.crops, "model": dict(vars(cfg)) if hasattr(cfg, "__dict__") else {}})
-  fn = features.feature_fn(per_lead=True, per_patch=args.per_patch)
-  from flax import nnx
-  graphdef, state = nnx.split(loaded.encoder)
-  bar = None
-  if not args.no_progress:
-    from tqdm import tqdm
-    bar = tqdm(total=capacity, unit="record", desc="embed", file=sys.stderr)
+  writer = bar = None
+  if is_main:
+    os.makedirs(os.path.dirname(os.path.abspath(config.out)), exist_ok=True)
+    writer = Writer(config.out, capacity, shapes, {
+      "fingerprint": loaded.fingerprint, "contract": loaded.contract.to_dict(), "checkpoint": loaded.name,
+      "lead_names": list(names), "crops": config.crops, "model": dict(vars(cfg)) if hasattr(cfg, "__dict__") else {}})
+    if not config.no_progress:
+      from tqdm import tqdm
+      bar = tqdm(total=capacity, unit="record", desc="embed", file=sys.stderr)
+  written = 0
   for source in sources:
-    for batch in features.batches_of(source, contract, lead_set=names, batch_size=args.batch_size, crops=crops):
-      out = fn(graphdef, state, batch["signal"], batch["lead_ids"], batch["lead_mask"])
-      valid = batch["valid"].reshape(-1, crops)[:, 0]
-      arrays = {}
-      for k, v in out.items():
-        v = np.asarray(v)
-        arrays[{"tokens": "per_patch"}.get(k, k)] = v.reshape(-1, crops, *v.shape[1:]).mean(axis=1)[valid]
-      writer.write(arrays, [r.decode() for r in batch["record_id"][::crops][valid]],
-                   [p.decode() for p in batch["patient_id"][::crops][valid]], batch["lead_mask"][::crops][valid])
+    for batch in batches(source):
+      arrays = data.to_global({k: batch[k] for k in ("signal", "lead_ids", "lead_mask")}, batch_sharding)
+      out = step(state, arrays["signal"], arrays["lead_ids"], arrays["lead_mask"])
+      rows = hostgather.gather({k: batch[k] for k in ("valid", "record_id", "patient_id", "lead_mask")})
+      valid = rows["valid"]
+      written += int(valid.sum())
+      if writer is not None:
+        writer.write({{"tokens": "per_patch"}.get(k, k): np.asarray(v)[valid] for k, v in out.items()},
+                     [r.decode() for r in rows["record_id"][valid]], [p.decode() for p in rows["patient_id"][valid]],
+                     rows["lead_mask"][valid])
       if bar is not None:
         bar.update(int(valid.sum()))
   if bar is not None:
     bar.close()
-  npz, parquet = writer.close()
-  log(f"{writer.n} records -> {npz}, {parquet} (fingerprint {loaded.fingerprint})")
+  summary = {"records": written, "fingerprint": loaded.fingerprint, "devices": mesh.size, "processes": processes}
+  if writer is not None:
+    summary["npz"], summary["parquet"] = writer.close()
+    _log(f"{writer.n} records -> {summary['npz']}, {summary['parquet']} (fingerprint {loaded.fingerprint})")
+  return summary
+
+
+def main(argv: Sequence[str]) -> int:
+  from stmem.train import configflags
+  config, _ = configflags.parse(argv, "stmem embed", "embed", workdir=None)
+  for key in ("checkpoint", "out"):
+    if not config[key]:
+      raise configflags.ConfigError(f"--config.{key} (or --{key}) is required; see `stmem embed --help`")
+  if bool(config.data_dir) == bool(config.records):
+    raise configflags.ConfigError("give one of --config.data_dir (a prepared dataset) or --config.records (a folder "
+                                  "of raw records)")
+  if config.crops not in ("first", "mean3"):
+    raise configflags.ConfigError(f"--config.crops={config.crops}: choose first or mean3")
+  from stmem import distributed
+  distributed.initialize()  # a no-op for one process; must come before any JAX computation
+  embed(config)
   return 0

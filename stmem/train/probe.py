@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[2] / "configs" / "probe.py")
+DEFAULT_CONFIG = "probe"  # configs/probe.py, found by name from any directory (stmem.train.configflags)
 
 
 def _csv(text: str) -> list[str]:
