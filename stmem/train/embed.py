@@ -137,16 +137,6 @@ def raw_sources(folder: str, contract, chunk: int, log) -> tuple[int, Iterator[A
   return count, sources()
 
 
-def _by_record(batch: dict[str, np.ndarray], crops: int) -> dict[str, np.ndarray]:
-  """An evaluation batch with its crop axis: signal (B, K, L, T), everything else one row per record.
-
-  The data layer is moving to this layout (issue 13); until it has, its flat rows (crops of a record adjacent) are
-  regrouped here, and only here."""
-  if batch["signal"].ndim == 4:
-    return batch
-  return {k: v.reshape(-1, crops, *v.shape[1:]) if k == "signal" else v[::crops] for k, v in batch.items()}
-
-
 def _log(msg: str) -> None:
   import jax
   if jax.process_index() == 0:
@@ -156,12 +146,11 @@ def _log(msg: str) -> None:
 def embed(config) -> dict:
   """Write the embeddings that `config` (configs/embed.py) asks for; returns a summary (process 0's is complete)."""
   import jax
-  import jax.numpy as jnp
   from flax import nnx
 
   from data_pipelines import leads as leads_lib
   from stmem import data, sharding as sharding_lib
-  from stmem.train import features, hostgather
+  from stmem.train import features, sharded_eval
   from stmem.train.pretrain import parse_mesh
 
   # ------------------------------------------------------------------------------------------------ mesh
@@ -196,25 +185,12 @@ def embed(config) -> dict:
          f"{contract.record_samples / contract.fs:g} s, crops: {config.crops})")
   starts = features.eval_starts(contract.record_samples, contract.window, crops)
 
-  def batches(source):
-    """This process's share of each global batch, every record once (padding rows invalid)."""
-    it = data.make_iterator(source, contract, batch_size=config.batch_size // processes, train=False,
-                            lead_set=names, eval_starts=starts)
-    return (_by_record(b, crops) for b in it)
-
   # ------------------------------------------------------------------------------------------------ forward pass
   fn = features.feature_fn(per_lead=True, per_patch=config.per_patch)
 
-  def forward(state, signal, lead_ids, lead_mask):
-    """(B, K, L, T) -> features averaged over the K crops of each record."""
-    b, k = signal.shape[:2]
-    out = fn(graphdef, state, signal.reshape(b * k, *signal.shape[2:]), jnp.repeat(lead_ids, k, axis=0),
-             jnp.repeat(lead_mask, k, axis=0))
-    return {key: v.reshape(b, k, *v.shape[1:]).mean(axis=1) for key, v in out.items()}
-
   # Outputs replicated: process 0 holds every row of the global batch and writes them.
-  step = jax.jit(forward, in_shardings=(replicated, batch_sharding, batch_sharding, batch_sharding),
-                 out_shardings=replicated)
+  forward = jax.jit(lambda state, *batch: sharded_eval.crop_mean(lambda *b: fn(graphdef, state, *b))(*batch),
+                    in_shardings=(replicated, batch_sharding, batch_sharding, batch_sharding), out_shardings=replicated)
 
   # ------------------------------------------------------------------------------------------------ export loop
   cfg = loaded.encoder.cfg
@@ -232,10 +208,9 @@ def embed(config) -> dict:
       bar = tqdm(total=capacity, unit="record", desc="embed", file=sys.stderr)
   written = 0
   for source in sources:
-    for batch in batches(source):
-      arrays = data.to_global({k: batch[k] for k in ("signal", "lead_ids", "lead_mask")}, batch_sharding)
-      out = step(state, arrays["signal"], arrays["lead_ids"], arrays["lead_mask"])
-      rows = hostgather.gather({k: batch[k] for k in ("valid", "record_id", "patient_id", "lead_mask")})
+    for out, rows in sharded_eval.run(lambda *b: forward(state, *b), source, contract, batch_size=config.batch_size,
+                                      lead_set=names, starts=starts, batch_sharding=batch_sharding,
+                                      host_keys=("valid", "record_id", "patient_id", "lead_mask")):
       valid = rows["valid"]
       written += int(valid.sum())
       if writer is not None:

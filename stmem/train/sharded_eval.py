@@ -1,0 +1,84 @@
+"""One sharded evaluation pass, shared by fine-tuning (validation, test) and embedding: every record once, its
+evaluation crops on a crop axis, the batch split over every device of every process, the model's outputs replicated
+and the host-side rows (validity, labels, record and patient ids) gathered, so that any process (process 0 writes)
+sees the whole global batch.
+
+`stmem.data.to_global` builds a global batch as the concatenation of the processes' local batches in process order;
+`gather` concatenates host arrays the same way, so row i of a replicated model output and row i of the gathered
+ids describe the same record. Text (bytes/str ids) travels as fixed-width uint8 rows. One process: no copies.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def crop_mean(fn: Callable) -> Callable:
+  """fn(signal (N, L, T), lead_ids (N, L), lead_mask (N, L)) -> tree of (N, ...) as
+  fn(signal (B, K, L, T), lead_ids (B, L), lead_mask (B, L)) -> tree of (B, ...) averaged over the K crops."""
+
+  def wrapped(signal, lead_ids, lead_mask):
+    b, k = signal.shape[:2]
+    out = fn(signal.reshape(b * k, *signal.shape[2:]), jnp.repeat(lead_ids, k, axis=0),
+             jnp.repeat(lead_mask, k, axis=0))
+    return jax.tree.map(lambda v: v.reshape(b, k, *v.shape[1:]).mean(axis=1), out)
+
+  return wrapped
+
+
+def by_record(batch: dict[str, np.ndarray], crops: int) -> dict[str, np.ndarray]:
+  """An evaluation batch with its crop axis: signal (B, K, L, T), everything else one row per record.
+
+  The data layer is moving to this layout (issue 13); until it has, its flat rows (crops of a record adjacent) are
+  regrouped here, and only here."""
+  if batch["signal"].ndim == 4:
+    return batch
+  return {k: v.reshape(-1, crops, *v.shape[1:]) if k == "signal" else v[::crops] for k, v in batch.items()}
+
+
+def run(step: Callable, source: Any, contract: Any, *, batch_size: int, lead_set: Any, starts: Sequence[int],
+        batch_sharding: Any, host_keys: Sequence[str] = ("valid", "record_id", "patient_id")
+        ) -> Iterator[tuple[Any, dict[str, np.ndarray]]]:
+  """(outputs, host rows) for every global batch of `source`; `batch_size` records a global batch.
+
+  `step(signal, lead_ids, lead_mask)` is jitted with replicated outputs; padding rows have `valid` False."""
+  from stmem import data
+  processes = jax.process_count()
+  if batch_size % processes:
+    raise ValueError(f"an evaluation batch of {batch_size} records cannot be split over {processes} processes")
+  it = data.make_iterator(source, contract, batch_size=batch_size // processes, train=False, lead_set=lead_set,
+                          eval_starts=tuple(starts))
+  for batch in it:
+    batch = by_record(batch, len(starts))
+    arrays = data.to_global({k: batch[k] for k in ("signal", "lead_ids", "lead_mask")}, batch_sharding)
+    yield step(arrays["signal"], arrays["lead_ids"], arrays["lead_mask"]), gather({k: batch[k] for k in host_keys})
+
+
+def gather(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """{name: (B_local, ...)} on each process -> {name: (B_global, ...)} on every process."""
+  if jax.process_count() == 1:
+    return {k: np.asarray(v) for k, v in arrays.items()}
+  from jax.experimental import multihost_utils
+  out = {}
+  for key, value in arrays.items():
+    value = np.asarray(value)
+    if value.dtype.kind in ("S", "U", "O"):
+      out[key] = _gather_text(value, multihost_utils)
+    else:
+      out[key] = np.asarray(multihost_utils.process_allgather(value, tiled=True))
+  return out
+
+
+def _gather_text(value: np.ndarray, multihost_utils) -> np.ndarray:
+  encoded = [v if isinstance(v, bytes) else str(v).encode() for v in value.tolist()]
+  # Every process must send the same shape: agree on the widest id first.
+  width = int(np.max(multihost_utils.process_allgather(np.asarray(max(map(len, encoded), default=0)))))
+  rows = np.zeros((len(encoded), max(width, 1)), np.uint8)
+  for i, v in enumerate(encoded):
+    rows[i, :len(v)] = np.frombuffer(v, np.uint8)
+  rows = np.asarray(multihost_utils.process_allgather(rows, tiled=True))
+  return np.asarray([bytes(r).rstrip(b"\0") for r in rows])
