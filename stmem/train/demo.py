@@ -24,6 +24,8 @@ def main(argv: list[str]) -> int:
   pretrain_args = ["pretrain", "--config", "pretrain:demo", "--workdir", str(workdir)]
   if config.steps:
     pretrain_args.append(f"--config.total_steps={config.steps}")
+  if config.records:
+    pretrain_args.append(f"--config.data.num_synthetic={config.records}")
   rc = cli.main(pretrain_args)
   if rc:
     return rc
