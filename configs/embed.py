@@ -11,7 +11,8 @@ and patient ids, lead names, the lead mask, the checkpoint's fingerprint and con
 whatever the number of devices or processes (the batches are sharded over the mesh; process 0 writes).
 Crops: `first` (default) embeds the first window of 2250 samples (9 s at 250 Hz) of each record's first 10 s;
 `mean3` averages the embeddings of the 3 evaluation crops (0, 0.5 and 1 s), as the probe does.
-Memory stays bounded: rows are written every batch (Parquet row groups; memory-mapped .npy files zipped at the end).
+The output never sits whole in memory: rows are written every batch (Parquet row groups; memory-mapped .npy files
+zipped at the end). A raw folder is read into memory first: `stmem prepare` a large one and embed that.
 """
 import ml_collections
 
@@ -32,11 +33,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.lead_set = "12"        # lead slots fed to the encoder, by name (12, limb6, I+II, V2+I+aVF, ...)
   c.crops = "first"        # "first" (the first window) or "mean3" (mean over the 3 evaluation crops)
   c.batch_size = 32        # records per forward pass, over all devices and processes (a multiple of the devices)
-  c.read_chunk = 256       # raw records read and preprocessed at a time (bounds memory for large folders)
   c.mesh = "data:-1"       # device mesh: the batch is split over every device of every process
   c.num_devices = 0        # 0: every device; k: the first k (single-process runs only)
   c.no_progress = False    # True: no progress bar
   if arg == "test":
     c.batch_size = 8
-    c.read_chunk = 5
   return c

@@ -20,7 +20,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
-import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -29,7 +28,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from data_pipelines import leads as leads_lib
+from data_pipelines.quarantine import Quarantine
+from data_pipelines.readers import common
 from data_pipelines.record import Record, RecordError
 from data_pipelines.contract import Contract
 
@@ -75,6 +75,11 @@ def hash_split(key: str, fractions: Mapping[str, float] = DEFAULT_FRACTIONS) -> 
   return names[-1]
 
 
+def split_names(keys: Iterable[Any], fractions: Mapping[str, float] = DEFAULT_FRACTIONS) -> np.ndarray:
+  """`hash_split` of each key (patient ids) as a str array: the one patient-grouped split, for data in memory."""
+  return np.asarray([hash_split(str(k), fractions) for k in keys], dtype=str)
+
+
 def parse_fractions(spec: str | Mapping[str, float] | None) -> dict[str, float]:
   """`train=0.8,validation=0.1,test=0.1` (or a mapping) -> fractions; zero-fraction splits are dropped."""
   if spec is None or spec == "":
@@ -92,28 +97,20 @@ def parse_fractions(spec: str | Mapping[str, float] | None) -> dict[str, float]:
   return out
 
 
-def parse_age(value: Any) -> float:
-  """Age in years, -1.0 when unknown (missing, NaN, `Unknown`, negative)."""
-  try:
-    age = float(value)
-  except (TypeError, ValueError):
-    return -1.0
-  return age if math.isfinite(age) and age >= 0 else -1.0
+def age_code(value: Any) -> float:
+  """The stored `age`: years as the readers parse it (`readers.common.parse_age`), -1.0 when unknown."""
+  age = common.parse_age(value)
+  return -1.0 if age is None else float(age)
 
 
-def parse_sex(value: Any) -> int:
-  """0 female, 1 male, -1 unknown, from the spellings found in ECG metadata (`Male`, `F`, `M`, booleans).
+def sex_code(value: Any) -> int:
+  """The stored `sex`: 1 male, 0 female, -1 unknown, from the readers' `M` / `F` (`readers.common.parse_sex`).
 
-  Numeric codes are dataset-specific (PTB-XL: 0 = male) and must be converted by the builder before this.
+  An integer is taken as already coded (a builder that converted a dataset-specific numeric code itself).
   """
-  if isinstance(value, (bool, np.bool_)):
-    return int(bool(value))
-  s = str(value).strip().lower()
-  if s in ("m", "male", "man", "1"):
-    return 1
-  if s in ("f", "female", "woman", "0", "w"):
-    return 0
-  return -1
+  if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+    return int(value)
+  return {"M": 1, "F": 0}.get(common.parse_sex(value), -1)
 
 
 def multi_hot(names: Iterable[str], vocabulary: Sequence[str]) -> np.ndarray:
@@ -332,8 +329,7 @@ class StmemBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
           if meta.get("patient_id"):
             item.patient_id = str(meta["patient_id"])
           examples, digest, dropped = record_examples(
-            item, self.contract, meta["labels"], age=parse_age(meta.get("age", -1.0)),
-            sex=int(meta["sex"]) if isinstance(meta.get("sex"), (int, np.integer)) else parse_sex(meta.get("sex")),
+            item, self.contract, meta["labels"], age=age_code(meta.get("age")), sex=sex_code(meta.get("sex")),
             source=meta.get("source"))
         except RecordError as e:
           if self.strict:
@@ -382,21 +378,10 @@ def write_side_files(folder: epath.Path, contract: Contract, label_names: Sequen
 
 
 def _write_quarantine(path: epath.Path, errors: Sequence[RecordError]) -> None:
-  """Through the shared Quarantine writer when it is there, so that every report has one format."""
-  try:
-    from data_pipelines.quarantine import Quarantine
-  except ImportError:  # pragma: no cover - only while quarantine.py is being written.
-    Quarantine = None
-  if Quarantine is not None:
-    q = Quarantine(str(path))
+  """Through the shared Quarantine writer, so that every report has one format."""
+  with Quarantine(str(path)) as q:
     for e in errors:
       q.add(e)
-    if hasattr(q, "close"):
-      q.close()
-    if path.exists():
-      return
-  path.write_text("".join(json.dumps({"path": e.path, "reason": e.reason, "detail": e.detail}) + "\n"
-                          for e in errors))
 
 
 # ------------------------------------------------------------------------------------------------ prepared folders

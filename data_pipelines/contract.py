@@ -52,10 +52,6 @@ class Contract:
   def from_json(cls, text: str) -> "Contract":
     return cls.from_dict(json.loads(text))
 
-  @property
-  def num_patches(self) -> int:
-    return self.window // self.patch_size
-
 
 # Fields whose mismatch a program can adapt by itself, and how.
 ADAPTABLE = {

@@ -5,7 +5,7 @@ readers assumes a lead's position in an array.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 from data_pipelines.errors import UsageError
 
@@ -46,10 +46,6 @@ class UnknownLeadError(UsageError, ValueError):
 def canonical_name(name: str) -> str | None:
   """The canonical spelling of a lead name (`avr`, `AVR`, `aVR` -> `aVR`; `DI` -> `I`), or None if unknown."""
   return _ALIASES.get(str(name).strip().lower())
-
-
-def canonical_names(names: Iterable[str]) -> list[str | None]:
-  return [canonical_name(n) for n in names]
 
 
 def lead_ids(names: Sequence[str]) -> list[int]:

@@ -17,7 +17,7 @@ import scipy.signal
 from data_pipelines.record import Record
 from data_pipelines.contract import Contract
 
-EVAL_STARTS = (0, 125, 250)  # the reference's three evaluation crops of a 2500-sample record
+EVAL_CROPS = 3  # the reference averages its predictions over 3 crops of each record
 
 
 def _float_dtype(x: np.ndarray) -> np.dtype:
@@ -95,13 +95,29 @@ def windows(x: np.ndarray, n: int) -> np.ndarray:
   return np.ascontiguousarray(out[keep])
 
 
+def random_start(length: int, n: int, rng: np.random.Generator) -> int:
+  """The start of a crop of `n` samples from `length`, uniform over every position (the reference's training crop)."""
+  if length < n:
+    raise ValueError(f"cannot crop {n} samples from {length}")
+  return int(rng.integers(0, length - n + 1))
+
+
 def random_crop(x: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-  """A crop of `n` samples starting uniformly at random (the reference's training crop)."""
+  """A crop of `n` samples starting uniformly at random (`random_start`)."""
   x = np.asarray(x)
-  if x.shape[-1] < n:
-    raise ValueError(f"cannot crop {n} samples from {x.shape[-1]}")
-  start = int(rng.integers(0, x.shape[-1] - n + 1))
+  start = random_start(x.shape[-1], n, rng)
   return x[..., start:start + n]
+
+
+def eval_starts(record_samples: int, window: int, crops: int = EVAL_CROPS) -> tuple[int, ...]:
+  """Crop starts spread evenly over a record: (0, 125, 250) for the reference's 2500-sample records and 2250 window
+  (0, 0.5 and 1 s at 250 Hz)."""
+  if window > record_samples:
+    raise ValueError(f"records of {record_samples} samples are shorter than the window of {window}")
+  return tuple(int(round(s)) for s in np.linspace(0, record_samples - window, crops))
+
+
+EVAL_STARTS = eval_starts(2500, 2250)  # the reference's three evaluation crops of a 2500-sample record
 
 
 def eval_crops(x: np.ndarray, n: int, starts: Sequence[int] = EVAL_STARTS) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Reference ST-MEM parameter names <-> stmem parameters.
 
-The reference (PyTorch) names are listed in `docs/reference-stmem.md`; its Linear weights are (out, in), a Flax kernel
+The reference (PyTorch) names are the patterns of `_RULES` below; its Linear weights are (out, in), a Flax kernel
 is (in, out). Reading a `.pth` uses `torch.load(..., weights_only=True)`, so no code in the file is ever executed; a
 `.npz` is read with `allow_pickle=False`.
 """

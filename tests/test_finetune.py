@@ -5,7 +5,7 @@ import signal
 
 import numpy as np
 
-from tests.test_probe import tiny_checkpoint
+from tests.helpers import tiny_checkpoint
 
 
 def test_finetune_writes_report_and_checkpoint(tmp_path, monkeypatch):

@@ -14,21 +14,7 @@ from data_pipelines import leads as leads_lib
 from data_pipelines.readers import (Checks, Record, RecordError, iter_code15, iter_numpy, read_cpsc_mat, read_wfdb,
                                     select_standard_leads, validate)
 from data_pipelines.readers.code15 import CODE15_LEADS, strip_zero_padding
-
-
-def _ecg(leads: int, samples: int, seed: int = 0) -> np.ndarray:
-  """A crude but non-flat ECG-like signal (leads, samples) in mV."""
-  rng = np.random.default_rng(seed)
-  t = np.arange(samples) / 400.0
-  beats = np.sin(2 * np.pi * 1.2 * t) ** 15
-  return (beats[None] * rng.uniform(0.5, 1.5, (leads, 1)) + 0.02 * rng.standard_normal((leads, samples)))
-
-
-def _write_csv(path: pathlib.Path, rows: list[dict]) -> None:
-  with open(path, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
+from tests.helpers import ecg_like as _ecg, write_code15_folder, write_csv as _write_csv
 
 
 # --- CODE-15 ----------------------------------------------------------------------------------------------------
@@ -36,37 +22,6 @@ def _write_csv(path: pathlib.Path, rows: list[dict]) -> None:
 @pytest.fixture
 def code15_folder(tmp_path) -> tuple[pathlib.Path, dict[int, np.ndarray]]:
   return write_code15_folder(tmp_path)
-
-
-def write_code15_folder(tmp_path: pathlib.Path) -> tuple[pathlib.Path, dict[int, np.ndarray]]:
-  """Two part files in the CODE-15 layout: (N, 4096, 12) float32 at 400 Hz, zero-padded at both ends."""
-  tmp_path.mkdir(parents=True, exist_ok=True)
-  truth = {}
-  for part, exam_ids in ((0, [101, 102, 0]), (1, [201, 202])):
-    tracings = np.zeros((len(exam_ids), 4096, 12), np.float32)
-    for i, exam_id in enumerate(exam_ids):
-      if exam_id in (0, 202):  # an empty filler slot, and an all-zero exam
-        continue
-      n = 4000 if exam_id != 102 else 2934  # 10 s and the short 7.3 s acquisition group
-      pad = (4096 - n) // 2
-      signal = _ecg(12, n, seed=exam_id)
-      tracings[i, pad:pad + n] = signal.T
-      truth[exam_id] = signal
-    with h5py.File(tmp_path / f"exams_part{part}.hdf5", "w") as f:
-      f["tracings"] = tracings
-      f["exam_id"] = np.asarray(exam_ids, np.int64)
-  _write_csv(tmp_path / "exams.csv", [
-    {"exam_id": 101, "age": 54, "is_male": "True", "nn_predicted_age": 50.1, "1dAVb": "False", "RBBB": "True",
-     "LBBB": "False", "SB": "False", "ST": "False", "AF": "False", "patient_id": 7, "death": "", "timey": "",
-     "normal_ecg": "False", "trace_file": "exams_part0.hdf5"},
-    {"exam_id": 102, "age": 60, "is_male": "False", "nn_predicted_age": 61.0, "1dAVb": "False", "RBBB": "False",
-     "LBBB": "False", "SB": "True", "ST": "False", "AF": "True", "patient_id": 7, "death": "", "timey": "",
-     "normal_ecg": "False", "trace_file": "exams_part0.hdf5"},
-    {"exam_id": 201, "age": 33, "is_male": "False", "nn_predicted_age": 30.0, "1dAVb": "False", "RBBB": "False",
-     "LBBB": "False", "SB": "False", "ST": "False", "AF": "False", "patient_id": 9, "death": "", "timey": "",
-     "normal_ecg": "True", "trace_file": "exams_part1.hdf5"},
-  ])
-  return tmp_path, truth
 
 
 def test_code15_reads_strips_padding_and_labels(code15_folder):

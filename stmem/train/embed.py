@@ -10,21 +10,20 @@ replicated), the loop that writes rows as they come. Several processes (`launch/
 their share and process 0 writes every record exactly once, in the global batch order.
 
 No masking at inference: the output equals `encoder.features(...)` on the preprocessed crops. Raw folders (WFDB,
-searched recursively) are read with `data_pipelines.readers` and preprocessed by the checkpoint's contract
-(FFT-resampled to its rate, first 10 s, band-pass, z-score); a prepared dataset is checked against the contract and
-adapted where safe. Output: FILE_PREFIX.npz and FILE_PREFIX.parquet, written as the batches come (bounded memory),
+searched recursively) are read through `stmem.data.open_pool` exactly as `stmem prepare generic` would prepare them
+under the checkpoint's contract (FFT-resampled to its rate, every 10 s window a row, band-pass, z-score; records it
+cannot use are skipped and listed); a prepared dataset is checked against the contract and adapted where safe. Output: FILE_PREFIX.npz and FILE_PREFIX.parquet, written as the batches come (bounded memory),
 with record ids, lead names, the checkpoint's fingerprint and contract.
 """
 from __future__ import annotations
 
 import json
 import os
-import pathlib
 import shutil
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -106,37 +105,6 @@ class Writer:
     return self.prefix + ".npz", self.prefix + ".parquet"
 
 
-def raw_sources(folder: str, contract, chunk: int, log) -> tuple[int, Iterator[Any]]:
-  """(upper bound on records, iterator of ArraySources of up to `chunk` records) from a raw WFDB folder."""
-  from data_pipelines import readers
-  from stmem import data
-  from stmem.train import features
-  count = sum(1 for _ in pathlib.Path(folder).rglob("*.hea"))
-
-  def chunks():
-    batch = []
-    for rec in readers.iter_wfdb_folder(folder):
-      if isinstance(rec, Exception):
-        log(f"skipped {getattr(rec, 'record_id', '?')}: {rec}")
-        continue
-      batch.append(rec)
-      if len(batch) == chunk:
-        yield batch
-        batch = []
-    if batch:
-      yield batch
-
-  def sources():
-    for records in chunks():
-      arrays = features.records_to_arrays(records, contract)
-      for rid in arrays.pop("skipped"):
-        log(f"skipped {rid}: shorter than {contract.record_samples / contract.fs:g} s")
-      if len(arrays["record_id"]):
-        yield data.ArraySource(arrays)
-
-  return count, sources()
-
-
 def _log(msg: str) -> None:
   import jax
   if jax.process_index() == 0:
@@ -149,6 +117,7 @@ def embed(config) -> dict:
   from flax import nnx
 
   from data_pipelines import leads as leads_lib
+  from data_pipelines import transforms
   from stmem import data, sharding as sharding_lib
   from stmem.train import features, sharded_eval
   from stmem.train.pretrain import parse_mesh
@@ -166,37 +135,39 @@ def embed(config) -> dict:
   # ------------------------------------------------------------------------------------------------ encoder
   loaded = features.load_encoder(config.checkpoint)
   names = leads_lib.parse_lead_set(config.lead_set)
-  crops = 1 if config.crops == "first" else features.EVAL_CROPS
+  crops = 1 if config.crops == "first" else transforms.EVAL_CROPS
   graphdef, state = nnx.split(loaded.encoder)
   state = jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, replicated, lambda i: np.asarray(x)[i]), state)
 
   # ------------------------------------------------------------------------------------------------ data
   if config.data_dir:
-    prepared = data.open_prepared(config.data_dir, config.split)
-    source, contract, adapted = features.adapt(loaded.contract, prepared.contract, prepared.source, names)
-    for line in adapted:
-      _log(f"adapted {line}")
-    capacity, sources = len(source), iter([source])
-  else:
-    features.adapt(loaded.contract, loaded.contract, None, names)  # the lead set against the checkpoint's leads
-    contract = features.canonical_contract(loaded.contract)
-    capacity, sources = raw_sources(config.records, loaded.contract, config.read_chunk, _log)
-    _log(f"raw records preprocessed by the checkpoint's contract ({contract.fs:g} Hz, first "
-         f"{contract.record_samples / contract.fs:g} s, crops: {config.crops})")
-  starts = features.eval_starts(contract.record_samples, contract.window, crops)
+    spec = data.DatasetSpec("prepared", path=config.data_dir, splits=(config.split,))
+  else:  # a folder of WFDB records, read as `stmem prepare generic` reads it, under the checkpoint's contract
+    spec = data.DatasetSpec("raw", path=config.records, name="generic")
+  pool = data.open_pool(spec, loaded.contract)
+  for q in pool.quarantine.get("records", []):
+    _log(f"skipped {q['path']}: {q['reason']} ({q['detail']})")
+  source, contract, adapted = features.adapt(loaded.contract, pool.contract, pool.source, names)
+  for line in adapted:
+    _log(f"adapted {line}")
+  if not config.data_dir:
+    _log(f"raw records preprocessed by the checkpoint's contract ({contract.fs:g} Hz, every "
+         f"{contract.record_samples / contract.fs:g} s window, crops: {config.crops})")
+  starts = transforms.eval_starts(contract.record_samples, contract.window, crops)
 
   # ------------------------------------------------------------------------------------------------ forward pass
   fn = features.feature_fn(per_lead=True, per_patch=config.per_patch)
 
-  # Outputs replicated: process 0 holds every row of the global batch and writes them.
-  forward = jax.jit(lambda state, *batch: sharded_eval.crop_mean(lambda *b: fn(graphdef, state, *b))(*batch),
-                    in_shardings=(replicated, batch_sharding, batch_sharding, batch_sharding), out_shardings=replicated)
+  # Outputs replicated: process 0 holds every row of the global batch and writes them. (B, K, L, T) inputs: the
+  # features are averaged over the K crops inside `fn`.
+  forward = jax.jit(lambda state, *batch: fn(graphdef, state, *batch), in_shardings=(replicated, batch_sharding, batch_sharding, batch_sharding), out_shardings=replicated)
 
   # ------------------------------------------------------------------------------------------------ export loop
   cfg = loaded.encoder.cfg
   shapes = {"pooled": (cfg.width,), "per_lead": (len(names), cfg.width)}
   if config.per_patch:
     shapes["per_patch"] = (len(names), contract.window // contract.patch_size, cfg.width)
+  capacity = len(source)
   writer = bar = None
   if is_main:
     os.makedirs(os.path.dirname(os.path.abspath(config.out)), exist_ok=True)
@@ -207,18 +178,17 @@ def embed(config) -> dict:
       from tqdm import tqdm
       bar = tqdm(total=capacity, unit="record", desc="embed", file=sys.stderr)
   written = 0
-  for source in sources:
-    for out, rows in sharded_eval.run(lambda *b: forward(state, *b), source, contract, batch_size=config.batch_size,
-                                      lead_set=names, starts=starts, batch_sharding=batch_sharding,
-                                      host_keys=("valid", "record_id", "patient_id", "lead_mask")):
-      valid = rows["valid"]
-      written += int(valid.sum())
-      if writer is not None:
-        writer.write({{"tokens": "per_patch"}.get(k, k): np.asarray(v)[valid] for k, v in out.items()},
-                     [r.decode() for r in rows["record_id"][valid]], [p.decode() for p in rows["patient_id"][valid]],
-                     rows["lead_mask"][valid])
-      if bar is not None:
-        bar.update(int(valid.sum()))
+  for out, rows in sharded_eval.run(lambda *b: forward(state, *b), source, contract, batch_size=config.batch_size,
+                                    lead_set=names, starts=starts, batch_sharding=batch_sharding,
+                                    host_keys=("valid", "record_id", "patient_id", "lead_mask")):
+    valid = rows["valid"]
+    written += int(valid.sum())
+    if writer is not None:
+      writer.write({{"tokens": "per_patch"}.get(k, k): np.asarray(v)[valid] for k, v in out.items()},
+                   [r.decode() for r in rows["record_id"][valid]], [p.decode() for p in rows["patient_id"][valid]],
+                   rows["lead_mask"][valid])
+    if bar is not None:
+      bar.update(int(valid.sum()))
   if bar is not None:
     bar.close()
   summary = {"records": written, "fingerprint": loaded.fingerprint, "devices": mesh.size, "processes": processes}

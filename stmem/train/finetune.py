@@ -54,21 +54,6 @@ class Classifier(nnx.Module):
     return self.head(enc.features(signal, lead_ids, lead_mask, branch_scale=branch_scale)["pooled"])
 
 
-class LabelledSubset:
-  """Records `indices` of a source, with the task's labels in place of whatever the source carries."""
-
-  def __init__(self, source, indices: np.ndarray, labels: np.ndarray):
-    self.source, self.indices, self.labels = source, np.asarray(indices), np.asarray(labels, np.float32)
-
-  def __len__(self) -> int:
-    return len(self.indices)
-
-  def __getitem__(self, i: int):
-    ex = dict(self.source[int(self.indices[i])])
-    ex["labels"] = self.labels[i]
-    return ex
-
-
 def task_loss(logits, labels, kind: str, smoothing: float = 0.0, class_weight=None):
   """Mean loss per record: sigmoid BCE summed over classes (multi-label) or softmax cross-entropy (multi-class)."""
   if kind == "multiclass":
@@ -84,25 +69,26 @@ def task_loss(logits, labels, kind: str, smoothing: float = 0.0, class_weight=No
   return per.sum(-1).mean()
 
 
-def task_data(config, loaded, log):
+def task_data(config, loaded):
   """The task and its splits, as sources the pipeline reads: (task, {split: (indices, source)}, contract, notes).
 
-  The one place fine-tuning touches the data layer (a swap point while that layer is rebuilt, issue 13)."""
-  from stmem.train import features, tasks as tasks_lib
-  pools, task_list = tasks_lib.load([config.task], loaded.contract, data_dir=config.data_dir,
-                                    data_root=config.data_root,
-                                    labels=[x for x in config.labels.split(",") if x], kind=config.kind,
-                                    synthetic_n=int(config.synthetic_n), seed=int(config.seed))
-  task = task_list[0]
-  pool = pools[task.pool]
-  split = pool.split if pool.split is not None else tasks_lib.hash_split(pool.patient_id)
+  The data's own splits when it has them, else the one patient-grouped split (`builder_base.split_names`)."""
+  from data_pipelines import builder_base
+  from stmem import data
+  from stmem.train import features
+  pools, task_list = data.task_pools([config.task], loaded.contract, data_dir=config.data_dir,
+                                     data_root=config.data_root, labels=[x for x in config.labels.split(",") if x],
+                                     kind=config.kind, num_synthetic=int(config.synthetic_n), seed=int(config.seed))
+  pool_key, task = task_list[0]
+  pool = pools[pool_key]
+  split = pool.split if pool.fixed_splits else builder_base.split_names(pool.patient_id)
   source, contract, adapted = features.adapt(loaded.contract, pool.contract, pool.source, config.lead_set)
   subsets = {}
-  for name in tasks_lib.SPLITS:
+  for name in data.SPLITS:
     idx = np.flatnonzero(task.keep & (split == name))
     if not len(idx):
       raise ValueError(f"task {task.name}: the {name} split is empty")
-    subsets[name] = (idx, LabelledSubset(source, idx, task.labels[idx]))
+    subsets[name] = (idx, data.Subset(source, idx, task.labels[idx]))
   return task, subsets, contract, [f"adapted {line}" for line in adapted]
 
 
@@ -121,6 +107,7 @@ def class_weights(labels: np.ndarray, kind: str, how: str):
 def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None) -> dict:
   """Fine-tune, select on validation, test once; returns a summary. `stop_after` ends the loop early without a
   save (tests use it to stand in for a crash)."""
+  from data_pipelines import transforms
   from stmem import augment, checkpoint as ckpt_lib, data, evaluation, sharding as sharding_lib
   from stmem.models import model_config
   from stmem.train import features, metrics as metrics_lib, optim, report, sharded_eval
@@ -153,12 +140,12 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
   info("encoder: %s", origin)
 
   # ---------------------------------------------------------------------------------------------------- data
-  task, subsets, contract, notes = task_data(config, loaded, log)
+  task, subsets, contract, notes = task_data(config, loaded)
   for line in notes:
     info("%s", line)
   info("task %s: %s", task.name, {k: len(v[0]) for k, v in subsets.items()})
   class_weight = class_weights(task.labels[subsets["train"][0]], task.kind, config.class_weighting)
-  starts = features.eval_starts(contract.record_samples, contract.window)
+  starts = transforms.eval_starts(contract.record_samples, contract.window)
 
   def make_train_iter(state=None):
     return data.make_iterator(subsets["train"][1], contract, state=state, batch_size=config.batch_size // processes,
@@ -214,7 +201,7 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
 
   # ---------------------------------------------------------------------------------------------------- evaluation
   link = (lambda z: jax.nn.softmax(z, -1)) if task.kind == "multiclass" else jax.nn.sigmoid
-  predict = jax.jit(lambda p, *b: sharded_eval.crop_mean(lambda *x: link(nnx.merge(graphdef, p)(*x)))(*b),
+  predict = jax.jit(lambda p, *b: features.crop_mean(lambda *x: link(nnx.merge(graphdef, p)(*x)))(*b),
                     in_shardings=(param_shardings, batch_sharding, batch_sharding, batch_sharding),
                     out_shardings=replicated)
 

@@ -30,7 +30,7 @@ def evaluation_folds(task, pool, config) -> tuple[np.ndarray, np.ndarray, np.nda
   """
   from stmem import evaluation
   keep = task.keep
-  if pool.split is not None and config.use_splits:
+  if pool.fixed_splits and config.use_splits:
     return ((keep & (pool.split == "train"))[None], (keep & (pool.split == "validation"))[None],
             (keep & (pool.split == "test"))[None], "train/validation/test splits")
   k = int(config.cv_folds)
@@ -94,8 +94,9 @@ def main(argv: Sequence[str]) -> int:
   start = time.time()
 
   from data_pipelines import leads as leads_lib
+  from stmem import data
   from stmem.models import model_config
-  from stmem.train import features, report, tasks as tasks_lib
+  from stmem.train import features, report
 
   # ------------------------------------------------------------------------------------------ encoders
   if config.checkpoint:
@@ -114,27 +115,29 @@ def main(argv: Sequence[str]) -> int:
     leads_lib.parse_lead_set(ls)  # refuse a bad lead set before any data is read
 
   # ------------------------------------------------------------------------------------------ data
-  pools, task_list = tasks_lib.load(_csv(config.tasks), main_encoder.contract, data_dir=config.data_dir,
-                                    data_root=config.data_root, labels=_csv(config.labels), kind=config.kind,
-                                    synthetic_n=int(config.synthetic_n), seed=int(config.seed))
+  pools, task_list = data.task_pools(_csv(config.tasks), main_encoder.contract, data_dir=config.data_dir,
+                                     data_root=config.data_root, labels=_csv(config.labels), kind=config.kind,
+                                     num_synthetic=int(config.synthetic_n), seed=int(config.seed))
   notes = [f"encoder: {config.checkpoint or config.model} (fingerprint {main_encoder.fingerprint}); random init: "
            f"same architecture, seed {config.random_seed}"]
 
   # ------------------------------------------------------------------------------------------ features and heads
   rows, curves = [], {}
   for pool_name, pool in pools.items():
-    pool_tasks = [t for t in task_list if t.pool == pool_name]
+    if pool.quarantine.get("total"):
+      notes.append(f"{pool.name}: {pool.quarantine['total']} records skipped {pool.quarantine['by_reason']}")
+    pool_tasks = [t for key, t in task_list if key == pool_name]
     protocols = {t.name: evaluation_folds(t, pool, config) for t in pool_tasks}
     for lead_set in lead_sets:
       source, contract, adapted = features.adapt(main_encoder.contract, pool.contract, pool.source, lead_set)
       for line in adapted:
-        notes.append(f"{pool_name}: adapted {line}")
+        notes.append(f"{pool.name}: adapted {line}")
       t0 = time.time()
       feats = features.extract(encoders, source, contract, lead_set=lead_set, batch_size=int(config.batch_size),
                                last_blocks=int(config.last_blocks))
       if not np.array_equal(feats["record_id"], pool.record_id):
-        raise RuntimeError(f"{pool_name}: the feature pass returned records in another order than the pool")
-      log.info("%s, lead set %s: features of %d records in %.1f s", pool_name, lead_set, len(pool.record_id),
+        raise RuntimeError(f"{pool.name}: the feature pass returned records in another order than the pool")
+      log.info("%s, lead set %s: features of %d examples in %.1f s", pool.name, lead_set, len(pool.record_id),
                time.time() - t0)
       for task in pool_tasks:
         for model, x in feats["features"].items():
@@ -147,8 +150,7 @@ def main(argv: Sequence[str]) -> int:
                    row["auroc_lo"], row["auroc_hi"])
 
   # ------------------------------------------------------------------------------------------ report
-  notes += [f"{t.name}: {protocols_name}" for t, protocols_name in
-            ((t, evaluation_folds(t, pools[t.pool], config)[3]) for t in task_list)]
+  notes += [f"{t.name}: {evaluation_folds(t, pools[key], config)[3]}" for key, t in task_list]
   notes.append(f"intervals: 95 % percentile bootstrap over patients ({config.bootstrap} resamples); F1 thresholds "
                f"chosen on validation; L2 chosen on validation {config.select_on}")
   paths = report.write(workdir, rows, title="Linear probe", curves=curves, notes=notes,

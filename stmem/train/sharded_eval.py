@@ -13,31 +13,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-
-
-def crop_mean(fn: Callable) -> Callable:
-  """fn(signal (N, L, T), lead_ids (N, L), lead_mask (N, L)) -> tree of (N, ...) as
-  fn(signal (B, K, L, T), lead_ids (B, L), lead_mask (B, L)) -> tree of (B, ...) averaged over the K crops."""
-
-  def wrapped(signal, lead_ids, lead_mask):
-    b, k = signal.shape[:2]
-    out = fn(signal.reshape(b * k, *signal.shape[2:]), jnp.repeat(lead_ids, k, axis=0),
-             jnp.repeat(lead_mask, k, axis=0))
-    return jax.tree.map(lambda v: v.reshape(b, k, *v.shape[1:]).mean(axis=1), out)
-
-  return wrapped
-
-
-def by_record(batch: dict[str, np.ndarray], crops: int) -> dict[str, np.ndarray]:
-  """An evaluation batch with its crop axis: signal (B, K, L, T), everything else one row per record.
-
-  The data layer is moving to this layout (issue 13); until it has, its flat rows (crops of a record adjacent) are
-  regrouped here, and only here."""
-  if batch["signal"].ndim == 4:
-    return batch
-  return {k: v.reshape(-1, crops, *v.shape[1:]) if k == "signal" else v[::crops] for k, v in batch.items()}
 
 
 def run(step: Callable, source: Any, contract: Any, *, batch_size: int, lead_set: Any, starts: Sequence[int],
@@ -45,7 +21,8 @@ def run(step: Callable, source: Any, contract: Any, *, batch_size: int, lead_set
         ) -> Iterator[tuple[Any, dict[str, np.ndarray]]]:
   """(outputs, host rows) for every global batch of `source`; `batch_size` records a global batch.
 
-  `step(signal, lead_ids, lead_mask)` is jitted with replicated outputs; padding rows have `valid` False."""
+  `step(signal (B, K, L, T), lead_ids, lead_mask)` is jitted with replicated outputs (`features.crop_mean` averages
+  over the crop axis); padding rows have `valid` False."""
   from stmem import data
   processes = jax.process_count()
   if batch_size % processes:
@@ -53,7 +30,6 @@ def run(step: Callable, source: Any, contract: Any, *, batch_size: int, lead_set
   it = data.make_iterator(source, contract, batch_size=batch_size // processes, train=False, lead_set=lead_set,
                           eval_starts=tuple(starts))
   for batch in it:
-    batch = by_record(batch, len(starts))
     arrays = data.to_global({k: batch[k] for k in ("signal", "lead_ids", "lead_mask")}, batch_sharding)
     yield step(arrays["signal"], arrays["lead_ids"], arrays["lead_mask"]), gather({k: batch[k] for k in host_keys})
 
