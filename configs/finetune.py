@@ -31,7 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.labels = ""                 # prepared task: comma-separated label names ("" = all)
   c.kind = "multilabel"         # prepared task: "multilabel" (sigmoid per class) or "multiclass" (softmax)
   c.lead_set = "12"             # lead slots fed to the encoder, by name
-  c.batch_size = 32             # global training batch, over all devices and processes
+  c.batch_size = 32             # global training batch, over all devices and processes (a multiple of the devices)
   c.steps = 2000                # optimiser steps
   c.warmup_steps = 200          # linear warm-up steps before the cosine decay
   c.base_lr = 1e-3              # scaled by batch / 256
@@ -49,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval_every = 200            # validate (and save the training state) every N steps
   c.select_on = "loss"          # "loss" (validation loss, the reference) or "auroc"
   c.bootstrap = 1000            # patient-level bootstrap resamples for the test intervals
-  c.eval_batch_size = 32        # records per evaluation batch (x3 crops), over all devices and processes
+  c.eval_batch_size = 32        # records per evaluation batch (x3 crops), over all devices (rounded up to them)
   c.synthetic_n = 240           # synthetic task: number of simulated records
   c.seed = 0                    # head init, data order, augmentation, drop path
   c.mesh = "data:-1,fsdp:1"     # axis:size pairs; -1 takes the remaining devices

@@ -126,10 +126,6 @@ def embed(config) -> dict:
   devices = jax.devices()[:config.num_devices] if config.num_devices else None
   mesh = sharding_lib.make_mesh(parse_mesh(config.mesh), devices=devices)
   batch_sharding, replicated = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
-  processes = jax.process_count()
-  if config.batch_size % mesh.size or config.batch_size % processes:
-    raise ValueError(f"--config.batch_size={config.batch_size} must be a multiple of the {mesh.size} devices and "
-                     f"the {processes} processes")
   is_main = jax.process_index() == 0
 
   # ------------------------------------------------------------------------------------------------ encoder
@@ -191,7 +187,8 @@ def embed(config) -> dict:
       bar.update(int(valid.sum()))
   if bar is not None:
     bar.close()
-  summary = {"records": written, "fingerprint": loaded.fingerprint, "devices": mesh.size, "processes": processes}
+  summary = {"records": written, "fingerprint": loaded.fingerprint, "devices": mesh.size,
+             "processes": jax.process_count()}
   if writer is not None:
     summary["npz"], summary["parquet"] = writer.close()
     _log(f"{writer.n} records -> {summary['npz']}, {summary['parquet']} (fingerprint {loaded.fingerprint})")

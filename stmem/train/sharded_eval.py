@@ -19,16 +19,16 @@ import numpy as np
 def run(step: Callable, source: Any, contract: Any, *, batch_size: int, lead_set: Any, starts: Sequence[int],
         batch_sharding: Any, host_keys: Sequence[str] = ("valid", "record_id", "patient_id")
         ) -> Iterator[tuple[Any, dict[str, np.ndarray]]]:
-  """(outputs, host rows) for every global batch of `source`; `batch_size` records a global batch.
+  """(outputs, host rows) for every global batch of `source`: `batch_size` records, rounded up to a multiple of the
+  mesh's devices (the extra rows are padding, like those ending the last batch).
 
   `step(signal (B, K, L, T), lead_ids, lead_mask)` is jitted with replicated outputs (`features.crop_mean` averages
   over the crop axis); padding rows have `valid` False."""
   from stmem import data
-  processes = jax.process_count()
-  if batch_size % processes:
-    raise ValueError(f"an evaluation batch of {batch_size} records cannot be split over {processes} processes")
-  it = data.make_iterator(source, contract, batch_size=batch_size // processes, train=False, lead_set=lead_set,
-                          eval_starts=tuple(starts))
+  devices = batch_sharding.mesh.size  # a multiple of the process count: every process brings its devices
+  batch_size = -(-batch_size // devices) * devices
+  it = data.make_iterator(source, contract, batch_size=batch_size // jax.process_count(), train=False,
+                          lead_set=lead_set, eval_starts=tuple(starts))
   for batch in it:
     arrays = data.to_global({k: batch[k] for k in ("signal", "lead_ids", "lead_mask")}, batch_sharding)
     yield step(arrays["signal"], arrays["lead_ids"], arrays["lead_mask"]), gather({k: batch[k] for k in host_keys})
