@@ -10,7 +10,13 @@ Written beside the ArrayRecord shards (in the builder's versioned folder):
   labels.json       the label names, in the order of the `labels` vector;
   quarantine.jsonl  one line per skipped record (file, reason, detail);
   records.jsonl     one line per written record (split, ids, source, content hash, windows): the overlap index;
-  summary.json      counts (records read, examples written, quarantined by reason).
+  summary.json      counts (records read, examples written, quarantined by reason);
+  inputs.json       what it was built from (`data_pipelines.inputs`: builder options, the download's files).
+
+A build never writes into the folder it will occupy: `stmem prepare` builds in a staging folder beside it and
+`swap_into_place` moves the finished dataset in, so a failed or interrupted build (or `--overwrite`) leaves the
+previous dataset as it was and no half-written folder behind; the quarantine report of a failed build is kept
+(`FAILED_REPORT`), since it is what the user needs then.
 
 No TensorFlow: builders write `file_format='array_record'` and features are fixed-shape numpy Tensors and Text,
 which tfds encodes and decodes with numpy alone.
@@ -34,7 +40,10 @@ from data_pipelines.record import Record, RecordError
 from data_pipelines.contract import Contract
 
 VERSION = "1.0.0"
-SIDE_FILES = ("contract.json", "labels.json", "quarantine.jsonl", "records.jsonl", "summary.json")
+SIDE_FILES = ("contract.json", "labels.json", "quarantine.jsonl", "records.jsonl", "summary.json", "inputs.json")
+# Beside the versioned folders (`<data_dir>/<name>/`): the report of the last build that failed, removed by the next
+# one that succeeds.
+FAILED_REPORT = "quarantine.failed-build.jsonl"
 # Deterministic patient-grouped split used by datasets without an official one.
 DEFAULT_FRACTIONS: dict[str, float] = {"train": 0.8, "validation": 0.1, "test": 0.1}
 
@@ -375,6 +384,43 @@ def write_side_files(folder: epath.Path, contract: Contract, label_names: Sequen
   _write_quarantine(folder / "quarantine.jsonl", stats.errors)
   (folder / "records.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in stats.index))
   (folder / "summary.json").write_text(json.dumps(stats.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def write_failed_report(dataset_folder: str | os.PathLike[str], stats: BuildStats) -> str | None:
+  """Keep the quarantine report of a build that failed (as `<data_dir>/<name>/FAILED_REPORT`); its path, or None
+  when nothing was quarantined."""
+  if not stats.errors:
+    return None
+  folder = epath.Path(os.path.dirname(os.fspath(dataset_folder)))
+  folder.mkdir(parents=True, exist_ok=True)
+  _write_quarantine(folder / FAILED_REPORT, stats.errors)
+  return os.fspath(folder / FAILED_REPORT)
+
+
+def swap_into_place(built: str | os.PathLike[str], final: str | os.PathLike[str]) -> None:
+  """Move a finished dataset folder to `final`, replacing what is there only once the new one is complete.
+
+  Two renames on one file system: the old folder steps aside, the new one moves in, then the old one is deleted.
+  If the second rename fails the old folder is put back. Also removes a failed build's report beside `final`.
+  """
+  built, final = os.fspath(built), os.fspath(final)
+  os.makedirs(os.path.dirname(final), exist_ok=True)
+  aside = None
+  if os.path.exists(final):
+    aside = f"{final}.replaced-{os.getpid()}"
+    os.rename(final, aside)
+  try:
+    os.rename(built, final)
+  except BaseException:
+    if aside is not None:
+      os.rename(aside, final)
+    raise
+  if aside is not None:
+    import shutil
+    shutil.rmtree(aside, ignore_errors=True)
+  failed = os.path.join(os.path.dirname(final), FAILED_REPORT)
+  if os.path.exists(failed):
+    os.remove(failed)
 
 
 def _write_quarantine(path: epath.Path, errors: Sequence[RecordError]) -> None:

@@ -28,8 +28,9 @@ class UserError(Exception):
     super().__init__(self.message + (f"\n  {hint}" if hint else ""))
 
 
-class UsageError(UserError):
-  """A wrong option, value, preset or configuration key (exit code 2)."""
+class UsageError(UserError, ValueError):
+  """A wrong option, value, preset or configuration key (exit code 2). Also a ValueError: code that validates a
+  value can raise it where callers already expect a ValueError."""
   exit_code = USAGE
 
 
@@ -80,11 +81,15 @@ def require_file(path: str | os.PathLike[str], option: str) -> str:
   return p
 
 
-def check_finite(arrays: dict[str, Any], where: str) -> None:
-  """Refuse weights holding NaN or inf, naming the first parameters that do (DataError)."""
+def check_finite(arrays: dict[str, Any], where: str, *, is_finite=None) -> None:
+  """Refuse weights holding NaN or inf, naming the first parameters that do (DataError).
+
+  `is_finite(array) -> bool` defaults to numpy's; pass a JAX one for arrays spread over several processes.
+  """
   import numpy as np
-  bad = [name for name, a in arrays.items()
-         if np.issubdtype(np.asarray(a).dtype, np.floating) and not np.isfinite(np.asarray(a)).all()]
+  if is_finite is None:
+    is_finite = lambda a: bool(np.isfinite(np.asarray(a)).all())  # noqa: E731
+  bad = [name for name, a in arrays.items() if np.issubdtype(a.dtype, np.floating) and not is_finite(a)]
   if bad:
     shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
     raise DataError(f"{where}: non-finite weights (NaN or inf) in {shown}; these weights are unusable, "

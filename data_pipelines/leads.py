@@ -73,7 +73,10 @@ def parse_lead_set(spec: str | Sequence[str]) -> tuple[str, ...]:
     parts = [p for p in spec.replace(",", "+").split("+") if p.strip()]
   else:
     parts = list(spec)
-  names = tuple(LEADS[i] for i in lead_ids(parts))
+  try:
+    names = tuple(LEADS[i] for i in lead_ids(parts))
+  except UnknownLeadError as e:
+    raise UnknownLeadError(f"lead set {spec if isinstance(spec, str) else '+'.join(map(str, spec))!r}: {e}") from None
   if len(set(names)) != len(names):
     raise UnknownLeadError(f"lead set {spec!r} names a lead twice")
   if not names:

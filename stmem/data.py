@@ -45,6 +45,7 @@ import numpy as np
 from data_pipelines import leads as leads_lib
 from data_pipelines import transforms
 from data_pipelines.contract import Contract
+from data_pipelines.errors import UsageError
 
 SPLITS = ("train", "validation", "test")
 SOURCES = ("prepared", "raw", "synthetic")
@@ -176,6 +177,12 @@ class Prepared:
   split: str
 
 
+class MissingSplit(UsageError, KeyError):
+  """A split the prepared dataset does not have: a usage error (one line from `stmem`), still a KeyError for callers
+  that try the splits in turn."""
+  __str__ = Exception.__str__  # KeyError's would print the message in quotes
+
+
 def open_prepared(data_dir: str | os.PathLike[str], split: str = "train", name: str | None = None) -> Prepared:
   """A split of a dataset written by `stmem prepare`, read with `tfds.data_source` machinery (no TensorFlow).
 
@@ -187,7 +194,7 @@ def open_prepared(data_dir: str | os.PathLike[str], split: str = "train", name: 
   folder = builder_base.prepared_dir(data_dir, name)
   builder = tfds.builder_from_directory(os.fspath(folder))
   if split not in builder.info.splits:
-    raise KeyError(f"{folder} has no split {split!r}; it has {sorted(builder.info.splits)}")
+    raise MissingSplit(f"{folder} has no split {split!r}; it has {sorted(builder.info.splits)}")
   return Prepared(source=PreparedSource(builder.as_data_source(split=split)),
                   contract=builder_base.load_contract(folder),
                   label_names=tuple(builder_base.load_label_names(folder)), folder=os.fspath(folder), split=split)

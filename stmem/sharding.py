@@ -27,7 +27,10 @@ def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | N
       raise ValueError(f"mesh {list(axes)}: {len(devices)} devices are not divisible by {known}")
     sizes[sizes.index(-1)] = len(devices) // known
   if math.prod(sizes) != len(devices):
-    raise ValueError(f"mesh {list(axes)} needs {math.prod(sizes)} devices, {len(devices)} are available")
+    from data_pipelines.errors import UsageError  # a config the user chose: one line from `stmem`, with the fix
+    raise UsageError(f"mesh {list(axes)} needs {math.prod(sizes)} devices, {len(devices)} are available (config "
+                     f"`mesh`); on a CPU, XLA_FLAGS=--xla_force_host_platform_device_count={math.prod(sizes)} "
+                     "gives that many fake devices")
   # Auto axes: the model is written sharding-neutral and XLA propagates from the inputs' shardings.
   return Mesh(np.asarray(devices).reshape(sizes), names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))
 

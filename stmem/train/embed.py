@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
-import tempfile
 import zipfile
 from collections.abc import Sequence
 from typing import Any
@@ -36,11 +34,14 @@ class Writer:
   .npz entries are written with the true row count, copied in slices, so no array is ever whole in memory.
   """
 
-  def __init__(self, prefix: str, capacity: int, shapes: dict[str, tuple[int, ...]], metadata: dict[str, Any]):
+  def __init__(self, prefix: str, capacity: int, shapes: dict[str, tuple[int, ...]], metadata: dict[str, Any],
+               staging: Any):
     import pyarrow as pa
     import pyarrow.parquet as pq
     self.prefix, self.capacity, self.shapes, self.metadata = prefix, capacity, shapes, metadata
-    self.tmp = tempfile.mkdtemp(prefix="stmem-embed-", dir=os.path.dirname(os.path.abspath(prefix)) or ".")
+    # Everything is written in `staging` (a stmem.atomic.Staging) and moved into place by `close`: a failed or empty
+    # run leaves neither a 0-row file nor a temporary folder behind.
+    self.staging, self.tmp = staging, staging.folder
     self.maps = {k: np.lib.format.open_memmap(os.path.join(self.tmp, f"{k}.npy"), mode="w+", dtype=np.float32,
                                               shape=(max(capacity, 1), *s)) for k, s in shapes.items()}
     self.ids: dict[str, list[str]] = {"record_id": [], "patient_id": []}
@@ -57,7 +58,7 @@ class Writer:
               pa.field("lead_mask", pa.list_(pa.bool_(), shapes["per_lead"][0]))]
     fields += [pa.field(k, vec(s)) for k, s in shapes.items()]
     self.schema = pa.schema(fields, metadata={k: json.dumps(v) for k, v in metadata.items()})
-    self.parquet = pq.ParquetWriter(prefix + ".parquet", self.schema)
+    self.parquet = pq.ParquetWriter(staging.path("out.parquet"), self.schema)
 
   def write(self, arrays: dict[str, np.ndarray], record_id: Sequence[str], patient_id: Sequence[str],
             lead_mask: np.ndarray) -> None:
@@ -88,7 +89,7 @@ class Writer:
     for k, v in self.metadata.items():  # lists of names stay arrays of names; anything else is JSON text
       plain = isinstance(v, list) and all(isinstance(x, str) for x in v)
       extra[k] = np.asarray(v if plain or isinstance(v, str) else json.dumps(v), dtype=str)
-    with zipfile.ZipFile(self.prefix + ".npz", "w", allowZip64=True) as z:
+    with zipfile.ZipFile(self.staging.path("out.npz"), "w", allowZip64=True) as z:
       for k, m in self.maps.items():
         with z.open(f"{k}.npy", "w", force_zip64=True) as f:
           np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(m.dtype),
@@ -101,7 +102,7 @@ class Writer:
           np.lib.format.write_array(f, v, allow_pickle=False)
     for m in self.maps.values():
       m._mmap.close()
-    shutil.rmtree(self.tmp, ignore_errors=True)
+    self.staging.commit({"out.npz": self.prefix + ".npz", "out.parquet": self.prefix + ".parquet"})
     return self.prefix + ".npz", self.prefix + ".parquet"
 
 
@@ -118,6 +119,7 @@ def embed(config) -> dict:
 
   from data_pipelines import leads as leads_lib
   from data_pipelines import transforms
+  from data_pipelines.errors import DataError
   from stmem import data, sharding as sharding_lib
   from stmem.train import features, sharded_eval
   from stmem.train.pretrain import parse_mesh
@@ -164,33 +166,44 @@ def embed(config) -> dict:
   if config.per_patch:
     shapes["per_patch"] = (len(names), contract.window // contract.patch_size, cfg.width)
   capacity = len(source)
+  from stmem import atomic
+  # Process 0 writes into a staging folder and moves the files into place only when every record is written.
+  staging = atomic.Staging(os.path.dirname(os.path.abspath(config.out))) if is_main else None
   writer = bar = None
-  if is_main:
-    os.makedirs(os.path.dirname(os.path.abspath(config.out)), exist_ok=True)
-    writer = Writer(config.out, capacity, shapes, {
-      "fingerprint": loaded.fingerprint, "contract": loaded.contract.to_dict(), "checkpoint": loaded.name,
-      "lead_names": list(names), "crops": config.crops, "model": dict(vars(cfg)) if hasattr(cfg, "__dict__") else {}})
-    if not config.no_progress:
-      from tqdm import tqdm
-      bar = tqdm(total=capacity, unit="record", desc="embed", file=sys.stderr)
-  written = 0
-  for out, rows in sharded_eval.run(lambda *b: forward(state, *b), source, contract, batch_size=config.batch_size,
-                                    lead_set=names, starts=starts, batch_sharding=batch_sharding,
-                                    host_keys=("valid", "record_id", "patient_id", "lead_mask")):
-    valid = rows["valid"]
-    written += int(valid.sum())
-    if writer is not None:
-      writer.write({{"tokens": "per_patch"}.get(k, k): np.asarray(v)[valid] for k, v in out.items()},
-                   [r.decode() for r in rows["record_id"][valid]], [p.decode() for p in rows["patient_id"][valid]],
-                   rows["lead_mask"][valid])
+  try:
+    if is_main:
+      writer = Writer(config.out, capacity, shapes, {
+        "fingerprint": loaded.fingerprint, "contract": loaded.contract.to_dict(), "checkpoint": loaded.name,
+        "lead_names": list(names), "crops": config.crops,
+        "model": dict(vars(cfg)) if hasattr(cfg, "__dict__") else {}}, staging)
+      if not config.no_progress:
+        from tqdm import tqdm
+        bar = tqdm(total=capacity, unit="record", desc="embed", file=sys.stderr)
+    written = 0
+    for out, rows in sharded_eval.run(lambda *b: forward(state, *b), source, contract, batch_size=config.batch_size,
+                                      lead_set=names, starts=starts, batch_sharding=batch_sharding,
+                                      host_keys=("valid", "record_id", "patient_id", "lead_mask")):
+      valid = rows["valid"]
+      written += int(valid.sum())
+      if writer is not None:
+        writer.write({{"tokens": "per_patch"}.get(k, k): np.asarray(v)[valid] for k, v in out.items()},
+                     [r.decode() for r in rows["record_id"][valid]], [p.decode() for p in rows["patient_id"][valid]],
+                     rows["lead_mask"][valid])
+      if bar is not None:
+        bar.update(int(valid.sum()))
     if bar is not None:
-      bar.update(int(valid.sum()))
-  if bar is not None:
-    bar.close()
+      bar.close()
+    if written == 0:
+      raise DataError(f"no usable record in {config.records or config.data_dir} ({capacity} found, each skipped "
+                      f"one listed above); nothing written to {config.out}.npz / .parquet")
+    paths = writer.close() if writer is not None else (None, None)
+  finally:
+    if staging is not None:
+      staging.remove()
   summary = {"records": written, "fingerprint": loaded.fingerprint, "devices": mesh.size,
              "processes": jax.process_count()}
   if writer is not None:
-    summary["npz"], summary["parquet"] = writer.close()
+    summary["npz"], summary["parquet"] = paths
     _log(f"{writer.n} records -> {summary['npz']}, {summary['parquet']} (fingerprint {loaded.fingerprint})")
   return summary
 
@@ -206,6 +219,9 @@ def main(argv: Sequence[str]) -> int:
                                   "of raw records)")
   if config.crops not in ("first", "mean3"):
     raise configflags.ConfigError(f"--config.crops={config.crops}: choose first or mean3")
+  from data_pipelines import errors
+  if config.records:  # before the (slow) checkpoint load
+    errors.require_dir(config.records, "--records")
   from stmem import distributed
   distributed.initialize()  # a no-op for one process; must come before any JAX computation
   embed(config)

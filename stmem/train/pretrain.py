@@ -142,11 +142,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, sto
   checkpointer = ckpt_lib.Checkpointer(workdir / ckpt_lib.CHECKPOINT_DIR, every=config.checkpoint.every,
                                        keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
   meta = ckpt_lib.make_meta(cfg, contract, config=json.loads(config.to_json_best_effort()), origin="stmem pretrain")
-  start_step = checkpointer.latest_step() or 0
   data_state = None
-  if start_step:
-    restored = checkpointer.restore(start_step, params=abstract_params, opt_state=abstract_opt,
-                                    param_shardings=param_shardings, opt_shardings=opt_shardings)
+  # The newest checkpoint that reads back: a corrupt latest step is moved aside, said, and the one before it used.
+  start_step, restored = checkpointer.restore_latest_readable(
+    log=(lambda m: print(m, file=sys.stderr)) if is_main else None, params=abstract_params, opt_state=abstract_opt,
+    param_shardings=param_shardings, opt_shardings=opt_shardings)
+  if restored is not None:
     params, opt_state = restored["params"], restored["opt_state"]
     data_state = restored.get("data_state")
     if is_main:
