@@ -6,7 +6,7 @@
 # on PATH. The first that can import stmem, absl and jax (looked up, not imported: this takes milliseconds) wins.
 # None: exit 2 with a message saying how to choose one.
 _can_run_stmem() {
-  "$1" -c 'import importlib.util as u, sys; sys.exit(0 if all(u.find_spec(m) for m in ("stmem", "absl", "jax")) else 1)' \
+  "$1" -c 'import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ("stmem", "absl", "jax")))' \
     2>/dev/null
 }
 

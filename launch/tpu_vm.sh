@@ -25,7 +25,8 @@ CONFIG="${CONFIG:-configs/pretrain.py:base}"
 
 env_vars="STMEM_DISTRIBUTED=1${STMEM_HEARTBEAT_TIMEOUT:+ STMEM_HEARTBEAT_TIMEOUT=$STMEM_HEARTBEAT_TIMEOUT}"
 args="$(printf '%q ' --config "$CONFIG" --workdir "$WORKDIR" "$@")"
-remote="cd $REPO_DIR && ${SETUP:+$SETUP && }${PYTHON:+export PYTHON=$(printf %q "$PYTHON") && }source launch/python.sh && choose_python"
+remote="cd $REPO_DIR && ${SETUP:+$SETUP && }${PYTHON:+export PYTHON=$(printf %q "$PYTHON") && }"
+remote+="source launch/python.sh && choose_python"
 remote+=" && $env_vars \"\$PYTHON\" launch/pretrain.py $args"
 project=()
 [[ -n "${PROJECT:-}" ]] && project=(--project "$PROJECT")

@@ -104,7 +104,7 @@ def presets(module) -> tuple[str, ...]:
 def default_config(module, path: pathlib.Path, preset: str | None):
   names = presets(module)
   if preset is not None and names and preset not in names:
-    raise ConfigError(f"--config {path.stem}:{preset}: unknown preset; {path.name} has {', '.join(names)}")
+    raise ConfigError(f"--config {path.stem}:{preset}: unknown preset {preset!r}; {path.name} has {', '.join(names)}")
   try:
     return module.get_config(preset if preset is not None else (names[0] if names else None))
   except ValueError as e:
@@ -277,6 +277,14 @@ def parse(argv: Sequence[str], prog: str, default: str | None, *, workdir: str |
   if workdir == "required" and not wd:
     raise ConfigError("--workdir is required (the folder where its outputs go)")
   return config, (expand(wd) if wd else wd)
+
+
+def require(config, prog: str, *keys: str) -> None:
+  """Refuse a run without the keys a program cannot do without (paths with no sensible default)."""
+  missing = [k for k in keys if not config[k]]
+  if missing:
+    named = " and ".join(f"--config.{k} (or --{k})" for k in missing)
+    raise ConfigError(f"{named} {'is' if len(missing) == 1 else 'are'} required; see `{prog} --help`")
 
 
 def _set(config, dotted: str, value: Any) -> None:

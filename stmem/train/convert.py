@@ -240,9 +240,7 @@ def _exported_config(model: dict, inferred: ModelConfig, where: pathlib.Path) ->
 def main(argv: list[str]) -> int:
   from stmem.train import configflags
   args, _ = configflags.parse(argv, "stmem convert", "convert", workdir=None)
-  for key in ("reference", "out"):
-    if not args[key]:
-      raise configflags.ConfigError(f"--config.{key} (or --{key}) is required; see `stmem convert --help`")
+  configflags.require(args, "stmem convert", "reference", "out")
 
   out = pathlib.Path(args.out).expanduser()
   if out.exists() and (not out.is_dir() or any(out.iterdir())):

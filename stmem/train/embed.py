@@ -12,8 +12,9 @@ their share and process 0 writes every record exactly once, in the global batch 
 No masking at inference: the output equals `encoder.features(...)` on the preprocessed crops. Raw folders (WFDB,
 searched recursively) are read through `stmem.data.open_pool` exactly as `stmem prepare generic` would prepare them
 under the checkpoint's contract (FFT-resampled to its rate, every 10 s window a row, band-pass, z-score; records it
-cannot use are skipped and listed); a prepared dataset is checked against the contract and adapted where safe. Output: FILE_PREFIX.npz and FILE_PREFIX.parquet, written as the batches come (bounded memory),
-with record ids, lead names, the checkpoint's fingerprint and contract.
+cannot use are skipped and listed); a prepared dataset is checked against the contract and adapted where safe.
+Output: FILE_PREFIX.npz and FILE_PREFIX.parquet, written as the batches come (bounded memory), with record ids, lead
+names, the checkpoint's fingerprint and contract.
 """
 from __future__ import annotations
 
@@ -158,7 +159,8 @@ def embed(config) -> dict:
 
   # Outputs replicated: process 0 holds every row of the global batch and writes them. (B, K, L, T) inputs: the
   # features are averaged over the K crops inside `fn`.
-  forward = jax.jit(lambda state, *batch: fn(graphdef, state, *batch), in_shardings=(replicated, batch_sharding, batch_sharding, batch_sharding), out_shardings=replicated)
+  forward = jax.jit(lambda state, *batch: fn(graphdef, state, *batch),
+                    in_shardings=(replicated, batch_sharding, batch_sharding, batch_sharding), out_shardings=replicated)
 
   # ------------------------------------------------------------------------------------------------ export loop
   cfg = loaded.encoder.cfg
@@ -211,9 +213,7 @@ def embed(config) -> dict:
 def main(argv: Sequence[str]) -> int:
   from stmem.train import configflags
   config, _ = configflags.parse(argv, "stmem embed", "embed", workdir=None)
-  for key in ("checkpoint", "out"):
-    if not config[key]:
-      raise configflags.ConfigError(f"--config.{key} (or --{key}) is required; see `stmem embed --help`")
+  configflags.require(config, "stmem embed", "checkpoint", "out")
   if bool(config.data_dir) == bool(config.records):
     raise configflags.ConfigError("give one of --config.data_dir (a prepared dataset) or --config.records (a folder "
                                   "of raw records)")

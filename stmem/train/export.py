@@ -101,9 +101,7 @@ def export(checkpoint_path: str | pathlib.Path, out: str | pathlib.Path, *, fmt:
 def main(argv: list[str]) -> int:
   from stmem.train import configflags
   config, _ = configflags.parse(argv, "stmem export", "export", workdir=None)
-  for key in ("checkpoint", "out"):
-    if not config[key]:
-      raise configflags.ConfigError(f"--config.{key} (or --{key}) is required; see `stmem export --help`")
+  configflags.require(config, "stmem export", "checkpoint", "out")
   result = export(config.checkpoint, config.out, fmt=config.format)
   print(f"stmem export: {config.checkpoint} -> {config.out}/{result['weights']['file']} "
         f"({result['parameter_count']:,} parameters, fingerprint {result['fingerprint']}), config.json, README.md")

@@ -308,7 +308,7 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
                          info={"config": config.to_dict(), "best_step": best_step})
     print(pathlib.Path(paths["markdown"]).read_text())
 
-  # ---------------------------------------------------------------------------------------------------- the selected model
+  # ------------------------------------------------------------------------------------------------ the selected model
   # An encoder-only checkpoint (every program loads it) with the head as its own item (`checkpoint.read_item`).
   selected = workdir / ckpt_lib.CHECKPOINT_DIR
   path = selected / str(best_step)
@@ -318,7 +318,8 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
                               encoder_only=True, origin="stmem finetune",
                               extra={"head": {"label_names": list(task.label_names), "kind": task.kind},
                                      "parent": origin, "task": task.name})
-    path = ckpt_lib.save_params(selected, {"encoder": best["encoder"]}, meta, step=best_step, extra_items={"head": head})
+    path = ckpt_lib.save_params(selected, {"encoder": best["encoder"]}, meta, step=best_step,
+                                extra_items={"head": head})
   info("selected step %d; checkpoint %s; report %s (%.0f s)", best_step, path, workdir, time.time() - start)
   return {**summary, "step": step, "best_step": best_step, "checkpoint": str(path), "auroc": row["auroc"]}
 
@@ -330,16 +331,15 @@ def _place(tree, shardings):
 
 
 def main(argv: Sequence[str]) -> int:
-  from stmem.train import configflags
-  config, workdir = configflags.parse(argv, "stmem finetune", DEFAULT_CONFIG + ":prepared")
   from stmem import distributed
+  from stmem.train import configflags, pretrain
+  config, workdir = configflags.parse(argv, "stmem finetune", DEFAULT_CONFIG + ":prepared")
   distributed.initialize()  # a no-op for one process; must come before any JAX computation
-  from stmem.train.pretrain import NonFiniteLoss
   try:
     summary = train(config, workdir)
-  except NonFiniteLoss as e:
+  except pretrain.NonFiniteLoss as e:  # exit status 3, as for pretraining
     print(f"stmem finetune: {e}", file=sys.stderr)
     return 3
-  if jax.process_index() == 0:
+  if jax.process_index() == 0:  # the report went to stdout; the summary is for logs
     print(json.dumps(summary, indent=2), file=sys.stderr)
   return 0
