@@ -40,7 +40,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.random_baseline = True      # rows for the same architecture, randomly initialised
   c.random_seed = 1234          # initialisation of the random-encoder baseline
   c.bootstrap = 1000            # patient-level resamples for the 95 % intervals
-  c.batch_size = 32             # records per batch (x3 evaluation crops)
+  c.batch_size = 32             # records per batch (x3 evaluation crops), over all devices (rounded up to them)
+  c.mesh = "data:-1"            # device mesh of the feature pass: each batch split over every device and process
+  c.num_devices = 0             # 0: every device; k: the first k (single-process runs only)
   c.synthetic_n = 240           # synthetic task: number of simulated records
   c.seed = 0                    # folds, bootstrap and synthetic data
   if arg == "ludb":

@@ -296,7 +296,8 @@ def _set(config, dotted: str, value: Any) -> None:
 
 def _override_message(e: Exception, argv: list[str]) -> str:
   """ml_collections names only the missing attribute: name the option that asked for it."""
-  missing = str(e).strip("\"'")
+  found = re.search(r"'(\w+)", str(e))  # ml_collections: AttributeError("'key'\nDid you mean ...")
+  missing = found.group(1) if found else str(e).strip("\"'")
   for a in argv:
     if a.startswith("--config.") and missing and missing in a.split("=", 1)[0].split("."):
       return f"unknown config key {a.split('=', 1)[0]}"

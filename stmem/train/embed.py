@@ -136,10 +136,11 @@ def embed(config) -> dict:
   names = leads_lib.parse_lead_set(config.lead_set)
   crops = 1 if config.crops == "first" else transforms.EVAL_CROPS
   graphdef, state = nnx.split(loaded.encoder)
-  state = jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, replicated, lambda i: np.asarray(x)[i]), state)
+  state = sharded_eval.place(state, replicated)
 
   # ------------------------------------------------------------------------------------------------ data
   if config.data_dir:
+    data.open_prepared(config.data_dir, config.split)  # a missing split: a usage error naming the splits there
     spec = data.DatasetSpec("prepared", path=config.data_dir, splits=(config.split,))
   else:  # a folder of WFDB records, read as `stmem prepare generic` reads it, under the checkpoint's contract
     spec = data.DatasetSpec("raw", path=config.records, name="generic")

@@ -162,7 +162,7 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
   abstract_opt = jax.eval_shape(tx.init, host_params)
   opt_shardings = sharding_lib.tree_shardings(abstract_opt, mesh, min_size=config.fsdp_min_size)
   # Every device receives only its shard of the encoder read from the checkpoint and of the new head.
-  params = _place(host_params, param_shardings)
+  params = sharded_eval.place(host_params, param_shardings)
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
   copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=param_shardings)  # best-so-far snapshot
 
@@ -178,7 +178,7 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
     saved = restored["meta"]
     best_step, best_score = saved["best_step"], saved["best_score"] if saved["best_score"] is not None else -np.inf
     if best_step >= 0:
-      best = _place(ckpt_lib.read_item(checkpointer.directory / str(start_step), "best"), param_shardings)
+      best = sharded_eval.place(ckpt_lib.read_item(checkpointer.directory / str(start_step), "best"), param_shardings)
     info("resuming from step %d (%s)", start_step, checkpointer.directory / str(start_step))
   train_it = make_train_iter(data_state)
 
@@ -322,12 +322,6 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
                                 extra_items={"head": head})
   info("selected step %d; checkpoint %s; report %s (%.0f s)", best_step, path, workdir, time.time() - start)
   return {**summary, "step": step, "best_step": best_step, "checkpoint": str(path), "auroc": row["auroc"]}
-
-
-def _place(tree, shardings):
-  """Host arrays -> global arrays in `shardings`; each device gets only its slice (works across processes)."""
-  return jax.tree.map(lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda i: np.asarray(x)[i]),
-                      tree, shardings)
 
 
 def main(argv: Sequence[str]) -> int:
