@@ -1,26 +1,42 @@
-"""Defaults of `stmem embed` (embedding export). It takes plain flags; these are their defaults.
+"""`stmem embed`: pooled, per-lead and (optionally) per-patch embeddings of a frozen encoder.
 
-  stmem embed --checkpoint CKPT --data_dir PREPARED --split test --out runs/emb/test
-  stmem embed --checkpoint CKPT --records ../shared/data/ludb --out runs/emb/ludb --per_patch --lead_set limb6
+  stmem embed --config embed --config.checkpoint=CKPT --config.data_dir=PREPARED --config.split=test \
+      --config.out=runs/emb/test
+  stmem embed --config embed --config.checkpoint=CKPT --config.records=../shared/data/ludb \
+      --config.out=runs/emb/ludb --config.per_patch=True --config.lead_set=limb6
+  # top-level keys also as plain options: stmem embed --checkpoint CKPT --records DIR --out PREFIX --per_patch
 
-Writes FILE_PREFIX.npz and FILE_PREFIX.parquet: pooled (N, D), per_lead (N, L, D) and with --per_patch per_patch
-(N, L, 30, D), record and patient ids, lead names, the lead mask, the checkpoint's fingerprint and contract.
-One row per stored 10 s window (a 30 s record gives 3 rows with its record id). Crops: `first` (default) embeds
-the first 2250 samples (9 s at 250 Hz) of each window; `mean3` averages the embeddings of the 3 evaluation crops
-(0, 0.5 and 1 s), as the probe does. Output memory stays bounded: rows are written every batch (Parquet row groups;
-memory-mapped .npy files zipped at the end). A raw folder (`--records`) is read into memory, every window, as
-`stmem.data.open_pool` reads raw data: prepare a large collection first (`stmem prepare generic`) and pass
-`--data_dir`. `--synthetic N` embeds N simulated ECGs.
+Writes OUT.npz and OUT.parquet: pooled (N, D), per_lead (N, L, D) and with per_patch per_patch (N, L, 30, D), record
+and patient ids, lead names, the lead mask, the checkpoint's fingerprint and contract. Every record is written once,
+whatever the number of devices or processes (the batches are sharded over the mesh; process 0 writes).
+Crops: `first` (default) embeds the first window of 2250 samples (9 s at 250 Hz) of each record's first 10 s;
+`mean3` averages the embeddings of the 3 evaluation crops (0, 0.5 and 1 s), as the probe does.
+The output never sits whole in memory: rows are written every batch (Parquet row groups; memory-mapped .npy files
+zipped at the end). A raw folder is read into memory first: `stmem prepare` a large one and embed that.
 """
 import ml_collections
 
+PRESETS = ("default", "test")
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  arg = arg or "default"
+  if arg not in PRESETS:
+    raise ValueError(f"unknown preset {arg!r}; choose from {PRESETS}")
   c = ml_collections.ConfigDict()
-  c.batch_size = 32        # records per forward pass
-  c.crops = "first"        # "first" or "mean3"
-  c.lead_set = "12"
-  c.split = "test"
+  c.checkpoint = ""        # the encoder: a stmem checkpoint (workdir, its checkpoints/ folder or a step folder)
+  c.data_dir = ""          # the records, either a prepared dataset (`stmem prepare` output) ...
+  c.records = ""           # ... or a folder of raw WFDB records (searched recursively) ...
+  c.synthetic = 0          # ... or N simulated ECGs (stmem.synthetic)
+  c.split = "test"         # prepared dataset: the split to embed
+  c.out = ""               # output prefix: writes OUT.npz and OUT.parquet
+  c.per_patch = False      # also export every patch token (N, L, 30, D)
+  c.lead_set = "12"        # lead slots fed to the encoder, by name (12, limb6, I+II, V2+I+aVF, ...)
+  c.crops = "first"        # "first" (the first window) or "mean3" (mean over the 3 evaluation crops)
+  c.batch_size = 32        # records per forward pass, over all devices and processes (rounded up to the devices)
+  c.mesh = "data:-1"       # device mesh: the batch is split over every device of every process
+  c.num_devices = 0        # 0: every device; k: the first k (single-process runs only)
+  c.no_progress = False    # True: no progress bar
   if arg == "test":
-    c.batch_size = 4
+    c.batch_size = 8
   return c

@@ -1,6 +1,6 @@
 r"""ST-MEM pretraining. Presets: tiny, demo, small, base, large.
 
-  # a minute on a laptop CPU, synthetic ECGs, no download:
+  # a minute on a laptop CPU, synthetic ECGs, no download (`--config pretrain:tiny` names the same file):
   stmem pretrain --config configs/pretrain.py:tiny --workdir /tmp/stmem/tiny
   # the reference's recipe on a prepared dataset (see `stmem prepare`), 8 accelerators, FSDP over 4 of them:
   stmem pretrain --config configs/pretrain.py:base --workdir ~/runs/stmem-base \
@@ -15,36 +15,38 @@ pretrains `base` for 800 epochs at batch 2048 on 188,480 ECGs (learning rate 1.5
 """
 import ml_collections
 
+PRESETS = ("tiny", "demo", "small", "base", "large")
+
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   preset = arg or "tiny"
   c = ml_collections.ConfigDict()
-  c.seed = 0
+  c.seed = 0                       # initialisation, data order, crops and masks all follow from it
 
   c.model = ml_collections.ConfigDict()
-  c.model.variant = {"demo": "tiny"}.get(preset, preset)
+  c.model.variant = {"demo": "tiny"}.get(preset, preset)  # tiny, small, base or large (stmem/models/config.py)
   c.model.dtype = "float32"        # "bfloat16": bf16 computation, float32 parameters and optimiser state
-  c.model.mask_ratio = 0.75
+  c.model.mask_ratio = 0.75        # fraction of patches masked (the reference: 0.75)
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "synthetic"      # "synthetic" (built-in simulator) or "prepared" (a `stmem prepare` output)
   c.data.data_dir = ""             # prepared: the --data_dir given to `stmem prepare`
   c.data.name = ""                 # prepared: dataset name (folder under data_dir)
-  c.data.split = "train"
+  c.data.split = "train"           # prepared: the split to train on
   c.data.lead_set = "12"           # lead slots fed to the model, by name
   c.data.num_synthetic = 512       # synthetic: number of 10 s records
   c.data.worker_count = 0          # grain worker processes (0: in the main process)
 
   c.batch_size = 256               # global batch, over all processes and devices
-  c.total_steps = 100_000
-  c.warmup_steps = 4_000
+  c.total_steps = 100_000          # optimiser steps of the whole run (the schedule ends here)
+  c.warmup_steps = 4_000           # linear warm-up steps before the cosine decay
 
   c.optim = ml_collections.ConfigDict()
   c.optim.base_lr = 1.5e-4         # learning rate = base_lr x batch_size / 256 (the reference's rule)
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.95
-  c.optim.eps = 1e-8
-  c.optim.weight_decay = 0.01
+  c.optim.b1 = 0.9                 # AdamW first-moment decay
+  c.optim.b2 = 0.95                # AdamW second-moment decay
+  c.optim.eps = 1e-8               # AdamW epsilon
+  c.optim.weight_decay = 0.01      # AdamW decoupled weight decay
   c.optim.decay_mask = False       # True: no decay on biases, norms and embeddings (the reference decays all)
   c.optim.clip_norm = 0.0          # 0: no clipping
   c.optim.accum_steps = 1          # gradient accumulation: batch_size is split into this many micro-batches
@@ -55,11 +57,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.fsdp_min_size = 2 ** 14        # arrays smaller than this are replicated
 
   c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.every = 1000
-  c.checkpoint.keep = 3
-  c.checkpoint.async_save = True
+  c.checkpoint.every = 1000        # save every N steps (and at the end, and on SIGTERM)
+  c.checkpoint.keep = 3            # keep the latest N checkpoints
+  c.checkpoint.async_save = True   # write checkpoints in the background while training goes on
 
-  c.log_every = 50
+  c.log_every = 50                 # metrics (metrics.jsonl, TensorBoard, console) every N steps
   c.figure_every = 0               # reconstruction figure every N steps (0: only at the end)
   c.log_batches = False            # write the record ids of every step's batch to batches.<process>.jsonl
 

@@ -8,8 +8,6 @@
       a prepared dataset (`stmem prepare`): its train/validation/test splits, or cross-validation if it has one split.
   stmem probe --config configs/probe.py:synthetic --workdir DIR     (no checkpoint: random-encoder rows only)
 
-Tasks: the names of data_pipelines/labels/tasks.py (ludb_af, ludb_lvh, ludb_axis, ludb_sex, cinc_stach, cinc:CODE+CODE,
-ptbxl_super, synthetic, prepared); raw ones read `<data_root>/<folder>` through `stmem.data.open_pool`.
 Lead sets: named (12, limb6, precordial6, limb3, I, II, V1, I+II, I+II+V2) or any '+'-joined list of lead names in
 any order (`--config.lead_sets=12,V2+I+aVF`); each slot is fed by lead name, never by position.
 Writes report.md / report.csv / report.json, auroc_<task>.png and roc_<task>.png into the workdir.
@@ -26,24 +24,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.checkpoint = ""             # a stmem checkpoint (workdir, checkpoints/ folder or step folder); "" = random only
   c.model = "tiny"              # architecture of the random encoder when there is no checkpoint
-  c.tasks = "ludb_af,ludb_lvh,ludb_axis,cinc_stach"
-  c.data_root = "../shared/data"  # holds the raw folders (ludb/, cinc2021/, ptbxl/) of the named tasks
+  c.tasks = "ludb_af,ludb_lvh,ludb_axis,cinc_stach"  # comma-separated task names
+  c.data_root = "../shared/data"  # raw folders for ludb_* / cinc_* tasks
   c.data_dir = ""               # prepared dataset for the `prepared` task
   c.labels = ""                 # comma-separated label names of a prepared dataset ("" = all)
   c.kind = "multilabel"         # prepared task: "multilabel" (sigmoid per class) or "multiclass" (softmax)
-  c.lead_sets = "12,limb6,precordial6,I,II,I+II,I+II+V2"
+  c.lead_sets = "12,limb6,precordial6,I,II,I+II,I+II+V2"  # comma-separated lead sets, each probed separately
   c.use_splits = True           # use the data's train/validation/test splits when it has them
   c.cv_folds = 5                # otherwise patient-grouped K-fold: test fold k, validation fold k+1, train the rest
   c.last_blocks = 0             # 0: the pooled features; k: mean over the last k blocks
+  # L2 penalties tried for each head; the best on validation is kept
   c.l2_grid = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
-  c.lbfgs_steps = 100
+  c.lbfgs_steps = 100           # L-BFGS iterations per logistic-regression fit
   c.select_on = "auroc"         # "auroc" or "loss" on validation
   c.random_baseline = True      # rows for the same architecture, randomly initialised
-  c.random_seed = 1234
+  c.random_seed = 1234          # initialisation of the random-encoder baseline
   c.bootstrap = 1000            # patient-level resamples for the 95 % intervals
-  c.batch_size = 32             # records per batch (x3 evaluation crops)
-  c.synthetic_n = 240
-  c.seed = 0
+  c.batch_size = 32             # records per batch (x3 evaluation crops), over all devices (rounded up to them)
+  c.mesh = "data:-1"            # device mesh of the feature pass: each batch split over every device and process
+  c.num_devices = 0             # 0: every device; k: the first k (single-process runs only)
+  c.synthetic_n = 240           # synthetic task: number of simulated records
+  c.seed = 0                    # folds, bootstrap and synthetic data
   if arg == "ludb":
     c.tasks = "ludb_af,ludb_lvh,ludb_axis"
   elif arg == "cinc":

@@ -12,7 +12,7 @@
 #   PORT                 coordinator port on 127.0.0.1 (default: a free one)
 #   CONFIG, WORKDIR      as for local_single.sh (default WORKDIR /tmp/stmem/local_multiprocess)
 #   HEARTBEAT_TIMEOUT    seconds before a silent process is declared dead and the others stop (default 30)
-#   PYTHON               default python3
+#   PYTHON               the interpreter (default: the active environment's, see launch/python.sh)
 # Each process logs to $WORKDIR/logs/process_<i>.log. Ctrl-C or SIGTERM is passed on to every process (they save a
 # checkpoint and stop together); if any process fails, the others are stopped and the script exits non-zero.
 set -euo pipefail
@@ -22,7 +22,8 @@ DEVICES_PER_PROCESS="${DEVICES_PER_PROCESS:-1}"
 PLATFORM="${PLATFORM:-cpu}"
 CONFIG="${CONFIG:-configs/pretrain.py:tiny}"
 WORKDIR="${WORKDIR:-/tmp/stmem/local_multiprocess}"
-PYTHON="${PYTHON:-python3}"
+source launch/python.sh
+choose_python
 PORT="${PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
 mkdir -p "$WORKDIR/logs"
 

@@ -1,10 +1,11 @@
-r"""absl-style entry point for pretraining under any launcher: every process runs this same command.
+r"""The entry point for pretraining under any launcher: every process runs this same command.
 
   python launch/pretrain.py --config configs/pretrain.py:tiny --workdir /tmp/stmem/tiny [--config.FIELD=VALUE ...]
+  python launch/pretrain.py --config pretrain:tiny --help       (the presets and keys; the same as `stmem pretrain`)
 
 It joins the distributed system when a multi-process launcher started it (`stmem.distributed.initialize`: explicit
 STMEM_* variables, SLURM, Open MPI, Cloud TPU; a no-op for one process), then runs `stmem.train.pretrain.train`.
-Exit status: 0 done (or preempted and checkpointed), 3 non-finite loss. See launch/README.md.
+Exit status: 0 done (or preempted and checkpointed), 2 a bad command line, 3 non-finite loss. See launch/README.md.
 """
 from __future__ import annotations
 
@@ -17,25 +18,22 @@ _ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
   sys.path.insert(0, str(_ROOT))
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/pretrain.py:tiny", lock_config=True)
-flags.DEFINE_string("workdir", None, "where checkpoints, metrics and figures go (shared by every process)")
-flags.mark_flags_as_required(["config", "workdir"])
-FLAGS = flags.FLAGS
-
 
 def main(argv: list[str]) -> int:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from data_pipelines.errors import UserError
+  from stmem.train import configflags
+  try:  # the same command line as `stmem pretrain` (stmem.train.configflags): presets by name, --help, ~ expanded
+    config, workdir = configflags.parse(argv, "launch/pretrain.py", None)
+  except UserError as e:
+    print(f"launch/pretrain.py: error: {e}", file=sys.stderr)
+    return e.exit_code
   from stmem import distributed
   distributed.initialize()  # before any JAX computation
   import jax
 
   from stmem.train import pretrain
   try:
-    summary = pretrain.train(FLAGS.config, FLAGS.workdir)
+    summary = pretrain.train(config, workdir)
   except pretrain.NonFiniteLoss as e:
     print(f"launch/pretrain.py: {e}", file=sys.stderr)
     return 3
@@ -47,4 +45,4 @@ def main(argv: list[str]) -> int:
 if __name__ == "__main__":
   from stmem import hugepages
   hugepages.reexec_if_wanted()  # huge pages for XLA's buffers: see stmem/hugepages.py
-  app.run(lambda argv: sys.exit(main(argv)))
+  sys.exit(main(sys.argv[1:]))

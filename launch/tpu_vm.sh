@@ -11,7 +11,8 @@
 #                    bucket through gcsfuse); the program writes with local file APIs, so not a gs:// URL
 #   REPO_DIR         the stmem checkout on the workers (default ~/stmem; copy or clone it there first)
 #   CONFIG           default configs/pretrain.py:base
-#   PYTHON           interpreter on the workers (default python3; jax[tpu] and stmem's dependencies installed)
+#   PYTHON           interpreter on the workers (default: chosen there by launch/python.sh: the active
+#                    environment's python that can import stmem; jax[tpu] and stmem's dependencies installed)
 #   SETUP            optional command run first on every worker, e.g. "git -C ~/stmem pull"
 #   STMEM_HEARTBEAT_TIMEOUT   passed on to the workers when set (default there 60 s)
 # Arguments after the script name are passed to launch/pretrain.py (--config.* overrides).
@@ -21,11 +22,12 @@ set -euo pipefail
 : "${WORKDIR:?set WORKDIR to a run folder every worker sees}"
 REPO_DIR="${REPO_DIR:-~/stmem}"
 CONFIG="${CONFIG:-configs/pretrain.py:base}"
-PYTHON="${PYTHON:-python3}"
 
 env_vars="STMEM_DISTRIBUTED=1${STMEM_HEARTBEAT_TIMEOUT:+ STMEM_HEARTBEAT_TIMEOUT=$STMEM_HEARTBEAT_TIMEOUT}"
 args="$(printf '%q ' --config "$CONFIG" --workdir "$WORKDIR" "$@")"
-remote="cd $REPO_DIR && ${SETUP:+$SETUP && }$env_vars $PYTHON launch/pretrain.py $args"
+remote="cd $REPO_DIR && ${SETUP:+$SETUP && }${PYTHON:+export PYTHON=$(printf %q "$PYTHON") && }"
+remote+="source launch/python.sh && choose_python"
+remote+=" && $env_vars \"\$PYTHON\" launch/pretrain.py $args"
 project=()
 [[ -n "${PROJECT:-}" ]] && project=(--project "$PROJECT")
 echo "on every worker of $TPU_NAME: $remote" >&2

@@ -1,5 +1,7 @@
-"""Fine-tuning a tiny model for a few steps on synthetic ECGs: a report, a checkpoint, selection on validation."""
+"""Fine-tuning a tiny model for a few steps on synthetic ECGs: a report, a checkpoint, selection on validation;
+2N steps equal N steps, a SIGTERM and N resumed steps."""
 import json
+import signal
 
 import numpy as np
 
@@ -8,21 +10,22 @@ from tests.helpers import tiny_checkpoint
 
 def test_finetune_writes_report_and_checkpoint(tmp_path, monkeypatch, opened):
   from stmem import checkpoint as ckpt_lib
-  from stmem.train import features, finetune
+  from stmem.train import finetune, sharded_eval
   ckpt = tiny_checkpoint(tmp_path / "ckpt")
 
   seen = []  # which records each evaluation pass reads
-  original = features.eval_batches
+  original = sharded_eval.run
 
-  def spy(source, *args, **kwargs):
+  def spy(step, source, *args, **kwargs):
     seen.append(frozenset(np.asarray(source.indices).tolist()))
-    return original(source, *args, **kwargs)
+    return original(step, source, *args, **kwargs)
 
-  monkeypatch.setattr(features, "eval_batches", spy)
+  monkeypatch.setattr(sharded_eval, "run", spy)
   out = tmp_path / "ft"
+  # On the 8 test devices: every batch is split over all of them.
   rc = finetune.main([f"--config={finetune.DEFAULT_CONFIG}:test", f"--config.checkpoint={ckpt}",
                       "--config.drop_path=0.1", "--config.layer_decay=0.75", "--config.label_smoothing=0.1",
-                      "--config.class_weighting=balanced", "--config.synthetic_n=120", "--workdir", str(out)])
+                      "--config.class_weighting=balanced", "--workdir", str(out)])
   assert rc == 0
   assert [s.source for s in opened] == ["synthetic"]  # read through stmem.data.open_pool (tests/test_programs_data.py)
   # Two evaluations on validation during training, validation again for thresholds, then test once, last.
@@ -35,6 +38,64 @@ def test_finetune_writes_report_and_checkpoint(tmp_path, monkeypatch, opened):
   assert meta["origin"] == "stmem finetune" and len(meta["head"]["label_names"]) == 6
   assert ckpt_lib.read_item(out / "checkpoints", "head")["kernel"].shape == (64, 6)
   assert meta["step"] in (3, 6)
+  assert (out / "train_state" / "6" / "opt_state").is_dir() and any((out / "tensorboard").iterdir())
+
+
+def test_resume_after_sigterm_equals_uninterrupted(tmp_path, monkeypatch):
+  """6 steps straight == 3 steps, a SIGTERM (saved mid-way between evaluations) and 3 resumed steps: parameters to
+  1e-6, the same best-so-far step and the same validation losses."""
+  import jax
+
+  from configs import finetune as finetune_config
+  from stmem import checkpoint as ckpt_lib
+  from stmem import data
+  from stmem.train import finetune
+  n = 3
+  c = finetune_config.get_config("test")
+  c.checkpoint = str(tiny_checkpoint(tmp_path / "ckpt"))
+  c.steps, c.eval_every, c.num_devices, c.async_save = 2 * n, 2, 1, True
+  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+  assert finetune.train(c, straight, stop_after=2 * n)["step"] == 2 * n
+
+  original = data.make_iterator
+
+  class SigtermAt:
+    """The training iterator; the real SIGTERM arrives while batch `at` is being read (i.e. during step `at`)."""
+
+    def __init__(self, it, at):
+      self.it, self.at, self.count = it, at, 0
+
+    def __next__(self):
+      self.count += 1
+      if self.count == self.at:
+        signal.raise_signal(signal.SIGTERM)
+      return next(self.it)
+
+    def get_state(self):
+      return self.it.get_state()
+
+  monkeypatch.setattr(data, "make_iterator",
+                      lambda *a, **k: SigtermAt(original(*a, **k), n) if k.get("train") else original(*a, **k))
+  first = finetune.train(c, resumed)
+  assert first["preempted"] and first["step"] == n and (resumed / "train_state" / str(n)).is_dir()
+  monkeypatch.setattr(data, "make_iterator", original)
+  second = finetune.train(c, resumed, stop_after=2 * n)
+  assert second["start_step"] == n and second["step"] == 2 * n
+
+  def state(workdir):
+    mngr = ckpt_lib.Checkpointer(workdir / "train_state", async_save=False)
+    meta = mngr.manager.restore(2 * n, args=ckpt_lib.ocp.args.Composite(meta=ckpt_lib.ocp.args.JsonRestore()))
+    mngr.close()
+    return jax.tree.leaves(ckpt_lib.read_item(workdir / "train_state" / str(2 * n), "params")), meta["meta"]
+
+  (a, meta_a), (b, meta_b) = state(straight), state(resumed)
+  assert len(a) == len(b) > 0
+  for x, y in zip(a, b):
+    np.testing.assert_allclose(x, y, atol=1e-6)
+  assert meta_a["best_step"] == meta_b["best_step"] >= 2
+  losses = [{l["step"]: l["val_loss"] for l in map(json.loads, (w / "metrics.jsonl").read_text().splitlines())}
+            for w in (straight, resumed)]
+  assert losses[0] == losses[1] and sorted(losses[0]) == [2, 4, 6]
 
 
 def test_classifier_without_drop_path_is_the_encoder_plus_head():

@@ -1,6 +1,7 @@
 """`stmem convert`: import the reference ST-MEM weights into a stmem checkpoint.
 
-  stmem convert --reference st_mem_vit_base.pth --out ckpt/st_mem_base [--variant auto]
+  stmem convert --config convert --config.reference=st_mem_vit_base.pth --config.out=ckpt/st_mem_base
+  stmem convert --reference st_mem_vit_base.pth --out ckpt/st_mem_base [--variant auto]   (the same, shorter)
 
 The input is a reference `.pth` (the encoder-only file, or the full pretraining checkpoint with its decoder), a `.npz`
 holding the same names (a `param/` prefix is accepted), or a `.safetensors` file written by `stmem export`. Nothing in
@@ -19,7 +20,6 @@ parameters as the checkpoint item `head` in Flax layout (`kernel` (D, C), `bias`
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import pathlib
@@ -238,13 +238,9 @@ def _exported_config(model: dict, inferred: ModelConfig, where: pathlib.Path) ->
 
 
 def main(argv: list[str]) -> int:
-  parser = argparse.ArgumentParser(prog="stmem convert", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--reference", required=True, help="reference weights: .pth / .pt, .npz or .safetensors")
-  parser.add_argument("--out", required=True, help="checkpoint folder to write (load it with --checkpoint OUT)")
-  parser.add_argument("--variant", default="auto", help=f"auto (read the shapes) or one of {sorted(VARIANTS)}")
-  parser.add_argument("--head-dim", type=int, default=HEAD_DIM, help="attention head width used to count heads")
-  args = parser.parse_args(argv)
+  from stmem.train import configflags
+  args, _ = configflags.parse(argv, "stmem convert", "convert", workdir=None)
+  configflags.require(args, "stmem convert", "reference", "out")
 
   out = pathlib.Path(args.out).expanduser()
   if out.exists() and (not out.is_dir() or any(out.iterdir())):

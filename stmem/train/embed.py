@@ -1,50 +1,32 @@
 """`stmem embed`: export pooled, per-lead and (optionally) per-patch embeddings of a frozen encoder.
 
+  stmem embed --config embed --config.checkpoint=CKPT --config.records=RAW_FOLDER --config.out=FILE_PREFIX
   stmem embed --checkpoint CKPT (--data_dir PREPARED --split S | --records RAW_FOLDER | --synthetic N)
               --out FILE_PREFIX
-              [--per_patch] [--lead_set 12] [--crops first|mean3] [--batch_size 32]
+              [--per_patch] [--lead_set 12] [--crops first|mean3] [--batch_size 32]     (see configs/embed.py)
+
+Read top to bottom: mesh, encoder (replicated on every device), data (a prepared split or a raw folder, this
+process's share of every batch), the jitted forward pass (batch sharded over every device of every process, outputs
+replicated), the loop that writes rows as they come. Several processes (`launch/`, `stmem.distributed`) each read
+their share and process 0 writes every record exactly once, in the global batch order.
 
 No masking at inference: the output equals `encoder.features(...)` on the preprocessed crops. Raw folders (WFDB,
 searched recursively) are read through `stmem.data.open_pool` exactly as `stmem prepare generic` would prepare them
-under the checkpoint's contract (FFT-resampled to its rate, every 10 s window a row, band-pass, z-score; records
-it cannot use are skipped and listed); a prepared dataset is checked against the contract and adapted where safe.
-Crops: see configs/embed.py. Output: FILE_PREFIX.npz and FILE_PREFIX.parquet, written as the batches come (bounded
-memory), with record ids, lead names, the checkpoint's fingerprint and contract.
+under the checkpoint's contract (FFT-resampled to its rate, every 10 s window a row, band-pass, z-score; records it
+cannot use are skipped and listed); a prepared dataset is checked against the contract and adapted where safe.
+Output: FILE_PREFIX.npz and FILE_PREFIX.parquet, written as the batches come (bounded memory), with record ids, lead
+names, the checkpoint's fingerprint and contract.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import pathlib
+import sys
 import zipfile
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-
-
-def _parse(argv: Sequence[str]) -> argparse.Namespace:
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(
-    "embed_config", pathlib.Path(__file__).resolve().parents[2] / "configs" / "embed.py")
-  defaults = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(defaults)
-  d = defaults.get_config()
-  p = argparse.ArgumentParser(prog="stmem embed", description=__doc__.split("\n\n")[0])
-  p.add_argument("--checkpoint", required=True)
-  src = p.add_mutually_exclusive_group(required=True)
-  src.add_argument("--data_dir", help="a prepared dataset (stmem prepare)")
-  src.add_argument("--records", help="a folder of raw WFDB records")
-  src.add_argument("--synthetic", type=int, metavar="N", help="N simulated ECGs (stmem.synthetic)")
-  p.add_argument("--split", default=d.split)
-  p.add_argument("--out", required=True, help="output prefix: writes PREFIX.npz and PREFIX.parquet")
-  p.add_argument("--per_patch", action="store_true", help="also export every patch token (N, L, 30, D)")
-  p.add_argument("--lead_set", default=d.lead_set)
-  p.add_argument("--crops", choices=("first", "mean3"), default=d.crops)
-  p.add_argument("--batch_size", type=int, default=d.batch_size)
-  p.add_argument("--no_progress", action="store_true")
-  return p.parse_args(list(argv))
 
 
 class Writer:
@@ -126,76 +108,125 @@ class Writer:
     return self.prefix + ".npz", self.prefix + ".parquet"
 
 
-def main(argv: Sequence[str]) -> int:
-  args = _parse(argv)
-  import sys
-
-  from data_pipelines import errors, leads as leads_lib
-  from data_pipelines import transforms
-  from data_pipelines.errors import DataError
-  from stmem import data
-  from stmem.train import features
-
-  def log(msg: str) -> None:
+def _log(msg: str) -> None:
+  import jax
+  if jax.process_index() == 0:
     print(f"stmem embed: {msg}", file=sys.stderr)
 
-  if args.records:  # before the (slow) checkpoint load
-    errors.require_dir(args.records, "--records")
 
-  # ------------------------------------------------------------------------------------------ encoder
-  loaded = features.load_encoder(args.checkpoint)
-  names = leads_lib.parse_lead_set(args.lead_set)
-  crops = 1 if args.crops == "first" else transforms.EVAL_CROPS
+def embed(config) -> dict:
+  """Write the embeddings that `config` (configs/embed.py) asks for; returns a summary (process 0's is complete)."""
+  import jax
+  from flax import nnx
 
-  # ------------------------------------------------------------------------------------------ data
-  if args.data_dir:
-    spec = data.DatasetSpec("prepared", path=args.data_dir, splits=(args.split,))
-  elif args.records:  # WFDB records, read as `stmem prepare generic` reads them, under the checkpoint's contract
-    spec = data.DatasetSpec("raw", path=args.records, name="generic")
-  else:
-    spec = data.DatasetSpec("synthetic", num_synthetic=args.synthetic)
+  from data_pipelines import leads as leads_lib
+  from data_pipelines import transforms
+  from data_pipelines.errors import DataError
+  from stmem import data, sharding as sharding_lib
+  from stmem.train import features, sharded_eval
+  from stmem.train.pretrain import parse_mesh
+
+  # ------------------------------------------------------------------------------------------------ mesh
+  devices = jax.devices()[:config.num_devices] if config.num_devices else None
+  mesh = sharding_lib.make_mesh(parse_mesh(config.mesh), devices=devices)
+  batch_sharding, replicated = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
+  is_main = jax.process_index() == 0
+
+  # ------------------------------------------------------------------------------------------------ encoder
+  loaded = features.load_encoder(config.checkpoint)
+  names = leads_lib.parse_lead_set(config.lead_set)
+  crops = 1 if config.crops == "first" else transforms.EVAL_CROPS
+  graphdef, state = nnx.split(loaded.encoder)
+  state = sharded_eval.place(state, replicated)
+
+  # ------------------------------------------------------------------------------------------------ data
+  if config.data_dir:
+    data.open_prepared(config.data_dir, config.split)  # a missing split: a usage error naming the splits there
+    spec = data.DatasetSpec("prepared", path=config.data_dir, splits=(config.split,))
+  elif config.records:  # a folder of WFDB records, read as `stmem prepare generic` reads it, under the contract
+    spec = data.DatasetSpec("raw", path=config.records, name="generic")
+  else:  # simulated ECGs (stmem.synthetic)
+    spec = data.DatasetSpec("synthetic", num_synthetic=int(config.synthetic))
   pool = data.open_pool(spec, loaded.contract)
   for q in pool.quarantine.get("records", []):
-    log(f"skipped {q['path']}: {q['reason']} ({q['detail']})")
+    _log(f"skipped {q['path']}: {q['reason']} ({q['detail']})")
   source, contract, adapted = features.adapt(loaded.contract, pool.contract, pool.source, names)
   for line in adapted:
-    log(f"adapted {line}")
-  capacity = len(source)
-  if args.records:
-    log(f"raw records preprocessed by the checkpoint's contract ({contract.fs:g} Hz, every "
-        f"{contract.record_samples / contract.fs:g} s window, crops: {args.crops})")
+    _log(f"adapted {line}")
+  if not config.data_dir:
+    _log(f"raw records preprocessed by the checkpoint's contract ({contract.fs:g} Hz, every "
+         f"{contract.record_samples / contract.fs:g} s window, crops: {config.crops})")
+  starts = transforms.eval_starts(contract.record_samples, contract.window, crops)
 
-  # ------------------------------------------------------------------------------------------ export
+  # ------------------------------------------------------------------------------------------------ forward pass
+  fn = features.feature_fn(per_lead=True, per_patch=config.per_patch)
+
+  # Outputs replicated: process 0 holds every row of the global batch and writes them. (B, K, L, T) inputs: the
+  # features are averaged over the K crops inside `fn`.
+  forward = jax.jit(lambda state, *batch: fn(graphdef, state, *batch),
+                    in_shardings=(replicated, batch_sharding, batch_sharding, batch_sharding), out_shardings=replicated)
+
+  # ------------------------------------------------------------------------------------------------ export loop
   cfg = loaded.encoder.cfg
   shapes = {"pooled": (cfg.width,), "per_lead": (len(names), cfg.width)}
-  if args.per_patch:
+  if config.per_patch:
     shapes["per_patch"] = (len(names), contract.window // contract.patch_size, cfg.width)
+  capacity = len(source)
   from stmem import atomic
-  with atomic.Staging(os.path.dirname(os.path.abspath(args.out))) as staging:
-    writer = Writer(args.out, capacity, shapes, {
-      "fingerprint": loaded.fingerprint, "contract": loaded.contract.to_dict(), "checkpoint": loaded.name,
-      "lead_names": list(names), "crops": args.crops, "model": dict(vars(cfg)) if hasattr(cfg, "__dict__") else {}},
-      staging)
-    fn = features.feature_fn(per_lead=True, per_patch=args.per_patch)
-    from flax import nnx
-    graphdef, state = nnx.split(loaded.encoder)
-    bar = None
-    if not args.no_progress:
-      from tqdm import tqdm
-      bar = tqdm(total=capacity, unit="record", desc="embed", file=sys.stderr)
-    for batch in features.eval_batches(source, contract, lead_set=names, batch_size=args.batch_size, crops=crops):
-      out = fn(graphdef, state, batch["signal"], batch["lead_ids"], batch["lead_mask"])
-      valid = batch["valid"]
-      arrays = {{"tokens": "per_patch"}.get(k, k): np.asarray(v)[valid] for k, v in out.items()}
-      writer.write(arrays, [r.decode() for r in batch["record_id"][valid]],
-                   [p.decode() for p in batch["patient_id"][valid]], batch["lead_mask"][valid])
+  # Process 0 writes into a staging folder and moves the files into place only when every record is written.
+  staging = atomic.Staging(os.path.dirname(os.path.abspath(config.out))) if is_main else None
+  writer = bar = None
+  try:
+    if is_main:
+      writer = Writer(config.out, capacity, shapes, {
+        "fingerprint": loaded.fingerprint, "contract": loaded.contract.to_dict(), "checkpoint": loaded.name,
+        "lead_names": list(names), "crops": config.crops,
+        "model": dict(vars(cfg)) if hasattr(cfg, "__dict__") else {}}, staging)
+      if not config.no_progress:
+        from tqdm import tqdm
+        bar = tqdm(total=capacity, unit="record", desc="embed", file=sys.stderr)
+    written = 0
+    for out, rows in sharded_eval.run(lambda *b: forward(state, *b), source, contract, batch_size=config.batch_size,
+                                      lead_set=names, starts=starts, batch_sharding=batch_sharding,
+                                      host_keys=("valid", "record_id", "patient_id", "lead_mask")):
+      valid = rows["valid"]
+      written += int(valid.sum())
+      if writer is not None:
+        writer.write({{"tokens": "per_patch"}.get(k, k): np.asarray(v)[valid] for k, v in out.items()},
+                     [r.decode() for r in rows["record_id"][valid]], [p.decode() for p in rows["patient_id"][valid]],
+                     rows["lead_mask"][valid])
       if bar is not None:
         bar.update(int(valid.sum()))
     if bar is not None:
       bar.close()
-    if writer.n == 0:
-      raise DataError(f"no usable record in {args.records or args.data_dir} ({capacity} found, each skipped one "
-                      f"listed above); nothing written to {args.out}.npz / .parquet")
-    npz, parquet = writer.close()
-  log(f"{writer.n} records -> {npz}, {parquet} (fingerprint {loaded.fingerprint})")
+    if written == 0:
+      raise DataError(f"no usable record in {config.records or config.data_dir} ({capacity} found, each skipped "
+                      f"one listed above); nothing written to {config.out}.npz / .parquet")
+    paths = writer.close() if writer is not None else (None, None)
+  finally:
+    if staging is not None:
+      staging.remove()
+  summary = {"records": written, "fingerprint": loaded.fingerprint, "devices": mesh.size,
+             "processes": jax.process_count()}
+  if writer is not None:
+    summary["npz"], summary["parquet"] = paths
+    _log(f"{writer.n} records -> {summary['npz']}, {summary['parquet']} (fingerprint {loaded.fingerprint})")
+  return summary
+
+
+def main(argv: Sequence[str]) -> int:
+  from stmem.train import configflags
+  config, _ = configflags.parse(argv, "stmem embed", "embed", workdir=None)
+  configflags.require(config, "stmem embed", "checkpoint", "out")
+  if sum(map(bool, (config.data_dir, config.records, config.synthetic))) != 1:
+    raise configflags.ConfigError("give one of --config.data_dir (a prepared dataset), --config.records (a folder "
+                                  "of raw records) or --config.synthetic=N (N simulated ECGs)")
+  if config.crops not in ("first", "mean3"):
+    raise configflags.ConfigError(f"--config.crops={config.crops}: choose first or mean3")
+  from data_pipelines import errors
+  if config.records:  # before the (slow) checkpoint load
+    errors.require_dir(config.records, "--records")
+  from stmem import distributed
+  distributed.initialize()  # a no-op for one process; must come before any JAX computation
+  embed(config)
   return 0

@@ -1,6 +1,7 @@
 """`stmem export`: an encoder as a plain tensor file, a JSON config and a Markdown model card.
 
-  stmem export --checkpoint WORKDIR_OR_CHECKPOINT --out DIR [--format safetensors|npz]
+  stmem export --config export --config.checkpoint=WORKDIR_OR_CHECKPOINT --config.out=DIR [--config.format=npz]
+  stmem export --checkpoint WORKDIR_OR_CHECKPOINT --out DIR [--format safetensors|npz]   (the same, shorter)
 
 writes `DIR/model.safetensors` (or `DIR/model.npz`), `DIR/config.json` and `DIR/README.md`. Tensor names are the ST-MEM
 authors' encoder-only names in PyTorch layout (`stmem.convert.to_reference(..., encoder_only=True)`), so the file
@@ -9,7 +10,6 @@ pretraining decoder and any fine-tuned head stay in the checkpoint.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import pathlib
@@ -99,13 +99,10 @@ def export(checkpoint_path: str | pathlib.Path, out: str | pathlib.Path, *, fmt:
 
 
 def main(argv: list[str]) -> int:
-  parser = argparse.ArgumentParser(prog="stmem export", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--checkpoint", required=True, help="a workdir, its checkpoints/ folder, or a step folder")
-  parser.add_argument("--out", required=True, help="folder to write model file, config.json and README.md into")
-  parser.add_argument("--format", default="safetensors", choices=sorted(FORMATS))
-  args = parser.parse_args(argv)
-  config = export(args.checkpoint, args.out, fmt=args.format)
-  print(f"stmem export: {args.checkpoint} -> {args.out}/{config['weights']['file']} "
-        f"({config['parameter_count']:,} parameters, fingerprint {config['fingerprint']}), config.json, README.md")
+  from stmem.train import configflags
+  config, _ = configflags.parse(argv, "stmem export", "export", workdir=None)
+  configflags.require(config, "stmem export", "checkpoint", "out")
+  result = export(config.checkpoint, config.out, fmt=config.format)
+  print(f"stmem export: {config.checkpoint} -> {config.out}/{result['weights']['file']} "
+        f"({result['parameter_count']:,} parameters, fingerprint {result['fingerprint']}), config.json, README.md")
   return 0

@@ -1,15 +1,19 @@
 """`stmem finetune`: train an encoder and a linear head on a labelled task; select on validation; test once.
 
-  stmem finetune --config configs/finetune.py:PRESET [--config.checkpoint=CKPT] --workdir DIR  (see configs/finetune.py)
+  stmem finetune --config finetune:PRESET [--config.checkpoint=CKPT] --workdir DIR     (see configs/finetune.py)
 
-Read top to bottom: config, data (one task; its train/validation/test splits), model (encoder from the checkpoint or
-from scratch, a linear head, drop path), optimiser, update step, evaluation, train loop with model selection on
-validation, the test split scored once with the selected model, report and checkpoint.
+Reads top to bottom like pretraining: mesh, encoder, data (one task; its train/validation/test splits), model and
+head created in their shardings, restore, the jitted and donated update step, the sharded evaluation, the train loop
+(metrics, checkpoints at every evaluation with the best-so-far model, SIGTERM, NaN guard), then the test split scored
+once with the selected model, the report and the selected model's checkpoint. Running the same command again
+resumes from the latest training checkpoint in WORKDIR/train_state with exactly the next batch.
 """
 from __future__ import annotations
 
 import json
 import pathlib
+import signal
+import sys
 import time
 from collections.abc import Sequence
 
@@ -19,7 +23,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[2] / "configs" / "finetune.py")
+DEFAULT_CONFIG = "finetune"  # configs/finetune.py, found by name from any directory (stmem.train.configflags)
+TRAIN_STATE_DIR = "train_state"  # the training checkpoints; WORKDIR/checkpoints holds the selected model
 
 
 class Classifier(nnx.Module):
@@ -64,30 +69,13 @@ def task_loss(logits, labels, kind: str, smoothing: float = 0.0, class_weight=No
   return per.sum(-1).mean()
 
 
-def main(argv: Sequence[str]) -> int:
-  from stmem.train import configflags
-  config, workdir = configflags.parse(argv, "stmem finetune", DEFAULT_CONFIG + ":prepared")
-  from stmem.train.metrics import console_logger
-  log = console_logger("stmem.finetune")
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  start = time.time()
+def task_data(config, loaded):
+  """The task and its splits, as sources the pipeline reads: (task, {split: (indices, source)}, contract, notes).
 
-  from stmem import augment, checkpoint as ckpt_lib, data, evaluation
-  from stmem.models import model_config
+  The data's own splits when it has them, else the one patient-grouped split (`builder_base.split_names`)."""
   from data_pipelines import builder_base
-  from stmem.train import features, optim, report
-
-  # ------------------------------------------------------------------------------------------ encoder
-  if config.checkpoint:
-    loaded = features.load_encoder(config.checkpoint)
-    origin = f"{config.checkpoint} (fingerprint {loaded.fingerprint})"
-  else:
-    loaded = features.random_encoder(model_config(config.model), seed=int(config.seed))
-    origin = f"from scratch ({config.model})"
-  log.info("encoder: %s", origin)
-
-  # ------------------------------------------------------------------------------------------ data
+  from stmem import data
+  from stmem.train import features
   pools, task_list = data.task_pools([config.task], loaded.contract, data_dir=config.data_dir,
                                      data_root=config.data_root, labels=[x for x in config.labels.split(",") if x],
                                      kind=config.kind, num_synthetic=int(config.synthetic_n), seed=int(config.seed))
@@ -95,105 +83,207 @@ def main(argv: Sequence[str]) -> int:
   pool = pools[pool_key]
   split = pool.split if pool.fixed_splits else builder_base.split_names(pool.patient_id)
   source, contract, adapted = features.adapt(loaded.contract, pool.contract, pool.source, config.lead_set)
-  for line in adapted:
-    log.info("adapted %s", line)
   subsets = {}
   for name in data.SPLITS:
     idx = np.flatnonzero(task.keep & (split == name))
     if not len(idx):
       raise ValueError(f"task {task.name}: the {name} split is empty")
     subsets[name] = (idx, data.Subset(source, idx, task.labels[idx]))
-  log.info("task %s: %s", task.name, {k: len(v[0]) for k, v in subsets.items()})
-  train_labels = task.labels[subsets["train"][0]]
-  class_weight = None
-  if config.class_weighting == "balanced":
-    if task.kind == "multiclass":
-      counts = np.maximum(train_labels.sum(0), 1)
-      class_weight = jnp.asarray(len(train_labels) / (len(counts) * counts), jnp.float32)
-    else:
-      pos = np.maximum(train_labels.sum(0), 1)
-      class_weight = jnp.asarray((len(train_labels) - pos) / pos, jnp.float32)
-  train_it = data.make_iterator(subsets["train"][1], contract, batch_size=int(config.batch_size), train=True,
-                                seed=int(config.seed), lead_set=config.lead_set, process_index=0, process_count=1)
+  return task, subsets, contract, [f"adapted {line}" for line in adapted]
 
-  # ------------------------------------------------------------------------------------------ model and optimiser
+
+def class_weights(labels: np.ndarray, kind: str, how: str):
+  """None, or per-class weights from the training labels: inverse frequency (multi-class), negatives/positives
+  (multi-label)."""
+  if how != "balanced":
+    return None
+  if kind == "multiclass":
+    counts = np.maximum(labels.sum(0), 1)
+    return jnp.asarray(len(labels) / (len(counts) * counts), jnp.float32)
+  pos = np.maximum(labels.sum(0), 1)
+  return jnp.asarray((len(labels) - pos) / pos, jnp.float32)
+
+
+def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None) -> dict:
+  """Fine-tune, select on validation, test once; returns a summary. `stop_after` ends the loop early without a
+  save (tests use it to stand in for a crash)."""
+  from data_pipelines import transforms
+  from stmem import augment, checkpoint as ckpt_lib, data, evaluation, sharding as sharding_lib
+  from stmem.models import model_config
+  from stmem.train import features, metrics as metrics_lib, optim, report, sharded_eval
+  from stmem.train.pretrain import NonFiniteLoss, _main_thread, _stop_requested, parse_mesh
+
+  workdir = pathlib.Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  is_main = jax.process_index() == 0
+  log = metrics_lib.console_logger("stmem.finetune")
+  info = log.info if is_main else (lambda *args: None)
+  start = time.time()
+
+  # ---------------------------------------------------------------------------------------------------- mesh
+  devices = jax.devices()[:config.num_devices] if config.num_devices else None
+  mesh = sharding_lib.make_mesh(parse_mesh(config.mesh), devices=devices)
+  batch_sharding, replicated = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
+  processes = jax.process_count()
+  if config.batch_size % mesh.size:  # (the devices are a multiple of the processes)
+    raise ValueError(f"--config.batch_size={config.batch_size} must be a multiple of the {mesh.size} devices")
+
+  # ---------------------------------------------------------------------------------------------------- encoder
+  if config.checkpoint:
+    loaded = features.load_encoder(config.checkpoint)
+    origin = f"{config.checkpoint} (fingerprint {loaded.fingerprint})"
+  else:
+    loaded = features.random_encoder(model_config(config.model), seed=int(config.seed))
+    origin = f"from scratch ({config.model})"
+  info("encoder: %s", origin)
+
+  # ---------------------------------------------------------------------------------------------------- data
+  task, subsets, contract, notes = task_data(config, loaded)
+  for line in notes:
+    info("%s", line)
+  info("task %s: %s", task.name, {k: len(v[0]) for k, v in subsets.items()})
+  class_weight = class_weights(task.labels[subsets["train"][0]], task.kind, config.class_weighting)
+  starts = transforms.eval_starts(contract.record_samples, contract.window)
+
+  def make_train_iter(state=None):
+    return data.make_iterator(subsets["train"][1], contract, state=state, batch_size=config.batch_size // processes,
+                              train=True, seed=int(config.seed), lead_set=config.lead_set)
+
+  # ---------------------------------------------------------------------------------------------- model and optimiser
   model = Classifier(loaded.encoder, task.labels.shape[1], float(config.drop_path), rngs=nnx.Rngs(int(config.seed)))
+  graphdef, host_params = nnx.split(model, nnx.Param)
+  host_params = jax.tree.map(np.asarray, host_params.to_pure_dict())
   lr = optim.scaled_lr(float(config.base_lr), int(config.batch_size))
-  tx = optim.adamw(nnx.state(model, nnx.Param).to_pure_dict(),
-                   schedule=optim.warmup_cosine(lr, int(config.warmup_steps), int(config.steps)), b1=config.b1,
-                   b2=config.b2, weight_decay=float(config.weight_decay), clip_norm=float(config.clip_norm),
-                   layer_decay=float(config.layer_decay), depth=loaded.encoder.cfg.depth)
-  graphdef, params = nnx.split(model, nnx.Param)
-  params = params.to_pure_dict()
-  opt_state = tx.init(params)
+  schedule = optim.warmup_cosine(lr, int(config.warmup_steps), int(config.steps))
+  tx = optim.adamw(host_params, schedule=schedule, b1=config.b1, b2=config.b2, weight_decay=float(config.weight_decay),
+                   clip_norm=float(config.clip_norm), layer_decay=float(config.layer_decay),
+                   depth=loaded.encoder.cfg.depth)
+  param_shardings = sharding_lib.tree_shardings(host_params, mesh, min_size=config.fsdp_min_size)
+  abstract_opt = jax.eval_shape(tx.init, host_params)
+  opt_shardings = sharding_lib.tree_shardings(abstract_opt, mesh, min_size=config.fsdp_min_size)
+  # Every device receives only its shard of the encoder read from the checkpoint and of the new head.
+  params = sharded_eval.place(host_params, param_shardings)
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+  copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=param_shardings)  # best-so-far snapshot
 
-  # ------------------------------------------------------------------------------------------ update step
-  @jax.jit
-  def train_step(params, opt_state, batch, key):
+  # ---------------------------------------------------------------------------------------------------- checkpoint
+  checkpointer = ckpt_lib.Checkpointer(workdir / TRAIN_STATE_DIR, every=1, keep=config.keep,
+                                       async_save=config.async_save)
+  start_step = checkpointer.latest_step() or 0
+  best, best_score, best_step, data_state = None, -np.inf, -1, None
+  if start_step:
+    restored = checkpointer.restore(start_step, params=host_params, opt_state=abstract_opt,
+                                    param_shardings=param_shardings, opt_shardings=opt_shardings)
+    params, opt_state, data_state = restored["params"], restored["opt_state"], restored.get("data_state")
+    saved = restored["meta"]
+    best_step, best_score = saved["best_step"], saved["best_score"] if saved["best_score"] is not None else -np.inf
+    if best_step >= 0:
+      best = sharded_eval.place(ckpt_lib.read_item(checkpointer.directory / str(start_step), "best"), param_shardings)
+    info("resuming from step %d (%s)", start_step, checkpointer.directory / str(start_step))
+  train_it = make_train_iter(data_state)
+
+  # ---------------------------------------------------------------------------------------------------- update step
+  def train_step(params, opt_state, batch, key, ok):
     def loss_fn(p):
-      m = nnx.merge(graphdef, p)
-      logits = m(batch["signal"], batch["lead_ids"], batch["lead_mask"], key)
+      logits = nnx.merge(graphdef, p)(batch["signal"], batch["lead_ids"], batch["lead_mask"], key)
       return task_loss(logits, batch["labels"], task.kind, float(config.label_smoothing), class_weight)
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    return optax.apply_updates(params, updates), opt_state, loss, ok & jnp.isfinite(loss)
 
+  step_fn = jax.jit(train_step, in_shardings=(param_shardings, opt_shardings, batch_sharding, replicated, replicated),
+                    out_shardings=(param_shardings, opt_shardings, replicated, replicated), donate_argnums=(0, 1))
+  key = jax.random.key(int(config.seed))
+  ok = jax.device_put(jnp.asarray(True), replicated)
+
+  # ---------------------------------------------------------------------------------------------------- evaluation
   link = (lambda z: jax.nn.softmax(z, -1)) if task.kind == "multiclass" else jax.nn.sigmoid
+  predict = jax.jit(lambda p, *b: features.crop_mean(lambda *x: link(nnx.merge(graphdef, p)(*x)))(*b),
+                    in_shardings=(param_shardings, batch_sharding, batch_sharding, batch_sharding),
+                    out_shardings=replicated)
 
-  @jax.jit
-  def predict_step(params, signal, lead_ids, lead_mask):
-    """Probabilities averaged over the evaluation crops (signal (B, K, L, T))."""
-    model = nnx.merge(graphdef, params)
-    return features.crop_mean(lambda s, i, m: link(model(s, i, m)))(signal, lead_ids, lead_mask)
-
-  # ------------------------------------------------------------------------------------------ evaluation
   def evaluate(params, name: str) -> dict:
-    """3-crop evaluation of one split: probabilities averaged over the crops of each example."""
-    idx, subset = subsets[name]
-    probs, labels = [], []
-    for batch in features.eval_batches(subset, contract, lead_set=config.lead_set,
-                                       batch_size=int(config.eval_batch_size)):
-      p = np.asarray(predict_step(params, batch["signal"], batch["lead_ids"], batch["lead_mask"]))
-      probs.append(p[batch["valid"]])
-      labels.append(batch["labels"][batch["valid"]])
+    """The split's records, each scored by its class probabilities averaged over its evaluation crops."""
+    probs, labels, pids = [], [], []
+    for out, rows in sharded_eval.run(lambda *b: predict(params, *b), subsets[name][1], contract,
+                                      batch_size=config.eval_batch_size, lead_set=config.lead_set, starts=starts,
+                                      batch_sharding=batch_sharding, host_keys=("valid", "labels", "patient_id")):
+      valid = rows["valid"]
+      probs.append(np.asarray(out)[valid])
+      labels.append(rows["labels"][valid])
+      pids.append(rows["patient_id"][valid])
     probs, labels = np.concatenate(probs), np.concatenate(labels)
     eps = 1e-7
     if task.kind == "multiclass":
       loss = float(-np.mean(np.sum(labels * np.log(probs + eps), -1)))
     else:
       loss = float(-np.mean(np.sum(labels * np.log(probs + eps) + (1 - labels) * np.log(1 - probs + eps), -1)))
-    m = evaluation.macro_metrics(labels, probs)
-    return {"loss": loss, "auroc": m["auroc"], "probs": probs, "labels": labels, "patient_id": pool.patient_id[idx]}
+    return {"loss": loss, "auroc": evaluation.macro_metrics(labels, probs)["auroc"], "probs": probs,
+            "labels": labels, "patient_id": np.concatenate(pids).astype(str)}
 
-  # ------------------------------------------------------------------------------------------ train loop
-  metrics_file = open(workdir / "metrics.jsonl", "a")
-  best, best_score, best_step = None, -np.inf, -1
-  key = jax.random.key(int(config.seed))
-  for step in range(1, int(config.steps) + 1):
-    batch = next(train_it)
-    if config.randaugment:
-      batch = augment.augment_batch(batch, int(config.seed), step, num_ops=int(config.randaugment_ops),
-                                    prob=float(config.randaugment_prob))
-    arrays = {k: batch[k] for k in ("signal", "lead_ids", "lead_mask", "labels")}
-    params, opt_state, loss = train_step(params, opt_state, arrays, jax.random.fold_in(key, step))
-    if not np.isfinite(float(loss)):
-      raise FloatingPointError(f"step {step}: loss is {float(loss)}")
-    if step % int(config.eval_every) == 0 or step == int(config.steps):
-      val = evaluate(params, "validation")
-      score = -val["loss"] if config.select_on == "loss" else val["auroc"]
-      if np.isfinite(score) and score > best_score:  # selection sees the validation split only
-        best, best_score, best_step = jax.device_get(params), score, step
-      record = {"step": step, "train_loss": float(loss), "val_loss": val["loss"], "val_auroc": val["auroc"],
-                "best_step": best_step, "seconds": round(time.time() - start, 1)}
-      metrics_file.write(json.dumps(record) + "\n")
-      metrics_file.flush()
-      log.info("step %d train loss %.4f val loss %.4f val AUROC %.3f", step, float(loss), val["loss"], val["auroc"])
-  metrics_file.close()
+  # ---------------------------------------------------------------------------------------------------- train loop
+  writer = metrics_lib.MetricWriter(workdir)
+  preempted = {"flag": False}
+  previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.__setitem__("flag", True)) \
+    if _main_thread() else None
+  meta = {"origin": "stmem finetune", "task": task.name}
+  step, last_saved = start_step, start_step
+  summary = {"workdir": str(workdir), "start_step": start_step}
+
+  def save(step: int):
+    nonlocal last_saved
+    if step == last_saved:
+      return
+    if not bool(ok):  # never save a diverged state over good checkpoints
+      raise NonFiniteLoss(f"the loss became non-finite before step {step}; the last good checkpoint is step "
+                          f"{last_saved} in {checkpointer.directory}")
+    score = float(best_score) if np.isfinite(best_score) else None
+    checkpointer.save(step, params=params, opt_state=opt_state, data_state=train_it.get_state(), force=True,
+                      meta={**meta, "step": step, "best_step": best_step, "best_score": score},
+                      extra_items={"best": best if best is not None else params})
+    last_saved = step
+
+  try:
+    while step < config.steps:
+      batch = next(train_it)
+      if config.randaugment:  # the RNG of a row is a function of (seed, step, process, row): resumes exactly
+        batch = augment.augment_batch(batch, int(config.seed) * 1_000_003 + jax.process_index(), step + 1,
+                                      num_ops=int(config.randaugment_ops), prob=float(config.randaugment_prob))
+      arrays = data.to_global({k: batch[k] for k in ("signal", "lead_ids", "lead_mask", "labels")}, batch_sharding)
+      params, opt_state, loss, ok = step_fn(params, opt_state, arrays, jax.random.fold_in(key, step + 1), ok)
+      step += 1
+      if step % config.eval_every == 0 or step == config.steps:
+        if not bool(ok):
+          raise NonFiniteLoss(f"step {step}: the training loss is {float(loss)}")
+        val = evaluate(params, "validation")
+        score = -val["loss"] if config.select_on == "loss" else val["auroc"]
+        if np.isfinite(score) and score > best_score:  # selection sees the validation split only
+          best, best_score, best_step = copy(params), score, step
+        m = {"train_loss": float(loss), "val_loss": val["loss"], "val_auroc": val["auroc"], "best_step": best_step,
+             "lr": float(schedule(step - 1)), "seconds": round(time.time() - start, 1)}
+        writer.write(step, m)
+        info("step %d train loss %.4f val loss %.4f val AUROC %.3f", step, m["train_loss"], val["loss"], val["auroc"])
+        save(step)
+      if _stop_requested(preempted["flag"]):
+        save(step)
+        checkpointer.wait()
+        info("preempted at step %d: checkpoint saved in %s; run the same command to resume", step,
+             checkpointer.directory)
+        return {**summary, "preempted": True, "step": step}
+      if stop_after is not None and step >= stop_after:
+        checkpointer.wait()
+        return {**summary, "stopped": True, "step": step}
+    checkpointer.wait()
+  finally:
+    writer.close()
+    checkpointer.close()
+    if previous_handler is not None:
+      signal.signal(signal.SIGTERM, previous_handler)
   if best is None:
-    best, best_step = jax.device_get(params), int(config.steps)
+    best, best_step = params, step
 
-  # ------------------------------------------------------------------------------------------ test, once
+  # ---------------------------------------------------------------------------------------------------- test, once
   val = evaluate(best, "validation")
   test = evaluate(best, "test")
   multiclass = task.kind == "multiclass"
@@ -207,18 +297,37 @@ def main(argv: Sequence[str]) -> int:
   notes = [f"encoder: {origin}", f"selected step {best_step} of {config.steps} on validation {config.select_on}",
            "test split scored once, with the selected model; F1 thresholds chosen on validation",
            f"intervals: 95 % percentile bootstrap over patients ({config.bootstrap} resamples)"]
-  paths = report.write(workdir, [row], title="Fine-tuning", curves={row["task"]: {f"{config.lead_set}": curve}},
-                       notes=notes, info={"config": config.to_dict(), "best_step": best_step})
+  if is_main:
+    paths = report.write(workdir, [row], title="Fine-tuning", curves={row["task"]: {f"{config.lead_set}": curve}},
+                         notes=notes, info={"config": config.to_dict(), "best_step": best_step})
+    print(pathlib.Path(paths["markdown"]).read_text())
 
-  # ------------------------------------------------------------------------------------------ checkpoint
+  # ------------------------------------------------------------------------------------------------ the selected model
   # An encoder-only checkpoint (every program loads it) with the head as its own item (`checkpoint.read_item`).
-  head = {"kernel": np.asarray(best["head"]["kernel"]), "bias": np.asarray(best["head"]["bias"])}
-  meta = ckpt_lib.make_meta(loaded.encoder.cfg, loaded.contract, config=config.to_dict(), step=best_step,
-                            encoder_only=True, origin="stmem finetune",
-                            extra={"head": {"label_names": list(task.label_names), "kind": task.kind},
-                                   "parent": origin, "task": task.name})
-  path = ckpt_lib.save_params(workdir / ckpt_lib.CHECKPOINT_DIR, {"encoder": best["encoder"]}, meta, step=best_step,
-                              extra_items={"head": head})
-  print(pathlib.Path(paths["markdown"]).read_text())
-  log.info("selected step %d; checkpoint %s; report %s (%.0f s)", best_step, path, workdir, time.time() - start)
+  selected = workdir / ckpt_lib.CHECKPOINT_DIR
+  path = selected / str(best_step)
+  if not path.exists():  # a re-run of a finished fine-tuning has written it already
+    head = {"kernel": np.asarray(best["head"]["kernel"]), "bias": np.asarray(best["head"]["bias"])}
+    meta = ckpt_lib.make_meta(loaded.encoder.cfg, loaded.contract, config=config.to_dict(), step=best_step,
+                              encoder_only=True, origin="stmem finetune",
+                              extra={"head": {"label_names": list(task.label_names), "kind": task.kind},
+                                     "parent": origin, "task": task.name})
+    path = ckpt_lib.save_params(selected, {"encoder": best["encoder"]}, meta, step=best_step,
+                                extra_items={"head": head})
+  info("selected step %d; checkpoint %s; report %s (%.0f s)", best_step, path, workdir, time.time() - start)
+  return {**summary, "step": step, "best_step": best_step, "checkpoint": str(path), "auroc": row["auroc"]}
+
+
+def main(argv: Sequence[str]) -> int:
+  from stmem import distributed
+  from stmem.train import configflags, pretrain
+  config, workdir = configflags.parse(argv, "stmem finetune", DEFAULT_CONFIG + ":prepared")
+  distributed.initialize()  # a no-op for one process; must come before any JAX computation
+  try:
+    summary = train(config, workdir)
+  except pretrain.NonFiniteLoss as e:  # exit status 3, as for pretraining
+    print(f"stmem finetune: {e}", file=sys.stderr)
+    return 3
+  if jax.process_index() == 0:  # the report went to stdout; the summary is for logs
+    print(json.dumps(summary, indent=2), file=sys.stderr)
   return 0

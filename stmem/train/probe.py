@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parents[2] / "configs" / "probe.py")
+DEFAULT_CONFIG = "probe"  # configs/probe.py, found by name from any directory (stmem.train.configflags)
 
 
 def _csv(text: str) -> list[str]:
@@ -84,7 +84,15 @@ def main(argv: Sequence[str]) -> int:
   from data_pipelines import leads as leads_lib
   from stmem import data
   from stmem.models import model_config
-  from stmem.train import features, report
+  from stmem import sharding as sharding_lib
+  from stmem.train import features, report, sharded_eval
+  from stmem.train.pretrain import parse_mesh
+
+  # ------------------------------------------------------------------------------------------ mesh
+  # The feature pass splits every batch over the devices of every process; the heads are fitted on the host.
+  import jax
+  mesh = sharding_lib.make_mesh(parse_mesh(config.mesh),
+                                devices=jax.devices()[:config.num_devices] if config.num_devices else None)
 
   # ------------------------------------------------------------------------------------------ encoders
   if config.checkpoint:
@@ -121,8 +129,8 @@ def main(argv: Sequence[str]) -> int:
       for line in adapted:
         notes.append(f"{pool.name}: adapted {line}")
       t0 = time.time()
-      feats = features.extract(encoders, source, contract, lead_set=lead_set, batch_size=int(config.batch_size),
-                               last_blocks=int(config.last_blocks))
+      feats = sharded_eval.extract(encoders, source, contract, mesh=mesh, lead_set=lead_set,
+                                   batch_size=int(config.batch_size), last_blocks=int(config.last_blocks))
       if not np.array_equal(feats["record_id"], pool.record_id):
         raise RuntimeError(f"{pool.name}: the feature pass returned records in another order than the pool")
       log.info("%s, lead set %s: features of %d examples in %.1f s", pool.name, lead_set, len(pool.record_id),
