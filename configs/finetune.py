@@ -23,22 +23,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg not in PRESETS:
     raise ValueError(f"unknown preset {arg!r}; choose from {PRESETS}")
   c = ml_collections.ConfigDict()
-<<<<<<< HEAD
-  c.checkpoint = ""             # "" = from scratch (random init of config.model)
-  c.model = "tiny"
-  c.task = "prepared"           # one task name of data_pipelines/labels/tasks.py
-  c.data_dir = ""
-  c.data_root = "../shared/data"
-  c.labels = ""
-  c.kind = "multilabel"
-  c.lead_set = "12"
-  c.batch_size = 32
-  c.steps = 2000
-  c.warmup_steps = 200
-=======
   c.checkpoint = ""             # the encoder to fine-tune; "" = from scratch (random init of config.model)
   c.model = "tiny"              # architecture when training from scratch
-  c.task = "prepared"           # the task: prepared, synthetic, ludb_af, ludb_lvh, ludb_axis, cinc_stach, ...
+  c.task = "prepared"           # one task name of data_pipelines/labels/tasks.py (prepared, synthetic, ludb_af, ...)
   c.data_dir = ""               # prepared task: a `stmem prepare` output
   c.data_root = "../shared/data"  # named tasks: the folder holding the raw datasets (ludb/, cinc2021/, ...)
   c.labels = ""                 # prepared task: comma-separated label names ("" = all)
@@ -47,7 +34,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.batch_size = 32             # global training batch, over all devices and processes (a multiple of the devices)
   c.steps = 2000                # optimiser steps
   c.warmup_steps = 200          # linear warm-up steps before the cosine decay
->>>>>>> wip/b2
   c.base_lr = 1e-3              # scaled by batch / 256
   c.weight_decay = 0.05         # AdamW decoupled weight decay
   c.b1 = 0.9                    # AdamW first-moment decay
