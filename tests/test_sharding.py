@@ -8,7 +8,7 @@ from flax import nnx
 from stmem import sharding
 from stmem.models import StMem, model_config
 from stmem.train import optim
-from stmem.train.pretrain import make_train_step, parse_mesh
+from stmem.steps import make_train_step, parse_mesh
 
 
 def _run(mesh, accum_steps=1, steps=2):
@@ -130,3 +130,12 @@ def test_mesh_spec_errors():
     sharding.make_mesh([("data", 2), ("fsdp", 3)])
   with pytest.raises(ValueError, match="at most one axis"):
     sharding.make_mesh([("data", -1), ("fsdp", -1)])
+
+
+def test_mesh_axes_are_auto_and_split_the_batch_over_every_axis():
+  # Auto axes: the model code is sharding-neutral and XLA propagates from the inputs (jax.make_mesh's own default in
+  # jax 0.10 is Explicit, under which the model's broadcast + concatenate fails).
+  mesh = sharding.make_mesh(parse_mesh("data:2,fsdp:4"))
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 4}
+  assert mesh.axis_types == (jax.sharding.AxisType.Auto,) * 2
+  assert sharding.batch_sharding(mesh).spec == jax.sharding.PartitionSpec(("data", "fsdp"))
