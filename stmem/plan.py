@@ -156,7 +156,8 @@ def _xla_flops(compiled) -> float | None:
 
 # What XLA says when a program does not fit: TPU "Ran out of memory in memory space hbm. Used 20.5G of 15.75G hbm."
 _OOM = re.compile(r"RESOURCE_EXHAUSTED|[Oo]ut of memory|exceeds? the memory")
-_USED = re.compile(r"Used ([\d.]+)([KMGT])? of ([\d.]+)([KMGT])? hbm")
+_USED = re.compile(r"Used ([\d.]+)([KMGT])? of ([\d.]+)([KMGT])? hbm"
+                   r"|required for HLO temporaries \(([\d.]+)([KMGT])?\) exceeds")
 
 
 def _compile(report: Report, lowered_fn) -> Report:
@@ -171,9 +172,10 @@ def _compile(report: Report, lowered_fn) -> Report:
       raise
     report.fits = False
     used = _USED.search(text)
-    if used:
+    if used:  # a lower bound on the total: what the compiler had counted when it gave up
       unit = {"K": 2 ** 10, "M": 2 ** 20, "G": GiB, "T": 2 ** 40, None: 1}
-      report.total_bytes = int(float(used.group(1)) * unit[used.group(2)])
+      value, suffix = (used.group(1), used.group(2)) if used.group(1) else (used.group(5), used.group(6))
+      report.total_bytes = int(float(value) * unit[suffix])
     report.error = "does not fit: " + text.strip().splitlines()[0][:300]
     return report
   report.compile_seconds = time.perf_counter() - start

@@ -115,8 +115,9 @@ def test_gradient_accumulation_equals_the_whole_batch():
   key = jax.random.key(3)
   ok = jnp.asarray(True)
   p_split, _, m_split, _ = split(params, (), batch, key, ok)
-  # micro-batch i is masked with fold_in(key, i): reproduce both halves as whole batches
-  halves = [whole(params, (), jax.tree.map(lambda x: x[i * 2:(i + 1) * 2], batch), jax.random.fold_in(key, i), ok)
+  # micro-batch i is rows i, i + 2 (each device holds its share of every micro-batch), masked with fold_in(key, i):
+  # reproduce both as whole batches
+  halves = [whole(params, (), jax.tree.map(lambda x: x[i::2], batch), jax.random.fold_in(key, i), ok)
             for i in range(2)]
   np.testing.assert_allclose(float(m_split["loss"]), np.mean([float(h[2]["loss"]) for h in halves]), atol=1e-5)
   g_split = jax.tree.map(jnp.subtract, p_split, params)
