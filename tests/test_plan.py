@@ -65,11 +65,16 @@ def test_tiny_step_compiles_for_v5e_and_reports_bytes_and_flops_per_device(cli_r
   assert f"{r['total_bytes'] / 2 ** 30:.2f}" in line and f"{r['flops_analytic'] / 1e12:.2f}" in line and "fits" in line
 
 
-def test_remat_reduces_temporary_bytes(cli_report, devices):
-  none = cli_report[2]["reports"][0]
-  block = plan.pretrain_report(_config(), devices, topology=TOPOLOGY, remat="block")
-  assert block.remat == "block" and block.argument_bytes == none["argument_bytes"]
-  assert block.temp_bytes < 0.8 * none["temp_bytes"], (block.temp_bytes, none["temp_bytes"])
+def test_remat_reduces_temporary_bytes():
+  # On one local CPU device, `small` at batch 16: activations dominate the temporaries there. (For tiny on v5e:2x2
+  # the TPU compiler's plan was already lean and block remat added buffers: 19.6 against 15.0 MB.)
+  import jax
+  config = _config(variant="small")
+  config.batch_size = 16
+  none = plan.pretrain_report(config, jax.devices()[:1], remat="none")
+  block = plan.pretrain_report(config, jax.devices()[:1], remat="block")
+  assert block.remat == "block" and block.argument_bytes == none.argument_bytes
+  assert block.temp_bytes < 0.8 * none.temp_bytes, (block.temp_bytes, none.temp_bytes)
 
 
 def test_accum_steps_zero_picks_a_count_the_planner_says_fits(cli_report, devices):
