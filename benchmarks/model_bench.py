@@ -1,5 +1,8 @@
 """Model workloads: the pretraining step, 12-lead embedding, and bf16-versus-f32 convergence of a tiny model.
 
+The pretraining step timed is the production one, `stmem.steps.pretrain_step` (what `stmem pretrain` compiles:
+lead masks, mesh shardings, donation), on one device; there is no benchmark copy of it.
+
 FLOPs are counted analytically from the config (matmuls only, 2 FLOPs per multiply-add; see benchmarks/README.md)
 and cross-checked with XLA's own count, `compiled.cost_analysis()["flops"]`, which also counts elementwise work.
 """
@@ -14,45 +17,22 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
-from stmem.models import Encoder, StMem, layers, model_config
+from stmem import sharding as sharding_lib
+from stmem import steps as steps_lib
+from stmem.models import layers, model_config
 from stmem.models.config import ModelConfig
-from stmem.train.optim import adamw, warmup_cosine
+from stmem.train import metrics
 
 LEADS = 12
 
 
-# -- analytic FLOP counts ----------------------------------------------------------------------------------------------
-def block_flops_per_token(width: int, mlp_ratio: int, seq_len: int) -> float:
-  """One pre-LN transformer block, per token: q/k/v 6D^2, output 2D^2, MLP 4rD^2, scores and weighted sum 4SD."""
-  return 2.0 * width * 3 * width + 2.0 * width * width + 2 * 2.0 * width * mlp_ratio * width + 4.0 * seq_len * width
-
-
-def pretrain_forward_flops(cfg: ModelConfig, leads: int = LEADS) -> float:
-  """Forward FLOPs of one ECG in pretraining: patch embedding of every patch, the encoder over the kept tokens of
-  all leads as one sequence, the decoder over each lead's N + 2 tokens, and the reconstruction head."""
-  n, p, d, dd = cfg.num_patches, cfg.patch_size, cfg.width, cfg.decoder_width
-  enc_tokens = leads * (cfg.num_keep + 2)
-  dec_seq = n + 2
-  return (leads * n * 2.0 * p * d
-          + enc_tokens * cfg.depth * block_flops_per_token(d, cfg.mlp_ratio, enc_tokens)
-          + enc_tokens * 2.0 * d * dd
-          + leads * dec_seq * cfg.decoder_depth * block_flops_per_token(dd, cfg.mlp_ratio, dec_seq)
-          + leads * dec_seq * 2.0 * dd * p)
-
-
-def embed_forward_flops(cfg: ModelConfig, leads: int = LEADS) -> float:
-  """Forward FLOPs of one unmasked ECG through the encoder: every patch token of every lead plus 2 SEPs per lead."""
-  tokens = leads * (cfg.num_patches + 2)
-  return (leads * cfg.num_patches * 2.0 * cfg.patch_size * cfg.width
-          + tokens * cfg.depth * block_flops_per_token(cfg.width, cfg.mlp_ratio, tokens))
-
-
-def pretrain_step_flops(cfg: ModelConfig, batch: int) -> float:
-  """Forward + backward: the backward pass costs two forwards (gradients of activations and of weights)."""
-  return 3.0 * batch * pretrain_forward_flops(cfg)
+# -- analytic FLOP counts: stmem.train.metrics (also behind the MFU that `stmem pretrain` logs) ----------------------
+block_flops_per_token = metrics.block_flops_per_token
+pretrain_forward_flops = metrics.pretrain_forward_flops
+embed_forward_flops = metrics.embed_forward_flops
+pretrain_step_flops = metrics.pretrain_step_flops
 
 
 # -- helpers ------------------------------------------------------------------------------------------------------------
@@ -118,11 +98,11 @@ def _rates(flops: float, seconds: float, matmul: dict[str, Any] | None, dtype: s
   return out
 
 
-def _inputs(cfg: ModelConfig, batch: int) -> tuple[np.ndarray, np.ndarray]:
+def _inputs(cfg: ModelConfig, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   rng = np.random.default_rng(0)
   # Host numpy, not device arrays: donation of a device_put copy can delete its source (docs/style.md).
   signal = rng.standard_normal((batch, LEADS, cfg.window)).astype(np.float32)
-  return signal, np.tile(np.arange(LEADS, dtype=np.int32), (batch, 1))
+  return signal, np.tile(np.arange(LEADS, dtype=np.int32), (batch, 1)), np.ones((batch, LEADS), bool)
 
 
 # One schedule for timing and for the convergence check: its constants are baked into the compiled step, so sharing
@@ -130,71 +110,68 @@ def _inputs(cfg: ModelConfig, batch: int) -> tuple[np.ndarray, np.ndarray]:
 LR, WARMUP, TOTAL = 1e-3, 20, 200
 
 
-def make_train_step(cfg: ModelConfig, lr: float = LR, warmup: int = WARMUP, total: int = TOTAL, *,
-                    abstract: bool = False):
-  """The pretraining update as one jitted pure function (split once, merge inside, donate params and opt state).
-
-  Returns (step, params, opt_state, graphdef, rest) with freshly initialised params (seed 0), or with shapes only
-  when `abstract` (for lowering without allocating a second model).
-  """
-  build = lambda: StMem(cfg, rngs=nnx.Rngs(0))  # noqa: E731
-  model = nnx.eval_shape(build) if abstract else build()
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  # The reference recipe: AdamW (0.9, 0.95), weight decay 0.01 on everything, fixed sin-cos tables frozen.
-  tx = adamw(params, schedule=warmup_cosine(lr, warmup, total), b1=0.9, b2=0.95, weight_decay=0.01,
-             frozen=(r"(.*/)?(decoder_)?pos_embedding",))
-  opt_state = jax.eval_shape(tx.init, params) if abstract else tx.init(params)
-
-  def step(params, opt_state, signal, lead_ids, key):
-    def loss_fn(p):
-      return nnx.merge(graphdef, p, rest)(signal, lead_ids, key=key)["loss"]
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  return jax.jit(step, donate_argnums=(0, 1)), params, opt_state, graphdef, rest
+def pretrain_config(variant: str, dtype: str, batch: int):
+  """configs/pretrain.py with the benchmark's model, batch and schedule, on one device: the reference recipe
+  (AdamW 0.9/0.95, weight decay 0.01, sin-cos tables frozen) with peak learning rate LR."""
+  from configs import pretrain as pretrain_configs
+  c = pretrain_configs.get_config("tiny")
+  c.model.variant, c.model.dtype, c.batch_size = variant, dtype, batch
+  c.optim.base_lr = LR * 256 / batch  # optim.scaled_lr: base_lr x batch / 256 = LR
+  c.warmup_steps, c.total_steps, c.optim.accum_steps = WARMUP, TOTAL, 1
+  c.mesh, c.num_devices = "data:-1,fsdp:1", 1
+  return c
 
 
-_COMPILED: dict[tuple, tuple[Any, float]] = {}
+_COMPILED: dict[tuple, tuple[Any, float, Any]] = {}
 
 
-def compiled_train_step(cfg: ModelConfig, batch: int):
-  """(compiled step, seconds its compilation took, params, opt_state, graphdef, rest); compiled once per
-  (config, batch) in this process."""
-  step, params, opt_state, graphdef, rest = make_train_step(cfg)
-  key = (cfg, batch)
+def production_step(variant: str, dtype: str, batch: int):
+  """(compiled step, seconds its compilation took, steps.PretrainStep, params, opt_state): the update step that
+  `stmem pretrain` runs (stmem.steps.pretrain_step: lead masks, mesh shardings, donation), compiled once per
+  (variant, dtype, batch) in this process, with freshly initialised parameters (seed 0)."""
+  config = pretrain_config(variant, dtype, batch)
+  key = (variant, dtype, batch)
   if key not in _COMPILED:
-    signal = jax.ShapeDtypeStruct((batch, LEADS, cfg.window), jnp.float32)
-    lead_ids = jax.ShapeDtypeStruct((batch, LEADS), jnp.int32)
+    mesh = sharding_lib.make_mesh(steps_lib.parse_mesh(config.mesh), devices=jax.devices()[:config.num_devices])
+    step = steps_lib.pretrain_step(config, mesh, steps_lib.model_cfg(config))
     start = time.perf_counter()
-    compiled = step.lower(params, opt_state, signal, lead_ids, jax.random.key(0)).compile()
-    _COMPILED[key] = (compiled, time.perf_counter() - start)
-  compiled, seconds = _COMPILED[key]
-  return compiled, seconds, params, opt_state, graphdef, rest
+    compiled = step.jitted.lower(*steps_lib.abstract_args(step, batch)).compile()
+    _COMPILED[key] = (compiled, time.perf_counter() - start, step)
+  compiled, seconds, step = _COMPILED[key]
+  params = jax.jit(step.init_params, out_shardings=step.param_shardings)(jax.random.key(config.seed))
+  opt_state = jax.jit(step.tx.init, out_shardings=step.opt_shardings)(params)
+  return compiled, seconds, step, params, opt_state
+
+
+def _device_batch(step, signal, lead_ids, lead_mask) -> dict[str, jax.Array]:
+  return {k: jax.device_put(v, step.batch_sharding)
+          for k, v in (("signal", signal), ("lead_ids", lead_ids), ("lead_mask", lead_mask))}
 
 
 # -- workloads ----------------------------------------------------------------------------------------------------------
 def bench_pretrain(variant: str, dtype: str, batch: int, repeats: int,
                    matmul: dict[str, Any] | None = None) -> dict[str, Any]:
-  cfg = model_config(variant, dtype=dtype)
-  compiled, compile_s, params, opt_state, _, _ = compiled_train_step(cfg, batch)
-  signal, lead_ids = (jnp.asarray(a) for a in _inputs(cfg, batch))
-  state = {"params": params, "opt": opt_state, "i": 0}
+  compiled, compile_s, step, params, opt_state = production_step(variant, dtype, batch)
+  cfg = step.cfg
+  data = _device_batch(step, *_inputs(cfg, batch))
+  ok = jax.device_put(jnp.asarray(True), step.replicated)
+  state = {"params": params, "opt": opt_state, "ok": ok, "i": 0}
 
   def one():
     state["i"] += 1
-    state["params"], state["opt"], loss = compiled(state["params"], state["opt"], signal, lead_ids,
-                                                   jax.random.key(state["i"]))
-    jax.block_until_ready((state["params"], loss))
+    key = jax.device_put(jax.random.key(state["i"]), step.replicated)
+    state["params"], state["opt"], m, state["ok"] = compiled(state["params"], state["opt"], data, key, state["ok"])
+    jax.block_until_ready((state["params"], m["loss"]))
 
   times, cpu = _time(one, repeats)
   rss = peak_rss_bytes()  # before the FLOP cross-check below traces a second program
   seconds = statistics.median(times)
   flops = pretrain_step_flops(cfg, batch)
 
-  def lower():
-    step, p, o, _, _ = make_train_step(cfg, abstract=True)
-    return step.lower(p, o, signal, lead_ids, jax.random.key(0))
+  def lower():  # a fresh trace of the same step, so that the unrolled blocks are what is lowered
+    config = pretrain_config(variant, dtype, batch)
+    fresh = steps_lib.pretrain_step(config, step.batch_sharding.mesh, cfg)
+    return fresh.jitted.lower(*steps_lib.abstract_args(fresh, batch))
 
   return {"workload": "pretrain", "variant": variant, "dtype": dtype, "batch": batch,
           "compile_seconds": compile_s, "step_seconds": seconds, "times": [round(t, 4) for t in times],
@@ -207,23 +184,19 @@ def bench_pretrain(variant: str, dtype: str, batch: int, repeats: int,
 def bench_embed(variant: str, dtype: str, batch: int, repeats: int,
                 matmul: dict[str, Any] | None = None) -> dict[str, Any]:
   cfg = model_config(variant, dtype=dtype)
-  encoder = Encoder(cfg, rngs=nnx.Rngs(0))
-  graphdef, params = nnx.split(encoder)
-
-  def pooled(params, signal, lead_ids):
-    return nnx.merge(graphdef, params).features(signal, lead_ids)["pooled"]
-
+  graphdef, params = steps_lib.encoder_graphdef_and_params(cfg)
+  pooled = steps_lib.embed_forward(graphdef)
   embed = jax.jit(pooled)
 
-  signal, lead_ids = (jnp.asarray(a) for a in _inputs(cfg, batch))
+  signal, lead_ids, lead_mask = (jnp.asarray(a) for a in _inputs(cfg, batch))
   start = time.perf_counter()
-  compiled = embed.lower(params, signal, lead_ids).compile()
+  compiled = embed.lower(params, signal, lead_ids, lead_mask).compile()
   compile_s = time.perf_counter() - start
-  times, cpu = _time(lambda: compiled(params, signal, lead_ids).block_until_ready(), repeats)
+  times, cpu = _time(lambda: compiled(params, signal, lead_ids, lead_mask).block_until_ready(), repeats)
   rss = peak_rss_bytes()
   seconds = statistics.median(times)
   flops = batch * embed_forward_flops(cfg)
-  flops_xla = unrolled_xla_flops(lambda: jax.jit(lambda *a: pooled(*a)).lower(params, signal, lead_ids))
+  flops_xla = unrolled_xla_flops(lambda: jax.jit(lambda *a: pooled(*a)).lower(params, signal, lead_ids, lead_mask))
   return {"workload": "embed", "variant": variant, "dtype": dtype, "batch": batch, "leads": LEADS,
           "compile_seconds": compile_s, "batch_seconds": seconds, "times": [round(t, 4) for t in times],
           "cpu_seconds": statistics.median(cpu),
@@ -257,20 +230,21 @@ def bf16_convergence(variant: str = "tiny", steps: int = TOTAL, batch: int = 8,
   out: dict[str, Any] = {"workload": "bf16_convergence", "variant": variant, "steps": steps, "batch": batch,
                          "peak_lr": LR, "warmup_steps": WARMUP, "schedule_steps": TOTAL}
   for dtype in ("float32", "bfloat16"):
-    cfg = cfg32.replace(dtype=dtype)
-    step, _, params, opt_state, graphdef, rest = compiled_train_step(cfg, batch)
+    step, _, prod, params, opt_state = production_step(variant, dtype, batch)
+    graphdef = prod.graphdef
+    ok = jax.device_put(jnp.asarray(True), prod.replicated)
     start = time.perf_counter()
     losses = []
     for i in range(steps):
-      params, opt_state, loss = step(params, opt_state, jnp.asarray(train[order[i]]), jnp.asarray(ids),
-                                     jax.random.key(i))
-      losses.append(loss)
+      data = _device_batch(prod, train[order[i]], ids, np.ones(ids.shape, bool))
+      params, opt_state, m, ok = step(params, opt_state, data, jax.device_put(jax.random.key(i), prod.replicated), ok)
+      losses.append(m["loss"])
     losses = [float(v) for v in losses]
 
     # Inputs as arguments, not closed-over constants: XLA would otherwise constant-fold the masking argsort.
     @jax.jit
     def evaluate(params, signal, lead_ids, noise):
-      return nnx.merge(graphdef, params, rest)(signal, lead_ids, noise=noise)["loss"]
+      return nnx.merge(graphdef, params)(signal, lead_ids, noise=noise)["loss"]
 
     held_out_loss = float(evaluate(params, jnp.asarray(held_out), eval_ids, eval_noise))
     out[dtype] = {"initial_train_loss": losses[0], "final_train_loss": float(np.mean(losses[-10:])),

@@ -7,6 +7,8 @@ r"""ST-MEM pretraining. Presets: tiny, demo, small, base, large.
       --config.data.source=prepared --config.data.data_dir=~/tensorflow_datasets --config.data.name=cinc \
       --config.mesh=data:2,fsdp:4
   # any field can be overridden: --config.optim.base_lr=3e-4 --config.total_steps=1000 --config.model.dtype=bfloat16
+  # will it fit? compile ahead of time for a TPU slice or a budget (see `stmem plan --help`):
+  stmem plan --config configs/pretrain.py:base --topology v5e:4x4
 
 Running the same command again resumes from the latest checkpoint in the workdir (also after SIGTERM).
 What to expect: `tiny` and `demo` runs are too short to learn much. The loss falls from ~2.4 at initialisation to
@@ -27,6 +29,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.model.variant = {"demo": "tiny"}.get(preset, preset)  # tiny, small, base or large (stmem/models/config.py)
   c.model.dtype = "float32"        # "bfloat16": bf16 computation, float32 parameters and optimiser state
   c.model.mask_ratio = 0.75        # fraction of patches masked (the reference: 0.75)
+  c.model.remat = "none"           # recompute blocks in the backward pass: "none", "dots" (keep matmul outputs), "block"
+  c.model.attention = "xla"        # "xla", or "cudnn" (cuDNN fused attention: NVIDIA GPUs, bfloat16)
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "synthetic"      # "synthetic" (built-in simulator) or "prepared" (a `stmem prepare` output)
@@ -49,12 +53,14 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.optim.weight_decay = 0.01      # AdamW decoupled weight decay
   c.optim.decay_mask = False       # True: no decay on biases, norms and embeddings (the reference decays all)
   c.optim.clip_norm = 0.0          # 0: no clipping
-  c.optim.accum_steps = 1          # gradient accumulation: batch_size is split into this many micro-batches
+  c.optim.accum_steps = 1          # gradient accumulation: batch_size is split into this many micro-batches;
+                                   # 0: the smallest count that fits memory_budget_gb (stmem.plan.fit)
   c.optim.frozen = (r".*pos_embedding",)  # fixed sin-cos tables are not trained during pretraining
 
   c.mesh = "data:-1,fsdp:1"        # axis:size pairs; -1 takes the remaining devices
   c.num_devices = 0                # 0: every device; k: the first k (single-process runs only)
   c.fsdp_min_size = 2 ** 14        # arrays smaller than this are replicated
+  c.memory_budget_gb = 0.0         # GiB one device may use; 0: the chip's memory (none on CPU: no check there)
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 1000        # save every N steps (and at the end, and on SIGTERM)
@@ -64,6 +70,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.log_every = 50                 # metrics (metrics.jsonl, TensorBoard, console) every N steps
   c.figure_every = 0               # reconstruction figure every N steps (0: only at the end)
   c.log_batches = False            # write the record ids of every step's batch to batches.<process>.jsonl
+  c.transfer_guard = "allow"       # device-to-host reads between log/checkpoint steps: "allow", "log" or "disallow"
+                                   # (the loop makes none; "disallow" turns one into an error, as the tests run)
 
   if preset == "tiny":
     c.batch_size, c.total_steps, c.warmup_steps = 16, 200, 20

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
   "embed": ("stmem.train.embed", "export pooled / per-lead / per-patch embeddings"),
   "convert": ("stmem.train.convert", "import reference ST-MEM weights (.pth / .npz) into a stmem checkpoint"),
   "export": ("stmem.train.export", "export an encoder to safetensors with a model card"),
+  "plan": ("stmem.train.plan", "compile a pretraining config ahead of time (TPU topology or local): memory, FLOPs, fit"),
   "bench": ("benchmarks.suite", "speed and memory benchmarks, printed as JSON"),
   "forward-check": ("stmem.train.forward_check", "one forward/backward pass of a model variant on generated input"),
 }
@@ -94,9 +95,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> None:
-  """The console script: first the process-level allocator setting (`stmem.hugepages`), then the command."""
+  """The console script. The CPU allocator setting (`stmem.hugepages`) is opt-in: STMEM_HUGEPAGES=1."""
   from stmem import hugepages
-  hugepages.reexec_if_wanted()
+  hugepages.reexec_if_wanted()  # returns at once unless STMEM_HUGEPAGES=1
   sys.exit(main())
 
 

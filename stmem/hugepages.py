@@ -6,9 +6,10 @@ pages, and the kernel's page-fault and page-zeroing work took about 14 % of the 
 `glibc.malloc.hugetlb=1` (glibc >= 2.35) makes malloc ask for transparent huge pages: 18 times fewer faults, and a
 base float32 step on the 2-core x86 CPU went from 3.8-4.1 s to 3.3-3.4 s (benchmarks/README.md).
 
-A tunable is read once, when the process starts, so the `stmem` command re-executes itself with it set before it
-imports anything heavy. Set STMEM_HUGEPAGES=0 to keep the process as it was started. From your own Python program,
-start it with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` in the environment for the same effect.
+Opt-in, because it is a CPU allocator choice and the library stays backend-neutral: with STMEM_HUGEPAGES=1 the
+`stmem` command re-executes itself with the tunable set (a tunable is read once, when the process starts) before it
+imports anything heavy; without it the process is left as it was started. The same effect without re-executing:
+start the process with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` in its environment (what a launch script does).
 """
 from __future__ import annotations
 
@@ -38,9 +39,9 @@ def _thp_mode() -> str:
 
 
 def wanted(environ: dict[str, str] | None = None) -> bool:
-  """Whether re-executing with the tunable would change anything here."""
+  """Whether the user asked for it (STMEM_HUGEPAGES=1) and re-executing with the tunable would change anything."""
   env = os.environ if environ is None else environ
-  return (sys.platform.startswith("linux") and env.get("STMEM_HUGEPAGES", "1") != "0"
+  return (sys.platform.startswith("linux") and env.get("STMEM_HUGEPAGES", "0") == "1"
           and TUNABLE not in env.get("GLIBC_TUNABLES", "") and _glibc_version() >= (2, 35)
           and _thp_mode() == "madvise")  # 'always' already gives huge pages; 'never' cannot
 

@@ -1,7 +1,7 @@
 """Meshes and shardings from config.
 
 `config.mesh` lists (axis name, size) pairs, one size may be -1 (all remaining devices), e.g.
-`[("data", -1), ("fsdp", 1)]`. Parameters and optimiser state are sharded FSDP-style: each array above
+`[("data", -1), ("fsdp", 1)]`: data-parallel by default, FSDP when the fsdp axis is above 1. Parameters and optimiser state are sharded FSDP-style: each array above
 `min_size` elements is split along its largest dimension that the fsdp axis size divides; smaller arrays are
 replicated. The batch is split over every mesh axis (data and fsdp together).
 """
@@ -31,8 +31,10 @@ def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | N
     raise UsageError(f"mesh {list(axes)} needs {math.prod(sizes)} devices, {len(devices)} are available (config "
                      f"`mesh`); on a CPU, XLA_FLAGS=--xla_force_host_platform_device_count={math.prod(sizes)} "
                      "gives that many fake devices")
-  # Auto axes: the model is written sharding-neutral and XLA propagates from the inputs' shardings.
-  return Mesh(np.asarray(devices).reshape(sizes), names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+  # jax.make_mesh orders the devices by their physical topology (rings and tori on TPU, NVLink islands on GPU), which
+  # a plain reshape of jax.devices() does not. Auto axes: the model is written sharding-neutral and XLA propagates
+  # from the inputs' shardings (make_mesh's default in jax 0.10 is Explicit axes).
+  return jax.make_mesh(tuple(sizes), names, axis_types=(jax.sharding.AxisType.Auto,) * len(names), devices=devices)
 
 
 def fsdp_spec(shape: Sequence[int], axis_size: int, fsdp_axis: str = "fsdp", min_size: int = 2 ** 14) -> P:

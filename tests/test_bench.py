@@ -1,10 +1,14 @@
-"""`stmem bench --quick` runs end to end and its JSON has every field, with sane values. Not a timing test."""
+"""`stmem bench --quick` runs end to end and its JSON has every field, with sane values; the step it times is the
+production one; MFU from the analytic FLOP count, by hand. Not a timing test."""
 import json
 import math
 
 import pytest
 
-from benchmarks import suite
+from benchmarks import model_bench, suite
+from stmem import steps
+from stmem.models import model_config
+from stmem.train import metrics
 
 
 def _fraction(v) -> bool:
@@ -66,3 +70,49 @@ def test_input_pipeline_and_probe(report):
   assert "skipped" in pipe or pipe["best_samples_per_s"] > 0
   probe = report["probe"]
   assert "skipped" in probe or (probe["fit_seconds"] > 0 and probe["first_fit_seconds"] > 0)
+
+
+def test_pretrain_row_times_the_production_step(monkeypatch):
+  """The benchmark compiles stmem.steps.pretrain_step, the step `stmem pretrain` runs (lead masks, mesh shardings,
+  donation): this fails if it builds a step of its own."""
+  built = []
+  real = steps.make_train_step
+
+  def recording(graphdef, tx, accum_steps):
+    built.append(accum_steps)
+    return real(graphdef, tx, accum_steps)
+
+  monkeypatch.setattr(steps, "make_train_step", recording)
+  monkeypatch.setattr(model_bench, "_COMPILED", {})  # no step compiled earlier in this process
+  row = model_bench.bench_pretrain("tiny", "float32", 8, 1)
+  assert built and built[0] == 1  # the timed step, then the unrolled one lowered for XLA's FLOP count
+  compiled = model_bench._COMPILED[("tiny", "float32", 8)][0]
+  # The compiled program takes the lead mask and the mesh's shardings, and donates parameters and optimiser state.
+  batch_arg = compiled.input_shardings[0][2]
+  assert set(batch_arg) == {"signal", "lead_ids", "lead_mask"}
+  assert row["memory"]["alias_bytes"] > 0.5 * row["memory"]["argument_bytes"]
+
+
+def test_mfu_by_hand():
+  # tiny: D 128, 2 blocks, MLP 4D, decoder 128 wide with 1 block; 12 leads of 30 patches of 75 samples, 7 kept.
+  # Encoder tokens T = 12 (7 + 2) = 108; per token a block costs 24 D^2 + 4 T D; the decoder's sequences are 32 long.
+  d, t = 128, 108
+  forward = (12 * 30 * 2 * 75 * d                          # patch embedding
+             + t * 2 * (24 * d * d + 4 * t * d)            # encoder, 2 blocks
+             + t * 2 * d * d                               # encoder -> decoder
+             + 12 * 32 * 1 * (24 * d * d + 4 * 32 * d)     # decoder, 1 block
+             + 12 * 32 * 2 * d * 75)                       # reconstruction head
+  assert forward == 271_988_736
+  step = 3 * 16 * forward
+  assert metrics.pretrain_step_flops(model_config("tiny"), 16) == step
+  # 0.1 s a step on 4 v5e chips (197 TFLOP/s bf16 each): 13.06 GFLOP / 0.1 s / 788 TFLOP/s.
+  chips = [type("Device", (), {"device_kind": "TPU v5 lite"})()] * 4
+  assert metrics.device_peak_flops("bfloat16", chips) == 4 * 197e12
+  assert math.isclose(metrics.mfu(step, 0.1, 4 * 197e12), 13_055_459_328 / 0.1 / 788e12)
+  # The peak table: v5p reports itself as "TPU v5", v5e as "TPU v5 lite"; f32 on an H100 is its f32 peak.
+  assert metrics.peak_flops("TPU v5", "bfloat16") == 459e12 and metrics.peak_flops("TPU v5 lite", "float32") == 197e12
+  assert metrics.peak_flops("NVIDIA H100 80GB HBM3", "float32") == 67e12
+  for kind in ("NVIDIA H100 80GB HBM3", "NVIDIA H200", "NVIDIA B200", "NVIDIA A100-SXM4-80GB", "TPU v4", "TPU v5 lite",
+               "TPU v5", "TPU v6 lite"):
+    assert metrics.peak_flops(kind, "bfloat16") and metrics.peak_flops(kind, "float32"), kind
+  assert metrics.peak_flops("cpu", "float32") is None

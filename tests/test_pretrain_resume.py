@@ -132,3 +132,55 @@ def test_command_line_overrides_work_in_process(tmp_path, capsys):
                    "--config.mesh=data:-1,fsdp:1", "--config.num_devices=1"]) == 0
   assert json.loads(capsys.readouterr().out)["step"] == 2
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+
+
+def test_steps_between_log_steps_never_read_from_the_devices(tmp_path, monkeypatch):
+  """The loop only dispatches between log/checkpoint steps. It runs those steps under jax's device-to-host transfer
+  guard (config.transfer_guard), which on GPU and TPU turns a read into an error; on CPU, where arrays already live
+  in host memory, the guard never fires, so here the guard's scope is instrumented: reading an array's value
+  (float, bool, int, item, tolist, __array__, _value, jax.device_get) inside it fails."""
+  import contextlib
+  from jax._src.array import ArrayImpl
+  guarded = {"depth": 0, "entered": 0}
+  real_guard = jax.transfer_guard_device_to_host
+
+  @contextlib.contextmanager
+  def guard(level):
+    with real_guard(level):
+      guarded["depth"] += 1
+      guarded["entered"] += 1
+      try:
+        yield
+      finally:
+        guarded["depth"] -= 1
+
+  def refusing(real):
+    def read(*args, **kwargs):
+      if guarded["depth"]:
+        raise RuntimeError("device-to-host read disallowed between log steps")
+      return real(*args, **kwargs)
+    return read
+
+  for name in ("__array__", "__float__", "__bool__", "__int__", "__index__", "item", "tolist"):
+    monkeypatch.setattr(ArrayImpl, name, refusing(getattr(ArrayImpl, name)))
+  monkeypatch.setattr(ArrayImpl, "_value", property(refusing(ArrayImpl._value.fget)))
+  monkeypatch.setattr(jax, "device_get", refusing(jax.device_get))
+  monkeypatch.setattr(jax, "transfer_guard_device_to_host", guard)
+  config = _config(total_steps=6, log_every=3, **{"checkpoint.every": 1000, "transfer_guard": "disallow",
+                                                  "log_batches": False})
+  summary = pretrain.train(config, tmp_path / "clean")
+  assert summary["step"] == 6 and summary["loss"] > 0
+  assert guarded["entered"] == 4  # steps 1, 2, 4 and 5; 3 and 6 log
+
+  # A sync put back into every step (here: a value read back from the devices, as a per-step loss print would) is
+  # caught.
+  real = pretrain.data_lib.to_global
+
+  def syncing(batch, sharding):
+    out = real(batch, sharding)
+    float(out["signal"].sum())
+    return out
+
+  monkeypatch.setattr(pretrain.data_lib, "to_global", syncing)
+  with pytest.raises(RuntimeError, match="disallowed between log steps"):
+    pretrain.train(config, tmp_path / "syncing")

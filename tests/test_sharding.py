@@ -8,7 +8,7 @@ from flax import nnx
 from stmem import sharding
 from stmem.models import StMem, model_config
 from stmem.train import optim
-from stmem.train.pretrain import make_train_step, parse_mesh
+from stmem.steps import make_train_step, parse_mesh
 
 
 def _run(mesh, accum_steps=1, steps=2):
@@ -115,8 +115,9 @@ def test_gradient_accumulation_equals_the_whole_batch():
   key = jax.random.key(3)
   ok = jnp.asarray(True)
   p_split, _, m_split, _ = split(params, (), batch, key, ok)
-  # micro-batch i is masked with fold_in(key, i): reproduce both halves as whole batches
-  halves = [whole(params, (), jax.tree.map(lambda x: x[i * 2:(i + 1) * 2], batch), jax.random.fold_in(key, i), ok)
+  # micro-batch i is rows i, i + 2 (each device holds its share of every micro-batch), masked with fold_in(key, i):
+  # reproduce both as whole batches
+  halves = [whole(params, (), jax.tree.map(lambda x: x[i::2], batch), jax.random.fold_in(key, i), ok)
             for i in range(2)]
   np.testing.assert_allclose(float(m_split["loss"]), np.mean([float(h[2]["loss"]) for h in halves]), atol=1e-5)
   g_split = jax.tree.map(jnp.subtract, p_split, params)
@@ -130,3 +131,12 @@ def test_mesh_spec_errors():
     sharding.make_mesh([("data", 2), ("fsdp", 3)])
   with pytest.raises(ValueError, match="at most one axis"):
     sharding.make_mesh([("data", -1), ("fsdp", -1)])
+
+
+def test_mesh_axes_are_auto_and_split_the_batch_over_every_axis():
+  # Auto axes: the model code is sharding-neutral and XLA propagates from the inputs (jax.make_mesh's own default in
+  # jax 0.10 is Explicit, under which the model's broadcast + concatenate fails).
+  mesh = sharding.make_mesh(parse_mesh("data:2,fsdp:4"))
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 4}
+  assert mesh.axis_types == (jax.sharding.AxisType.Auto,) * 2
+  assert sharding.batch_sharding(mesh).spec == jax.sharding.PartitionSpec(("data", "fsdp"))

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 
+REMAT = ("none", "dots", "block")
+ATTENTION = ("xla", "cudnn")
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -19,8 +22,14 @@ class ModelConfig:
   mask_ratio: float = 0.75
   norm_pix_loss: bool = True
   dtype: str = "float32"        # computation dtype ("bfloat16" for mixed precision); parameters stay float32
+  remat: str = "none"           # recompute blocks in the backward pass: "none", "dots" or "block" (layers.REMAT_POLICIES)
+  attention: str = "xla"        # "xla" (any platform) or "cudnn" (cuDNN fused attention, NVIDIA GPUs, bf16 only)
 
   def __post_init__(self):
+    if self.remat not in REMAT:
+      raise ValueError(f"remat must be one of {REMAT}, not {self.remat!r}")
+    if self.attention not in ATTENTION:
+      raise ValueError(f"attention must be one of {ATTENTION}, not {self.attention!r}")
     for name, (w, h) in {"encoder": (self.width, self.num_heads),
                          "decoder": (self.decoder_width, self.decoder_heads)}.items():
       if w % h:

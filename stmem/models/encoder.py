@@ -29,7 +29,8 @@ class Encoder(nnx.Module):
     self.sep_embedding = nnx.Param(layers.embedding_init(rngs.params(), (d,)))
     self.lead_embedding = nnx.Param(layers.embedding_init(rngs.params(), (cfg.num_lead_ids, d)))
     # All blocks as one Block with stacked parameters (block i is row i of each): see layers.stacked.
-    self.blocks = layers.stacked(cfg.depth, lambda r: layers.Block(d, cfg.num_heads, cfg.mlp_ratio, dtype, r), rngs)
+    self.blocks = layers.stacked(
+      cfg.depth, lambda r: layers.Block(d, cfg.num_heads, cfg.mlp_ratio, dtype, r, cfg.attention), rngs)
     self.norm = layers.LayerNorm(d)
 
   # -- pieces, used by the pretraining model between which it applies masking ------------------------------------
@@ -71,7 +72,8 @@ class Encoder(nnx.Module):
     key_mask = None if lead_mask is None else jnp.repeat(lead_mask.astype(bool), s, axis=1)
     n = self.cfg.depth
     wanted = [i for i in range(n) if i in capture or i - n in capture]
-    h, every = layers.run_stack(self.blocks, h, key_mask, keep_all=bool(wanted), branch_scale=branch_scale)
+    h, every = layers.run_stack(self.blocks, h, key_mask, keep_all=bool(wanted), branch_scale=branch_scale,
+                                remat=self.cfg.remat)
     captured = {i: every[i].reshape(b, l, s, d) for i in wanted}
     return h.reshape(b, l, s, d), captured
 

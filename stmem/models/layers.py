@@ -50,9 +50,12 @@ def _transposed(x: jax.Array) -> jax.Array:
   layout at full speed, so there the transpose stays free.
   """
   m, k = x.shape
-  if k % _TILE or jax.default_backend() != "cpu":
+  if k % _TILE:
     return x.T
-  return x.reshape(m, k // _TILE, _TILE).transpose(1, 2, 0).reshape(k, m)
+  # Chosen by the platform the program is lowered for, not by the process's default backend: a TPU program compiled
+  # ahead of time on a CPU host (`stmem plan`) must not carry the CPU's choice.
+  return jax.lax.platform_dependent(
+    x, cpu=lambda x: x.reshape(m, k // _TILE, _TILE).transpose(1, 2, 0).reshape(k, m), default=lambda x: x.T)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -168,28 +171,44 @@ def _softmax_bwd(y, g):
 softmax.defvjp(_softmax_fwd, _softmax_bwd)
 
 
-def attention(qkv: jax.Array, num_heads: int, key_mask: jax.Array | None) -> jax.Array:
+def attention(qkv: jax.Array, num_heads: int, key_mask: jax.Array | None, compute_dtype=jnp.float32,
+              implementation: str = "xla") -> jax.Array:
   """Softmax attention from the fused projection qkv (B, S, 3D) -> (B, S, D), float32.
 
-  Heads are moved in front of the tokens once, so both products are plain batched matrix products with the
-  contracted axis last (`jax.nn.dot_product_attention` contracts over axes in the middle and spent about a third
-  more time here: 12-lead base embedding, 384 tokens, 64 against 50 ms a block on the 2-core CPU).
+  q, k, v and both products run in `compute_dtype` with float32 accumulation; the softmax and its statistics stay
+  float32 (with float32 compute this is plain float32 attention). key_mask (B, S): absent leads' tokens are never
+  attended to, on both implementations.
+
+  "xla": heads are moved in front of the tokens once, so both products are plain batched matrix products with the
+  contracted axis last (`jax.nn.dot_product_attention`'s XLA path contracts over axes in the middle and spent about
+  a third more time here: 12-lead base embedding, 384 tokens, 64 against 50 ms a block on the 2-core CPU).
+  "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN's fused (flash) attention, which lowers
+  only for NVIDIA GPUs and only in bfloat16 or float16 (stmem.steps refuses it elsewhere, before tracing).
   """
   b, s, three_d = qkv.shape
   d = three_d // 3
-  q, k, v = qkv.reshape(b, s, 3, num_heads, d // num_heads).transpose(2, 0, 3, 1, 4)   # each (B, H, S, hd)
-  scores = jnp.einsum("bhqc,bhkc->bhqk", q * (d // num_heads) ** -0.5, k)
+  hd = d // num_heads
+  dtype = jnp.dtype(compute_dtype)
+  if implementation == "cudnn":
+    q, k, v = (t.astype(dtype) for t in qkv.reshape(b, s, 3, num_heads, hd).transpose(2, 0, 1, 3, 4))  # (B, S, H, hd)
+    mask = None if key_mask is None else key_mask.astype(bool)[:, None, None, :]
+    y = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+    return y.astype(jnp.float32).reshape(b, s, d)
+  q, k, v = qkv.reshape(b, s, 3, num_heads, hd).transpose(2, 0, 3, 1, 4)   # each (B, H, S, hd)
+  scores = jnp.einsum("bhqc,bhkc->bhqk", (q * hd ** -0.5).astype(dtype), k.astype(dtype),
+                      preferred_element_type=jnp.float32)
   if key_mask is not None:  # key_mask (B, S): absent leads' tokens are never attended to
     scores = scores + jnp.where(key_mask, 0.0, _MASKED)[:, None, None, :]
-  y = jnp.einsum("bhqk,bhkc->bhqc", softmax(scores), v)
+  y = jnp.einsum("bhqk,bhkc->bhqc", softmax(scores).astype(dtype), v.astype(dtype), preferred_element_type=jnp.float32)
   return y.transpose(0, 2, 1, 3).reshape(b, s, d)
 
 
 class Attention(nnx.Module):
   """Multi-head self-attention with a fused q/k/v projection (q, k, v blocks, each head-major) and an output projection."""
 
-  def __init__(self, width: int, num_heads: int, dtype, rngs: nnx.Rngs):
+  def __init__(self, width: int, num_heads: int, dtype, rngs: nnx.Rngs, implementation: str = "xla"):
     self.num_heads = num_heads
+    self.implementation = implementation
     self.qkv = Linear(width, 3 * width, dtype, rngs)
     self.out = Linear(width, width, dtype, rngs)
 
@@ -201,7 +220,7 @@ class Attention(nnx.Module):
     bias = jnp.concatenate([bias[:d], jax.lax.stop_gradient(bias[d:2 * d]), bias[2 * d:]])
     qkv = matmul(x, self.qkv.kernel[...], self.qkv.compute_dtype) + bias
     # A padded row equals its unpadded self: absent tokens are masked as keys (see `attention`).
-    return self.out(attention(qkv, self.num_heads, key_mask))
+    return self.out(attention(qkv, self.num_heads, key_mask, self.qkv.compute_dtype, self.implementation))
 
 
 @jax.custom_vjp
@@ -244,9 +263,9 @@ class Block(nnx.Module):
   for a dropped branch and 1 / (1 - rate) for a kept one); None is 1.
   """
 
-  def __init__(self, width: int, num_heads: int, mlp_ratio: int, dtype, rngs: nnx.Rngs):
+  def __init__(self, width: int, num_heads: int, mlp_ratio: int, dtype, rngs: nnx.Rngs, attention: str = "xla"):
     self.attn_norm = LayerNorm(width)
-    self.attn = Attention(width, num_heads, dtype, rngs)
+    self.attn = Attention(width, num_heads, dtype, rngs, attention)
     self.mlp_norm = LayerNorm(width)
     self.mlp = Mlp(width, mlp_ratio * width, dtype, rngs)
 
@@ -285,12 +304,24 @@ def stacked(depth: int, make: Callable[[nnx.Rngs], Block], rngs: nnx.Rngs) -> Bl
 SCAN_BLOCKS = True
 
 
+# Rematerialisation of each block in the backward pass (`ModelConfig.remat`): what a block keeps from its forward pass.
+#   none:  everything its backward pass reads (fastest; activation memory grows with depth x batch);
+#   dots:  the outputs of its matrix products without batch dimensions (the Linear layers), recomputing the
+#          elementwise work, norms and attention;
+#   block: only its input: the whole block runs again in the backward pass (about a third more FLOPs per step).
+REMAT_POLICIES = {
+  "none": None,
+  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "block": jax.checkpoint_policies.nothing_saveable,
+}
+
+
 def run_stack(blocks: Block, h: jax.Array, key_mask: jax.Array | None = None, *, keep_all: bool = False,
-              branch_scale: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+              branch_scale: jax.Array | None = None, remat: str = "none") -> tuple[jax.Array, jax.Array | None]:
   """Apply stacked blocks (`stacked`) in order to h (B, S, D).
 
   Returns the last block's output and, with keep_all, every block's output stacked on a leading axis.
-  branch_scale (depth, B, 2), optional: each block's `Block` branch multipliers.
+  branch_scale (depth, B, 2), optional: each block's `Block` branch multipliers. remat: see REMAT_POLICIES.
 
   Why a scan and not an unrolled loop: unrolled, XLA on CPU does not materialise the residual stream. It fuses the
   elementwise chain h_i = h_0 + (every branch output before block i) into each consumer, and in the backward pass
@@ -303,6 +334,9 @@ def run_stack(blocks: Block, h: jax.Array, key_mask: jax.Array | None = None, *,
 
   def apply(h, row, scale):
     return nnx.merge(graphdef, row)(h, key_mask, scale)
+
+  if remat != "none":
+    apply = jax.checkpoint(apply, policy=REMAT_POLICIES[remat])
 
   if not SCAN_BLOCKS:
     depth = int(blocks.attn_norm.scale.shape[0])

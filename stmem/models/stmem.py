@@ -30,7 +30,7 @@ class StMem(nnx.Module):
     self.mask_token = nnx.Param(layers.embedding_init(rngs.params(), (dd,)))
     self.decoder_pos_embedding = nnx.Param(jnp.asarray(layers.sincos_table(cfg.num_patches, dd)))
     self.decoder_blocks = layers.stacked(
-      cfg.decoder_depth, lambda r: layers.Block(dd, cfg.decoder_heads, cfg.mlp_ratio, dtype, r), rngs)
+      cfg.decoder_depth, lambda r: layers.Block(dd, cfg.decoder_heads, cfg.mlp_ratio, dtype, r, cfg.attention), rngs)
     self.decoder_norm = layers.LayerNorm(dd, eps=1e-6)  # the only eps-1e-6 norm, as the reference
     self.decoder_head = layers.Linear(dd, cfg.patch_size, dtype, rngs)
 
@@ -64,7 +64,7 @@ class StMem(nnx.Module):
     pos = self.decoder_pos_embedding[...]
     seq = jnp.concatenate([y[:, :, :1] + pos[0], unshuffled + pos[1:n + 1], y[:, :, -1:] + pos[-1]], axis=2)
     seq = seq.reshape(b * l, n + 2, dd)
-    seq, _ = layers.run_stack(self.decoder_blocks, seq)
+    seq, _ = layers.run_stack(self.decoder_blocks, seq, remat=cfg.remat)
     pred = self.decoder_head(self.decoder_norm(seq)).reshape(b, l, n + 2, -1)[:, :, 1:-1]
 
     target = patch_targets(enc.patchify(signal), cfg.norm_pix_loss)

@@ -1,5 +1,6 @@
 """Metrics out of a training loop: JSON lines and TensorBoard event files (tensorboardX, no TensorFlow), written by
-process 0 only, plus a one-line console progress report. Also the MFU estimate's device peaks."""
+process 0 only, plus a one-line console progress report. Also MFU: the devices' peak FLOP/s and the analytic FLOP
+count of a step."""
 from __future__ import annotations
 
 import json
@@ -10,21 +11,73 @@ import time
 
 import jax
 
-# Dense peak FLOP/s per device by `device_kind`, (float32, bfloat16). Unknown devices (CPUs) get no MFU.
+# Dense peak FLOP/s per chip by `device_kind` prefix, (float32, bfloat16), from the vendors' data sheets (dense, no
+# sparsity; SXM parts for NVIDIA). TPUs multiply float32 on the MXU in bf16 passes, so their f32 figure is the bf16
+# peak (what XLA's default precision gets). The longest matching prefix wins ("TPU v5 lite" before "TPU v5").
+# Unknown devices (CPUs) get no MFU.
 PEAK_FLOPS = {
-  "NVIDIA H100 80GB HBM3": (67e12, 989e12), "NVIDIA H100": (67e12, 989e12), "NVIDIA H200": (67e12, 989e12),
-  "NVIDIA A100-SXM4-80GB": (19.5e12, 312e12), "NVIDIA A100-SXM4-40GB": (19.5e12, 312e12),
-  "TPU v4": (275e12, 275e12), "TPU v5 lite": (197e12, 197e12), "TPU v5e": (197e12, 197e12),
-  "TPU v5p": (459e12, 459e12), "TPU v6 lite": (918e12, 918e12),
+  "NVIDIA H100": (67e12, 989e12), "NVIDIA H200": (67e12, 989e12), "NVIDIA B200": (80e12, 2250e12),
+  "NVIDIA A100": (19.5e12, 312e12),
+  "TPU v4": (275e12, 275e12),
+  "TPU v5 lite": (197e12, 197e12), "TPU v5e": (197e12, 197e12),    # v5e reports itself as "TPU v5 lite"
+  "TPU v5p": (459e12, 459e12), "TPU v5": (459e12, 459e12),         # v5p reports itself as "TPU v5"
+  "TPU v6 lite": (918e12, 918e12), "TPU v6e": (918e12, 918e12),    # v6e (Trillium) reports "TPU v6 lite"
 }
 
 
-def device_peak_flops(dtype: str) -> float | None:
-  kind = jax.devices()[0].device_kind
-  for name, (f32, bf16) in PEAK_FLOPS.items():
-    if kind.startswith(name):
-      return (bf16 if dtype == "bfloat16" else f32) * jax.device_count()
-  return None
+def peak_flops(device_kind: str, dtype: str) -> float | None:
+  """Dense peak FLOP/s of one chip of `device_kind` in the compute dtype, None when unknown."""
+  matches = [name for name in PEAK_FLOPS if device_kind.startswith(name)]
+  if not matches:
+    return None
+  f32, bf16 = PEAK_FLOPS[max(matches, key=len)]
+  return bf16 if dtype in ("bfloat16", "float16") else f32
+
+
+def device_peak_flops(dtype: str, devices=None) -> float | None:
+  """Peak FLOP/s of all `devices` together (default: every device of the run), None on unknown devices."""
+  devices = list(jax.devices() if devices is None else devices)
+  peak = peak_flops(devices[0].device_kind, dtype)
+  return None if peak is None else peak * len(devices)
+
+
+def mfu(flops_per_step: float, step_seconds: float, peak: float) -> float:
+  """Model FLOPs utilisation: analytic FLOPs per step / step time / the devices' summed peak FLOP/s."""
+  return flops_per_step / step_seconds / peak
+
+
+# -- analytic FLOP counts (matmuls only, 2 FLOPs per multiply-add: benchmarks/README.md) ------------------------------
+# Counted from the config, not from XLA: XLA's cost analysis counts a scanned block once (the transformer blocks run
+# as a scan), and asking it costs a second compile. Rematerialised recomputation is not counted (model FLOPs).
+
+def block_flops_per_token(width: int, mlp_ratio: int, seq_len: int) -> float:
+  """One pre-LN transformer block, per token: q/k/v 6D^2, output 2D^2, MLP 4rD^2, scores and weighted sum 4SD."""
+  return 2.0 * width * 3 * width + 2.0 * width * width + 2 * 2.0 * width * mlp_ratio * width + 4.0 * seq_len * width
+
+
+def pretrain_forward_flops(cfg, leads: int = 12) -> float:
+  """Forward FLOPs of one ECG in pretraining: patch embedding of every patch, the encoder over the kept tokens of
+  all leads as one sequence, the decoder over each lead's N + 2 tokens, and the reconstruction head."""
+  n, p, d, dd = cfg.num_patches, cfg.patch_size, cfg.width, cfg.decoder_width
+  enc_tokens = leads * (cfg.num_keep + 2)
+  dec_seq = n + 2
+  return (leads * n * 2.0 * p * d
+          + enc_tokens * cfg.depth * block_flops_per_token(d, cfg.mlp_ratio, enc_tokens)
+          + enc_tokens * 2.0 * d * dd
+          + leads * dec_seq * cfg.decoder_depth * block_flops_per_token(dd, cfg.mlp_ratio, dec_seq)
+          + leads * dec_seq * 2.0 * dd * p)
+
+
+def embed_forward_flops(cfg, leads: int = 12) -> float:
+  """Forward FLOPs of one unmasked ECG through the encoder: every patch token of every lead plus 2 SEPs per lead."""
+  tokens = leads * (cfg.num_patches + 2)
+  return (leads * cfg.num_patches * 2.0 * cfg.patch_size * cfg.width
+          + tokens * cfg.depth * block_flops_per_token(cfg.width, cfg.mlp_ratio, tokens))
+
+
+def pretrain_step_flops(cfg, batch: int, leads: int = 12) -> float:
+  """Forward + backward: the backward pass costs two forwards (gradients of activations and of weights)."""
+  return 3.0 * batch * pretrain_forward_flops(cfg, leads)
 
 
 def console_logger(name: str) -> logging.Logger:

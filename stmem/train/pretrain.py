@@ -1,11 +1,18 @@
 """ST-MEM pretraining: `stmem pretrain --config configs/pretrain.py:PRESET --workdir DIR`.
 
 Reads top to bottom: mesh, input pipeline, model and optimiser created sharded, checkpoint restore, the jitted and
-donated update step, the train loop (metrics, figures, checkpoints, preemption, NaN guard). Running the same command
-again resumes from the latest checkpoint in the workdir with exactly the next batch.
+donated update step (built by `stmem.steps`, compiled ahead and held against the device memory before the first
+step), the train loop (metrics, figures, checkpoints, preemption, NaN guard). Running the same command again resumes
+from the latest checkpoint in the workdir with exactly the next batch.
+
+Between log and checkpoint steps the loop only dispatches: no device-to-host transfer, no cross-process collective,
+so the host runs ahead of the devices. The NaN flag stays on the devices until a log or save step reads it, and a
+SIGTERM is agreed between processes at those steps (config.transfer_guard="disallow" makes any other transfer an
+error: the tests run so).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
 import signal
@@ -16,30 +23,28 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax import nnx
 
 from data_pipelines import leads as leads_lib
 from stmem import checkpoint as ckpt_lib
 from stmem import data as data_lib
+from stmem import plan as plan_lib
 from stmem import sharding as sharding_lib
+from stmem import steps as steps_lib
 from data_pipelines.contract import Contract
-from stmem.models import StMem, model_config
 from stmem.train import metrics as metrics_lib
-from stmem.train import optim
 
 
 class NonFiniteLoss(FloatingPointError):
   pass
 
 
-def parse_mesh(spec: str) -> list[tuple[str, int]]:
-  """'data:-1,fsdp:2' -> [('data', -1), ('fsdp', 2)]."""
-  axes = []
-  for part in spec.split(","):
-    name, _, size = part.strip().partition(":")
-    axes.append((name, int(size or -1)))
-  return axes
+class DoesNotFit(ValueError):
+  """The compiled step needs more memory per device than the device has (or config.memory_budget_gb allows)."""
+
+
+# Names kept for callers of this module: the step and the mesh parser live in the library (stmem.steps).
+make_train_step, parse_mesh = steps_lib.make_train_step, steps_lib.parse_mesh
 
 
 def build_source(config) -> tuple[data_lib.Source, Contract]:
@@ -58,37 +63,6 @@ def build_source(config) -> tuple[data_lib.Source, Contract]:
   return pool.source, pool.contract
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, accum_steps: int):
-  """The pure update step: (params, opt_state, batch, key, ok) -> (params, opt_state, metrics, ok)."""
-
-  def loss_fn(params, batch, key):
-    model = nnx.merge(graphdef, params)
-    return model(batch["signal"], batch["lead_ids"], batch["lead_mask"], key=key)["loss"]
-
-  grad_fn = jax.value_and_grad(loss_fn)
-
-  def step(params, opt_state, batch, key, ok):
-    if accum_steps == 1:
-      loss, grads = grad_fn(params, batch, key)
-    else:  # micro-batches in a scan: the gradient of the whole batch with a fraction of the activation memory
-      micro = jax.tree.map(lambda x: x.reshape(accum_steps, -1, *x.shape[1:]), batch)
-
-      def body(carry, xs):
-        i, mb = xs
-        loss, grads = grad_fn(params, mb, jax.random.fold_in(key, i))
-        return jax.tree.map(jnp.add, carry, (loss, grads)), None
-
-      zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-      (loss, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), micro))
-      loss, grads = jax.tree.map(lambda x: x / accum_steps, (loss, grads))
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
-    return params, opt_state, metrics, ok & jnp.isfinite(loss)
-
-  return step
-
-
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, stop_after: int | None = None) -> dict:
   """Pretrain; returns a summary dict. `stop_after` ends the loop early without a final save (tests use it to
   stand in for a crash)."""
@@ -99,13 +73,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, sto
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
   # ---------------------------------------------------------------------------------------------------- mesh
-  devices = jax.devices()[:config.num_devices] if config.get("num_devices") else None
+  devices = jax.devices()[:config.num_devices] if config.get("num_devices") else jax.devices()
   mesh = sharding_lib.make_mesh(parse_mesh(config.mesh), devices=devices)
-  batch_sharding = sharding_lib.batch_sharding(mesh)
   num_processes = jax.process_count()
-  if config.batch_size % (mesh.size * config.optim.accum_steps) or config.batch_size % num_processes:
-    raise ValueError(f"batch_size {config.batch_size} must be divisible by the {mesh.size} devices x "
-                     f"{config.optim.accum_steps} accumulation steps and by the {num_processes} processes")
 
   # -------------------------------------------------------------------------------------------- input pipeline
   source, contract = build_source(config)
@@ -118,30 +88,33 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, sto
                                   worker_count=config.data.worker_count)
 
   # ------------------------------------------------------------------------------------ model and optimiser
-  cfg = model_config(config.model.variant, dtype=config.model.dtype, mask_ratio=config.model.mask_ratio,
-                     patch_size=contract.patch_size, num_patches=contract.window // contract.patch_size)
-
-  def init_params(key):
-    return nnx.state(StMem(cfg, rngs=nnx.Rngs(key)), nnx.Param).to_pure_dict()
-
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: StMem(cfg, rngs=nnx.Rngs(0))))
-  abstract_params = jax.eval_shape(init_params, jax.random.key(config.seed))
-  lr = optim.scaled_lr(config.optim.base_lr, config.batch_size)
-  schedule = optim.warmup_cosine(lr, config.warmup_steps, config.total_steps)
-  tx = optim.adamw(abstract_params, schedule=schedule, b1=config.optim.b1, b2=config.optim.b2, eps=config.optim.eps,
-                   weight_decay=config.optim.weight_decay, decay_mask=config.optim.decay_mask,
-                   clip_norm=config.optim.clip_norm, frozen=tuple(config.optim.frozen))
-  param_shardings = sharding_lib.tree_shardings(abstract_params, mesh, min_size=config.fsdp_min_size)
-  abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  opt_shardings = sharding_lib.tree_shardings(abstract_opt, mesh, min_size=config.fsdp_min_size)
+  cfg = steps_lib.model_cfg(config, contract)
+  budget = plan_lib.device_memory(mesh.devices.flat, config.get("memory_budget_gb", 0.0))
+  accum_steps = int(config.optim.accum_steps)
+  if accum_steps == 0:  # derive: the smallest count that fits the budget (none known, e.g. on CPU: no accumulation)
+    accum_steps = _derive_accum(config, list(mesh.devices.flat), is_main) if budget else 1
+  if config.batch_size % (mesh.size * accum_steps) or config.batch_size % num_processes:
+    raise ValueError(f"batch_size {config.batch_size} must be divisible by the {mesh.size} devices x "
+                     f"{accum_steps} accumulation steps and by the {num_processes} processes")
+  step_lib = steps_lib.pretrain_step(config, mesh, cfg, accum_steps=accum_steps)
+  graphdef, tx, schedule = step_lib.graphdef, step_lib.tx, step_lib.schedule
+  abstract_params, abstract_opt = step_lib.abstract_params, step_lib.abstract_opt
+  param_shardings, opt_shardings = step_lib.param_shardings, step_lib.opt_shardings
+  batch_sharding, replicated = step_lib.batch_sharding, step_lib.replicated
+  # Compiled here, before anything is allocated, so that a step that cannot fit is refused with the fix instead of
+  # failing at its first run; the loop runs this executable (one compile in all).
+  step_fn = step_lib.jitted.lower(*steps_lib.abstract_args(step_lib, config.batch_size)).compile()
+  _check_fits(step_fn, budget, config.batch_size // mesh.size, accum_steps, cfg.remat)
   # Created directly in their shardings: no device ever holds the whole model unless the mesh says so.
-  params = jax.jit(init_params, out_shardings=param_shardings)(jax.random.key(config.seed))
+  params = jax.jit(step_lib.init_params, out_shardings=param_shardings)(jax.random.key(config.seed))
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
 
   # ------------------------------------------------------------------------------------------------ checkpoint
   checkpointer = ckpt_lib.Checkpointer(workdir / ckpt_lib.CHECKPOINT_DIR, every=config.checkpoint.every,
                                        keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
-  meta = ckpt_lib.make_meta(cfg, contract, config=json.loads(config.to_json_best_effort()), origin="stmem pretrain")
+  # The checkpoint describes the model, not how this run executed it (remat, attention kernel).
+  meta = ckpt_lib.make_meta(cfg.replace(remat="none", attention="xla"), contract,
+                            config=json.loads(config.to_json_best_effort()), origin="stmem pretrain")
   data_state = None
   # The newest checkpoint that reads back: a corrupt latest step is moved aside, said, and the one before it used.
   start_step, restored = checkpointer.restore_latest_readable(
@@ -155,13 +128,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, sto
   data_iter = make_iter(data_state)
 
   # ------------------------------------------------------------------------------------------------ update step
-  # Key, flag and metrics replicated: every process can read the scalars. The flag starts on the mesh, as every later
-  # step returns it: a flag off the mesh made the second step trace and compile again (twice the start-up time).
-  replicated = sharding_lib.replicated(mesh)
-  step_fn = jax.jit(make_train_step(graphdef, tx, config.optim.accum_steps),
-                    in_shardings=(param_shardings, opt_shardings, batch_sharding, replicated, replicated),
-                    out_shardings=(param_shardings, opt_shardings, replicated, replicated), donate_argnums=(0, 1))
-  base_key = jax.random.key(config.seed + 1)
+  base_key = jax.device_put(jax.random.key(config.seed + 1), replicated)
   ok = jax.device_put(jnp.asarray(True), replicated)
 
   # ------------------------------------------------------------------------------------------------ train loop
@@ -170,7 +137,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, sto
   previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.__setitem__("flag", True)) \
     if _main_thread() else None
   figure_batch = None
-  flops_per_step, peak = None, metrics_lib.device_peak_flops(config.model.dtype)
+  # MFU from the analytic FLOP count (XLA's cost analysis counts the scanned blocks once, and costs a compile).
+  flops_per_step = metrics_lib.pretrain_step_flops(cfg, config.batch_size, step_lib.leads)
+  peak = metrics_lib.device_peak_flops(cfg.dtype, mesh.devices.flat)
+  guard = config.get("transfer_guard", "allow")
   last_good, step, last_log = start_step, start_step, (time.perf_counter(), start_step)
   summary = {"workdir": str(workdir), "start_step": start_step}
   # Which records each step saw, per process: to check exact resumption of the data order.
@@ -190,19 +160,28 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, sto
                          meta={**meta, "step": step}, force=force):
       last_good = step
 
+  def sync_due(step: int) -> bool:
+    """Steps at which the loop reads from the devices: logs, figures, checkpoints, the end."""
+    return (step % config.log_every == 0 or step == config.total_steps or step % checkpointer.every == 0
+            or bool(config.figure_every and step % config.figure_every == 0)
+            or (stop_after is not None and step >= stop_after))
+
   try:
     while step < config.total_steps:
       batch = next(data_iter)
       if figure_batch is None:  # process 0's first example, on every process: the figure's forward pass is collective
         figure_batch = _from_process_zero({k: np.asarray(batch[k][:1]) for k in ("signal", "lead_ids", "lead_mask")})
-      if batch_log is not None:
-        batch_log.write(json.dumps({"step": step, "record_id": [_str(r) for r in batch["record_id"]]}) + "\n")
-      global_batch = data_lib.to_global({k: batch[k] for k in ("signal", "lead_ids", "lead_mask")}, batch_sharding)
-      if flops_per_step is None:
-        flops_per_step = _flops(step_fn, params, opt_state, global_batch, base_key, ok)
-      params, opt_state, step_metrics, ok = step_fn(params, opt_state, global_batch,
-                                                    jax.random.fold_in(base_key, step), ok)
-      step += 1
+      # Every other step only dispatches; under transfer_guard="disallow" a read from the devices there is an error.
+      with contextlib.nullcontext() if sync_due(step + 1) else jax.transfer_guard_device_to_host(guard):
+        if batch_log is not None:
+          batch_log.write(json.dumps({"step": step, "record_id": [_str(r) for r in batch["record_id"]]}) + "\n")
+        global_batch = data_lib.to_global({k: batch[k] for k in ("signal", "lead_ids", "lead_mask")}, batch_sharding)
+        params, opt_state, step_metrics, ok = step_fn(params, opt_state, global_batch,
+                                                      jax.random.fold_in(base_key, step), ok)
+        step += 1
+        save(step)  # returns at once unless a checkpoint is due
+        if not sync_due(step):
+          continue
       if step % config.log_every == 0 or step == config.total_steps:
         check_finite(step)
         now = time.perf_counter()
@@ -210,16 +189,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, sto
         last_log = (now, step)
         m = {k: float(v) for k, v in step_metrics.items()}
         m.update(lr=float(schedule(step - 1)), steps_per_s=steps_per_s, samples_per_s=steps_per_s * config.batch_size)
-        if flops_per_step and peak:
-          m["mfu"] = flops_per_step * steps_per_s / peak
+        if peak:
+          m["mfu"] = metrics_lib.mfu(flops_per_step, 1.0 / steps_per_s, peak)
         writer.write(step, m)
         writer.console(step, config.total_steps, m, force=step == config.total_steps)
         summary["loss"] = m["loss"]
       if config.figure_every and step % config.figure_every == 0:
         _reconstruction_figure(graphdef, params, figure_batch, cfg, contract,
                                workdir / f"reconstruction_{step:06d}.png", write=is_main)
-      save(step)
-      if _stop_requested(preempted["flag"]):
+      if _stop_requested(preempted["flag"]):  # agreed at sync steps only: a collective when several processes run
         save(step, force=True)
         checkpointer.wait()
         if is_main:
@@ -274,14 +252,37 @@ def _from_process_zero(tree):
   return jax.tree.map(lambda x, y: np.asarray(y).astype(x.dtype), tree, multihost_utils.broadcast_one_to_all(tree))
 
 
-def _flops(step_fn, *args) -> float | None:
-  """FLOPs of one update step from XLA's cost analysis (None where the backend gives none)."""
-  try:
-    cost = step_fn.lower(*args).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", 0.0)) or None
-  except Exception:  # cost analysis is a nicety; never let it stop training
-    return None
+def _derive_accum(config, devices, is_main: bool) -> int:
+  """accum_steps = 0: the smallest count that the planner finds fits the device memory (stmem.plan.fit)."""
+  chosen, tried = plan_lib.fit(config, devices, budget_gb=config.get("memory_budget_gb", 0.0))
+  if is_main:
+    print(f"accum_steps 0: {chosen.accum_steps} fits ({chosen.total_bytes / plan_lib.GiB:.2f} GiB of "
+          f"{chosen.budget_bytes / plan_lib.GiB:.2f} GiB per device; {len(tried)} compiles)", file=sys.stderr)
+  if chosen.fits is False:
+    raise DoesNotFit(f"no accum_steps fits {chosen.budget_bytes / plan_lib.GiB:.2f} GiB per device, even with "
+                     f"remat {chosen.remat}: use more devices, --config.mesh=data:-1,fsdp:N or a smaller batch_size")
+  if chosen.remat != steps_lib.model_cfg(config).remat:
+    raise DoesNotFit(f"accum_steps alone does not fit the budget: pass --config.model.remat={chosen.remat} "
+                     f"--config.optim.accum_steps={chosen.accum_steps}")
+  return chosen.accum_steps
+
+
+def _check_fits(compiled, budget: int | None, per_device: int, accum_steps: int, remat: str) -> None:
+  """Refuse a compiled step whose memory plan exceeds the device budget (None: no budget known, nothing to check)."""
+  if budget is None:
+    return
+  m = compiled.memory_analysis()
+  total = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+  if total <= budget:
+    return
+  fixed = total - m.temp_size_in_bytes
+  guess = next((a for a in range(accum_steps + 1, per_device + 1)
+                if per_device % a == 0 and m.temp_size_in_bytes * accum_steps / a <= budget - fixed), None)
+  fix = (f"--config.optim.accum_steps={guess}" if guess else
+         f"--config.model.remat={'block' if remat != 'block' else remat} with a larger accum_steps")
+  raise DoesNotFit(f"the pretraining step needs {total / plan_lib.GiB:.2f} GiB per device and the budget is "
+                   f"{budget / plan_lib.GiB:.2f} GiB (config.memory_budget_gb, or the chip's memory): try {fix}, or "
+                   f"--config.optim.accum_steps=0 to let the planner choose (`stmem plan` shows the options)")
 
 
 def _reconstruction_figure(graphdef, params, batch, cfg, contract, path, *, write: bool = True):
@@ -322,5 +323,8 @@ def main(argv: list[str]) -> int:
   except NonFiniteLoss as e:
     print(f"stmem pretrain: {e}", file=sys.stderr)
     return 3
+  except DoesNotFit as e:
+    print(f"stmem pretrain: {e}", file=sys.stderr)
+    return 2
   print(json.dumps(summary, indent=2))
   return 0

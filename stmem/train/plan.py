@@ -1,0 +1,98 @@
+r"""`stmem plan`: compile a pretraining config ahead of time and say whether it fits, before paying for a run.
+
+  stmem plan --config configs/pretrain.py:base --topology v5e:4x4                 # a TPU pod slice, from any host
+  stmem plan --config configs/pretrain.py:large --topology v4:2x2x1 --config.mesh=data:2,fsdp:2
+  stmem plan --config configs/pretrain.py:base --topology local --config.memory_budget_gb=74.5  # one 80 GB GPU
+  stmem plan --config configs/pretrain.py:tiny --topology v5e:2x2 --json plan.json --no-fit
+
+Prints one table line per compiled program (per device: argument, output, temporary and total bytes against the
+chip's memory or --config.memory_budget_gb; analytic FLOPs per step and XLA's per-device count; collective bytes;
+the verdict) and, when the step as configured does not fit, the smallest accum_steps and remat that does, with
+the flags to pass to `stmem pretrain`. TPU topologies need the TPU compiler: `pip install 'stmem[tpu]'`.
+Options besides --config: --topology (local or a TPU topology name; default local), --programs (pretrain,embed),
+--json FILE (every report), --no-fit (compile the config as it is; no search).
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from stmem import plan as plan_lib
+
+USAGE = ("usage: stmem plan --config FILE:PRESET [--config.KEY=VALUE ...] [--topology local|v5e:4x4|...] "
+         "[--programs pretrain,embed] [--json FILE] [--no-fit]")
+
+
+def _take(argv: list[str], name: str, default=None):
+  """Remove `--name=value` or `--name value` from argv; return the value."""
+  for i, arg in enumerate(argv):
+    if arg == f"--{name}" and i + 1 < len(argv):
+      value = argv[i + 1]
+      del argv[i:i + 2]
+      return value
+    if arg.startswith(f"--{name}="):
+      del argv[i]
+      return arg.split("=", 1)[1]
+  return default
+
+
+def main(argv: list[str]) -> int:
+  argv = list(argv)
+  if any(a in ("-h", "--help", "-help") for a in argv):
+    print(__doc__.strip() + "\n\n" + USAGE)
+    return 0
+  topology = _take(argv, "topology", "local")
+  programs = [p for p in _take(argv, "programs", "pretrain,embed").split(",") if p]
+  json_path = _take(argv, "json")
+  search = "--no-fit" not in argv
+  argv = [a for a in argv if a != "--no-fit"]
+  unknown = sorted(set(programs) - {"pretrain", "embed"})
+  if unknown:
+    print(f"stmem plan: unknown program(s) {unknown} in --programs; choose from pretrain, embed", file=sys.stderr)
+    return 2
+  from stmem.train import configflags
+  config, _ = configflags.parse(argv, "stmem plan", None, workdir_required=False)
+  budget_gb = float(config.get("memory_budget_gb", 0.0) or 0.0)
+  try:
+    devices = plan_lib.devices_for(topology)
+  except ValueError as e:
+    print(f"stmem plan: {e}", file=sys.stderr)
+    return 2
+
+  reports, chosen = [], None
+  log = lambda r: print(plan_lib.table([r]).splitlines()[1], file=sys.stderr, flush=True)  # noqa: E731
+  if "pretrain" in programs:
+    if search:
+      chosen, tried = plan_lib.fit(config, devices, topology=topology, budget_gb=budget_gb, log=log)
+      reports += tried
+    else:
+      chosen = plan_lib.pretrain_report(config, devices, topology=topology, budget_gb=budget_gb)
+      reports.append(chosen)
+  if "embed" in programs:
+    reports.append(plan_lib.embed_report(config, devices, topology=topology, budget_gb=budget_gb))
+  print(plan_lib.table(reports))
+  if chosen is not None:
+    print(_advice(config, chosen))
+  if json_path:
+    with open(json_path, "w") as f:
+      json.dump({"topology": topology, "reports": [r.to_dict() for r in reports],
+                 "chosen": None if chosen is None else chosen.to_dict()}, f, indent=2)
+  return 0 if chosen is None or chosen.fits is not False else 1
+
+
+def _advice(config, chosen: plan_lib.Report) -> str:
+  gib = lambda v: f"{v / plan_lib.GiB:.2f} GiB"  # noqa: E731
+  if chosen.fits is None:
+    return (f"pretrain: {gib(chosen.total_bytes)} per device; no device memory is known here (a CPU), so no verdict: "
+            f"state one with --config.memory_budget_gb")
+  if not chosen.fits:
+    return (f"pretrain does not fit in {gib(chosen.budget_bytes)} per device even with accum_steps "
+            f"{chosen.accum_steps} and remat {chosen.remat}: use more devices (--topology), FSDP "
+            f"(--config.mesh=data:-1,fsdp:N) or a smaller batch")
+  flags = []
+  if chosen.accum_steps != int(config.optim.accum_steps or 1):
+    flags.append(f"--config.optim.accum_steps={chosen.accum_steps}")
+  if chosen.remat != config.model.get("remat", "none"):
+    flags.append(f"--config.model.remat={chosen.remat}")
+  return (f"pretrain fits: {gib(chosen.total_bytes)} of {gib(chosen.budget_bytes)} per device with accum_steps "
+          f"{chosen.accum_steps}, remat {chosen.remat}" + (f"; pass {' '.join(flags)}" if flags else ""))
