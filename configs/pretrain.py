@@ -25,6 +25,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.model.variant = {"demo": "tiny"}.get(preset, preset)
   c.model.dtype = "float32"        # "bfloat16": bf16 computation, float32 parameters and optimiser state
   c.model.mask_ratio = 0.75
+  c.model.method = "stmem"         # "stmem", or the paper's baselines "mtae" / "mlae" (12 leads only)
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "synthetic"      # "synthetic" (built-in simulator) or "prepared" (a `stmem prepare` output)

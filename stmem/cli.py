@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
   "convert": ("stmem.train.convert", "import reference ST-MEM weights (.pth / .npz) into a stmem checkpoint"),
   "export": ("stmem.train.export", "export an encoder to safetensors with a model card"),
   "bench": ("benchmarks.suite", "speed and memory benchmarks, printed as JSON"),
+  "study": ("stmem.train.study", "pretrain ST-MEM, MTAE and MLAE alike, then probe them beside random encoders"),
   "forward-check": ("stmem.train.forward_check", "one forward/backward pass of a model variant on generated input"),
 }
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 import dataclasses
 
 
+# The pretraining methods: ST-MEM and the paper's two masked-autoencoder baselines (`stmem.models.baselines`).
+METHODS = ("stmem", "mtae", "mlae")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   width: int = 768              # encoder token width D
@@ -19,8 +23,11 @@ class ModelConfig:
   mask_ratio: float = 0.75
   norm_pix_loss: bool = True
   dtype: str = "float32"        # computation dtype ("bfloat16" for mixed precision); parameters stay float32
+  method: str = "stmem"         # "stmem" (lead x time patches), "mtae" (time tokens), "mlae" (lead tokens): see baselines
 
   def __post_init__(self):
+    if self.method not in METHODS:
+      raise ValueError(f"unknown model method {self.method!r}; choose from {list(METHODS)}")
     for name, (w, h) in {"encoder": (self.width, self.num_heads),
                          "decoder": (self.decoder_width, self.decoder_heads)}.items():
       if w % h:

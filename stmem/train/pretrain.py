@@ -24,7 +24,7 @@ from stmem import checkpoint as ckpt_lib
 from stmem import data as data_lib
 from stmem import sharding as sharding_lib
 from data_pipelines.contract import Contract
-from stmem.models import StMem, model_config
+from stmem.models import model_config, pretraining_model
 from stmem.train import metrics as metrics_lib
 from stmem.train import optim
 
@@ -123,12 +123,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, sto
 
   # ------------------------------------------------------------------------------------ model and optimiser
   cfg = model_config(config.model.variant, dtype=config.model.dtype, mask_ratio=config.model.mask_ratio,
+                     method=config.model.get("method", "stmem"),
                      patch_size=contract.patch_size, num_patches=contract.window // contract.patch_size)
 
   def init_params(key):
-    return nnx.state(StMem(cfg, rngs=nnx.Rngs(key)), nnx.Param).to_pure_dict()
+    return nnx.state(pretraining_model(cfg, rngs=nnx.Rngs(key)), nnx.Param).to_pure_dict()
 
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: StMem(cfg, rngs=nnx.Rngs(0))))
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: pretraining_model(cfg, rngs=nnx.Rngs(0))))
   abstract_params = jax.eval_shape(init_params, jax.random.key(config.seed))
   lr = optim.scaled_lr(config.optim.base_lr, config.batch_size)
   schedule = optim.warmup_cosine(lr, config.warmup_steps, config.total_steps)
