@@ -35,7 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.pretrain.batch_size = 32
   c.pretrain.warmup_steps = 100
   c.pretrain.optim = ml_collections.ConfigDict()
-  c.pretrain.optim.base_lr = 3e-3 * 256 / 32   # learning rate 3e-3 at batch 32 (lr = base_lr x batch / 256)
+  c.pretrain.optim.base_lr = 1e-3 * 256 / 32   # learning rate 1e-3 at batch 32 (lr = base_lr x batch / 256)
   c.pretrain.data = ml_collections.ConfigDict()
   c.pretrain.data.num_synthetic = 2048         # simulator records (the study's pretraining data)
   c.pretrain.checkpoint = ml_collections.ConfigDict()
@@ -61,10 +61,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg == "smoke":
     c.methods, c.seeds = "stmem,mtae,mlae", "0"
     c.pretrain.total_steps, c.pretrain.batch_size, c.pretrain.warmup_steps = 4, 8, 1
-    c.pretrain.optim.base_lr = 3e-3 * 256 / 8
+    c.pretrain.optim.base_lr = 1e-3 * 256 / 8
     c.pretrain.data.num_synthetic = 32
-    c.pretrain.checkpoint.every, c.pretrain.log_every = 2, 2
+    c.pretrain.checkpoint.every, c.pretrain.log_every = 4, 2
     c.heldout.num_records, c.heldout.batch_size = 16, 8
     c.probe.preset, c.probe.tasks, c.probe.lead_sets = "synthetic", "synthetic", "12,I"
     c.probe.cv_folds, c.probe.bootstrap = 3, 50
+    c.probe.synthetic_n, c.probe.lbfgs_steps = 60, 20
   return c

@@ -22,7 +22,7 @@ from flax import nnx
 
 from stmem.models import layers, masking
 from stmem.models.config import ModelConfig
-from stmem.models.stmem import patch_targets
+from stmem.models.stmem import add_decoder, patch_targets
 
 NUM_LEADS = 12
 
@@ -166,16 +166,8 @@ class MaskedAutoencoder(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    dtype = jnp.dtype(cfg.dtype)
-    dd = cfg.decoder_width
     self.encoder = BaselineEncoder(cfg, rngs=rngs)
-    self.to_decoder = layers.Linear(cfg.width, dd, dtype, rngs)
-    self.mask_token = nnx.Param(layers.embedding_init(rngs.params(), (dd,)))
-    self.decoder_pos_embedding = nnx.Param(_positions(num_tokens(cfg), dd))
-    self.decoder_blocks = layers.stacked(
-      cfg.decoder_depth, lambda r: layers.Block(dd, cfg.decoder_heads, cfg.mlp_ratio, dtype, r), rngs)
-    self.decoder_norm = layers.LayerNorm(dd, eps=1e-6)
-    self.decoder_head = layers.Linear(dd, token_size(cfg), dtype, rngs)
+    add_decoder(self, cfg, _positions(num_tokens(cfg), cfg.decoder_width), token_size(cfg), rngs)
 
   @property
   def num_keep(self) -> int:
