@@ -10,7 +10,14 @@ Written beside the ArrayRecord shards (in the builder's versioned folder):
   labels.json       the label names, in the order of the `labels` vector;
   quarantine.jsonl  one line per skipped record (file, reason, detail);
   records.jsonl     one line per written record (split, ids, source, content hash, windows): the overlap index;
-  summary.json      counts (records read, examples written, quarantined by reason).
+  summary.json      counts (records read, examples written, quarantined by reason, padded, duplicated by
+                    content hash) and the histogram of record lengths;
+  inputs.json       what it was built from (`data_pipelines.inputs`: builder options, the download's files).
+
+A build never writes into the folder it will occupy: `stmem prepare` builds in a staging folder beside it and
+`swap_into_place` moves the finished dataset in, so a failed or interrupted build (or `--overwrite`) leaves the
+previous dataset as it was and no half-written folder behind; the quarantine report of a failed build is kept
+(`FAILED_REPORT`), since it is what the user needs then.
 
 No TensorFlow: builders write `file_format='array_record'` and features are fixed-shape numpy Tensors and Text,
 which tfds encodes and decodes with numpy alone.
@@ -18,9 +25,9 @@ which tfds encodes and decodes with numpy alone.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import json
-import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -29,12 +36,16 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from data_pipelines import leads as leads_lib
+from data_pipelines.quarantine import Quarantine
+from data_pipelines.readers import common
 from data_pipelines.record import Record, RecordError
 from data_pipelines.contract import Contract
 
 VERSION = "1.0.0"
-SIDE_FILES = ("contract.json", "labels.json", "quarantine.jsonl", "records.jsonl", "summary.json")
+SIDE_FILES = ("contract.json", "labels.json", "quarantine.jsonl", "records.jsonl", "summary.json", "inputs.json")
+# Beside the versioned folders (`<data_dir>/<name>/`): the report of the last build that failed, removed by the next
+# one that succeeds.
+FAILED_REPORT = "quarantine.failed-build.jsonl"
 # Deterministic patient-grouped split used by datasets without an official one.
 DEFAULT_FRACTIONS: dict[str, float] = {"train": 0.8, "validation": 0.1, "test": 0.1}
 
@@ -75,6 +86,11 @@ def hash_split(key: str, fractions: Mapping[str, float] = DEFAULT_FRACTIONS) -> 
   return names[-1]
 
 
+def split_names(keys: Iterable[Any], fractions: Mapping[str, float] = DEFAULT_FRACTIONS) -> np.ndarray:
+  """`hash_split` of each key (patient ids) as a str array: the one patient-grouped split, for data in memory."""
+  return np.asarray([hash_split(str(k), fractions) for k in keys], dtype=str)
+
+
 def parse_fractions(spec: str | Mapping[str, float] | None) -> dict[str, float]:
   """`train=0.8,validation=0.1,test=0.1` (or a mapping) -> fractions; zero-fraction splits are dropped."""
   if spec is None or spec == "":
@@ -92,28 +108,33 @@ def parse_fractions(spec: str | Mapping[str, float] | None) -> dict[str, float]:
   return out
 
 
-def parse_age(value: Any) -> float:
-  """Age in years, -1.0 when unknown (missing, NaN, `Unknown`, negative)."""
-  try:
-    age = float(value)
-  except (TypeError, ValueError):
-    return -1.0
-  return age if math.isfinite(age) and age >= 0 else -1.0
+def parse_bool(value: bool | str, name: str) -> bool:
+  """A builder option given as text (`true`, `false`, `1`, `0`, `yes`, `no`); UsageError naming the option."""
+  if isinstance(value, bool):
+    return value
+  text = str(value).strip().lower()
+  if text in ("true", "1", "yes", "y"):
+    return True
+  if text in ("false", "0", "no", "n", ""):
+    return False
+  from data_pipelines.errors import UsageError
+  raise UsageError(f"--{name} {value!r}: expected true or false")
 
 
-def parse_sex(value: Any) -> int:
-  """0 female, 1 male, -1 unknown, from the spellings found in ECG metadata (`Male`, `F`, `M`, booleans).
+def age_code(value: Any) -> float:
+  """The stored `age`: years as the readers parse it (`readers.common.parse_age`), -1.0 when unknown."""
+  age = common.parse_age(value)
+  return -1.0 if age is None else float(age)
 
-  Numeric codes are dataset-specific (PTB-XL: 0 = male) and must be converted by the builder before this.
+
+def sex_code(value: Any) -> int:
+  """The stored `sex`: 1 male, 0 female, -1 unknown, from the readers' `M` / `F` (`readers.common.parse_sex`).
+
+  An integer is taken as already coded (a builder that converted a dataset-specific numeric code itself).
   """
-  if isinstance(value, (bool, np.bool_)):
-    return int(bool(value))
-  s = str(value).strip().lower()
-  if s in ("m", "male", "man", "1"):
-    return 1
-  if s in ("f", "female", "woman", "0", "w"):
-    return 0
-  return -1
+  if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+    return int(value)
+  return {"M": 1, "F": 0}.get(common.parse_sex(value), -1)
 
 
 def multi_hot(names: Iterable[str], vocabulary: Sequence[str]) -> np.ndarray:
@@ -182,22 +203,53 @@ def record_windows(record: Record, contract: Contract) -> tuple[np.ndarray, np.n
   return windows[good], present, int((~good).sum())
 
 
+def pad_short_record(record: Record, contract: Contract) -> tuple[Record, int]:
+  """(record resampled to contract.fs and zero-padded at the end to one stored window, real samples), for
+  `pad_short` builds; other records come back unchanged with `record_samples` real samples.
+
+  Only records that fill at least one model crop (`contract.window`) are padded, so the first crop a model sees
+  is all recording; shorter ones stay `too_short`. Resampled before padding, so that FFT ringing never reaches the
+  padding. Zeros, never NaN: a NaN would poison the z-score of every crop that touches it. The example's
+  `valid_samples` says where the recording ends.
+  """
+  from data_pipelines import transforms
+  native = int(round(contract.record_samples * float(record.fs) / contract.fs))
+  have = record.signal.shape[-1]
+  if have >= native or have * contract.fs / float(record.fs) < contract.window:
+    return record, contract.record_samples
+  x = transforms.resample(np.asarray(record.signal, np.float64), record.fs, contract.fs)
+  valid = min(x.shape[-1], contract.record_samples)
+  signal = np.zeros((x.shape[0], contract.record_samples), np.float32)
+  signal[:, :valid] = x[:, :valid]
+  return dataclasses.replace(record, signal=signal, fs=float(contract.fs)), valid
+
+
 def record_examples(record: Record, contract: Contract, labels: np.ndarray, *, age: float = -1.0, sex: int = -1,
-                    source: str | None = None) -> tuple[list[tuple[str, dict[str, Any]]], str, int]:
+                    source: str | None = None, pad_short: bool = False
+                    ) -> tuple[list[tuple[str, dict[str, Any]]], str, int]:
   """The examples of one record: ([(key, example)], content_hash, windows dropped). Raises RecordError.
 
-  A record with no usable window is an error (quarantined), never an empty success.
+  A record with no usable window is an error (quarantined), never an empty success. Longer records give every full
+  window; with `pad_short`, a record shorter than one window but at least one crop long is zero-padded
+  (`pad_short_record`).
   """
   _validate(record)
   digest = content_hash(record)
+  valid = contract.record_samples
+  if pad_short:
+    record, valid = pad_short_record(record, contract)
   windows, present, dropped = record_windows(record, contract)
+  if valid < contract.record_samples and len(windows):
+    windows[-1][:, valid:] = 0.0  # an offline filter rings into the padding; the padding stays zeros
   where = record.path or record.record_id
   if not len(windows):
     native = contract.record_samples * float(record.fs) / contract.fs
     if dropped or record.signal.shape[-1] >= native:
       raise RecordError(where, "non_finite", "every window holds NaN or inf samples")
+    hint = "" if pad_short else " (--pad_short true pads records at least one crop long)"
     raise RecordError(where, "too_short",
-                      f"{record.seconds:.2f} s < {contract.record_samples / contract.fs:.2f} s needed for one window")
+                      f"{record.seconds:.2f} s < {contract.record_samples / contract.fs:.2f} s needed for one window"
+                      + hint)
   source = record.source if source is None else source
   patient = record.patient_id if record.patient_id not in (None, "") else record.record_id
   out = []
@@ -213,6 +265,7 @@ def record_examples(record: Record, contract: Contract, labels: np.ndarray, *, a
       "age": np.float32(age),
       "sex": np.int32(sex),
       "content_hash": digest,
+      "valid_samples": np.int32(valid if i == len(windows) - 1 else contract.record_samples),
     }))
   return out, digest, dropped
 
@@ -235,6 +288,7 @@ def features(num_labels: int, contract: Contract) -> tfds.features.FeaturesDict:
     "age": tfds.features.Scalar(dtype=np.float32),
     "sex": tfds.features.Scalar(dtype=np.int32),
     "content_hash": tfds.features.Text(),
+    "valid_samples": tfds.features.Scalar(dtype=np.int32),  # samples before zero padding (`pad_short`)
   })
 
 
@@ -253,8 +307,19 @@ class BuildStats:
     self.errors: list[RecordError] = []
     self.index: list[dict[str, Any]] = []
     self.per_split: collections.Counter[str] = collections.Counter()
+    self.seconds: list[float] = []  # length of every written record, for the length histogram
+    self.padded = 0
+    self.label_names: tuple[str, ...] = ()
+    self.label_kind: str | None = None
+    self.label_counts: np.ndarray | None = None  # records written per label
+    self.notes: list[str] = []  # what a builder wants the user to read in the summary (e.g. unused label rows)
+
+  def duplicates(self) -> dict[str, list[dict[str, Any]]]:
+    """{content hash: the written records that share it} for hashes written more than once."""
+    return internal_duplicates(self.index)
 
   def to_dict(self) -> dict[str, Any]:
+    dup = self.duplicates()
     return {
       "records_read": self.records_read,
       "records_written": self.records_written,
@@ -263,7 +328,54 @@ class BuildStats:
       "windows_dropped_non_finite": self.windows_dropped,
       "quarantined": sum(self.quarantined.values()),
       "quarantined_by_reason": dict(sorted(self.quarantined.items())),
+      "records_padded": self.padded,
+      "length_seconds": length_histogram(self.seconds),
+      "duplicate_records": sum(len(v) - 1 for v in dup.values()),
+      "duplicate_groups": [[f"{r['split']}/{r['record_id']}" for r in v] for v in dup.values()][:20],
+      "records_with_notes": sum(1 for r in self.index if r.get("notes")),
+      "first_note": next((f"{r['record_id']}: {r['notes'][0]}" for r in self.index if r.get("notes")), None),
+      "notes": list(self.notes),
+      "label_kind": self.label_kind,
+      "label_counts": ({n: int(c) for n, c in zip(self.label_names, self.label_counts)}
+                       if self.label_counts is not None else {}),
     }
+
+
+# Edges of the length histogram (s): 10 s is the stored window; CinC 2017 runs 9-61 s, Holter excerpts longer.
+LENGTH_EDGES = (0.0, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+
+
+def length_histogram(seconds: Sequence[float]) -> dict[str, Any]:
+  """Record lengths: min / median / max and `bins`, [range, count] pairs in `LENGTH_EDGES` order (`["10-15 s", 8]`),
+  empty bins left out (pairs, not a mapping, so that summary.json keeps them in order).
+
+  Why in every summary: a variable-length set (9-61 s) gives many windows per long record and none per short one,
+  which changes what a 'record' weighs in training; the summary should show that before anyone trains on it.
+  """
+  if not len(seconds):
+    return {"min": None, "median": None, "max": None, "bins": []}
+  x = np.asarray(seconds, np.float64)
+  edges = list(LENGTH_EDGES) + [np.inf]
+  bins = []
+  for lo, hi in zip(edges[:-1], edges[1:]):
+    n = int(((x >= lo) & (x < hi)).sum())
+    if n:
+      bins.append([f"{lo:g}-{hi:g} s" if np.isfinite(hi) else f">= {lo:g} s", n])
+  return {"min": round(float(x.min()), 2), "median": round(float(np.median(x)), 2), "max": round(float(x.max()), 2),
+          "bins": bins}
+
+
+def internal_duplicates(index: Sequence[Mapping[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+  """Records of one dataset's index (records.jsonl rows) that share a content hash: {hash: [rows]}, by first id.
+
+  The same recording filed twice (copied under two names, or two exams of one tracing) inflates a test split and
+  leaks between splits; only the samples can tell.
+  """
+  by_hash: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+  for r in index:
+    by_hash[r["content_hash"]].append(dict(r))
+  groups = {h: sorted(v, key=lambda r: (r["split"], r["record_id"])) for h, v in by_hash.items() if len(v) > 1}
+  return dict(sorted(groups.items(), key=lambda kv: (kv[1][0]["record_id"], kv[0])))
 
 
 class StmemBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -281,9 +393,21 @@ class StmemBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   RELEASE_NOTES = {str(VERSION): "ST-MEM contract examples: (12, record_samples) float32 windows + lead mask + ids."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = "Download the dataset yourself and pass its folder as --manual_dir."
   label_names: tuple[str, ...] = ()
+  label_kind: str | None = None  # "multiclass" / "multilabel" when the builder knows (shown in the summary)
+
+  # The options every builder takes (`stmem prepare NAME --help` lists them with the builder's own `OPTIONS`).
+  COMMON_OPTIONS = {
+    "lead_map": "rename file channels to standard leads, e.g. ECG=I or MLII=II,V=V1 (for names no alias covers)",
+    "pad_short": "true: zero-pad records shorter than one stored window but at least one crop long (else skipped)",
+  }
+  OPTIONS: dict[str, str] = {}
 
   def __init__(self, *, manual_dir: str | os.PathLike[str] | None = None, contract: Contract | None = None,
-               strict: bool = False, show_progress: bool = True, **kwargs: Any):
+               strict: bool = False, show_progress: bool = True, lead_map: str | Mapping[str, str] | None = None,
+               pad_short: bool | str = False, **kwargs: Any):
+    from data_pipelines.readers import parse_lead_map
+    self.lead_map = parse_lead_map(lead_map)
+    self.pad_short = parse_bool(pad_short, "pad_short")
     self.manual_root = epath.Path(manual_dir) if manual_dir is not None else None
     self.contract = contract if contract is not None else Contract()
     self.strict = strict
@@ -316,6 +440,7 @@ class StmemBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     (required), and optionally `age`, `sex`, `source`, `patient_id`; it may raise RecordError (e.g. unknown label).
     """
     self._generated = True
+    self.stats.label_names, self.stats.label_kind = tuple(self.label_names), self.label_kind
     bar = None
     if self.show_progress:
       from tqdm.auto import tqdm
@@ -332,9 +457,8 @@ class StmemBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
           if meta.get("patient_id"):
             item.patient_id = str(meta["patient_id"])
           examples, digest, dropped = record_examples(
-            item, self.contract, meta["labels"], age=parse_age(meta.get("age", -1.0)),
-            sex=int(meta["sex"]) if isinstance(meta.get("sex"), (int, np.integer)) else parse_sex(meta.get("sex")),
-            source=meta.get("source"))
+            item, self.contract, meta["labels"], age=age_code(meta.get("age")), sex=sex_code(meta.get("sex")),
+            source=meta.get("source"), pad_short=self.pad_short)
         except RecordError as e:
           if self.strict:
             raise
@@ -347,10 +471,15 @@ class StmemBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self.stats.examples_written += len(examples)
         self.stats.windows_dropped += dropped
         self.stats.per_split[split] += len(examples)
+        self.stats.seconds.append(item.seconds)
+        labels = np.asarray(meta["labels"], np.float64) > 0
+        self.stats.label_counts = labels + (0 if self.stats.label_counts is None else self.stats.label_counts)
+        self.stats.padded += int(examples[-1][1]["valid_samples"] < self.contract.record_samples)
         first = examples[0][1]
         self.stats.index.append({"split": split, "record_id": first["record_id"], "patient_id": first["patient_id"],
                                  "source": first["source"], "content_hash": digest, "windows": len(examples),
-                                 "path": os.path.basename(str(item.path)) if item.path else ""})
+                                 "path": os.path.basename(str(item.path)) if item.path else "",
+                                 **({"notes": list(item.metadata["notes"])} if item.metadata.get("notes") else {})})
         yield from examples
     finally:
       if bar is not None:
@@ -369,7 +498,34 @@ class StmemBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """
     super().download_and_prepare(*args, **kwargs)
     if self._generated:
+      store_uncompressed(epath.Path(self.data_dir))
       write_side_files(epath.Path(self.data_dir), self.contract, self.label_names, self.stats)
+
+
+def store_uncompressed(folder: epath.Path) -> None:
+  """Rewrite the ArrayRecord shards tfds wrote (zstd per record, its fixed option) without compression.
+
+  Why: reading is the input pipeline's largest stage, and ECG samples barely compress (LUDB: 22.5 MB with zstd,
+  24.2 MB without, +7 %), while decompressing every 120 kB example on read cost about 1.5-2.5x the uncompressed
+  read here. The files stay ordinary ArrayRecord files (the reader takes either), with the same records in the
+  same order.
+  """
+  from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+  for shard in sorted(folder.glob("*.array_record-*")):
+    reader = ArrayRecordReader(os.fspath(shard))
+    try:
+      if "uncompressed" in reader.writer_options_string():
+        continue
+      tmp = shard.with_name(shard.name + ".uncompressed")
+      writer = ArrayRecordWriter(os.fspath(tmp), "group_size:1,uncompressed")
+      n = reader.num_records()
+      for lo in range(0, n, 256):  # bounded memory: 256 examples at a time
+        for record in reader.read(lo, min(lo + 256, n)):
+          writer.write(record)
+      writer.close()
+    finally:
+      reader.close()
+    os.replace(os.fspath(tmp), os.fspath(shard))
 
 
 def write_side_files(folder: epath.Path, contract: Contract, label_names: Sequence[str], stats: BuildStats) -> None:
@@ -381,22 +537,48 @@ def write_side_files(folder: epath.Path, contract: Contract, label_names: Sequen
   (folder / "summary.json").write_text(json.dumps(stats.to_dict(), indent=2, sort_keys=True) + "\n")
 
 
-def _write_quarantine(path: epath.Path, errors: Sequence[RecordError]) -> None:
-  """Through the shared Quarantine writer when it is there, so that every report has one format."""
+def write_failed_report(dataset_folder: str | os.PathLike[str], stats: BuildStats) -> str | None:
+  """Keep the quarantine report of a build that failed (as `<data_dir>/<name>/FAILED_REPORT`); its path, or None
+  when nothing was quarantined."""
+  if not stats.errors:
+    return None
+  folder = epath.Path(os.path.dirname(os.fspath(dataset_folder)))
+  folder.mkdir(parents=True, exist_ok=True)
+  _write_quarantine(folder / FAILED_REPORT, stats.errors)
+  return os.fspath(folder / FAILED_REPORT)
+
+
+def swap_into_place(built: str | os.PathLike[str], final: str | os.PathLike[str]) -> None:
+  """Move a finished dataset folder to `final`, replacing what is there only once the new one is complete.
+
+  Two renames on one file system: the old folder steps aside, the new one moves in, then the old one is deleted.
+  If the second rename fails the old folder is put back. Also removes a failed build's report beside `final`.
+  """
+  built, final = os.fspath(built), os.fspath(final)
+  os.makedirs(os.path.dirname(final), exist_ok=True)
+  aside = None
+  if os.path.exists(final):
+    aside = f"{final}.replaced-{os.getpid()}"
+    os.rename(final, aside)
   try:
-    from data_pipelines.quarantine import Quarantine
-  except ImportError:  # pragma: no cover - only while quarantine.py is being written.
-    Quarantine = None
-  if Quarantine is not None:
-    q = Quarantine(str(path))
+    os.rename(built, final)
+  except BaseException:
+    if aside is not None:
+      os.rename(aside, final)
+    raise
+  if aside is not None:
+    import shutil
+    shutil.rmtree(aside, ignore_errors=True)
+  failed = os.path.join(os.path.dirname(final), FAILED_REPORT)
+  if os.path.exists(failed):
+    os.remove(failed)
+
+
+def _write_quarantine(path: epath.Path, errors: Sequence[RecordError]) -> None:
+  """Through the shared Quarantine writer, so that every report has one format."""
+  with Quarantine(str(path)) as q:
     for e in errors:
       q.add(e)
-    if hasattr(q, "close"):
-      q.close()
-    if path.exists():
-      return
-  path.write_text("".join(json.dumps({"path": e.path, "reason": e.reason, "detail": e.detail}) + "\n"
-                          for e in errors))
 
 
 # ------------------------------------------------------------------------------------------------ prepared folders

@@ -9,6 +9,7 @@ import dataclasses
 import json
 from typing import Any
 
+from data_pipelines.errors import DataError
 from data_pipelines.leads import LEADS
 
 
@@ -51,10 +52,6 @@ class Contract:
   def from_json(cls, text: str) -> "Contract":
     return cls.from_dict(json.loads(text))
 
-  @property
-  def num_patches(self) -> int:
-    return self.window // self.patch_size
-
 
 # Fields whose mismatch a program can adapt by itself, and how.
 ADAPTABLE = {
@@ -67,8 +64,8 @@ ADAPTABLE = {
 }
 
 
-class ContractMismatch(ValueError):
-  pass
+class ContractMismatch(DataError, ValueError):
+  """Data prepared under a contract the checkpoint cannot adapt to (a user error: exit code 1, no traceback)."""
 
 
 def compare(checkpoint: Contract, data: Contract) -> tuple[list[str], list[str]]:

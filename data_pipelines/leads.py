@@ -5,7 +5,9 @@ readers assumes a lead's position in an array.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+
+from data_pipelines.errors import UsageError
 
 LEADS: tuple[str, ...] = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
 NUM_LEADS = len(LEADS)
@@ -36,17 +38,14 @@ LEAD_SETS: dict[str, tuple[str, ...]] = {
 }
 
 
-class UnknownLeadError(ValueError):
-  """A lead name that is not one of the 12 standard leads under any known spelling."""
+class UnknownLeadError(UsageError, ValueError):
+  """A lead name that is not one of the 12 standard leads under any known spelling, or a lead set naming a lead twice
+  or none (a usage error: exit code 2)."""
 
 
 def canonical_name(name: str) -> str | None:
   """The canonical spelling of a lead name (`avr`, `AVR`, `aVR` -> `aVR`; `DI` -> `I`), or None if unknown."""
   return _ALIASES.get(str(name).strip().lower())
-
-
-def canonical_names(names: Iterable[str]) -> list[str | None]:
-  return [canonical_name(n) for n in names]
 
 
 def lead_ids(names: Sequence[str]) -> list[int]:
@@ -74,9 +73,12 @@ def parse_lead_set(spec: str | Sequence[str]) -> tuple[str, ...]:
     parts = [p for p in spec.replace(",", "+").split("+") if p.strip()]
   else:
     parts = list(spec)
-  names = tuple(LEADS[i] for i in lead_ids(parts))
+  try:
+    names = tuple(LEADS[i] for i in lead_ids(parts))
+  except UnknownLeadError as e:
+    raise UnknownLeadError(f"lead set {spec if isinstance(spec, str) else '+'.join(map(str, spec))!r}: {e}") from None
   if len(set(names)) != len(names):
-    raise ValueError(f"lead set {spec!r} names a lead twice")
+    raise UnknownLeadError(f"lead set {spec!r} names a lead twice")
   if not names:
-    raise ValueError("empty lead set")
+    raise UnknownLeadError(f"empty lead set {spec!r}; name leads (I+II) or a set ({', '.join(LEAD_SETS)})")
   return names

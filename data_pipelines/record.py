@@ -7,10 +7,13 @@ from typing import Any
 import numpy as np
 
 from data_pipelines import leads as leads_lib
+from data_pipelines.errors import DataError
 
 
-class RecordError(ValueError):
-  """A record that cannot be used. `reason` is a short stable key for quarantine reports."""
+class RecordError(DataError, ValueError):
+  """A record that cannot be used. `reason` is a short stable key for quarantine reports.
+
+  A DataError: when it escapes (`--strict`, a single record asked for by name) the command reports it in one line."""
 
   def __init__(self, path: str, reason: str, detail: str = ""):
     self.path, self.reason, self.detail = str(path), reason, detail

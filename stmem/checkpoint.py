@@ -9,13 +9,17 @@ from __future__ import annotations
 import hashlib
 import json
 import pathlib
+import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from data_pipelines import errors
 from data_pipelines.contract import Contract
+from data_pipelines.errors import DataError
 from stmem.models.config import ModelConfig
 
 CHECKPOINT_DIR = "checkpoints"
@@ -44,6 +48,33 @@ def resolve(path: str | pathlib.Path) -> tuple[pathlib.Path, int | None]:
     return path, None
   raise FileNotFoundError(f"{path}: no stmem checkpoint here (expected a workdir, its {CHECKPOINT_DIR}/ folder, "
                           f"or a step folder)")
+
+
+def _check_json_item(step_dir: pathlib.Path, item: str) -> None:
+  """Refuse (DataError naming the file) a JSON item of a step whose file is not JSON: orbax's own error names
+  neither the step nor the file."""
+  folder = step_dir / item
+  files = [f for f in sorted(folder.glob("*")) if f.is_file() and f.name != "commit_success.txt"] \
+    if folder.is_dir() else []
+  if not files:
+    raise DataError(f"checkpoint step {step_dir.name}: {folder} is missing or empty; resume from another step")
+  for f in files:
+    try:
+      json.loads(f.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise DataError(f"checkpoint step {step_dir.name}: {f} is not readable JSON ({e}); the step is corrupt: "
+                      "use another step") from e
+
+
+def unreadable(step_dir: pathlib.Path, e: BaseException) -> DataError:
+  """A DataError naming the step, the item folder and the array that orbax / tensorstore could not read."""
+  text = str(e)
+  folders = re.findall(r"'path': '(/[^']+)'", text)  # tensorstore spells out the item folder and the array path
+  arrays = [a.rstrip("/") for a in re.findall(r"'path': '([^'/][^']*)'", text)]
+  where = folders[-1].rstrip("/") if folders else str(step_dir)
+  what = f"array {arrays[-1]}" if arrays else (text.strip().splitlines()[0][:200] if text.strip() else type(e).__name__)
+  return DataError(f"checkpoint step {step_dir.name}: cannot read {where} ({what}): its files are truncated, missing "
+                   "or corrupt; use another step")
 
 
 class Checkpointer:
@@ -83,9 +114,46 @@ class Checkpointer:
     items = {"params": ocp.args.StandardRestore(_abstract(params, param_shardings)), "meta": ocp.args.JsonRestore()}
     if opt_state is not None:
       items["opt_state"] = ocp.args.StandardRestore(_abstract(opt_state, opt_shardings))
-    if data_state and (self.directory / str(step) / "data_state").exists():
+    step_dir = self.directory / str(step)
+    names = ["meta"]
+    if data_state and (step_dir / "data_state").exists():
       items["data_state"] = ocp.args.JsonRestore()
-    return dict(self.manager.restore(step, args=ocp.args.Composite(**items)))
+      names.append("data_state")
+    for name in names:
+      _check_json_item(step_dir, name)
+    try:
+      return dict(self.manager.restore(step, args=ocp.args.Composite(**items)))
+    except Exception as e:  # noqa: BLE001 - tensorstore raises a bare Exception for truncated or missing files
+      raise unreadable(step_dir, e) from e
+
+  def restore_latest_readable(self, log=None, **kwargs) -> tuple[int, dict[str, Any] | None]:
+    """(step, items) of the newest checkpoint that reads back (`restore` arguments), or (0, None) when there is none.
+
+    A step that does not read (DataError) is moved aside as `<step>.unreadable` (kept for inspection, never deleted;
+    orbax ignores the name), reported through `log`, and the next older step is tried: a run resumes from the newest
+    readable checkpoint instead of failing. When steps exist but none reads, that is an error (DataError): starting
+    afresh over them would be a silent loss of the whole run.
+    """
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    problems = []
+    for step in steps:
+      try:
+        return step, self.restore(step, **kwargs)
+      except DataError as e:
+        problems.append(str(e))
+        if log is not None:
+          log(f"skipping unreadable checkpoint: {e.message.split('; use another step')[0]}; moved aside as "
+              f"{self.directory / f'{step}.unreadable'}, trying the step before")
+        if jax.process_index() == 0:
+          (self.directory / str(step)).rename(self.directory / f"{step}.unreadable")
+        if jax.process_count() > 1:
+          from jax.experimental import multihost_utils
+          multihost_utils.sync_global_devices(f"stmem checkpoint {step} moved aside")
+        self.manager.reload()
+    if problems:
+      raise DataError(f"{self.directory}: no readable checkpoint among steps {steps} (first: {problems[0]}); move "
+                      "the folder away to start afresh")
+    return 0, None
 
   def wait(self):
     self.manager.wait_until_finished()
@@ -104,18 +172,27 @@ def read_meta(path: str | pathlib.Path) -> tuple[dict, pathlib.Path, int]:
       raise FileNotFoundError(f"{directory}: no finished checkpoint")
     step = steps[-1]
   meta_dir = directory / str(step) / "meta"
-  files = sorted(meta_dir.glob("*")) if meta_dir.is_dir() else []
-  for f in files:
-    if f.is_file():
-      try:
-        return json.loads(f.read_text()), directory, step
-      except (UnicodeDecodeError, json.JSONDecodeError):
-        continue
-  raise FileNotFoundError(f"{meta_dir}: no readable meta")
+  _check_json_item(directory / str(step), "meta")
+  for f in sorted(meta_dir.glob("*")):
+    if f.is_file() and f.name != "commit_success.txt":
+      meta = json.loads(f.read_text())
+      if not isinstance(meta, dict) or "model" not in meta or "contract" not in meta:
+        raise DataError(f"checkpoint step {step}: {f} is not an stmem checkpoint's meta (no model or contract)")
+      return meta, directory, step
+  raise DataError(f"checkpoint step {step}: {meta_dir} holds no meta file")
+
+
+FINGERPRINT_DEFINITION = ("the first 16 hex digits of a SHA-256 over the encoder's parameters only (no decoder, no "
+                          "head), each as its path inside the encoder followed by its float32 bytes, in sorted path "
+                          "order")
 
 
 def fingerprint(params) -> str:
-  """A short content hash of the parameters (order-stable), recorded with every export."""
+  """The one fingerprint of an encoder's weights (FINGERPRINT_DEFINITION), from the parameters of a whole model
+  (a dict with an `encoder` entry) or of an encoder alone: the same weights give the same fingerprint whether they
+  come from a pretraining checkpoint, an export or a conversion."""
+  if isinstance(params, dict) and "encoder" in params:
+    params = params["encoder"]
   h = hashlib.sha256()
   for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(params)[0], key=lambda kv: jax.tree_util.keystr(kv[0])):
     h.update(jax.tree_util.keystr(path).encode())
@@ -159,8 +236,13 @@ def load_model(path: str | pathlib.Path, *, encoder_only: bool = False, sharding
     if isinstance(shardings, dict) and "encoder" in shardings:  # shardings for the whole model: keep the encoder's
       shardings = {"encoder": shardings["encoder"]}
   mngr = Checkpointer(directory, async_save=False)
-  restored = mngr.restore(step, params=template, param_shardings=shardings, data_state=False)["params"]
-  mngr.close()
+  try:
+    restored = mngr.restore(step, params=template, param_shardings=shardings, data_state=False)["params"]
+  finally:
+    mngr.close()
+  # Weights holding NaN or inf make every feature NaN: refused here, naming the parameters, not found downstream.
+  errors.check_finite({jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(restored)[0]},
+                      f"checkpoint {directory}/{step}", is_finite=lambda a: bool(jnp.isfinite(a).all()))
   if saved_encoder_only:  # the decoder is filled with zeros; only the encoder is returned
     full = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), nnx.to_pure_dict(param_state))
     full["encoder"] = restored["encoder"]

@@ -2,10 +2,15 @@
 
 No logic lives here; each subcommand is a `main(argv) -> int` somewhere else, imported only when asked for so that
 `stmem --help` stays fast.
+
+Errors the user can fix (`data_pipelines.errors.UserError`, a missing path, a bad flag value) end as one or two lines
+on stderr, `stmem COMMAND: error: ...`, and exit code 2 (usage) or 1 (data or file); the traceback only with
+`--debug` (anywhere on the command line) or `STMEM_DEBUG=1`. Anything else is a bug and raises.
 """
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -31,8 +36,26 @@ def usage() -> str:
   return "\n".join(lines)
 
 
+def debug_wanted(argv: list[str]) -> tuple[bool, list[str]]:
+  """(--debug given or STMEM_DEBUG set, argv without --debug)."""
+  rest = [a for a in argv if a != "--debug"]
+  env = os.environ.get("STMEM_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+  return env or len(rest) != len(argv), rest
+
+
+def _flag_error(e: BaseException) -> str | None:
+  """The message of a command-line flag error from absl or ml_collections (a usage error), else None."""
+  try:
+    from absl import flags
+  except ImportError:  # pragma: no cover - absl comes with ml_collections
+    return None
+  if isinstance(e, flags.Error):
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+  return None
+
+
 def main(argv: list[str] | None = None) -> int:
-  argv = list(sys.argv[1:] if argv is None else argv)
+  debug, argv = debug_wanted(list(sys.argv[1:] if argv is None else argv))
   if not argv or argv[0] in ("-h", "--help", "help"):
     print(usage())
     return 0
@@ -48,7 +71,27 @@ def main(argv: list[str] | None = None) -> int:
       print(f"stmem {name}: not available in this version ({module_name} is missing)", file=sys.stderr)
       return 2
     raise
-  return int(module.main(rest) or 0)
+  try:
+    return int(module.main(rest) or 0)
+  except SystemExit as e:  # argparse has printed its usage line; a message given to SystemExit is a usage error
+    if isinstance(e.code, str):
+      print(f"stmem {name}: error: {e.code}", file=sys.stderr)
+      return 2
+    raise
+  except KeyboardInterrupt:
+    if debug:
+      raise
+    print(f"stmem {name}: interrupted", file=sys.stderr)
+    return 130
+  except Exception as e:  # noqa: BLE001 - sorted into user errors (reported) and bugs (re-raised) below
+    from data_pipelines import errors
+    found = errors.user_message(e)
+    flag = _flag_error(e) if found is None else None
+    if debug or (found is None and flag is None):
+      raise
+    message, code = found if found is not None else (flag, errors.USAGE)
+    print(f"stmem {name}: error: {message}", file=sys.stderr)
+    return code
 
 
 def run() -> None:

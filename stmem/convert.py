@@ -1,6 +1,6 @@
 """Reference ST-MEM parameter names <-> stmem parameters.
 
-The reference (PyTorch) names are listed in `docs/reference-stmem.md`; its Linear weights are (out, in), a Flax kernel
+The reference (PyTorch) names are the patterns of `_RULES` below; its Linear weights are (out, in), a Flax kernel
 is (in, out). Reading a `.pth` uses `torch.load(..., weights_only=True)`, so no code in the file is ever executed; a
 `.npz` is read with `allow_pickle=False`.
 """
@@ -171,24 +171,53 @@ def _to_reference(value: np.ndarray, how: str) -> np.ndarray:
 
 
 def load_reference_file(path: str | pathlib.Path) -> dict[str, np.ndarray]:
-  """Read a reference checkpoint: `.pth`/`.pt` (needs PyTorch; weights only) or `.npz` (no pickles)."""
+  """Read a reference checkpoint: `.pth`/`.pt` (needs PyTorch; weights only) or `.npz` (no pickles).
+
+  A file that cannot be read, or that holds pickled Python objects besides tensors, is refused with a DataError
+  naming it and saying why; the refusal never suggests loading the file with the safety off, since that would run
+  whatever code the file carries.
+  """
+  import pickle
+  import zipfile
+
+  from data_pipelines.errors import DataError, UsageError
+
   path = pathlib.Path(path)
   if not path.exists():
     raise FileNotFoundError(f"{path}: no such file")
+  if path.is_dir():
+    raise UsageError(f"{path} is a folder; give the weights file (.pth, .pt, .npz or .safetensors)")
   if path.suffix == ".npz":
-    with np.load(path, allow_pickle=False) as f:
-      return {k: f[k] for k in f.files if k.startswith("param/") or "/" not in k}
+    try:
+      with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files if k.startswith("param/") or "/" not in k}
+    except ValueError as e:
+      if "allow_pickle" not in str(e):
+        raise DataError(f"{path}: not a readable .npz file ({e})") from e
+      raise DataError(f"{path}: refused: the .npz holds pickled Python objects, which stmem never loads "
+                      "(unpickling can run code from the file); use a file of plain arrays") from e
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+      raise DataError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from e
   if path.suffix in (".pth", ".pt", ".bin"):
     try:
       import torch
     except ImportError as e:
-      raise ImportError(f"{path}: reading a PyTorch checkpoint needs the optional extra: pip install 'stmem[torch]'") from e
-    obj = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles arbitrary objects
+      raise DataError(f"{path}: reading a PyTorch checkpoint needs the optional extra: pip install 'stmem[torch]'") from e
+    try:
+      obj = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles arbitrary objects
+    except pickle.UnpicklingError as e:
+      raise DataError(f"{path}: refused: besides tensors the file pickles Python objects, and unpickling them could "
+                      "run code from the file, so stmem reads tensors only; use a tensors-only file (.safetensors, "
+                      ".npz, or a state dict saved alone) from its publisher") from e
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
+      raise DataError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: "
+                      f"{str(e).strip().splitlines()[0] if str(e).strip() else 'truncated'})") from e
     state = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict):
-      raise ValueError(f"{path}: expected a state dict or {{'model': state_dict}}, found {type(obj).__name__}")
+      raise DataError(f"{path}: expected a state dict or {{'model': state_dict}}, found {type(obj).__name__}")
     return {k: v.detach().cpu().numpy() for k, v in state.items() if hasattr(v, "detach")}
-  raise ValueError(f"{path}: unsupported reference file type {path.suffix!r} (expected .pth, .pt or .npz)")
+  raise UsageError(f"{path}: unsupported weights file type {path.suffix!r} (expected .pth, .pt, .npz or "
+                   ".safetensors)")
 
 
 def apply(model, conversion: Conversion, *, strict: bool = True) -> list[Path]:

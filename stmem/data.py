@@ -1,32 +1,39 @@
-"""Input pipelines: prepared datasets (or in-memory arrays) -> batches -> global jax.Arrays, with savable state.
+"""Where a program's examples come from, and the grain pipeline from them to batches and global jax.Arrays.
 
-One pipeline for every program. It takes any random-access source of example dicts (a prepared ArrayRecord split
-via `tfds`, or `ArraySource` over numpy arrays for synthetic ECGs), and does, per process:
+One way for every program (pretrain, probe, finetune, embed) to get examples: `open_pool(DatasetSpec(...),
+contract)` over a prepared dataset (`stmem prepare` output), a folder of raw records (read in memory through the
+same builder code that prepares it: reader -> Record -> windows -> quarantine, every window, content hash
+included), or the built-in simulator. A `Pool` is random-access examples plus what a program needs to choose and
+label them (ids, split names, labels); `task_pools` adds the named tasks of `data_pipelines.labels.tasks` over them.
+
+Then one pipeline, per process, over any random-access source of example dicts:
 
   indices -> this process's shard -> seeded shuffle (reshuffled each epoch) -> repeat (training)
-          -> read example -> crop (training: one random crop; evaluation: the fixed eval crops)
+          -> read examples -> crop (training: one random crop; evaluation: the fixed eval crops)
           -> optional lead-set selection by name -> filter if per_crop, z-score -> batch
 
 Why the pipeline runs over indices and derives each crop's RNG from (seed, epoch, source index): the batch at any
 step is a pure function of (seed, step, process layout), so a restored iterator continues with exactly the batch
 that would have come next, and a given record gets the same crop in a given epoch whatever the process count.
+Batches are assembled for the whole batch at once (one read, one gather of crops, one z-score), never example by
+example: that, and decoding prepared examples straight from their bytes (`data_pipelines.example_codec`), is what
+lets two cores feed an accelerator.
 
 The batch (numpy, per process):
-  signal     float32 (B, L, T)  L lead slots (12, or the chosen lead set), T = contract.window
-  lead_ids   int32   (B, L)     canonical id of the lead in each slot
-  lead_mask  bool    (B, L)     False where the lead is absent from the record
-  labels     float32 (B, C)     C may be 0 for unlabelled data
+  signal     float32 (B, L, T)     training: L lead slots (12, or the chosen lead set), T = contract.window
+             float32 (B, K, L, T)  evaluation: the K fixed crops of each record (default 3: 0, 0.5 and 1 s)
+  lead_ids   int32   (B, L)        canonical id of the lead in each slot
+  lead_mask  bool    (B, L)        False where the lead is absent from the record
+  labels     float32 (B, C)        C may be 0 for unlabelled data
   record_id  bytes   (B,)
   patient_id bytes   (B,)
-  valid      bool    (B,)       False for evaluation padding rows (so every process yields the same number of batches)
-  crop_index int32   (B,)       which evaluation crop a row is (0 in training)
-
-Evaluation batches hold `batch_size` records, i.e. `batch_size * len(eval_starts)` rows, crops of one record
-adjacent.
+  valid      bool    (B,)          False for evaluation padding rows (so every process yields the same number of
+                                   batches); always True in training
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -36,14 +43,15 @@ import grain
 import numpy as np
 
 from data_pipelines import leads as leads_lib
+from data_pipelines import transforms
 from data_pipelines.contract import Contract
 
-EVAL_STARTS = (0, 125, 250)  # the reference's three evaluation crops at 250 Hz (0, 0.5 and 1 s)
-BATCH_KEYS = ("signal", "lead_ids", "lead_mask", "labels", "record_id", "patient_id", "valid", "crop_index")
+SPLITS = ("train", "validation", "test")
+SOURCES = ("prepared", "raw", "synthetic")
 
 
 class Source(Protocol):
-  """Anything random-access that returns example dicts (`signal` (12, T), `lead_mask`, `labels`, ids)."""
+  """Anything random-access that returns example dicts (`signal` (L, T), `lead_mask`, `labels`, ids)."""
 
   def __len__(self) -> int: ...
 
@@ -54,22 +62,22 @@ class Source(Protocol):
 
 
 class ArraySource:
-  """A random-access source over a dict of equal-length numpy arrays (synthetic ECGs, tests, small sets).
+  """A random-access source over a dict of equal-length numpy arrays (simulated ECGs, raw folders, tests).
 
-  Required: `signal` (N, 12, T) float32. Optional: `lead_mask` (N, 12) bool (default all present), `labels` (N, C)
-  (default (N, 0)), `record_id` / `patient_id` (N,) (default the row number). Picklable, so grain worker processes
-  can use it.
+  Required: `signal` (N, L, T) float32, rows in the contract's lead order. Optional: `lead_mask` (N, L) bool
+  (default all present), `labels` (N, C) (default (N, 0)), `record_id` / `patient_id` (N,) (default the row
+  number). Picklable, so grain worker processes can use it.
   """
 
   def __init__(self, arrays: Mapping[str, np.ndarray]):
     if "signal" not in arrays:
       raise ValueError(f"ArraySource needs a 'signal' array; got {sorted(arrays)}")
     signal = np.asarray(arrays["signal"], np.float32)
-    if signal.ndim != 3 or signal.shape[1] != leads_lib.NUM_LEADS:
-      raise ValueError(f"signal must be (N, {leads_lib.NUM_LEADS}, T) in canonical lead order; got {signal.shape}")
+    if signal.ndim != 3:
+      raise ValueError(f"signal must be (N, leads, T); got {signal.shape}")
     n = signal.shape[0]
     self.arrays: dict[str, np.ndarray] = {"signal": signal}
-    self.arrays["lead_mask"] = np.asarray(arrays.get("lead_mask", np.ones((n, leads_lib.NUM_LEADS), bool)), bool)
+    self.arrays["lead_mask"] = np.asarray(arrays.get("lead_mask", np.ones(signal.shape[:2], bool)), bool)
     self.arrays["labels"] = np.asarray(arrays.get("labels", np.zeros((n, 0), np.float32)), np.float32)
     ids = np.asarray([str(i) for i in range(n)])
     self.arrays["record_id"] = np.asarray(arrays.get("record_id", ids)).astype(str)
@@ -88,6 +96,74 @@ class ArraySource:
 
   def __repr__(self) -> str:
     return f"ArraySource(n={len(self)}, keys={sorted(self.arrays)})"
+
+
+class PreparedSource:
+  """One split of a prepared dataset: tfds's ArrayRecord source for reading, `example_codec` for decoding.
+
+  Reads go through tfds's ArrayRecord reader (parallel for a batch of indices); each example is decoded straight
+  from its bytes, to exactly what tfds's own decode gives (checked against it on the first example here and on
+  every feature in tests/test_builders.py), at a third of its cost.
+  """
+
+  def __init__(self, tfds_source: Any):
+    from data_pipelines import example_codec
+    self.tfds_source = tfds_source
+    self.decode = example_codec.Decoder.like(tfds_source[0]) if len(tfds_source) else None
+
+  def __len__(self) -> int:
+    return len(self.tfds_source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return self.__getitems__([index])[0]
+
+  def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+    raw = self.tfds_source.data_source.__getitems__([int(i) for i in indices])
+    return [self.decode(r) for r in raw]
+
+  def __repr__(self) -> str:
+    return f"PreparedSource({self.tfds_source!r})"
+
+
+class ConcatSource:
+  """Several sources read as one (a prepared dataset's splits, so one feature pass covers them all)."""
+
+  def __init__(self, sources: Sequence[Source]):
+    self.sources = list(sources)
+    self.offsets = np.cumsum([0] + [len(s) for s in self.sources])
+
+  def __len__(self) -> int:
+    return int(self.offsets[-1])
+
+  def __getitem__(self, index: int) -> Mapping[str, Any]:
+    return self.__getitems__([index])[0]
+
+  def __getitems__(self, indices: Sequence[int]) -> list[Mapping[str, Any]]:
+    """One batched read per underlying source, results in the order asked."""
+    which = np.searchsorted(self.offsets, np.asarray(indices, np.int64), side="right") - 1
+    out: list[Any] = [None] * len(which)
+    for k in np.unique(which):
+      at = np.flatnonzero(which == k)
+      for i, ex in zip(at, _read(self.sources[k], [int(indices[i]) - int(self.offsets[k]) for i in at])):
+        out[i] = ex
+    return out
+
+
+class Subset:
+  """Examples `indices` of a source, with `labels` (len(indices), C) in place of its own when given."""
+
+  def __init__(self, source: Source, indices: Sequence[int], labels: np.ndarray | None = None):
+    self.source, self.indices = source, np.asarray(indices, np.int64)
+    self.labels = None if labels is None else np.asarray(labels, np.float32)
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, i: int) -> Mapping[str, Any]:
+    ex = self.source[int(self.indices[i])]
+    if self.labels is None:
+      return ex
+    return {**ex, "labels": self.labels[i]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,19 +188,198 @@ def open_prepared(data_dir: str | os.PathLike[str], split: str = "train", name: 
   builder = tfds.builder_from_directory(os.fspath(folder))
   if split not in builder.info.splits:
     raise KeyError(f"{folder} has no split {split!r}; it has {sorted(builder.info.splits)}")
-  return Prepared(source=builder.as_data_source(split=split), contract=builder_base.load_contract(folder),
+  return Prepared(source=PreparedSource(builder.as_data_source(split=split)),
+                  contract=builder_base.load_contract(folder),
                   label_names=tuple(builder_base.load_label_names(folder)), folder=os.fspath(folder), split=split)
 
 
-# ------------------------------------------------------------------------------------------------ per-example work
+# ------------------------------------------------------------------------------------------------ pools
 
 
-def _text(value: Any) -> bytes:
-  if isinstance(value, bytes):
-    return value
-  if isinstance(value, np.ndarray):
-    value = value.item()
-  return value if isinstance(value, bytes) else str(value).encode()
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """Where examples come from.
+
+  source "prepared": `path` is a `stmem prepare --data_dir` (or the dataset's folder), `name` the dataset under it
+    when it holds several; the `splits` that exist are read (one split alone means cross-validation downstream).
+  source "raw": `path` is a folder of records and `name` the builder that knows them (ludb, cinc, ptbxl, code15,
+    generic); `options` are that builder's keyword options, as `stmem prepare NAME --key value` takes them.
+  source "synthetic": `num_synthetic` simulated 10 s ECGs (`stmem.synthetic`) from `seed`.
+  """
+  source: str
+  path: str = ""
+  name: str = ""
+  splits: tuple[str, ...] = SPLITS
+  options: tuple[tuple[str, str], ...] = ()
+  num_synthetic: int = 240
+  seed: int = 0
+
+
+COLUMNS = ("record_id", "patient_id", "split", "labels", "sex")
+
+
+@dataclasses.dataclass(frozen=True)
+class Pool:
+  """Every example of a dataset (one per stored window) and what a program needs to choose and label them.
+
+  Per-example columns, each (N,) or (N, C): `record_id`, `patient_id` (str), `split` (str: the prepared split an
+  example was read from, the split its builder put it in, or the patient-hash split of simulated data), `labels`
+  (float32 (N, C), columns `label_names`), `sex` (int32: 1 male, 0 female, -1 unknown). They are read on first
+  use (`load_columns`): a pretraining run over a large prepared dataset never reads them.
+  `quarantine`: {"total", "by_reason", "records"} of what a raw read skipped (empty otherwise).
+  """
+  name: str
+  source: Source
+  contract: Contract
+  label_names: tuple[str, ...]
+  load_columns: Any = dataclasses.field(repr=False, compare=False)  # () -> {column: array}
+  quarantine: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  @functools.cached_property
+  def columns(self) -> dict[str, np.ndarray]:
+    return self.load_columns()
+
+  record_id = property(lambda self: self.columns["record_id"])
+  patient_id = property(lambda self: self.columns["patient_id"])
+  split = property(lambda self: self.columns["split"])
+  labels = property(lambda self: self.columns["labels"])
+  sex = property(lambda self: self.columns["sex"])
+
+  @property
+  def fixed_splits(self) -> bool:
+    """True when the data comes with more than one split (else programs cross-validate or hash-split)."""
+    return len(set(self.split.tolist())) > 1
+
+  def subset(self, indices: Sequence[int], labels: np.ndarray | None = None) -> Subset:
+    return Subset(self.source, indices, labels)
+
+
+def _as_str(values: Sequence[Any]) -> np.ndarray:
+  return np.asarray([v.decode() if isinstance(v, bytes) else str(v) for v in values], dtype=str)
+
+
+def _pool_from_arrays(name: str, arrays: Mapping[str, np.ndarray], contract: Contract, label_names: Sequence[str],
+                      quarantine: Mapping[str, Any]) -> Pool:
+  source = ArraySource({k: v for k, v in arrays.items() if k != "split"})
+  n = len(source)
+  columns = {"record_id": source.arrays["record_id"], "patient_id": source.arrays["patient_id"],
+             "split": np.asarray(arrays["split"], dtype=str), "labels": source.arrays["labels"],
+             "sex": np.asarray(arrays.get("sex", np.full(n, -1)), np.int32)}
+  return Pool(name, source, contract, tuple(label_names), lambda: columns, quarantine)
+
+
+def _prepared_pool(spec: DatasetSpec) -> Pool:
+  opened = []
+  for s in spec.splits:
+    try:
+      opened.append(open_prepared(os.path.expanduser(spec.path), s, spec.name or None))
+    except KeyError:
+      continue
+  if not opened:
+    raise FileNotFoundError(f"{spec.path}: none of the splits {list(spec.splits)} is there")
+
+  def load_columns() -> dict[str, np.ndarray]:
+    got: dict[str, list[Any]] = {k: [] for k in COLUMNS}
+    for p in opened:
+      for lo in range(0, len(p.source), 256):
+        for ex in _read(p.source, range(lo, min(lo + 256, len(p.source)))):
+          got["record_id"].append(ex.get("record_id", b""))
+          got["patient_id"].append(ex.get("patient_id", ex.get("record_id", b"")))
+          got["labels"].append(np.asarray(ex.get("labels", np.zeros(0)), np.float32))
+          got["sex"].append(int(ex.get("sex", -1)))
+          got["split"].append(p.split)
+    return {"record_id": _as_str(got["record_id"]), "patient_id": _as_str(got["patient_id"]),
+            "split": np.asarray(got["split"], dtype=str), "labels": np.stack(got["labels"]),
+            "sex": np.asarray(got["sex"], np.int32)}
+
+  source = opened[0].source if len(opened) == 1 else ConcatSource([p.source for p in opened])
+  return Pool("prepared", source, opened[0].contract, opened[0].label_names, load_columns)
+
+
+def _raw_pool(spec: DatasetSpec, contract: Contract) -> Pool:
+  import collections
+
+  from data_pipelines import in_memory
+  examples = in_memory.read_examples(spec.name, os.path.expanduser(spec.path), contract, **dict(spec.options))
+  reasons = collections.Counter(e["reason"] for e in examples.quarantine)
+  quarantine = {"total": len(examples.quarantine), "by_reason": dict(reasons.most_common()),
+                "records": list(examples.quarantine)}
+  return _pool_from_arrays(spec.name, examples.arrays, contract, examples.label_names, quarantine)
+
+
+def _synthetic_pool(spec: DatasetSpec, contract: Contract) -> Pool:
+  """Simulated records at the contract's rate and length, in the contract's lead order, labelled one-hot by class;
+  band-passed once here when the contract filters offline (the records are in memory anyway)."""
+  from data_pipelines import builder_base
+  from stmem import synthetic
+  made = synthetic.make_dataset(spec.num_synthetic, spec.seed, seconds=contract.record_samples / contract.fs,
+                                fs=contract.fs)
+  rows = [leads_lib.LEAD_ID[leads_lib.canonical_name(n)] for n in contract.leads]
+  signal = made["signal"][:, rows]
+  if contract.filter_stage == "offline":
+    signal = transforms.bandpass(signal, contract.fs, contract.highpass_hz, contract.lowpass_hz,
+                                 contract.filter_order).astype(np.float32)
+  names = tuple(str(c) for c in made["label_names"])
+  arrays = {"signal": signal, "labels": np.eye(len(names), dtype=np.float32)[made["labels"]],
+            "record_id": made["record_id"], "patient_id": made["patient_id"],
+            "split": builder_base.split_names(made["patient_id"])}
+  return _pool_from_arrays("synthetic", arrays, contract, names, {})
+
+
+def open_pool(spec: DatasetSpec, contract: Contract | None = None) -> Pool:
+  """The examples `spec` names. Raw and simulated examples are made to `contract` (default `Contract()`); a
+  prepared dataset keeps its own (`pool.contract`; `features.adapt` checks it against a checkpoint's)."""
+  contract = contract or Contract()
+  if spec.source == "prepared":
+    return _prepared_pool(spec)
+  if spec.source == "raw":
+    return _raw_pool(spec, contract)
+  if spec.source == "synthetic":
+    return _synthetic_pool(spec, contract)
+  raise ValueError(f"DatasetSpec.source must be one of {SOURCES}, not {spec.source!r}")
+
+
+def find_raw(root: str | os.PathLike[str], folder: str) -> str:
+  """`<root>/<folder>` when it exists, else `root` itself (a data root holding `ludb/`, or LUDB's own folder)."""
+  root = os.path.expanduser(os.fspath(root))
+  candidate = os.path.join(root, folder)
+  return candidate if folder and os.path.isdir(candidate) else root
+
+
+def task_pools(task_names: Sequence[str], contract: Contract, *, data_dir: str = "", data_root: str = "",
+               labels: Sequence[str] = (), kind: str = "multilabel", num_synthetic: int = 240, seed: int = 0
+               ) -> tuple[dict[str, Pool], list[tuple[str, Any]]]:
+  """Pools and named tasks (`data_pipelines.labels.tasks`) over them: ({pool key: Pool}, [(pool key, Task)]).
+
+  Tasks of one dataset share one pool (one read, one feature pass). `contract` is the checkpoint's: raw and
+  simulated examples are made to it; a prepared dataset (`data_dir`) keeps its own. `labels` and `kind` choose
+  the `prepared` task's columns and link.
+  """
+  from data_pipelines.labels import tasks as tasks_lib
+  pools: dict[str, Pool] = {}
+  out = []
+  for name in task_names:
+    spec = tasks_lib.task_spec(name, labels=labels, kind=kind)
+    key = spec.pool_key
+    if key not in pools:
+      if spec.dataset == "prepared":
+        if not data_dir:
+          raise ValueError("task 'prepared' needs a prepared dataset: set data_dir (`stmem prepare` output)")
+        ds = DatasetSpec("prepared", path=data_dir)
+      elif spec.dataset == "synthetic":
+        ds = DatasetSpec("synthetic", num_synthetic=num_synthetic, seed=seed)
+      else:
+        if not data_root:
+          raise ValueError(f"task {name!r} reads raw {spec.dataset} records: set data_root (the folder holding "
+                           f"{spec.folder}/)")
+        ds = DatasetSpec("raw", path=find_raw(data_root, spec.folder), name=spec.dataset, options=spec.options)
+      pools[key] = open_pool(ds, contract)
+    pool = pools[key]
+    out.append((key, tasks_lib.make_task(spec, pool.label_names, pool.labels, {"sex": pool.sex})))
+  return pools, out
+
+
+# ------------------------------------------------------------------------------------------------ per-batch work
 
 
 def lead_selection(lead_set: str | Sequence[str] | None, contract: Contract) -> tuple[np.ndarray, np.ndarray]:
@@ -141,23 +396,64 @@ def lead_selection(lead_set: str | Sequence[str] | None, contract: Contract) -> 
   return rows, ids
 
 
-def _finish(crops: np.ndarray, masks: np.ndarray, contract: Contract) -> np.ndarray:
-  """A batch of crops (B, slots, T) of the selected slots -> the contract's per-crop work (filter if per_crop,
-  z-score per ECG), in one call for the whole batch; absent slots stay zero.
-
-  Why select before z-scoring: a model given 6 leads at inference sees statistics of those 6 leads only, so
-  training on a lead subset must standardise the same way.
-  """
-  from data_pipelines import transforms
-  return np.asarray(transforms.finish_crop(crops, contract, masks), np.float32)
-
-
 def _read(source: Source, indices: Sequence[int]) -> list[Mapping[str, Any]]:
   """Examples at `indices`, in one batched read when the source offers it (ArrayRecord reads them in parallel)."""
   getitems = getattr(source, "__getitems__", None)
   if getitems is not None:
     return list(getitems([int(i) for i in indices]))
   return [source[int(i)] for i in indices]
+
+
+def _text(value: Any) -> bytes:
+  if isinstance(value, np.ndarray):
+    value = value.item()
+  return value if isinstance(value, bytes) else str(value).encode()
+
+
+class _Columns:
+  """The examples of one batch as arrays, cropped while they are copied in: signal (B, K, L, window) of the
+  selected rows at `starts` (B, K), lead_mask (B, L), labels (B, C), record_id and patient_id (B,).
+
+  One copy per example into one preallocated batch (the crop is a slice of that copy); everything numeric after
+  this (filter, z-score) runs once on the whole batch.
+  """
+
+  def __init__(self, examples: Sequence[Mapping[str, Any]], indices: Sequence[int], rows: np.ndarray,
+               starts: np.ndarray, window: int, num_labels: int):
+    b, k = starts.shape
+    self.signal = np.empty((b, k, len(rows), window), np.float32)
+    self.lead_mask = np.empty((b, len(rows)), bool)
+    if len(rows) and (np.diff(rows) == 1).all():  # consecutive rows: a slice, so each crop is copied once
+      rows = slice(int(rows[0]), int(rows[-1]) + 1)
+    self.labels = np.zeros((b, num_labels), np.float32)
+    rids, pids = [], []
+    for i, (ex, index) in enumerate(zip(examples, indices)):
+      signal = np.asarray(ex["signal"])
+      if signal.shape[-1] < int(starts[i].max()) + window:
+        raise ValueError(f"example {index} has {signal.shape[-1]} samples, too few for crops of {window} at "
+                         f"{starts[i].tolist()}")
+      for j, s in enumerate(starts[i]):
+        self.signal[i, j] = signal[rows, s:s + window]
+      mask = ex.get("lead_mask")
+      self.lead_mask[i] = True if mask is None else np.asarray(mask, bool)[rows]
+      if num_labels:
+        self.labels[i] = ex["labels"]
+      rid = ex.get("record_id", str(index))
+      rids.append(_text(rid))
+      pids.append(_text(ex.get("patient_id", rid)))
+    self.record_id, self.patient_id = np.asarray(rids), np.asarray(pids)
+
+
+def _finish(crops: np.ndarray, masks: np.ndarray, contract: Contract) -> np.ndarray:
+  """Crops (B, [K,] slots, T) of the selected slots -> the contract's per-crop work (filter if per_crop, z-score
+  per ECG), in one call for the whole batch; absent slots stay zero.
+
+  Why select before z-scoring: a model given 6 leads at inference sees statistics of those 6 leads only, so
+  training on a lead subset must standardise the same way.
+  """
+  if crops.ndim == 4:
+    masks = masks[:, None]
+  return np.asarray(transforms.finish_crop(crops, contract, masks), np.float32)
 
 
 class _Order:
@@ -184,77 +480,66 @@ class _Order:
 class _TrainBatch:
   """(B, 2) [position, source index] -> a training batch with one random crop per example.
 
-  A class, not a closure, so grain workers can pickle it. Each crop's RNG is `default_rng((seed, epoch, index))`:
-  the same record gets the same crop in the same epoch, whatever the batch, process or worker it lands in.
+  A class, not a closure, so grain workers can pickle it. Each crop's start is a hash of (seed, epoch, index)
+  (`transforms.hashed_starts`): the same record gets the same crop in the same epoch, whatever the batch, process
+  or worker it lands in.
   """
 
-  def __init__(self, source: Source, contract: Contract, lead_set: Any, seed: int, shard_len: int):
+  def __init__(self, source: Source, contract: Contract, lead_set: Any, seed: int, shard_len: int, num_labels: int):
     self.source, self.contract, self.seed, self.shard_len = source, contract, seed, shard_len
     self.rows, self.ids = lead_selection(lead_set, contract)
+    self.num_labels = num_labels
 
   def __call__(self, order: np.ndarray) -> dict[str, np.ndarray]:
-    from data_pipelines import transforms
     examples = _read(self.source, order[:, 1])
-    crops, masks, labels, rids, pids = [], [], [], [], []
-    for (position, index), ex in zip(order, examples):
-      rng = np.random.default_rng((self.seed, int(position) // self.shard_len, int(index)))
-      signal = np.asarray(ex["signal"], np.float32)
-      mask = np.asarray(ex.get("lead_mask", np.ones(signal.shape[0], bool)), bool)
-      crops.append(transforms.random_crop(signal, self.contract.window, rng)[self.rows])
-      masks.append(mask[self.rows])
-      labels.append(np.asarray(ex.get("labels", np.zeros((0,), np.float32)), np.float32))
-      rids.append(_text(ex.get("record_id", str(index))))
-      pids.append(_text(ex.get("patient_id", ex.get("record_id", str(index)))))
+    window = self.contract.window
+    epochs = order[:, 0] // self.shard_len
+    lengths = np.asarray([usable_samples(ex) for ex in examples], np.int64)  # padding (pad_short) left out
+    starts = np.empty((len(order), 1), np.int64)
+    for epoch in np.unique(epochs):  # one epoch per batch, or two across an epoch boundary
+      at = epochs == epoch
+      starts[at, 0] = transforms.hashed_starts(self.seed, int(epoch), order[at, 1], lengths[at], window)
+    c = _Columns(examples, order[:, 1], self.rows, starts, window, self.num_labels)
     b = len(examples)
-    masks = np.stack(masks)
-    return {"signal": _finish(np.stack(crops), masks, self.contract),
-            "lead_ids": np.broadcast_to(self.ids, (b, len(self.ids))).copy(),
-            "lead_mask": masks, "labels": np.stack(labels), "record_id": np.asarray(rids),
-            "patient_id": np.asarray(pids), "valid": np.ones((b,), bool), "crop_index": np.zeros((b,), np.int32)}
+    return {"signal": _finish(c.signal[:, 0], c.lead_mask, self.contract),
+            "lead_ids": np.broadcast_to(self.ids, (b, len(self.ids))).copy(), "lead_mask": c.lead_mask,
+            "labels": c.labels, "record_id": c.record_id, "patient_id": c.patient_id, "valid": np.ones((b,), bool)}
+
+
+def usable_samples(ex: Mapping[str, Any]) -> int:
+  """Samples of an example's stored window that hold recording: `valid_samples` when the builder zero-padded it
+  (`stmem prepare ... --pad_short true`), else the whole window. Crops are drawn from these."""
+  n = int(np.shape(ex["signal"])[-1])
+  return min(n, int(ex["valid_samples"])) if "valid_samples" in ex else n
 
 
 class _EvalBatch:
-  """(B,) source indices (-1 for padding) -> the fixed evaluation crops of each, crops of a record adjacent."""
+  """(B,) source indices (-1 for padding) -> the fixed evaluation crops of each: signal (B, K, L, window)."""
 
   def __init__(self, source: Source, contract: Contract, lead_set: Any, starts: Sequence[int], num_labels: int):
-    self.source, self.contract, self.starts = source, contract, tuple(int(s) for s in starts)
+    self.source, self.contract, self.starts = source, contract, np.asarray(starts, np.int64)
     self.rows, self.ids = lead_selection(lead_set, contract)
     self.num_labels = num_labels
 
   def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-    from data_pipelines import transforms
-    k, n_slots, window = len(self.starts), len(self.ids), self.contract.window
-    real = [int(i) for i in indices if i >= 0]
-    examples = iter(_read(self.source, real))
-    out: dict[str, list[Any]] = {key: [] for key in ("signal", "lead_mask", "labels", "record_id", "patient_id",
-                                                     "valid")}
-    for index in indices:
-      if index < 0:
-        out["signal"].append(np.zeros((k, n_slots, window), np.float32))
-        out["lead_mask"].append(np.zeros((k, n_slots), bool))
-        out["labels"].append(np.zeros((k, self.num_labels), np.float32))
-        out["record_id"] += [b""] * k
-        out["patient_id"] += [b""] * k
-        out["valid"].append(np.zeros((k,), bool))
-        continue
-      ex = next(examples)
-      signal = np.asarray(ex["signal"], np.float32)
-      mask = np.asarray(ex.get("lead_mask", np.ones(signal.shape[0], bool)), bool)
-      crops = transforms.eval_crops(signal, window, starts=self.starts)
-      labels = np.asarray(ex.get("labels", np.zeros((0,), np.float32)), np.float32)
-      out["signal"].append(crops[:, self.rows])
-      out["lead_mask"].append(np.broadcast_to(mask[self.rows], (k, n_slots)))
-      out["labels"].append(np.broadcast_to(labels, (k, labels.shape[0])))
-      out["record_id"] += [_text(ex.get("record_id", str(index)))] * k
-      out["patient_id"] += [_text(ex.get("patient_id", ex.get("record_id", str(index))))] * k
-      out["valid"].append(np.ones((k,), bool))
-    rows = len(indices) * k
-    lead_mask = np.concatenate(out["lead_mask"])
-    return {"signal": _finish(np.concatenate(out["signal"]), lead_mask, self.contract),
-            "lead_ids": np.broadcast_to(self.ids, (rows, n_slots)).copy(),
-            "lead_mask": lead_mask, "labels": np.concatenate(out["labels"]),
-            "record_id": np.asarray(out["record_id"]), "patient_id": np.asarray(out["patient_id"]),
-            "valid": np.concatenate(out["valid"]), "crop_index": np.tile(np.arange(k, dtype=np.int32), len(indices))}
+    b, k, slots, window = len(indices), len(self.starts), len(self.ids), self.contract.window
+    valid = np.asarray(indices) >= 0
+    out = {"signal": np.zeros((b, k, slots, window), np.float32), "lead_ids": np.broadcast_to(self.ids, (b, slots)).copy(),
+           "lead_mask": np.zeros((b, slots), bool), "labels": np.zeros((b, self.num_labels), np.float32),
+           "record_id": np.full((b,), b"", object), "patient_id": np.full((b,), b"", object), "valid": valid}
+    real = np.asarray(indices)[valid]
+    if len(real):
+      examples = _read(self.source, real)
+      # A zero-padded example (`pad_short`) moves its crops back inside the recording: they start at most at
+      # valid_samples - window, so no evaluation crop holds padding where the recording fills one crop.
+      last = np.asarray([max(usable_samples(ex) - window, 0) for ex in examples], np.int64)
+      c = _Columns(examples, real, self.rows, np.minimum(self.starts[None, :], last[:, None]), window,
+                   self.num_labels)
+      out["signal"][valid] = _finish(c.signal, c.lead_mask, self.contract)
+      out["lead_mask"][valid], out["labels"][valid] = c.lead_mask, c.labels
+      out["record_id"][valid], out["patient_id"][valid] = c.record_id, c.patient_id
+    out["record_id"], out["patient_id"] = out["record_id"].astype(bytes), out["patient_id"].astype(bytes)
+    return out
 
 
 def _num_labels(source: Source) -> int:
@@ -277,19 +562,44 @@ def process_layout(process_index: int | None = None, process_count: int | None =
   return int(process_index), int(process_count)
 
 
+def _file_backed(source: Source) -> bool:
+  if isinstance(source, PreparedSource):
+    return True
+  if isinstance(source, ConcatSource):
+    return all(_file_backed(x) for x in source.sources)
+  inner = getattr(source, "source", None)  # wrappers: Subset, features.ResampledSource
+  return inner is not None and _file_backed(inner)
+
+
+def default_worker_count(source: Source) -> int:
+  """Grain worker processes for a training pipeline over `source`: one per CPU core this process may use for a
+  prepared (file-backed) source, none for one in memory.
+
+  Why per core: reading, decoding, cropping and z-scoring are all host work, and a host that drives an
+  accelerator has its cores free for them (benchmarks/input_pipeline.py measures what one core delivers). Why none
+  for in-memory sources: there is nothing to decode, and every worker would get a pickled copy of the arrays.
+  """
+  if not _file_backed(source):
+    return 0
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else max(1, os.cpu_count() or 1)
+
+
 def make_dataset(source: Source, contract: Contract, *, batch_size: int, train: bool, seed: int = 0,
                  lead_set: str | Sequence[str] | None = None, num_epochs: int | None = None,
-                 eval_starts: Sequence[int] = EVAL_STARTS, process_index: int | None = None,
-                 process_count: int | None = None, worker_count: int = 0, read_threads: int = 0,
+                 eval_starts: Sequence[int] | None = None, process_index: int | None = None,
+                 process_count: int | None = None, worker_count: int | None = 0, read_threads: int = 0,
                  prefetch: int = 0) -> grain.IterDataset:
   """The grain pipeline of this process's share of `source`. Iterate it (`iter(...)`) for batches.
 
   train=True: shuffled by `seed` (a new order each epoch), repeated `num_epochs` times (None: forever), one random
     crop of `contract.window` per example, full batches only.
-  train=False: in order, once, the `eval_starts` crops of every example; the shard is padded with invalid rows
-    (`valid` False) to a whole number of batches of the same count on every process, so no host waits on another.
-  worker_count > 0 runs the per-example work in that many grain worker processes (batches are made in the workers);
-  read_threads > 0 reads ahead with that many threads. Both keep the iterator state exact.
+  train=False: in order, once, the `eval_starts` crops of every example (default
+    `transforms.eval_starts(contract.record_samples, contract.window)`: 3 spread over the record), signal
+    (B, K, L, window); the shard is padded with invalid rows (`valid` False) to a whole number of batches of the
+    same count on every process, so no host waits on another.
+  worker_count > 0 runs the batch work in that many grain worker processes; None chooses
+  `default_worker_count(source)` (training only; evaluation stays in process). read_threads > 0 reads ahead with
+  that many threads. Both keep the iterator state exact.
   """
   if batch_size <= 0:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -297,19 +607,24 @@ def make_dataset(source: Source, contract: Contract, *, batch_size: int, train: 
   n = len(source)
   lead_selection(lead_set, contract)  # refuse a bad lead set here, not inside a worker
   shard = list(range(p, n, count))
+  num_labels = _num_labels(source)
   if train:
     if not shard:
       raise ValueError(f"process {p} of {count} gets no examples from a source of {n}")
     ds = grain.MapDataset.range(len(shard)).repeat(num_epochs)
     ds = ds.map_with_index(_Order(shard, seed, shuffle=True)).batch(batch_size, drop_remainder=True)
-    ds = ds.map(_TrainBatch(source, contract, lead_set, seed, len(shard)))
+    ds = ds.map(_TrainBatch(source, contract, lead_set, seed, len(shard), num_labels))
   else:
+    if eval_starts is None:
+      eval_starts = transforms.eval_starts(contract.record_samples, contract.window)
     per_process = math.ceil(math.ceil(n / count) / batch_size) * batch_size
     shard += [-1] * (per_process - len(shard))
     ds = grain.MapDataset.source(np.asarray(shard, np.int64)).batch(batch_size, drop_remainder=True)
-    ds = ds.map(_EvalBatch(source, contract, lead_set, eval_starts, _num_labels(source)))
+    ds = ds.map(_EvalBatch(source, contract, lead_set, eval_starts, num_labels))
   options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(prefetch, read_threads))
   it_ds = ds.to_iter_dataset(options)
+  if worker_count is None:
+    worker_count = default_worker_count(source) if train else 0
   if worker_count > 0:
     _absl_flags_ready()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
@@ -337,16 +652,6 @@ def make_iterator(source: Source, contract: Contract, *, state: Mapping[str, Any
   return it
 
 
-def batch_spec(contract: Contract, batch_size: int, num_labels: int, lead_set: str | Sequence[str] | None = None,
-               train: bool = True, eval_starts: Sequence[int] = EVAL_STARTS) -> dict[str, tuple[tuple[int, ...], Any]]:
-  """(shape, dtype) of each numeric batch array, for ahead-of-time compilation without reading data."""
-  rows = batch_size if train else batch_size * len(eval_starts)
-  slots = len(lead_selection(lead_set, contract)[1])
-  return {"signal": ((rows, slots, contract.window), np.float32), "lead_ids": ((rows, slots), np.int32),
-          "lead_mask": ((rows, slots), np.bool_), "labels": ((rows, num_labels), np.float32),
-          "valid": ((rows,), np.bool_), "crop_index": ((rows,), np.int32)}
-
-
 # ------------------------------------------------------------------------------------------------ global arrays
 
 
@@ -367,33 +672,3 @@ def to_global(batch: Mapping[str, np.ndarray], sharding: Any | Mapping[str, Any]
     s = sharding[key] if isinstance(sharding, Mapping) else sharding
     out[key] = jax.make_array_from_process_local_data(s, value)
   return out
-
-
-def batch_sharding(mesh: Any, axis: str | tuple[str, ...] = "data") -> Any:
-  """The usual batch layout: leading (batch) dimension split over `axis` of `mesh`, the rest replicated."""
-  import jax
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis))
-
-
-# ------------------------------------------------------------------------------------------------ conveniences
-
-
-def prepared_iterator(data_dir: str | os.PathLike[str], split: str, *, batch_size: int, train: bool,
-                      contract: Contract | None = None, name: str | None = None,
-                      **kwargs: Any) -> tuple[grain.DatasetIterator, Prepared]:
-  """Iterator over a prepared split, under the folder's own contract unless `contract` is given.
-
-  Why allow another contract: a checkpoint's window may differ from the data's; `data_pipelines.contract.check` decides
-  whether that is adaptable before this is called.
-  """
-  prepared = open_prepared(data_dir, split, name)
-  it = make_iterator(prepared.source, contract or prepared.contract, batch_size=batch_size, train=train, **kwargs)
-  return it, prepared
-
-
-def array_iterator(arrays: Mapping[str, np.ndarray], contract: Contract, *, batch_size: int, train: bool,
-                   **kwargs: Any) -> grain.DatasetIterator:
-  """The same pipeline over in-memory arrays (see `ArraySource`): the demo's synthetic ECGs."""
-  return make_iterator(ArraySource(arrays), contract, batch_size=batch_size, train=train, **kwargs)
-
-

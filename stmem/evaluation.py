@@ -38,6 +38,39 @@ def roc_curve(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.
   return np.r_[0.0, fp / n], np.r_[0.0, tp / p], np.r_[np.inf, s[last_of_tie]]
 
 
+def macro_roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(fpr, tpr): the mean over classes of their one-vs-rest ROC curves, on the union of their false-positive rates.
+
+  Why this average: the mean of piecewise-linear curves is piecewise linear on the union grid, so the area under
+  this curve is exactly the macro AUROC of the table (classes without a positive or a negative left out, as there);
+  pooling every class's scores into one curve (the micro average) would draw a different figure.
+  """
+  labels, scores = np.atleast_2d(labels), np.atleast_2d(scores)
+  curves = [roc_curve(labels[:, k], scores[:, k])[:2] for k in range(labels.shape[1])
+            if 0 < labels[:, k].astype(bool).sum() < len(labels)]
+  if not curves:
+    return np.asarray([0.0, 1.0]), np.asarray([0.0, 1.0])
+  grid = np.unique(np.concatenate([fpr for fpr, _ in curves]))
+
+  def ends(fpr: np.ndarray, tpr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # A curve rises vertically where several points share one fpr: its value there has a lower end (the first such
+    # point) and an upper end (the last); between points it is the straight segment from the last point before to
+    # the first point after. Both ends are kept, so the mean rises vertically too and its area is exact.
+    def at(k0: np.ndarray, k1: np.ndarray) -> np.ndarray:
+      k0, k1 = np.clip(k0, 0, len(fpr) - 1), np.clip(k1, 0, len(fpr) - 1)
+      span = np.where(fpr[k1] > fpr[k0], fpr[k1] - fpr[k0], 1.0)
+      return tpr[k0] + (tpr[k1] - tpr[k0]) * np.clip((grid - fpr[k0]) / span, 0.0, 1.0)
+
+    i = np.searchsorted(fpr, grid, side="left")        # first point at or after
+    j = np.searchsorted(fpr, grid, side="right") - 1   # last point at or before
+    lower = np.where(fpr[np.minimum(i, len(fpr) - 1)] == grid, tpr[np.minimum(i, len(fpr) - 1)], at(i - 1, i))
+    upper = np.where(fpr[np.maximum(j, 0)] == grid, tpr[np.maximum(j, 0)], at(j, j + 1))
+    return lower, upper
+
+  lower, upper = (np.mean(v, axis=0) for v in zip(*(ends(f, t) for f, t in curves)))
+  return np.repeat(grid, 2), np.stack([lower, upper], axis=1).ravel()
+
+
 def auroc(y: np.ndarray, s: np.ndarray) -> float:
   """Area under the ROC curve: the probability that a positive outscores a negative, ties counting one half.
   NaN when one class is absent."""
@@ -116,23 +149,51 @@ def _nanmean(values: Sequence[float]) -> float:
   return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
 
 
-def macro_metrics(labels: np.ndarray, scores: np.ndarray, thresholds: np.ndarray | None = None,
-                  multiclass: bool = False, predicted: np.ndarray | None = None) -> dict[str, float]:
-  """Macro AUROC, macro AUPRC and macro F1 over classes.
+def class_metrics(labels: np.ndarray, scores: np.ndarray, thresholds: np.ndarray | None = None,
+                  multiclass: bool = False, predicted: np.ndarray | None = None) -> dict[str, np.ndarray]:
+  """Per-class one-vs-rest AUROC, AUPRC and F1, each (C,); NaN where a class's figure is undefined.
 
-  F1 is computed from `predicted` (N, C) bool when given (cross-validation: each fold's own thresholds), else from
-  `thresholds` or the argmax (`multiclass`); without any of them there is no F1. Classes neither present nor
-  predicted are left out of the F1 average.
+  F1 comes from `predicted` (N, C) bool when given (cross-validation: each fold's own thresholds), else from
+  `thresholds` or the argmax (`multiclass`); without any of them there is no `f1` entry. A class neither present nor
+  predicted has F1 NaN (0/0), so that averages leave it out.
   """
   labels, scores = np.atleast_2d(labels), np.atleast_2d(scores)
   c = labels.shape[1]
-  out = {"auroc": _nanmean([auroc(labels[:, k], scores[:, k]) for k in range(c)]),
-         "auprc": _nanmean([auprc(labels[:, k], scores[:, k]) for k in range(c)])}
+  out = {"auroc": np.asarray([auroc(labels[:, k], scores[:, k]) for k in range(c)]),
+         "auprc": np.asarray([auprc(labels[:, k], scores[:, k]) for k in range(c)])}
   if predicted is not None or multiclass or thresholds is not None:
     pred = np.atleast_2d(predicted) if predicted is not None else predictions(scores, thresholds, multiclass)
-    present = [k for k in range(c) if labels[:, k].any() or pred[:, k].any()]
-    out["f1"] = _nanmean([f1(labels[:, k], pred[:, k]) for k in present])
+    out["f1"] = np.asarray([f1(labels[:, k], pred[:, k]) if labels[:, k].any() or pred[:, k].any() else np.nan
+                            for k in range(c)])
   return out
+
+
+def macro_metrics(labels: np.ndarray, scores: np.ndarray, thresholds: np.ndarray | None = None,
+                  multiclass: bool = False, predicted: np.ndarray | None = None) -> dict[str, float]:
+  """Macro AUROC, macro AUPRC and macro F1: the unweighted mean of `class_metrics` over the classes where each is
+  defined (a class with no positive or no negative record has no AUROC; one neither present nor predicted, no F1)."""
+  return {k: _nanmean(v) for k, v in class_metrics(labels, scores, thresholds, multiclass, predicted).items()}
+
+
+def metrics_with_intervals(labels: np.ndarray, scores: np.ndarray, predicted: np.ndarray | None,
+                           patient_ids: Sequence, *, multiclass: bool = False, n_resamples: int = 1000,
+                           seed: int = 0) -> dict[str, dict[str, tuple[float, float, float]]]:
+  """{"macro": {metric: (point, lo, hi)}, "classes": [{metric: (point, lo, hi)}] per class}, from ONE patient
+  bootstrap: each resample scores every class once, and the macro figure is the mean of that resample's classes,
+  so the macro and per-class intervals describe the same resamples."""
+  labels = np.atleast_2d(labels)
+  c = labels.shape[1]
+
+  def metric(i: np.ndarray) -> dict[str, float]:
+    per = class_metrics(labels[i], np.atleast_2d(scores)[i], multiclass=multiclass,
+                        predicted=None if predicted is None else np.atleast_2d(predicted)[i])
+    out = {k: _nanmean(v) for k, v in per.items()}
+    out.update({f"{k}/{j}": float(v[j]) for k, v in per.items() for j in range(c)})
+    return out
+
+  ci = patient_bootstrap(metric, patient_ids, n_resamples=n_resamples, seed=seed)
+  names = [k for k in ci if "/" not in k]
+  return {"macro": {k: ci[k] for k in names}, "classes": [{k: ci[f"{k}/{j}"] for k in names} for j in range(c)]}
 
 
 # ------------------------------------------------------------------------------------------------ bootstrap

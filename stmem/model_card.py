@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from stmem.checkpoint import FINGERPRINT_DEFINITION
 from stmem.models.config import VARIANTS
 
 _ENCODER_FIELDS = ("width", "depth", "num_heads", "mlp_ratio", "patch_size", "num_patches", "num_lead_ids")
@@ -74,7 +75,8 @@ def render(meta: dict[str, Any], *, parameter_count: int, fingerprint: str, weig
     "- Features: mean of all patch tokens of all leads after the last block, then the final LayerNorm "
     f"({width} numbers per ECG). The pretraining decoder is not part of this export.",
     f"- Parameters: {parameter_count:,} ({parameter_count / 1e6:.1f} M)",
-    f"- Fingerprint (stmem, SHA-256 of the parameters): `{fingerprint}`",
+    f"- Fingerprint: `{fingerprint}` ({FINGERPRINT_DEFINITION}; `stmem probe`, `embed` and `convert` print the same "
+    "number for these weights)",
     "",
     "## Files",
     "",

@@ -37,6 +37,41 @@ def cinc_dir(shared_data, tmp_path_factory) -> pathlib.Path:
   return out / "cinc"
 
 
+def test_direct_decode_equals_tfds_decode(cinc_dir):
+  # The pipeline decodes prepared examples from their bytes (data_pipelines/example_codec.py); tfds's own decode is
+  # the truth: every feature of every example, same type, dtype, shape and value.
+  prepared = data.open_prepared(cinc_dir, "train")
+  ours, theirs = prepared.source, prepared.source.tfds_source
+  assert len(ours) == len(theirs) > 10
+  for i in range(len(theirs)):
+    want, got = theirs[i], ours[i]
+    assert sorted(got) == sorted(want)
+    for k, v in want.items():
+      assert type(got[k]) is type(v), k
+      if isinstance(v, np.ndarray):
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape, k
+      np.testing.assert_array_equal(got[k], v, err_msg=k)
+  assert want["sex"] in (0, 1) and want["labels"].sum() >= 0  # scalars, text and tensors all exercised
+  batch = ours.__getitems__([3, 0, 3])
+  np.testing.assert_array_equal(batch[0]["signal"], theirs[3]["signal"])
+  np.testing.assert_array_equal(batch[1]["signal"], theirs[0]["signal"])
+
+
+def test_raw_folder_in_memory_equals_the_prepared_dataset(cinc_dir, shared_data):
+  # One path: a raw folder read in memory (data.open_pool) gives the examples `stmem prepare` wrote, split by split.
+  prepared = data.open_pool(data.DatasetSpec("prepared", path=str(cinc_dir)))
+  raw = data.open_pool(data.DatasetSpec("raw", path=str(shared_data / "cinc2021"), name="cinc"), prepared.contract)
+  assert raw.label_names == prepared.label_names and raw.quarantine["total"] == 0
+  assert sorted(raw.record_id) == sorted(prepared.record_id) and len(raw.record_id) == 50
+  at = {r: i for i, r in enumerate(prepared.record_id)}
+  for i, rid in enumerate(raw.record_id):
+    a, b = raw.source[i], prepared.source[at[rid]]
+    assert raw.split[i] == prepared.split[at[rid]]
+    np.testing.assert_array_equal(a["signal"], b["signal"])
+    np.testing.assert_array_equal(a["labels"], b["labels"])
+    assert a["content_hash"] == b["content_hash"].decode() and a["sex"] == b["sex"]
+
+
 def test_ludb_all_records_with_labels_and_side_files(ludb_dir, shared_data):
   prepared = data.open_prepared(ludb_dir, "train")
   examples = _all(prepared)
@@ -57,7 +92,8 @@ def test_ludb_all_records_with_labels_and_side_files(ludb_dir, shared_data):
   assert (labels[:, 3].sum(), labels[:, 4].sum()) == (75, 66)
   assert len({ex["content_hash"] for ex in examples}) == 200
   folder = pathlib.Path(prepared.folder)
-  assert Contract.from_json((folder / "contract.json").read_text()) == Contract()
+  # `stmem prepare` filters once per record by default (the input pipeline's cheap path).
+  assert Contract.from_json((folder / "contract.json").read_text()) == Contract(filter_stage="offline")
   assert (folder / "quarantine.jsonl").read_text() == ""
   summary = json.loads((folder / "summary.json").read_text())
   assert summary["records_read"] == 200 and summary["examples_written"] == 200 and summary["quarantined"] == 0
@@ -122,7 +158,7 @@ def test_generic_numpy_builder(tmp_path):
   summary = json.loads((pathlib.Path(prepared.folder) / "summary.json").read_text())
   assert summary["quarantined_by_reason"] == {"non_finite": 1}
   batch = next(data.make_iterator(prepared.source, prepared.contract, batch_size=2, train=False))
-  assert batch["signal"].shape == (6, 12, 2250) and batch["labels"].shape == (6, 1)
+  assert batch["signal"].shape == (2, 3, 12, 2250) and batch["labels"].shape == (2, 1)
 
 
 def _ptbxl_like(shared_data: pathlib.Path, root: pathlib.Path) -> pathlib.Path:
@@ -165,9 +201,9 @@ def test_overlap_finds_ptbxl_records_inside_cinc(shared_data, cinc_dir, tmp_path
 
 
 def test_code15_builder_end_to_end(tmp_path, capsys):
-  from tests.test_readers import write_code15_folder
+  from tests.helpers import write_code15_folder
   manual, truth = write_code15_folder(tmp_path / "code15")
-  assert _prepare("code15", manual, tmp_path / "out") == 0
+  assert _prepare("code15", manual, tmp_path / "out", "--filter_stage", "per_crop") == 0
   out = capsys.readouterr().out
   assert "records read:      4" in out and "too_short: 1" in out and "flat_record: 1" in out
   prepared = data.open_prepared(tmp_path / "out" / "code15", "train")

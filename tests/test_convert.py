@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from data_pipelines.errors import DataError
 from stmem import checkpoint, cli, convert, sharding
 from data_pipelines.contract import Contract
 from stmem.models import Encoder, StMem, model_config
@@ -335,7 +336,7 @@ def test_a_pickled_object_array_in_npz_is_refused(reference_fixture, tmp_path, c
   state["param/encoder.sep_embedding"] = np.array([_WritesAFile(marker)], dtype=object)
   np.savez(tmp_path / "evil.npz", **state)
   assert not marker.exists()
-  with pytest.raises(ValueError):
+  with pytest.raises(DataError, match="refused"):
     convert.load_reference_file(tmp_path / "evil.npz")
   assert _stmem("convert", "--reference", tmp_path / "evil.npz", "--out", tmp_path / "out") != 0
   assert "pickle" in capsys.readouterr().err.lower()

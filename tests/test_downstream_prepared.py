@@ -14,7 +14,7 @@ import pytest
 
 from data_pipelines import prepare
 from stmem import data
-from tests.test_probe import tiny_checkpoint
+from tests.helpers import tiny_checkpoint
 
 PROBE_CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "probe.py")
 
@@ -57,7 +57,7 @@ def test_probe_on_prepared_ludb_cross_validates_by_patient(ckpt, ludb, tmp_path)
     assert r["protocol"] == "5-fold patient-grouped cross-validation"
     assert r["n_positive"] == "18/108"  # LUDB's AF/flutter and LVH positives (../shared/data/README.md)
     assert r["auroc_lo"] <= r["auroc"] <= r["auroc_hi"]
-  assert (tmp_path / "probe" / "auroc_prepared.png").exists()
+  assert (tmp_path / "probe" / "auroc_ludb.png").exists()  # the task is named by its data, not `prepared`
 
 
 def test_probe_adapts_a_500hz_offline_filtered_dataset(ckpt, cinc_500hz, tmp_path):
@@ -100,14 +100,13 @@ def test_embed_of_a_prepared_split_equals_the_encoder_on_the_pipeline(ckpt, cinc
   test = data.open_prepared(cinc_500hz, "test")
   source, contract, _ = features.adapt(loaded.contract, test.contract, test.source)
   assert contract.fs == 250.0 and contract.filter_stage == "offline"
-  it = data.make_iterator(source, contract, batch_size=4, train=False, eval_starts=features.eval_starts(
-    contract.record_samples, contract.window), process_index=0, process_count=1)
+  it = data.make_iterator(source, contract, batch_size=4, train=False, process_index=0, process_count=1)
   rows, ids = [], []
   for b in it:
-    z = np.asarray(loaded.encoder.features(jnp.asarray(b["signal"]), jnp.asarray(b["lead_ids"]),
-                                           jnp.asarray(b["lead_mask"]))["pooled"])
-    valid = b["valid"].reshape(-1, 3)[:, 0]
-    rows.append(z.reshape(-1, 3, z.shape[-1]).mean(1)[valid])
-    ids += [r.decode() for r in b["record_id"][::3][valid]]
+    assert b["signal"].shape[:2] == (4, 3)  # records, crops
+    per_crop = [np.asarray(loaded.encoder.features(jnp.asarray(b["signal"][:, k]), jnp.asarray(b["lead_ids"]),
+                                                   jnp.asarray(b["lead_mask"]))["pooled"]) for k in range(3)]
+    rows.append(np.mean(per_crop, axis=0)[b["valid"]])
+    ids += [r.decode() for r in b["record_id"][b["valid"]]]
   assert list(record_id) == ids and len(ids) == len(test.source)
   np.testing.assert_allclose(pooled, np.concatenate(rows), atol=1e-5)

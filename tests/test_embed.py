@@ -4,7 +4,7 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 
-from tests.test_probe import tiny_checkpoint
+from tests.helpers import tiny_checkpoint
 
 
 def test_embed_arrays_equals_model():
@@ -24,10 +24,8 @@ def test_embed_arrays_equals_model():
 
 
 def test_embed_raw_folder_round_trip(shared_data, tmp_path):
-  from data_pipelines.contract import Contract
-  from stmem.data import ArraySource
+  from stmem import data
   from stmem.train import embed, features
-  from data_pipelines.readers import read_wfdb
   raw = tmp_path / "raw"
   raw.mkdir()
   for i in range(1, 6):
@@ -35,17 +33,21 @@ def test_embed_raw_folder_round_trip(shared_data, tmp_path):
       shutil.copy(shared_data / "ludb" / f"{i}.{ext}", raw)
   ckpt = tiny_checkpoint(tmp_path / "ckpt")
   prefix = str(tmp_path / "out" / "emb")
-  # 5 records read 2 at a time and embedded 2 at a time: 3 chunks, the last one padded.
+  # 5 records embedded 2 at a time: 3 batches, the last one padded, one Parquet row group each.
   assert embed.main(["--checkpoint", str(ckpt), "--records", str(raw), "--out", prefix, "--per_patch",
-                     "--lead_set", "V2+I+aVF", "--batch_size", "2", "--read_chunk", "2", "--no_progress"]) == 0
+                     "--lead_set", "V2+I+aVF", "--batch_size", "2", "--no_progress"]) == 0
 
+  # Independently: the same folder prepared by `stmem prepare generic` under the checkpoint's contract, its first
+  # crop through the encoder. Raw and prepared examples must be the same examples.
+  from data_pipelines import prepare
+  assert prepare.main(["generic", "--manual_dir", str(raw), "--data_dir", str(tmp_path / "prep"), "--quiet",
+                       "--filter_stage", "per_crop"]) == 0  # the checkpoint's contract
   loaded = features.load_encoder(ckpt)
-  records = [read_wfdb(raw / f"{i}.hea") for i in range(1, 6)]
-  arrays = features.records_to_arrays(records, Contract())
-  arrays.pop("skipped")
-  batch = next(features.batches_of(ArraySource(arrays), features.canonical_contract(Contract()),
-                                   lead_set="V2+I+aVF", batch_size=5, crops=1))
-  direct = loaded.encoder.features(batch["signal"], batch["lead_ids"], batch["lead_mask"])
+  prepared = data.open_prepared(tmp_path / "prep", "train")
+  order = sorted(range(5), key=lambda i: prepared.source[i]["record_id"])
+  batch = next(features.eval_batches(data.Subset(prepared.source, order), prepared.contract, lead_set="V2+I+aVF",
+                                     batch_size=5, crops=1))
+  direct = loaded.encoder.features(batch["signal"][:, 0], batch["lead_ids"], batch["lead_mask"])
 
   z = np.load(prefix + ".npz")
   assert list(z["record_id"]) == ["1", "2", "3", "4", "5"]

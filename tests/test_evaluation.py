@@ -87,3 +87,13 @@ def test_grouped_folds_keep_patients_together_and_spread_rare_class():
   for p in range(50):
     assert len(set(fold[pids == p])) == 1
   assert all(labels[fold == k].sum() > 0 for k in range(5))
+
+
+def test_class_metrics_are_the_macro_figures_parts():
+  y = np.array([[1, 0, 0], [0, 1, 0], [1, 0, 0], [0, 1, 0]], np.float32)  # class 2: never present
+  s = np.array([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.4, 0.6, 0.0], [0.3, 0.6, 0.1]])
+  per = ev.class_metrics(y, s, multiclass=True)
+  assert per["auroc"][0] == 1.0 and np.isnan(per["auroc"][2])  # no positive: no AUROC
+  assert per["f1"][0] == 2 / 3 and per["f1"][1] == 0.8 and np.isnan(per["f1"][2])  # neither present nor predicted
+  macro = ev.macro_metrics(y, s, multiclass=True)
+  assert macro["f1"] == np.mean([2 / 3, 0.8]) and macro["auroc"] == np.mean(per["auroc"][:2])

@@ -3,7 +3,7 @@ import json
 
 import numpy as np
 
-from tests.test_probe import tiny_checkpoint
+from tests.helpers import tiny_checkpoint
 
 
 def test_finetune_writes_report_and_checkpoint(tmp_path, monkeypatch):
@@ -12,17 +12,17 @@ def test_finetune_writes_report_and_checkpoint(tmp_path, monkeypatch):
   ckpt = tiny_checkpoint(tmp_path / "ckpt")
 
   seen = []  # which records each evaluation pass reads
-  original = features.batches_of
+  original = features.eval_batches
 
   def spy(source, *args, **kwargs):
     seen.append(frozenset(np.asarray(source.indices).tolist()))
     return original(source, *args, **kwargs)
 
-  monkeypatch.setattr(features, "batches_of", spy)
+  monkeypatch.setattr(features, "eval_batches", spy)
   out = tmp_path / "ft"
   rc = finetune.main([f"--config={finetune.DEFAULT_CONFIG}:test", f"--config.checkpoint={ckpt}",
                       "--config.drop_path=0.1", "--config.layer_decay=0.75", "--config.label_smoothing=0.1",
-                      "--config.class_weighting=balanced", "--workdir", str(out)])
+                      "--config.class_weighting=balanced", "--config.synthetic_n=120", "--workdir", str(out)])
   assert rc == 0
   # Two evaluations on validation during training, validation again for thresholds, then test once, last.
   assert len(seen) == 4 and seen[0] == seen[1] == seen[2] and not (seen[3] & seen[0])

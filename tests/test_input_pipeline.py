@@ -47,7 +47,7 @@ def test_process_shards_are_disjoint_and_cover_the_data(source):
   for p in range(3):
     batches = list(data.make_iterator(source, CONTRACT, batch_size=4, train=False, process_index=p, process_count=3))
     counts.append(len(batches))
-    ids = _ids(batches)[::3]  # three eval crops per record, adjacent
+    ids = _ids(batches)
     seen.append(set(ids))
     assert len(ids) == len(set(ids))
   assert len(set(counts)) == 1  # every process runs the same number of batches (padding rows are not valid)
@@ -58,10 +58,22 @@ def test_process_shards_are_disjoint_and_cover_the_data(source):
   assert not (train[0] & train[1]) and len(train[0] | train[1]) == 37
 
 
-def test_eval_crops_are_adjacent_rows(source):
+def test_eval_batches_carry_the_crop_axis(source):
   b = next(data.make_iterator(source, CONTRACT, batch_size=2, train=False, process_index=0, process_count=1))
-  assert b["signal"].shape == (6, 12, 2250) and list(b["crop_index"]) == [0, 1, 2, 0, 1, 2]
-  assert b["record_id"][0] == b["record_id"][2] != b["record_id"][3]
+  assert b["signal"].shape == (2, 3, 12, 2250) and b["lead_mask"].shape == (2, 12) and b["labels"].shape == (2, 2)
+  assert list(b["record_id"]) == [b"rec0", b"rec1"] and b["valid"].all()
+  # Crop k of record i is the record at the k-th start (0, 125, 250), z-scored on its own.
+  from data_pipelines import transforms
+  assert transforms.eval_starts(CONTRACT.record_samples, CONTRACT.window) == (0, 125, 250)
+  for i in range(2):
+    stored = source[i]["signal"]
+    for k, start in enumerate((0, 125, 250)):
+      want = transforms.finish_crop(stored[:, start:start + CONTRACT.window], CONTRACT)
+      np.testing.assert_allclose(b["signal"][i, k], want, atol=1e-5)
+  # The last batch of a process is padded with invalid, all-zero rows.
+  last = list(data.make_iterator(source, CONTRACT, batch_size=5, train=False, process_index=0, process_count=1))[-1]
+  assert list(last["valid"]) == [True, True, False, False, False] and not last["signal"][2:].any()
+  assert list(last["record_id"][2:]) == [b"", b"", b""]
 
 
 def test_shuffling_is_deterministic_by_seed(source):
@@ -112,7 +124,7 @@ def test_lead_set_selection_by_name(source):
   np.testing.assert_allclose(ratio, 8.0, rtol=1e-3)  # V2 (id 7) has 8x the amplitude of I in the source
   b = next(data.make_iterator(source, CONTRACT, batch_size=2, train=False, lead_set="limb6", process_index=0,
                               process_count=1))
-  assert b["signal"].shape == (6, 6, 2250) and (b["lead_ids"][0] == np.arange(6)).all()
+  assert b["signal"].shape == (2, 3, 6, 2250) and (b["lead_ids"][0] == np.arange(6)).all()
   with pytest.raises(ValueError):
     data.make_iterator(source, CONTRACT, batch_size=2, train=True, lead_set="I+XYZ", process_index=0,
                        process_count=1)
@@ -133,7 +145,8 @@ def test_to_global_on_8_devices(source):
   assert jax.device_count() == 8
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   b = next(data.make_iterator(source, CONTRACT, batch_size=16, train=True, process_index=0, process_count=1))
-  g = data.to_global(b, data.batch_sharding(mesh))
+  from stmem import sharding
+  g = data.to_global(b, sharding.batch_sharding(mesh))
   assert isinstance(g["signal"], jax.Array) and g["signal"].shape == (16, 12, 2250)
   assert len(g["signal"].sharding.device_set) == 8
   assert g["signal"].addressable_shards[0].data.shape == (2, 12, 2250)

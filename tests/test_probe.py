@@ -7,17 +7,7 @@ import pytest
 from stmem import evaluation
 from data_pipelines.contract import Contract, ContractMismatch
 from stmem.train import linear
-
-
-def tiny_checkpoint(path):
-  from flax import nnx
-
-  from stmem.checkpoint import make_meta, save_params
-  from stmem.models import StMem, model_config
-  cfg = model_config("tiny", width=64, depth=1, num_heads=1, decoder_width=64, decoder_heads=1)
-  model = StMem(cfg, rngs=nnx.Rngs(0))
-  save_params(path, nnx.state(model, nnx.Param).to_pure_dict(), make_meta(cfg, Contract(), origin="test"))
-  return path
+from tests.helpers import tiny_checkpoint
 
 
 def test_logistic_regression_recovers_separable_problem():
@@ -78,9 +68,9 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def synthetic_pool():
-  from stmem.train import tasks
-  pool, task = tasks.synthetic_pool(12, 0, Contract())
-  return pool, task
+  from stmem import data
+  pool = data.open_pool(data.DatasetSpec("synthetic", num_synthetic=12, seed=0), Contract())
+  return pool, None
 
 
 def test_lead_set_in_any_order_is_fed_by_name(ckpt, synthetic_pool):
@@ -130,7 +120,7 @@ def test_probe_program_on_synthetic(ckpt, tmp_path):
   from stmem.train import probe
   out = tmp_path / "probe"
   rc = probe.main(["--config", f"{probe.DEFAULT_CONFIG}:synthetic", f"--config.checkpoint={ckpt}",
-                   "--config.lead_sets=V2+I+aVF", "--config.synthetic_n=60", "--config.bootstrap=50",
+                   "--config.lead_sets=V2+I+aVF", "--config.synthetic_n=120", "--config.bootstrap=50",
                    "--config.lbfgs_steps=20", "--config.l2_grid=(0.01,1.0)", "--workdir", str(out)])
   assert rc == 0
   rows = json.loads((out / "report.json").read_text())["rows"]

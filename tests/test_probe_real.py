@@ -9,7 +9,7 @@ import json
 
 import numpy as np
 
-from tests.test_probe import tiny_checkpoint
+from tests.helpers import tiny_checkpoint
 
 
 def test_probe_on_shared_data(shared_data, tmp_path):
@@ -41,9 +41,10 @@ def test_probe_on_shared_data(shared_data, tmp_path):
 def test_a_lead_set_in_an_order_the_checkpoint_never_saw_is_fed_by_name(shared_data, tmp_path):
   # Real CinC records: V5+aVL+II gives the features of II+aVL+V5 (each slot carries its lead's identity), and
   # differs from another three leads.
-  from stmem.train import features, tasks
+  from stmem import data
+  from stmem.train import features
   loaded = features.load_encoder(tiny_checkpoint(tmp_path / "ckpt"))
-  pool, _ = tasks.cinc_pool(shared_data, loaded.contract)
+  pool = data.open_pool(data.DatasetSpec("raw", path=str(shared_data / "cinc2021"), name="cinc"), loaded.contract)
   assert len(pool.record_id) == 50
   got = {s: features.extract({"m": loaded}, pool.source, pool.contract, lead_set=s, batch_size=16)
          for s in ("V5+aVL+II", "II+aVL+V5", "II+aVL+V4")}

@@ -11,24 +11,11 @@ import scipy.io
 import wfdb
 
 from data_pipelines import leads as leads_lib
-from data_pipelines.readers import (Checks, Record, RecordError, iter_code15, iter_numpy, read_cpsc_mat, read_wfdb,
-                                    select_standard_leads, validate)
+from data_pipelines.errors import UsageError
+from data_pipelines.readers import (Checks, Record, RecordError, iter_code15, iter_numpy, parse_lead_map, read_cpsc_mat,
+                                    read_wfdb, select_standard_leads, validate)
 from data_pipelines.readers.code15 import CODE15_LEADS, strip_zero_padding
-
-
-def _ecg(leads: int, samples: int, seed: int = 0) -> np.ndarray:
-  """A crude but non-flat ECG-like signal (leads, samples) in mV."""
-  rng = np.random.default_rng(seed)
-  t = np.arange(samples) / 400.0
-  beats = np.sin(2 * np.pi * 1.2 * t) ** 15
-  return (beats[None] * rng.uniform(0.5, 1.5, (leads, 1)) + 0.02 * rng.standard_normal((leads, samples)))
-
-
-def _write_csv(path: pathlib.Path, rows: list[dict]) -> None:
-  with open(path, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
+from tests.helpers import ecg_like as _ecg, write_code15_folder, write_csv as _write_csv
 
 
 # --- CODE-15 ----------------------------------------------------------------------------------------------------
@@ -36,37 +23,6 @@ def _write_csv(path: pathlib.Path, rows: list[dict]) -> None:
 @pytest.fixture
 def code15_folder(tmp_path) -> tuple[pathlib.Path, dict[int, np.ndarray]]:
   return write_code15_folder(tmp_path)
-
-
-def write_code15_folder(tmp_path: pathlib.Path) -> tuple[pathlib.Path, dict[int, np.ndarray]]:
-  """Two part files in the CODE-15 layout: (N, 4096, 12) float32 at 400 Hz, zero-padded at both ends."""
-  tmp_path.mkdir(parents=True, exist_ok=True)
-  truth = {}
-  for part, exam_ids in ((0, [101, 102, 0]), (1, [201, 202])):
-    tracings = np.zeros((len(exam_ids), 4096, 12), np.float32)
-    for i, exam_id in enumerate(exam_ids):
-      if exam_id in (0, 202):  # an empty filler slot, and an all-zero exam
-        continue
-      n = 4000 if exam_id != 102 else 2934  # 10 s and the short 7.3 s acquisition group
-      pad = (4096 - n) // 2
-      signal = _ecg(12, n, seed=exam_id)
-      tracings[i, pad:pad + n] = signal.T
-      truth[exam_id] = signal
-    with h5py.File(tmp_path / f"exams_part{part}.hdf5", "w") as f:
-      f["tracings"] = tracings
-      f["exam_id"] = np.asarray(exam_ids, np.int64)
-  _write_csv(tmp_path / "exams.csv", [
-    {"exam_id": 101, "age": 54, "is_male": "True", "nn_predicted_age": 50.1, "1dAVb": "False", "RBBB": "True",
-     "LBBB": "False", "SB": "False", "ST": "False", "AF": "False", "patient_id": 7, "death": "", "timey": "",
-     "normal_ecg": "False", "trace_file": "exams_part0.hdf5"},
-    {"exam_id": 102, "age": 60, "is_male": "False", "nn_predicted_age": 61.0, "1dAVb": "False", "RBBB": "False",
-     "LBBB": "False", "SB": "True", "ST": "False", "AF": "True", "patient_id": 7, "death": "", "timey": "",
-     "normal_ecg": "False", "trace_file": "exams_part0.hdf5"},
-    {"exam_id": 201, "age": 33, "is_male": "False", "nn_predicted_age": 30.0, "1dAVb": "False", "RBBB": "False",
-     "LBBB": "False", "SB": "False", "ST": "False", "AF": "False", "patient_id": 9, "death": "", "timey": "",
-     "normal_ecg": "True", "trace_file": "exams_part1.hdf5"},
-  ])
-  return tmp_path, truth
 
 
 def test_code15_reads_strips_padding_and_labels(code15_folder):
@@ -171,21 +127,77 @@ def test_cpsc_struct_roundtrip_and_errors(tmp_path):
 
 # --- WFDB written here ------------------------------------------------------------------------------------------
 
-def test_wfdb_microvolts_converted_and_duplicate_leads_dropped(tmp_path):
+def test_wfdb_microvolts_converted_and_duplicate_leads_refused(tmp_path):
   signal = _ecg(3, 2000).T  # (T, 3)
-  wfdb.wrsamp("uv", fs=500, units=["uV", "mV", "mV"], sig_name=["I", "MLII", "II"],
+  wfdb.wrsamp("uv", fs=500, units=["uV", "mV", "mV"], sig_name=["I", "MLII", "V1"],
               p_signal=signal * np.array([1000.0, 1.0, 1.0]), fmt=["16"] * 3, write_dir=str(tmp_path),
               comments=["Age: NaN", "Sex: Unknown", "Dx: 426783006"])
   r = read_wfdb(tmp_path / "uv.hea")
-  assert r.leads == ("I", "II") and r.dropped_leads == ("II",)  # MLII took the II slot first
+  assert r.leads == ("I", "II", "V1") and r.dropped_leads == ()  # MLII is lead II
   np.testing.assert_allclose(r.signal[0], signal[:, 0], atol=1e-3)
   assert r.metadata["age"] is None and r.metadata["sex"] is None and r.metadata["dx"] == ["426783006"]
+  # MLII and II both claim lead II: one is mislabelled and nothing says which, so the record is refused.
+  wfdb.wrsamp("dup", fs=500, units=["mV"] * 3, sig_name=["I", "MLII", "II"], p_signal=signal, fmt=["16"] * 3,
+              write_dir=str(tmp_path))
+  with pytest.raises(RecordError) as info:
+    read_wfdb(tmp_path / "dup.hea")
+  assert info.value.reason == "duplicate_leads" and "dup.hea" in str(info.value) and "'MLII', 'II'" in str(info.value)
 
 
 def test_wfdb_missing_header(tmp_path):
   with pytest.raises(RecordError) as info:
     read_wfdb(tmp_path / "nothing")
   assert info.value.reason == "unreadable"
+
+
+def _write_mat_record(folder: pathlib.Path, name: str, record_line_tail: str, line_end: str = "\r\n",
+                      channel: str = "ECG", samples: int = 3000) -> np.ndarray:
+  """A CinC 2017-style record: MATLAB v4 `val` int16 at 1000 adu/mV, format `16+24`, one channel."""
+  x = _ecg(1, samples)[0]
+  digital = np.round(x * 1000).astype(np.int16)[None]
+  scipy.io.savemat(folder / f"{name}.mat", {"val": digital}, format="4")
+  text = (f"{name} 1 300 {samples}{record_line_tail}{line_end}"
+          f"{name}.mat 16+24 1000/mV 16 0 {int(digital[0, 0])} 0 0 {channel}{line_end}# Age: 61{line_end}")
+  (folder / f"{name}.hea").write_bytes(text.encode())
+  return digital[0] / 1000.0
+
+
+@pytest.mark.parametrize("tail", [" 2016-06-05 09:01:00", " 05/06/2016 09:01:00", " 09:01:00 2016-06-05"])
+def test_wfdb_base_date_wfdb_rejects_is_left_out_and_noted(tmp_path, tail):
+  _write_mat_record(tmp_path, "A1", tail)
+  with pytest.raises(ValueError):  # what wfdb itself does with these headers
+    wfdb.rdheader(str(tmp_path / "A1"))
+  r = read_wfdb(tmp_path / "A1.hea", lead_map={"ecg": "I"})
+  assert r.leads == ("I",) and r.fs == 300.0 and r.signal.shape == (1, 3000) and r.metadata["age"] == 61.0
+  np.testing.assert_allclose(r.signal[0], _ecg(1, 3000)[0], atol=1e-3)
+  (note,) = r.metadata["notes"]
+  assert repr(tail.strip()) in note and "wfdb could not read" in note
+
+
+@pytest.mark.parametrize("line_end", ["\r\n", "\n"])
+def test_wfdb_crlf_single_channel_and_lead_map(tmp_path, line_end):
+  truth = _write_mat_record(tmp_path, "B1", " 09:01:00 05/06/2016", line_end)
+  with pytest.raises(RecordError) as info:
+    read_wfdb(tmp_path / "B1.hea")
+  assert info.value.reason == "unknown_leads" and "--lead_map" in str(info.value)
+  r = read_wfdb(tmp_path / "B1.hea", lead_map=parse_lead_map("ECG=I"))
+  assert r.leads == ("I",) and "notes" not in r.metadata and r.metadata["comments"] == ["Age: 61"]
+  np.testing.assert_allclose(r.signal[0], truth, atol=1e-6)
+
+
+def test_wfdb_garbage_header_is_still_bad_header(tmp_path):
+  (tmp_path / "G.hea").write_text("G one three hundred\n")
+  with pytest.raises(RecordError) as info:
+    read_wfdb(tmp_path / "G.hea")
+  assert info.value.reason == "bad_header"
+
+
+def test_parse_lead_map():
+  assert parse_lead_map("ECG=I, mlii = II,V=v1") == {"ecg": "I", "mlii": "II", "v": "V1"}
+  assert parse_lead_map(None) == {} and parse_lead_map({"ECG": "avr"}) == {"ecg": "aVR"}
+  for bad, says in (("ECG", "is not FILE_NAME=LEAD"), ("ECG=X1", "'X1' is not a standard lead")):
+    with pytest.raises(UsageError, match=says):
+      parse_lead_map(bad)
 
 
 # --- validate ---------------------------------------------------------------------------------------------------
@@ -227,8 +239,49 @@ def test_validate_flat_and_missing_leads():
 
 def test_select_standard_leads():
   x = np.arange(12, dtype=float).reshape(4, 3)
-  signal, names, dropped = select_standard_leads(x, ["vx", "AVL", "d1", "aVL"], "p")
-  assert names == ("aVL", "I") and dropped == ("vx", "aVL") and signal[:, 0].tolist() == [3, 6]
+  signal, names, dropped = select_standard_leads(x, ["vx", "AVL", "d1", "V2"], "p")
+  assert names == ("aVL", "I", "V2") and dropped == ("vx",) and signal[:, 0].tolist() == [3, 6, 9]
+  with pytest.raises(RecordError) as info:  # two spellings of one lead: which signal is aVL cannot be known
+    select_standard_leads(x, ["vx", "AVL", "d1", "aVL"], "p")
+  assert info.value.reason == "duplicate_leads" and "aVL" in str(info.value)
   with pytest.raises(RecordError) as info:
     select_standard_leads(x, ["a", "b", "c", "d"], "p")
   assert info.value.reason == "unknown_leads"
+
+
+# --- labels for a folder from a CSV -----------------------------------------------------------------------------
+
+def test_labels_csv_pairs_and_tables(tmp_path):
+  from data_pipelines.errors import DataError
+  from data_pipelines.generic import labels_csv
+  pairs = tmp_path / "REFERENCE.csv"
+  pairs.write_text("A00001,N\r\nA00002,A\r\nA00003.mat,~\r\nA00004,N\r\n")
+  t = labels_csv.load(pairs)
+  assert t.names == ("A", "N", "~") and t.kind == "multiclass"
+  assert t.vector("A00003").tolist() == [0, 0, 1] and t.vector("A00004").tolist() == [0, 1, 0]
+  with pytest.raises(RecordError) as info:
+    t.vector("A00009", "A00009.hea")
+  assert info.value.reason == "no_label" and "REFERENCE.csv" in str(info.value)
+
+  table = tmp_path / "labels.csv"
+  table.write_text("record_id,af,lvh,site\nr1,1,0,x\nr2,0,1,y\n")
+  t = labels_csv.load(table, label_columns=["af", "lvh"])
+  assert t.names == ("af", "lvh") and t.kind == "multilabel" and t.vector("r2").tolist() == [0, 1]
+  t = labels_csv.load(table, id_column="record_id", label_columns=["site"])
+  assert t.names == ("x", "y") and t.vector("r1").tolist() == [1, 0]  # one column of words: classes
+  with pytest.raises(UsageError, match="no column"):
+    labels_csv.load(table, label_columns=["rhythm"])
+  with pytest.raises(DataError, match="mix words and numbers"):
+    labels_csv.load(table)
+  (tmp_path / "twice.csv").write_text("A1,N\nA1,A\n")
+  with pytest.raises(DataError, match="two rows"):
+    labels_csv.load(tmp_path / "twice.csv")
+
+
+def test_wfdb_lenient_header_with_a_truncated_signal_is_unreadable(tmp_path):
+  _write_mat_record(tmp_path, "T1", " 2016-06-05 09:01:00")
+  data = (tmp_path / "T1.mat").read_bytes()
+  (tmp_path / "T1.mat").write_bytes(data[:len(data) // 2])  # the header reads once the date is left out
+  with pytest.raises(RecordError) as info:
+    read_wfdb(tmp_path / "T1.hea", lead_map={"ecg": "I"})
+  assert info.value.reason == "unreadable" and "T1.hea" in str(info.value)

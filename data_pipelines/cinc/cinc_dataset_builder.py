@@ -56,6 +56,11 @@ class Builder(builder_base.StmemBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
     "Download the PhysioNet/CinC Challenge 2021 training data (https://physionet.org/content/challenge-2021/) and "
     "pass the folder holding the records (any depth) and dx_mapping.csv as --manual_dir.")
+  OPTIONS = {
+    "sources": "comma-separated sources to build (e.g. georgia,ptb-xl; default every source found)",
+    "codes": "SNOMED labels: scored (the Challenge's scored classes), all, or CODE,CODE",
+    "splits": "patient-hashed split fractions, e.g. train=0.8,validation=0.1,test=0.1",
+  }
 
   def __init__(self, *, sources: str | None = None, codes: str = "scored", splits: str | None = None,
                **kwargs: Any):
@@ -93,5 +98,5 @@ class Builder(builder_base.StmemBuilder):
               "age": record.metadata.get("age"), "sex": record.metadata.get("sex"),
               "source": f"cinc/{source_of(record.record_id)}"}
 
-    items = builder_base.read_each(paths, lambda p: read_wfdb(p, source="cinc"))
+    items = builder_base.read_each(paths, lambda p: read_wfdb(p, source="cinc", lead_map=self.lead_map))
     return self.generate(items, split, describe, total=len(paths))

@@ -26,6 +26,11 @@ class Builder(builder_base.StmemBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
     "Download CODE-15% (https://zenodo.org/records/4916206), unzip the exams_part*.hdf5 files beside exams.csv, "
     "and pass that folder as --manual_dir.")
+  OPTIONS = {
+    "splits": "patient-hashed split fractions, e.g. train=0.8,validation=0.1,test=0.1 (default all in train)",
+    "units_scale": "multiplier from the stored tracing units to mV",
+    "exams_csv": "the exams table (default: exams.csv in --manual_dir)",
+  }
   label_names = CODE15_LABELS
 
   def __init__(self, *, splits: str | None = "train=1", units_scale: float | str = 1.0,
@@ -43,7 +48,8 @@ class Builder(builder_base.StmemBuilder):
     single = len(self.fractions) == 1
 
     def items():
-      for item in iter_code15(root, exams_csv=self.exams_csv, units_scale=self.units_scale):
+      for item in iter_code15(root, exams_csv=self.exams_csv, units_scale=self.units_scale,
+                              lead_map=self.lead_map):
         key = item.patient_id if isinstance(item, Record) else getattr(item, "record_id", item.path)
         if single or builder_base.hash_split(str(key or ""), self.fractions) == split:
           yield item

@@ -33,6 +33,9 @@ class Builder(builder_base.StmemBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
     "Download LUDB (https://physionet.org/content/ludb/) and pass the folder holding ludb.csv and the records "
     "(any depth) as --manual_dir.")
+  OPTIONS = {
+    "splits": "patient-hashed split fractions, e.g. train=0.8,validation=0.1,test=0.1 (default all in train)",
+  }
   label_names = LABEL_NAMES
 
   def __init__(self, *, splits: str | None = "train=1", **kwargs: Any):
@@ -56,6 +59,6 @@ class Builder(builder_base.StmemBuilder):
         raise RecordError(record.path, "no_labels", f"record {record.record_id} is not in {os.path.basename(csv_files[0])}")
       return {"labels": label_vector(row), "age": row.age, "sex": row.sex, "source": "ludb"}
 
-    return {name: self.generate(builder_base.read_each(paths, lambda p: read_wfdb(p, source="ludb")), name, describe,
+    return {name: self.generate(builder_base.read_each(paths, lambda p: read_wfdb(p, source="ludb", lead_map=self.lead_map)), name, describe,
                                 total=len(paths))
             for name, paths in builder_base.non_empty(chosen).items()}

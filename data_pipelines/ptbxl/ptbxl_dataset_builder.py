@@ -24,6 +24,10 @@ class Builder(builder_base.StmemBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
     "Download PTB-XL (https://physionet.org/content/ptb-xl/) and pass the folder holding ptbxl_database.csv, "
     "scp_statements.csv and records100/ records500/ as --manual_dir.")
+  OPTIONS = {
+    "task": "label task: superdiagnostic (NORM, MI, STTC, CD, HYP) or another of labels/ptbxl.py's TASKS",
+    "sampling_rate": "which PTB-XL release to read: 500 or 100 (Hz)",
+  }
 
   def __init__(self, *, task: str = "superdiagnostic", sampling_rate: int | str = 500, **kwargs: Any):
     if task not in ptbxl_labels.TASKS:
@@ -61,5 +65,5 @@ class Builder(builder_base.StmemBuilder):
                                                self.label_names),
               "patient_id": row.patient_id, "age": row.age, "sex": row.sex, "source": "ptb-xl"}
 
-    items = builder_base.read_each(paths, lambda p: read_wfdb(p, source="ptb-xl"))
+    items = builder_base.read_each(paths, lambda p: read_wfdb(p, source="ptb-xl", lead_map=self.lead_map))
     return self.generate(items, split, describe, total=len(paths))

@@ -15,7 +15,7 @@ import csv
 import os
 import pathlib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import h5py
@@ -76,7 +76,7 @@ def part_files(folder: str | os.PathLike[str]) -> list[pathlib.Path]:
 
 def iter_code15(folder: str | os.PathLike[str], exams_csv: str | os.PathLike[str] | None = None,
                 units_scale: float = 1.0, source: str = "CODE-15", checks: common.Checks | None = None,
-                **overrides: Any) -> Iterator[Record | RecordError]:
+                lead_map: Mapping[str, str] | None = None, **overrides: Any) -> Iterator[Record | RecordError]:
   """Every exam of every part file as a validated `Record` (mV after `units_scale`), or the `RecordError` why not.
 
   Rows with `exam_id` 0 are the release's empty filler slots and are skipped.
@@ -121,7 +121,7 @@ def iter_code15(folder: str | os.PathLike[str], exams_csv: str | os.PathLike[str
           try:
             if span.shape[1] == 0:
               raise RecordError(path, common.FLAT_RECORD, "all-zero tracing")
-            selected, names, dropped = common.select_standard_leads(span, CODE15_LEADS, path)
+            selected, names, dropped = common.select_standard_leads(span, CODE15_LEADS, path, lead_map)
             record = Record(signal=selected.astype(np.float32), fs=CODE15_FS, leads=names, record_id=str(exam_id),
                             patient_id=patient or str(exam_id), source=source, path=path, dropped_leads=dropped,
                             metadata=meta)

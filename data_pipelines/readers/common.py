@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from data_pipelines import leads as leads_lib
+from data_pipelines.errors import UsageError
 from data_pipelines.record import Record, RecordError
 
 # Stable `RecordError.reason` keys, for quarantine reports and tests.
@@ -23,7 +24,10 @@ FLAT_RECORD = "flat_record"      # every lead is constant (single flat leads are
 TOO_SHORT = "too_short"          # shorter than `min_seconds`
 UNKNOWN_LEADS = "unknown_leads"  # not one standard lead among the file's signals
 UNSUPPORTED_FS = "unsupported_fs"  # sampling rate below `min_fs`
-REASONS = (UNREADABLE, BAD_HEADER, NON_FINITE, FLAT_RECORD, TOO_SHORT, UNKNOWN_LEADS, UNSUPPORTED_FS)
+DUPLICATE_LEADS = "duplicate_leads"  # two signals name the same standard lead: which one it is cannot be known
+NO_LABEL = "no_label"            # the labels CSV given for a folder has no row for the record
+REASONS = (UNREADABLE, BAD_HEADER, NON_FINITE, FLAT_RECORD, TOO_SHORT, UNKNOWN_LEADS, UNSUPPORTED_FS, DUPLICATE_LEADS,
+           NO_LABEL)
 
 MIN_FS = 100.0  # PTB-XL's 100 Hz release is the lowest rate in common use; below that QRS shapes are lost.
 
@@ -37,24 +41,58 @@ class Checks:
   flat_tolerance: float = 0.0     # mV; a lead whose peak-to-peak range is <= this is flat
 
 
-def select_standard_leads(signal: np.ndarray, names: Sequence[str],
-                          path: str) -> tuple[np.ndarray, tuple[str, ...], tuple[str, ...]]:
+def parse_lead_map(spec: str | Mapping[str, str] | None) -> dict[str, str]:
+  """`ECG=I,MLII=II` (or a mapping) -> {file name case-folded: canonical lead}; None or "" -> {}.
+
+  Why: a file may name its channels in a way no alias list can guess (CinC 2017's single `ECG` channel is lead I of
+  a hand-held device); the user says what each name is, once, for every record. Raises UsageError naming the bad
+  entry (a target that is not a standard lead, an entry without `=`).
+  """
+  if not spec:
+    return {}
+  if isinstance(spec, Mapping):
+    pairs = [(str(k), str(v)) for k, v in spec.items()]
+  else:
+    pairs = [tuple(part.partition("=")[::2]) for part in str(spec).split(",") if part.strip()]
+  out = {}
+  for name, target in pairs:
+    if not str(target).strip() or not str(name).strip():
+      raise UsageError(f"--lead_map entry {name!r} is not FILE_NAME=LEAD (e.g. --lead_map ECG=I)")
+    canonical = leads_lib.canonical_name(str(target))
+    if canonical is None:
+      raise UsageError(f"--lead_map {name}={target}: {target!r} is not a standard lead; leads are "
+                       f"{', '.join(leads_lib.LEADS)}")
+    out[str(name).strip().lower()] = canonical
+  return out
+
+
+def select_standard_leads(signal: np.ndarray, names: Sequence[str], path: str,
+                          lead_map: Mapping[str, str] | None = None
+                          ) -> tuple[np.ndarray, tuple[str, ...], tuple[str, ...]]:
   """Rows of `signal` (C, T) whose names are standard leads, by name, in file order; the others are dropped.
 
-  A second row mapping to the same lead (e.g. `II` and `MLII`) is dropped too: a lead fills one slot only.
+  `lead_map` (from `parse_lead_map`) renames file channels first, so `ECG` can be lead I. Two rows naming the same
+  lead (`ii` twice, or `II` and `MLII`) refuse the record (`duplicate_leads`): one of them is mislabelled and nothing
+  says which, so keeping either would put a wrong signal in that lead's slot.
   """
   if signal.ndim != 2 or signal.shape[0] != len(names):
     raise RecordError(path, BAD_HEADER, f"{len(names)} lead names for a signal of shape {signal.shape}")
+  lead_map = lead_map or {}
   keep, canonical, dropped = [], [], []
   for i, name in enumerate(names):
-    c = leads_lib.canonical_name(name)
-    if c is None or c in canonical:
+    c = lead_map.get(str(name).strip().lower()) or leads_lib.canonical_name(name)
+    if c is not None and c in canonical:
+      same = [str(n) for n in names
+              if (lead_map.get(str(n).strip().lower()) or leads_lib.canonical_name(n)) == c]
+      raise RecordError(path, DUPLICATE_LEADS, f"lead {c} appears {len(same)} times (signals named {same})")
+    if c is None:
       dropped.append(str(name))
     else:
       keep.append(i)
       canonical.append(c)
   if not keep:
-    raise RecordError(path, UNKNOWN_LEADS, f"no standard lead among {list(map(str, names))}")
+    hint = "" if lead_map else " (name them with --lead_map FILE_NAME=LEAD, e.g. ECG=I)"
+    raise RecordError(path, UNKNOWN_LEADS, f"no standard lead among {list(map(str, names))}{hint}")
   return signal[keep], tuple(canonical), tuple(dropped)
 
 

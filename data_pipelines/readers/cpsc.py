@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ CPSC_LEADS = leads_lib.LEADS  # as documented by the challenge
 
 
 def read_cpsc_mat(path: str | os.PathLike[str], source: str = "CPSC2018", checks: common.Checks | None = None,
-                  **overrides: Any) -> Record:
+                  lead_map: Mapping[str, str] | None = None, **overrides: Any) -> Record:
   """One CPSC2018 `.mat` record in mV, validated. Raises `RecordError` naming the file."""
   path = os.fspath(path)
   try:
@@ -35,7 +36,7 @@ def read_cpsc_mat(path: str | os.PathLike[str], source: str = "CPSC2018", checks
   if data.ndim != 2 or data.shape[0] != len(CPSC_LEADS) or not np.issubdtype(data.dtype, np.number):
     raise RecordError(path, common.BAD_HEADER, f"ECG.data has shape {data.shape} / dtype {data.dtype}, "
                                               f"expected ({len(CPSC_LEADS)}, T) numbers")
-  selected, lead_names, dropped = common.select_standard_leads(data.astype(np.float64), CPSC_LEADS, path)
+  selected, lead_names, dropped = common.select_standard_leads(data.astype(np.float64), CPSC_LEADS, path, lead_map)
   meta = {"age": common.parse_age(getattr(ecg, "age", None)), "sex": common.parse_sex(getattr(ecg, "sex", None)),
           "units": "mV"}
   record_id = pathlib.Path(path).stem

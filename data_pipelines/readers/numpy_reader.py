@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -42,7 +42,7 @@ def _label_value(text: str) -> float:
 def iter_numpy(array_path: str | os.PathLike[str], metadata_csv: str | os.PathLike[str], fs: float,
                leads: str | Sequence[str], layout: str = "NLT", units_scale: float = 1.0,
                label_columns: Sequence[str] | None = None, source: str = "", checks: common.Checks | None = None,
-               **overrides: Any) -> Iterator[Record | RecordError]:
+               lead_map: Mapping[str, str] | None = None, **overrides: Any) -> Iterator[Record | RecordError]:
   """Each ECG of a `.npy` array (`layout` "NLT" = (N, leads, T) or "NTL" = (N, T, leads)) as a validated `Record`.
 
   `leads` names the array's lead axis in order (any accepted spelling or a named set); names that are not standard
@@ -79,7 +79,7 @@ def iter_numpy(array_path: str | os.PathLike[str], metadata_csv: str | os.PathLi
       x = np.asarray(array[i], dtype=np.float64)
       if layout == "NTL":
         x = x.T
-      selected, lead_names, dropped = common.select_standard_leads(x * units_scale, names, path)
+      selected, lead_names, dropped = common.select_standard_leads(x * units_scale, names, path, lead_map)
       meta = {"age": common.parse_age(row.get("age")), "sex": common.parse_sex(row.get("sex")), "units": "mV",
               "labels": {c: _label_value(row.get(c, "")) for c in labels}}
       patient = str(row.get("patient_id") or "").strip() or record_id

@@ -8,6 +8,9 @@ from __future__ import annotations
 import os
 import pathlib
 import re
+import shutil
+import tempfile
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -62,17 +65,35 @@ def _patient_id(meta: dict[str, Any], path: pathlib.Path) -> str | None:
   return None
 
 
-def read_wfdb(path: str | os.PathLike[str], source: str = "", checks: common.Checks | None = None,
-              **overrides: Any) -> Record:
-  """One WFDB record (path with or without `.hea`) in mV, standard leads by name, validated.
+def _record_line(lines: list[str]) -> int | None:
+  """Index of the record line: the first line that is neither blank nor a comment."""
+  for i, line in enumerate(lines):
+    if line.strip() and not line.lstrip().startswith("#"):
+      return i
+  return None
 
-  Raises `RecordError`: `bad_header` when the header cannot be parsed, `unreadable` when the signal file is
-  missing, truncated or corrupt, and the `validate` reasons.
+
+def lenient_header(text: str) -> tuple[str, str]:
+  """(header text wfdb can parse, what was left out): the base time and date of the record line are dropped.
+
+  Why: WFDB wants `HH:MM:SS DD/MM/YYYY` after the sample count, and exporters write other things there (CinC 2017's
+  AliveCor headers, ISO dates, the date first); wfdb then refuses the whole header with a `strptime` message,
+  although nothing stmem reads depends on when the recording started. Line ends are normalised (CRLF, CR) too.
+  Returns ("", "") when there is nothing after the sample count to leave out.
   """
-  base = record_path(path)
-  hea = base + ".hea"
-  if not os.path.exists(hea):
-    raise RecordError(hea, common.UNREADABLE, "no such header file")
+  lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+  i = _record_line(lines)
+  if i is None:
+    return "", ""
+  fields = lines[i].split()
+  if len(fields) <= 4:  # name, signals, rate, samples: no base time or date to leave out
+    return "", ""
+  lines[i] = " ".join(fields[:4])
+  return "\n".join(lines), " ".join(fields[4:])
+
+
+def _decode(base: str, hea: str) -> tuple[Any, Any]:
+  """(header, record) from wfdb; RecordError `bad_header` / `unreadable` naming `hea`."""
   try:
     header = wfdb.rdheader(base)
   except Exception as e:  # wfdb raises assorted types for malformed text
@@ -83,6 +104,60 @@ def read_wfdb(path: str | os.PathLike[str], source: str = "", checks: common.Che
     rec = wfdb.rdrecord(base, physical=True)
   except Exception as e:
     raise RecordError(hea, common.UNREADABLE, f"{type(e).__name__}: {e}") from None
+  return header, rec
+
+
+def _decode_leniently(base: str, hea: str, first: RecordError) -> tuple[Any, Any, str]:
+  """`_decode` of the header with its base time/date left out (`lenient_header`), beside links to the signal files,
+  in a temporary folder; re-raises `first` when the header still does not read without them."""
+  with open(hea, encoding="ascii", errors="ignore", newline="") as f:
+    text, ignored = lenient_header(f.read())
+  if not ignored:
+    raise first
+  name = pathlib.Path(base).name
+  with tempfile.TemporaryDirectory(prefix="stmem-wfdb-") as tmp:
+    pathlib.Path(tmp, name + ".hea").write_text(text)
+    folder = pathlib.Path(base).parent
+    for line in text.split("\n")[(_record_line(text.split("\n")) or 0) + 1:]:
+      fields = line.split()
+      if fields and not fields[0].startswith("#") and (folder / fields[0]).is_file():
+        target = pathlib.Path(tmp, fields[0])
+        target.parent.mkdir(parents=True, exist_ok=True)  # a signal file in a subfolder of the record's
+        if not target.exists():
+          try:
+            os.symlink(os.path.abspath(folder / fields[0]), target)
+          except OSError:  # no symlinks on this file system: copy instead
+            shutil.copyfile(folder / fields[0], target)
+    try:
+      header, rec = _decode(os.path.join(tmp, name), hea)
+    except RecordError as second:
+      if second.reason == common.BAD_HEADER:  # not (only) the date: the header's own error says more
+        raise first from None
+      raise  # the header reads now, and the signal is what fails
+  return header, rec, f"header: left out {ignored!r} after the sample count, which wfdb could not read ({first.detail})"
+
+
+def read_wfdb(path: str | os.PathLike[str], source: str = "", checks: common.Checks | None = None,
+              lead_map: Mapping[str, str] | None = None, **overrides: Any) -> Record:
+  """One WFDB record (path with or without `.hea`) in mV, standard leads by name, validated.
+
+  A header whose base time or date wfdb rejects is read without them (`lenient_header`); what was left out is in
+  `metadata['notes']`. `lead_map` (`common.parse_lead_map`) names channels the file names otherwise.
+  Raises `RecordError`: `bad_header` when the header cannot be parsed, `unreadable` when the signal file is
+  missing, truncated or corrupt, and the `validate` reasons.
+  """
+  base = record_path(path)
+  hea = base + ".hea"
+  if not os.path.exists(hea):
+    raise RecordError(hea, common.UNREADABLE, "no such header file")
+  notes = []
+  try:
+    header, rec = _decode(base, hea)
+  except RecordError as e:
+    if e.reason != common.BAD_HEADER:
+      raise
+    header, rec, note = _decode_leniently(base, hea, e)
+    notes.append(note)
   signal = rec.p_signal
   if signal is None or signal.ndim != 2:
     raise RecordError(hea, common.UNREADABLE, "no samples decoded")
@@ -95,9 +170,11 @@ def read_wfdb(path: str | os.PathLike[str], source: str = "", checks: common.Che
       raise RecordError(hea, common.BAD_HEADER, f"lead {name}: amplitude unit {unit!r} is not a voltage")
     scale.append(factor)
   signal = signal.T * np.asarray(scale)[:, None]
-  selected, lead_names, dropped = common.select_standard_leads(signal, rec.sig_name, hea)
+  selected, lead_names, dropped = common.select_standard_leads(signal, rec.sig_name, hea, lead_map)
   meta = parse_comments(list(rec.comments or []))
   meta["units"] = "mV"
+  if notes:
+    meta["notes"] = notes
   record_id = pathlib.Path(base).name
   record = Record(signal=selected.astype(np.float32), fs=float(rec.fs), leads=lead_names, record_id=record_id,
                   patient_id=_patient_id(meta, pathlib.Path(base)) or record_id, source=source, path=hea,

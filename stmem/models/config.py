@@ -57,5 +57,6 @@ VARIANTS: dict[str, ModelConfig] = {
 
 def model_config(variant: str, **overrides) -> ModelConfig:
   if variant not in VARIANTS:
-    raise ValueError(f"unknown model variant {variant!r}; choose from {sorted(VARIANTS)}")
+    from data_pipelines.errors import UsageError  # a name the user typed: reported in one line by `stmem`
+    raise UsageError(f"unknown model variant {variant!r}; choose from {sorted(VARIANTS)}")
   return VARIANTS[variant].replace(**overrides)

@@ -21,20 +21,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import pathlib
 import re
-import sys
 
 import numpy as np
 
+from data_pipelines import errors
 from data_pipelines.contract import Contract
+from data_pipelines.errors import DataError
 from stmem.models.config import VARIANTS, ModelConfig
 
 HEAD_DIM = 64  # every published ST-MEM variant (small, base) uses 64-wide heads; the file does not record heads
 
 
-class ConversionError(ValueError):
-  """The reference file cannot become a stmem checkpoint; the message names every problem found."""
+class ConversionError(DataError, ValueError):
+  """The reference file cannot become a stmem checkpoint; the message names every problem found (exit code 1)."""
 
 
 def read_reference(path: str | pathlib.Path) -> dict[str, np.ndarray]:
@@ -46,8 +48,36 @@ def read_reference(path: str | pathlib.Path) -> dict[str, np.ndarray]:
     if not path.exists():
       raise FileNotFoundError(f"{path}: no such file")
     from safetensors.numpy import load_file
-    return load_file(str(path))
+    try:
+      return load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError (and OSError) for bad files
+      raise DataError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
   return convert.load_reference_file(path)
+
+
+def exported_description(path: str | pathlib.Path) -> dict | None:
+  """The model config and contract that `stmem export` recorded for this weights file, or None (the authors' files).
+
+  Read from the safetensors metadata (`stmem_contract`, `stmem_model`), else from the `config.json` written beside
+  the weights. Why it matters: the contract of an exported encoder (e.g. filtering `offline`) is not the reference's,
+  and converting it back under the reference's contract would silently change the preprocessing.
+  """
+  path = pathlib.Path(path)
+  if path.suffix == ".safetensors":
+    from safetensors import safe_open
+    with safe_open(str(path), framework="np") as f:
+      meta = f.metadata() or {}
+    if "stmem_contract" in meta:
+      return {"contract": json.loads(meta["stmem_contract"]), "model": json.loads(meta.get("stmem_model", "{}"))}
+  beside = path.parent / "config.json"
+  if beside.is_file():
+    try:
+      config = json.loads(beside.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise DataError(f"{beside}: not readable JSON ({e}); it describes {path.name}: restore or delete it") from e
+    if config.get("format") == "stmem-export-1" and config.get("weights", {}).get("file") == path.name:
+      return {"contract": config["contract"], "model": config.get("model", {})}
+  return None
 
 
 def _block_indices(names, pattern: str) -> list[int]:
@@ -164,22 +194,47 @@ def convert_state(state: dict[str, np.ndarray], *, variant: str = "auto", head_d
 
 def convert_file(reference: str | pathlib.Path, out: str | pathlib.Path, *, variant: str = "auto",
                  head_dim: int = HEAD_DIM) -> tuple[pathlib.Path, Converted]:
-  """Read, convert and save; returns the step folder written and the conversion."""
+  """Read, convert and save; returns the step folder written and the conversion.
+
+  A file written by `stmem export` keeps its contract and model configuration (checked against the shapes); the
+  authors' files get the reference contract. Weights holding NaN or inf are refused, naming the parameters.
+  """
   from stmem import checkpoint
 
   reference = pathlib.Path(reference)
-  result = convert_state(read_reference(reference), variant=variant, head_dim=head_dim)
+  state = read_reference(reference)
+  errors.check_finite(state, str(reference))
+  exported = exported_description(reference)
+  result = convert_state(state, variant=variant, head_dim=head_dim)
+  contract = reference_contract(result.cfg)
+  origin = f"reference:{reference.name}"
+  if exported is not None:
+    contract = Contract.from_dict(exported["contract"])
+    result.cfg = _exported_config(exported["model"], result.cfg, reference)
+    origin = f"stmem export:{reference.name}"
   extra = {}
   if result.head:
     extra["reference_head"] = {"item": "head", "num_classes": int(result.head["kernel"].shape[1]),
                                "layout": "flax Linear: kernel (width, classes), bias (classes,)",
                                "source": "head.weight (transposed), head.bias"}
-  meta = checkpoint.make_meta(result.cfg, reference_contract(result.cfg), encoder_only=result.encoder_only,
-                              origin=f"reference:{reference.name}", config={"reference_file": reference.name},
+  meta = checkpoint.make_meta(result.cfg, contract, encoder_only=result.encoder_only,
+                              origin=origin, config={"reference_file": reference.name},
                               extra=extra)
   meta["fingerprint"] = checkpoint.fingerprint(result.params)
   step_dir = checkpoint.save_params(out, result.params, meta, extra_items={"head": result.head} if result.head else None)
   return step_dir, result
+
+
+def _exported_config(model: dict, inferred: ModelConfig, where: pathlib.Path) -> ModelConfig:
+  """The model config an export recorded, refused (ConversionError) where it disagrees with the tensor shapes."""
+  known = {f.name for f in dataclasses.fields(ModelConfig)}
+  cfg = dataclasses.replace(inferred, **{k: v for k, v in model.items() if k in known})
+  compared = ["width", "depth", "num_heads", "mlp_ratio", "patch_size", "num_patches", "num_lead_ids"]
+  diffs = [f"{f}: tensors {getattr(inferred, f)}, recorded {getattr(cfg, f)}" for f in compared
+           if f != "num_heads" and getattr(inferred, f) != getattr(cfg, f)]
+  if diffs:
+    raise ConversionError(f"{where}: the recorded model config does not match the tensors: " + "; ".join(diffs))
+  return cfg
 
 
 def main(argv: list[str]) -> int:
@@ -191,25 +246,10 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--head-dim", type=int, default=HEAD_DIM, help="attention head width used to count heads")
   args = parser.parse_args(argv)
 
-  out = pathlib.Path(args.out)
-  if out.exists() and any(out.iterdir()):
-    print(f"stmem convert: {out} exists and is not empty; choose a new --out", file=sys.stderr)
-    return 2
-  try:
-    step_dir, result = convert_file(args.reference, out, variant=args.variant, head_dim=args.head_dim)
-  except (ConversionError, FileNotFoundError, ImportError) as e:
-    print(f"stmem convert: {args.reference}: {e}", file=sys.stderr)
-    return 1
-  except Exception as e:  # a corrupt or hostile file: say so without a traceback through torch's internals
-    print(f"stmem convert: {args.reference}: refused ({type(e).__name__}: {e})", file=sys.stderr)
-    if "weights only" in str(e).lower() or "unsupported global" in str(e).lower():
-      # Checkpoints that also pickle Python objects (training arguments...) are refused as a whole: unpickling
-      # them could run code. Someone who trusts the file can keep only the tensors, then convert that.
-      print("  the file holds Python objects besides tensors; stmem never unpickles those. If you trust the file, "
-            "keep only its tensors:\n    python -c \"import torch; f = 'IN.pth'; "
-            "torch.save({'model': torch.load(f, weights_only=False)['model']}, 'weights_only.pth')\"\n"
-            "  and convert weights_only.pth.", file=sys.stderr)
-    return 1
+  out = pathlib.Path(args.out).expanduser()
+  if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    raise errors.UsageError(f"--out {out} exists and is not an empty folder; choose a new --out")
+  step_dir, result = convert_file(args.reference, out, variant=args.variant, head_dim=args.head_dim)
   cfg = result.cfg
   kind = "encoder only" if result.encoder_only else "encoder + decoder (pretraining model)"
   print(f"stmem convert: {args.reference} -> {step_dir}")

@@ -4,9 +4,9 @@
               [--per_patch] [--lead_set 12] [--crops first|mean3] [--batch_size 32]
 
 No masking at inference: the output equals `encoder.features(...)` on the preprocessed crops. Raw folders (WFDB,
-searched recursively) are read with `data_pipelines.readers` and preprocessed by the checkpoint's contract
-(FFT-resampled to its rate, first 10 s, band-pass, z-score); a prepared dataset is checked against the contract and
-adapted where safe. Crops: see configs/embed.py. Output: FILE_PREFIX.npz and FILE_PREFIX.parquet, written as the
+searched recursively) are read through `stmem.data.open_pool` exactly as `stmem prepare generic` would prepare them
+under the checkpoint's contract (FFT-resampled to its rate, every 10 s window a row, band-pass, z-score; records
+it cannot use are skipped and listed); a prepared dataset is checked against the contract and adapted where safe. Crops: see configs/embed.py. Output: FILE_PREFIX.npz and FILE_PREFIX.parquet, written as the
 batches come (bounded memory), with record ids, lead names, the checkpoint's fingerprint and contract.
 """
 from __future__ import annotations
@@ -15,10 +15,8 @@ import argparse
 import json
 import os
 import pathlib
-import shutil
-import tempfile
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -42,7 +40,6 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--lead_set", default=d.lead_set)
   p.add_argument("--crops", choices=("first", "mean3"), default=d.crops)
   p.add_argument("--batch_size", type=int, default=d.batch_size)
-  p.add_argument("--read_chunk", type=int, default=d.read_chunk)
   p.add_argument("--no_progress", action="store_true")
   return p.parse_args(list(argv))
 
@@ -54,11 +51,14 @@ class Writer:
   .npz entries are written with the true row count, copied in slices, so no array is ever whole in memory.
   """
 
-  def __init__(self, prefix: str, capacity: int, shapes: dict[str, tuple[int, ...]], metadata: dict[str, Any]):
+  def __init__(self, prefix: str, capacity: int, shapes: dict[str, tuple[int, ...]], metadata: dict[str, Any],
+               staging: Any):
     import pyarrow as pa
     import pyarrow.parquet as pq
     self.prefix, self.capacity, self.shapes, self.metadata = prefix, capacity, shapes, metadata
-    self.tmp = tempfile.mkdtemp(prefix="stmem-embed-", dir=os.path.dirname(os.path.abspath(prefix)) or ".")
+    # Everything is written in `staging` (a stmem.atomic.Staging) and moved into place by `close`: a failed or empty
+    # run leaves neither a 0-row file nor a temporary folder behind.
+    self.staging, self.tmp = staging, staging.folder
     self.maps = {k: np.lib.format.open_memmap(os.path.join(self.tmp, f"{k}.npy"), mode="w+", dtype=np.float32,
                                               shape=(max(capacity, 1), *s)) for k, s in shapes.items()}
     self.ids: dict[str, list[str]] = {"record_id": [], "patient_id": []}
@@ -75,7 +75,7 @@ class Writer:
               pa.field("lead_mask", pa.list_(pa.bool_(), shapes["per_lead"][0]))]
     fields += [pa.field(k, vec(s)) for k, s in shapes.items()]
     self.schema = pa.schema(fields, metadata={k: json.dumps(v) for k, v in metadata.items()})
-    self.parquet = pq.ParquetWriter(prefix + ".parquet", self.schema)
+    self.parquet = pq.ParquetWriter(staging.path("out.parquet"), self.schema)
 
   def write(self, arrays: dict[str, np.ndarray], record_id: Sequence[str], patient_id: Sequence[str],
             lead_mask: np.ndarray) -> None:
@@ -106,7 +106,7 @@ class Writer:
     for k, v in self.metadata.items():  # lists of names stay arrays of names; anything else is JSON text
       plain = isinstance(v, list) and all(isinstance(x, str) for x in v)
       extra[k] = np.asarray(v if plain or isinstance(v, str) else json.dumps(v), dtype=str)
-    with zipfile.ZipFile(self.prefix + ".npz", "w", allowZip64=True) as z:
+    with zipfile.ZipFile(self.staging.path("out.npz"), "w", allowZip64=True) as z:
       for k, m in self.maps.items():
         with z.open(f"{k}.npy", "w", force_zip64=True) as f:
           np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(m.dtype),
@@ -119,101 +119,78 @@ class Writer:
           np.lib.format.write_array(f, v, allow_pickle=False)
     for m in self.maps.values():
       m._mmap.close()
-    shutil.rmtree(self.tmp, ignore_errors=True)
+    self.staging.commit({"out.npz": self.prefix + ".npz", "out.parquet": self.prefix + ".parquet"})
     return self.prefix + ".npz", self.prefix + ".parquet"
-
-
-def raw_sources(folder: str, contract, chunk: int, log) -> tuple[int, Iterator[Any]]:
-  """(upper bound on records, iterator of ArraySources of up to `chunk` records) from a raw WFDB folder."""
-  from data_pipelines import readers
-  from stmem import data
-  from stmem.train import features
-  count = sum(1 for _ in pathlib.Path(folder).rglob("*.hea"))
-
-  def chunks():
-    batch = []
-    for rec in readers.iter_wfdb_folder(folder):
-      if isinstance(rec, Exception):
-        log(f"skipped {getattr(rec, 'record_id', '?')}: {rec}")
-        continue
-      batch.append(rec)
-      if len(batch) == chunk:
-        yield batch
-        batch = []
-    if batch:
-      yield batch
-
-  def sources():
-    for records in chunks():
-      arrays = features.records_to_arrays(records, contract)
-      for rid in arrays.pop("skipped"):
-        log(f"skipped {rid}: shorter than {contract.record_samples / contract.fs:g} s")
-      if len(arrays["record_id"]):
-        yield data.ArraySource(arrays)
-
-  return count, sources()
 
 
 def main(argv: Sequence[str]) -> int:
   args = _parse(argv)
   import sys
 
-  from data_pipelines import leads as leads_lib
+  from data_pipelines import errors, leads as leads_lib
+  from data_pipelines import transforms
+  from data_pipelines.errors import DataError
+  from stmem import data
   from stmem.train import features
 
   def log(msg: str) -> None:
     print(f"stmem embed: {msg}", file=sys.stderr)
 
+  if args.records:  # before the (slow) checkpoint load
+    errors.require_dir(args.records, "--records")
+
   # ------------------------------------------------------------------------------------------ encoder
   loaded = features.load_encoder(args.checkpoint)
   names = leads_lib.parse_lead_set(args.lead_set)
-  crops = 1 if args.crops == "first" else features.EVAL_CROPS
+  crops = 1 if args.crops == "first" else transforms.EVAL_CROPS
 
   # ------------------------------------------------------------------------------------------ data
   if args.data_dir:
-    from stmem import data
-    prepared = data.open_prepared(args.data_dir, args.split)
-    source, contract, adapted = features.adapt(loaded.contract, prepared.contract, prepared.source, names)
-    for line in adapted:
-      log(f"adapted {line}")
-    capacity, sources = len(source), iter([source])
-  else:
-    features.adapt(loaded.contract, loaded.contract, None, names)  # the lead set against the checkpoint's leads
-    contract = features.canonical_contract(loaded.contract)
-    capacity, sources = raw_sources(args.records, loaded.contract, args.read_chunk, log)
-    log(f"raw records preprocessed by the checkpoint's contract ({contract.fs:g} Hz, first "
-        f"{contract.record_samples / contract.fs:g} s, crops: {args.crops})")
+    spec = data.DatasetSpec("prepared", path=args.data_dir, splits=(args.split,))
+  else:  # a folder of WFDB records, read as `stmem prepare generic` reads it, under the checkpoint's contract
+    spec = data.DatasetSpec("raw", path=args.records, name="generic")
+  pool = data.open_pool(spec, loaded.contract)
+  for q in pool.quarantine.get("records", []):
+    log(f"skipped {q['path']}: {q['reason']} ({q['detail']})")
+  source, contract, adapted = features.adapt(loaded.contract, pool.contract, pool.source, names)
+  for line in adapted:
+    log(f"adapted {line}")
+  capacity = len(source)
+  if not args.data_dir:
+    log(f"raw records preprocessed by the checkpoint's contract ({contract.fs:g} Hz, every "
+        f"{contract.record_samples / contract.fs:g} s window, crops: {args.crops})")
 
   # ------------------------------------------------------------------------------------------ export
   cfg = loaded.encoder.cfg
   shapes = {"pooled": (cfg.width,), "per_lead": (len(names), cfg.width)}
   if args.per_patch:
     shapes["per_patch"] = (len(names), contract.window // contract.patch_size, cfg.width)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  writer = Writer(args.out, capacity, shapes, {
-    "fingerprint": loaded.fingerprint, "contract": loaded.contract.to_dict(), "checkpoint": loaded.name,
-    "lead_names": list(names), "crops": args.crops, "model": dict(vars(cfg)) if hasattr(cfg, "__dict__") else {}})
-  fn = features.feature_fn(per_lead=True, per_patch=args.per_patch)
-  from flax import nnx
-  graphdef, state = nnx.split(loaded.encoder)
-  bar = None
-  if not args.no_progress:
-    from tqdm import tqdm
-    bar = tqdm(total=capacity, unit="record", desc="embed", file=sys.stderr)
-  for source in sources:
-    for batch in features.batches_of(source, contract, lead_set=names, batch_size=args.batch_size, crops=crops):
+  from stmem import atomic
+  with atomic.Staging(os.path.dirname(os.path.abspath(args.out))) as staging:
+    writer = Writer(args.out, capacity, shapes, {
+      "fingerprint": loaded.fingerprint, "contract": loaded.contract.to_dict(), "checkpoint": loaded.name,
+      "lead_names": list(names), "crops": args.crops, "model": dict(vars(cfg)) if hasattr(cfg, "__dict__") else {}},
+      staging)
+    fn = features.feature_fn(per_lead=True, per_patch=args.per_patch)
+    from flax import nnx
+    graphdef, state = nnx.split(loaded.encoder)
+    bar = None
+    if not args.no_progress:
+      from tqdm import tqdm
+      bar = tqdm(total=capacity, unit="record", desc="embed", file=sys.stderr)
+    for batch in features.eval_batches(source, contract, lead_set=names, batch_size=args.batch_size, crops=crops):
       out = fn(graphdef, state, batch["signal"], batch["lead_ids"], batch["lead_mask"])
-      valid = batch["valid"].reshape(-1, crops)[:, 0]
-      arrays = {}
-      for k, v in out.items():
-        v = np.asarray(v)
-        arrays[{"tokens": "per_patch"}.get(k, k)] = v.reshape(-1, crops, *v.shape[1:]).mean(axis=1)[valid]
-      writer.write(arrays, [r.decode() for r in batch["record_id"][::crops][valid]],
-                   [p.decode() for p in batch["patient_id"][::crops][valid]], batch["lead_mask"][::crops][valid])
+      valid = batch["valid"]
+      arrays = {{"tokens": "per_patch"}.get(k, k): np.asarray(v)[valid] for k, v in out.items()}
+      writer.write(arrays, [r.decode() for r in batch["record_id"][valid]],
+                   [p.decode() for p in batch["patient_id"][valid]], batch["lead_mask"][valid])
       if bar is not None:
         bar.update(int(valid.sum()))
-  if bar is not None:
-    bar.close()
-  npz, parquet = writer.close()
+    if bar is not None:
+      bar.close()
+    if writer.n == 0:
+      raise DataError(f"no usable record in {args.records or args.data_dir} ({capacity} found, each skipped one "
+                      f"listed above); nothing written to {args.out}.npz / .parquet")
+    npz, parquet = writer.close()
   log(f"{writer.n} records -> {npz}, {parquet} (fingerprint {loaded.fingerprint})")
   return 0

@@ -13,9 +13,10 @@ import argparse
 import hashlib
 import json
 import pathlib
-import sys
 
 import numpy as np
+
+from data_pipelines.errors import UsageError
 
 FORMATS = {"safetensors": "model.safetensors", "npz": "model.npz"}
 
@@ -51,20 +52,26 @@ def export(checkpoint_path: str | pathlib.Path, out: str | pathlib.Path, *, fmt:
   from stmem import checkpoint, model_card
 
   if fmt not in FORMATS:
-    raise ValueError(f"unknown format {fmt!r}; choose from {sorted(FORMATS)}")
+    raise UsageError(f"--format {fmt!r}: choose from {sorted(FORMATS)}")
+  out = pathlib.Path(out).expanduser()
+  if out.exists() and not out.is_dir():
+    raise UsageError(f"--out {out} is a file; give a folder for the model file, config.json and README.md")
   encoder, meta = checkpoint.load_model(checkpoint_path, encoder_only=True)
   names = encoder_reference_names(encoder)
   enc_params = {"encoder": nnx.to_pure_dict(nnx.state(encoder, nnx.Param))}
   fp = checkpoint.fingerprint(enc_params)
   count = int(sum(v.size for v in names.values()))
 
-  out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
   weights = out / FORMATS[fmt]
   if fmt == "safetensors":
     from safetensors.numpy import save_file
     # "format: pt" tells loaders the names and layouts are PyTorch's.
-    save_file(names, str(weights), metadata={"format": "pt", "producer": "stmem export", "stmem_fingerprint": fp})
+    # The contract and model config travel inside the file too, so that `stmem convert` of the file alone restores
+    # them exactly (the contract decides the preprocessing; the reference's would be silently different).
+    save_file(names, str(weights), metadata={"format": "pt", "producer": "stmem export", "stmem_fingerprint": fp,
+                                             "stmem_contract": json.dumps(meta["contract"], sort_keys=True),
+                                             "stmem_model": json.dumps(meta["model"], sort_keys=True)})
   else:
     np.savez(weights, **names)
   digest = _sha256(weights)
@@ -98,11 +105,7 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--out", required=True, help="folder to write model file, config.json and README.md into")
   parser.add_argument("--format", default="safetensors", choices=sorted(FORMATS))
   args = parser.parse_args(argv)
-  try:
-    config = export(args.checkpoint, args.out, fmt=args.format)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"stmem export: {e}", file=sys.stderr)
-    return 1
+  config = export(args.checkpoint, args.out, fmt=args.format)
   print(f"stmem export: {args.checkpoint} -> {args.out}/{config['weights']['file']} "
         f"({config['parameter_count']:,} parameters, fingerprint {config['fingerprint']}), config.json, README.md")
   return 0

@@ -1,10 +1,13 @@
 """Shared by the probe, fine-tune and embed programs: loading an encoder, checking (and adapting) the data's
 preprocessing contract against the checkpoint's, and frozen-encoder features over an evaluation pipeline.
 
-Features of a record are the encoder's pooled features averaged over its evaluation crops (the reference averages
-predictions over 3 crops at 0, 0.5 and 1 s; averaging the features is the linear-probe equivalent). With
-`last_blocks=k` they are instead the mean over the last k blocks of each block's pooled patch tokens, each put
-through the final LayerNorm (k=1 is exactly the usual pooled feature).
+Where examples come from is not here: programs get them from `stmem.data` (`open_pool`, `task_pools`).
+
+Features of an example are the encoder's pooled features averaged over its evaluation crops (the reference averages
+predictions over 3 crops at 0, 0.5 and 1 s; averaging the features is the linear-probe equivalent); evaluation
+batches carry the crop axis (B, K, L, T) and `crop_mean` averages over it. With `last_blocks=k` they are instead
+the mean over the last k blocks of each block's pooled patch tokens, each put through the final LayerNorm (k=1 is
+exactly the usual pooled feature).
 """
 from __future__ import annotations
 
@@ -18,11 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from data_pipelines import leads as leads_lib
 from data_pipelines import contract as contract_lib
+from data_pipelines import leads as leads_lib
+from data_pipelines import transforms
 from data_pipelines.contract import Contract
-
-EVAL_CROPS = 3
 
 
 # ------------------------------------------------------------------------------------------------ encoders
@@ -75,16 +77,11 @@ class ResampledSource:
   def __getitem__(self, index: int) -> dict[str, Any]:
     from data_pipelines import transforms
     ex = dict(self.source[index])
+    length = np.shape(ex["signal"])[-1]
     ex["signal"] = transforms.resample_to(np.asarray(ex["signal"], np.float32), self.record_samples)
+    if "valid_samples" in ex:  # where zero padding starts, at the new rate
+      ex["valid_samples"] = int(round(int(ex["valid_samples"]) * self.record_samples / length))
     return ex
-
-
-def eval_starts(record_samples: int, window: int, crops: int = EVAL_CROPS) -> tuple[int, ...]:
-  """Crop starts spread evenly over a record: (0, 125, 250) for the reference's 2500-sample records and 2250 window."""
-  if window > record_samples:
-    raise contract_lib.ContractMismatch(f"records of {record_samples} samples are shorter than the checkpoint's "
-                                        f"window of {window}")
-  return tuple(int(round(s)) for s in np.linspace(0, record_samples - window, crops))
 
 
 def adapt(checkpoint: Contract, data: Contract, source: Any, lead_set: str | Sequence[str] | None = None
@@ -113,47 +110,10 @@ def adapt(checkpoint: Contract, data: Contract, source: Any, lead_set: str | Seq
   # offline-filtered dataset is not filtered twice, a per-crop one is filtered per crop).
   pipeline = dataclasses.replace(data, fs=checkpoint.fs, window=checkpoint.window, record_samples=record_samples,
                                  patch_size=checkpoint.patch_size)
-  eval_starts(record_samples, checkpoint.window)
+  if checkpoint.window > record_samples:
+    raise contract_lib.ContractMismatch(f"records of {record_samples} samples are shorter than the checkpoint's "
+                                        f"window of {checkpoint.window}")
   return source, pipeline, notes
-
-
-# ------------------------------------------------------------------------------------------------ raw records
-
-
-def records_to_arrays(records: Sequence[Any], contract: Contract) -> dict[str, np.ndarray]:
-  """Records (`data_pipelines.record.Record`) -> arrays for `stmem.data.ArraySource`, preprocessed offline to
-  `contract` (FFT-resampled to its rate, band-passed here only if its filter stage is "offline").
-
-  One example per record: its first window of `contract.record_samples` samples (the first 10 s); the evaluation
-  crops are cut from that. Leads go to their canonical slots; absent leads are zero rows, False in `lead_mask`.
-  Records shorter than one window are skipped and listed in `skipped`.
-  """
-  from data_pipelines import transforms
-  signals, masks, rids, pids, skipped = [], [], [], [], []
-  order = [leads_lib.LEAD_ID[leads_lib.canonical_name(n)] for n in contract.leads]
-  for rec in records:
-    w = transforms.prepare_record_windows(rec, contract)
-    if not len(w):
-      skipped.append(rec.record_id)
-      continue
-    sig = np.zeros((leads_lib.NUM_LEADS, contract.record_samples), np.float32)
-    mask = np.zeros((leads_lib.NUM_LEADS,), bool)
-    sig[order] = w[0]
-    mask[order] = transforms.lead_mask(rec, contract)
-    signals.append(sig)
-    masks.append(mask)
-    rids.append(rec.record_id)
-    pids.append(rec.patient_id or rec.record_id)
-  n = len(signals)
-  return {"signal": np.stack(signals) if n else np.zeros((0, leads_lib.NUM_LEADS, contract.record_samples), np.float32),
-          "lead_mask": np.stack(masks) if n else np.zeros((0, leads_lib.NUM_LEADS), bool),
-          "record_id": np.asarray(rids, dtype=str), "patient_id": np.asarray(pids, dtype=str),
-          "skipped": np.asarray(skipped, dtype=str)}
-
-
-def canonical_contract(contract: Contract) -> Contract:
-  """The contract of arrays made by `records_to_arrays`: the same, with the leads in canonical slots."""
-  return dataclasses.replace(contract, leads=leads_lib.LEADS)
 
 
 # ------------------------------------------------------------------------------------------------ features
@@ -167,9 +127,26 @@ def _pool_tokens(encoder, tokens: jax.Array, lead_mask: jax.Array) -> jax.Array:
   return encoder.norm(summed / (jnp.maximum(present.sum(axis=1, keepdims=True), 1.0) * patch.shape[2]))
 
 
+def crop_mean(fn):
+  """`fn(signal (B, L, T), lead_ids, lead_mask) -> pytree of (B, ...)` as a function of evaluation batches
+  (signal (B, K, L, T)): the K crops of each example go through `fn` together and their outputs are averaged.
+
+  Traceable (use it inside a jit); the crop axis is folded into the batch here, once, so no program regroups rows.
+  """
+
+  def over_crops(signal, lead_ids, lead_mask):
+    b, k = signal.shape[:2]
+    out = fn(signal.reshape(b * k, *signal.shape[2:]), jnp.repeat(lead_ids, k, axis=0),
+             jnp.repeat(lead_mask, k, axis=0))
+    return jax.tree.map(lambda x: jnp.mean(x.reshape(b, k, *x.shape[1:]).astype(jnp.float32), axis=1), out)
+
+  return over_crops
+
+
 def feature_fn(last_blocks: int = 0, per_lead: bool = False, per_patch: bool = False):
   """A jitted pure function (graphdef, state, signal, lead_ids, lead_mask) -> dict of features.
 
+  signal (B, L, T) gives features per ECG; an evaluation batch's (B, K, L, T) gives them averaged over the K crops.
   Parameters are an argument, not a constant: encoders of one architecture (a checkpoint and its random twin)
   share one compilation.
   """
@@ -178,52 +155,57 @@ def feature_fn(last_blocks: int = 0, per_lead: bool = False, per_patch: bool = F
   @jax.jit
   def fn(graphdef, state, signal, lead_ids, lead_mask):
     encoder = nnx.merge(graphdef, state)
-    f = encoder.features(signal, lead_ids, lead_mask, blocks=blocks)
-    out = {"pooled": f["pooled"]}
-    if blocks:
-      out["pooled"] = jnp.mean(jnp.stack([_pool_tokens(encoder, t, lead_mask) for t in f["blocks"].values()]), axis=0)
-    if per_lead:
-      out["per_lead"] = f["per_lead"]
-    if per_patch:
-      out["tokens"] = f["tokens"]
-    return out
+
+    def features(signal, lead_ids, lead_mask):
+      f = encoder.features(signal, lead_ids, lead_mask, blocks=blocks)
+      out = {"pooled": f["pooled"]}
+      if blocks:
+        out["pooled"] = jnp.mean(jnp.stack([_pool_tokens(encoder, t, lead_mask) for t in f["blocks"].values()]),
+                                 axis=0)
+      if per_lead:
+        out["per_lead"] = f["per_lead"]
+      if per_patch:
+        out["tokens"] = f["tokens"]
+      return out
+
+    return (crop_mean(features) if signal.ndim == 4 else features)(signal, lead_ids, lead_mask)
 
   return fn
 
 
-def batches_of(source: Any, contract: Contract, *, lead_set: Any, batch_size: int, crops: int = EVAL_CROPS):
-  """The evaluation pipeline (`stmem.data`) over a source: every record once, in order, `crops` crops each."""
+def eval_batches(source: Any, contract: Contract, *, lead_set: Any, batch_size: int,
+                 crops: int = transforms.EVAL_CROPS):
+  """The evaluation pipeline (`stmem.data`) over a source: every example once, in order, `crops` crops each."""
   from stmem import data
-  starts = eval_starts(contract.record_samples, contract.window, crops)
+  starts = transforms.eval_starts(contract.record_samples, contract.window, crops)
   return data.make_iterator(source, contract, batch_size=batch_size, train=False, lead_set=lead_set,
                             eval_starts=starts, process_index=0, process_count=1)
 
 
 def extract(encoders: Mapping[str, Loaded | Any], source: Any, contract: Contract, *, lead_set: Any = None,
-            batch_size: int = 32, last_blocks: int = 0, crops: int = EVAL_CROPS, progress: bool = False
+            batch_size: int = 32, last_blocks: int = 0, crops: int = transforms.EVAL_CROPS, progress: bool = False
             ) -> dict[str, Any]:
-  """Features of every record of `source`, in source order, for each encoder (one data pass feeds them all).
+  """Features of every example of `source`, in source order, for each encoder (one data pass feeds them all).
 
   Returns {"features": {name: (N, D) float32}, "labels": (N, C), "record_id": (N,) str, "patient_id": (N,) str}.
-  Features are averaged over the `crops` evaluation crops of each record.
+  Features are averaged over the `crops` evaluation crops of each example.
   """
   fn = feature_fn(last_blocks)
   split = {name: nnx.split(e.encoder if isinstance(e, Loaded) else e) for name, e in encoders.items()}
   feats: dict[str, list[np.ndarray]] = {name: [] for name in encoders}
   labels, rids, pids = [], [], []
-  it = batches_of(source, contract, lead_set=lead_set, batch_size=batch_size, crops=crops)
+  it = eval_batches(source, contract, lead_set=lead_set, batch_size=batch_size, crops=crops)
   if progress:
     from tqdm import tqdm
     it = tqdm(it, total=-(-len(source) // batch_size), desc="features", unit="batch")
   for batch in it:
-    valid = batch["valid"].reshape(-1, crops)[:, 0]
+    valid = batch["valid"]
     for name, (graphdef, state) in split.items():
       out = fn(graphdef, state, batch["signal"], batch["lead_ids"], batch["lead_mask"])["pooled"]
-      out = np.asarray(out).reshape(-1, crops, out.shape[-1]).mean(axis=1)
-      feats[name].append(out[valid])
-    labels.append(batch["labels"][::crops][valid])
-    rids += [r.decode() for r in batch["record_id"][::crops][valid]]
-    pids += [p.decode() for p in batch["patient_id"][::crops][valid]]
+      feats[name].append(np.asarray(out)[valid])
+    labels.append(batch["labels"][valid])
+    rids += [r.decode() for r in batch["record_id"][valid]]
+    pids += [p.decode() for p in batch["patient_id"][valid]]
   n_labels = labels[0].shape[1] if labels else 0
   return {"features": {k: np.concatenate(v) if v else np.zeros((0, 0), np.float32) for k, v in feats.items()},
           "labels": np.concatenate(labels) if labels else np.zeros((0, n_labels), np.float32),

@@ -49,21 +49,6 @@ class Classifier(nnx.Module):
     return self.head(enc.features(signal, lead_ids, lead_mask, branch_scale=branch_scale)["pooled"])
 
 
-class LabelledSubset:
-  """Records `indices` of a source, with the task's labels in place of whatever the source carries."""
-
-  def __init__(self, source, indices: np.ndarray, labels: np.ndarray):
-    self.source, self.indices, self.labels = source, np.asarray(indices), np.asarray(labels, np.float32)
-
-  def __len__(self) -> int:
-    return len(self.indices)
-
-  def __getitem__(self, i: int):
-    ex = dict(self.source[int(self.indices[i])])
-    ex["labels"] = self.labels[i]
-    return ex
-
-
 def task_loss(logits, labels, kind: str, smoothing: float = 0.0, class_weight=None):
   """Mean loss per record: sigmoid BCE summed over classes (multi-label) or softmax cross-entropy (multi-class)."""
   if kind == "multiclass":
@@ -90,7 +75,8 @@ def main(argv: Sequence[str]) -> int:
 
   from stmem import augment, checkpoint as ckpt_lib, data, evaluation
   from stmem.models import model_config
-  from stmem.train import features, optim, report, tasks as tasks_lib
+  from data_pipelines import builder_base
+  from stmem.train import features, optim, report
 
   # ------------------------------------------------------------------------------------------ encoder
   if config.checkpoint:
@@ -102,22 +88,21 @@ def main(argv: Sequence[str]) -> int:
   log.info("encoder: %s", origin)
 
   # ------------------------------------------------------------------------------------------ data
-  pools, task_list = tasks_lib.load([config.task], loaded.contract, data_dir=config.data_dir,
-                                    data_root=config.data_root,
-                                    labels=[x for x in config.labels.split(",") if x], kind=config.kind,
-                                    synthetic_n=int(config.synthetic_n), seed=int(config.seed))
-  task = task_list[0]
-  pool = pools[task.pool]
-  split = pool.split if pool.split is not None else tasks_lib.hash_split(pool.patient_id)
+  pools, task_list = data.task_pools([config.task], loaded.contract, data_dir=config.data_dir,
+                                     data_root=config.data_root, labels=[x for x in config.labels.split(",") if x],
+                                     kind=config.kind, num_synthetic=int(config.synthetic_n), seed=int(config.seed))
+  pool_key, task = task_list[0]
+  pool = pools[pool_key]
+  split = pool.split if pool.fixed_splits else builder_base.split_names(pool.patient_id)
   source, contract, adapted = features.adapt(loaded.contract, pool.contract, pool.source, config.lead_set)
   for line in adapted:
     log.info("adapted %s", line)
   subsets = {}
-  for name in tasks_lib.SPLITS:
+  for name in data.SPLITS:
     idx = np.flatnonzero(task.keep & (split == name))
     if not len(idx):
       raise ValueError(f"task {task.name}: the {name} split is empty")
-    subsets[name] = (idx, LabelledSubset(source, idx, task.labels[idx]))
+    subsets[name] = (idx, data.Subset(source, idx, task.labels[idx]))
   log.info("task %s: %s", task.name, {k: len(v[0]) for k, v in subsets.items()})
   train_labels = task.labels[subsets["train"][0]]
   class_weight = None
@@ -154,24 +139,24 @@ def main(argv: Sequence[str]) -> int:
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  @jax.jit
-  def predict_step(params, signal, lead_ids, lead_mask):
-    return nnx.merge(graphdef, params)(signal, lead_ids, lead_mask)
-
-  # ------------------------------------------------------------------------------------------ evaluation
   link = (lambda z: jax.nn.softmax(z, -1)) if task.kind == "multiclass" else jax.nn.sigmoid
 
+  @jax.jit
+  def predict_step(params, signal, lead_ids, lead_mask):
+    """Probabilities averaged over the evaluation crops (signal (B, K, L, T))."""
+    model = nnx.merge(graphdef, params)
+    return features.crop_mean(lambda s, i, m: link(model(s, i, m)))(signal, lead_ids, lead_mask)
+
+  # ------------------------------------------------------------------------------------------ evaluation
   def evaluate(params, name: str) -> dict:
-    """3-crop evaluation of one split: probabilities averaged over the crops of each record."""
+    """3-crop evaluation of one split: probabilities averaged over the crops of each example."""
     idx, subset = subsets[name]
     probs, labels = [], []
-    for batch in features.batches_of(subset, contract, lead_set=config.lead_set,
-                                      batch_size=int(config.eval_batch_size)):
-      p = np.asarray(link(predict_step(params, batch["signal"], batch["lead_ids"], batch["lead_mask"])))
-      k = features.EVAL_CROPS
-      valid = batch["valid"].reshape(-1, k)[:, 0]
-      probs.append(p.reshape(-1, k, p.shape[-1]).mean(1)[valid])
-      labels.append(batch["labels"][::k][valid])
+    for batch in features.eval_batches(subset, contract, lead_set=config.lead_set,
+                                       batch_size=int(config.eval_batch_size)):
+      p = np.asarray(predict_step(params, batch["signal"], batch["lead_ids"], batch["lead_mask"]))
+      probs.append(p[batch["valid"]])
+      labels.append(batch["labels"][batch["valid"]])
     probs, labels = np.concatenate(probs), np.concatenate(labels)
     eps = 1e-7
     if task.kind == "multiclass":
@@ -214,21 +199,15 @@ def main(argv: Sequence[str]) -> int:
   multiclass = task.kind == "multiclass"
   thresholds = None if multiclass else evaluation.thresholds_for(val["labels"], val["probs"])
   predicted = evaluation.predictions(test["probs"], thresholds, multiclass)
-  y, s = test["labels"], test["probs"]
-  ci = evaluation.patient_bootstrap(
-    lambda i: evaluation.macro_metrics(y[i], s[i], multiclass=multiclass, predicted=predicted[i]),
-    test["patient_id"], n_resamples=int(config.bootstrap), seed=int(config.seed))
-  row = {"task": task.name, "model": "fine-tuned" if config.checkpoint else "from scratch",
-         "lead_set": config.lead_set, "n_records": int(len(y)), "n_patients": int(len(set(test["patient_id"]))),
-         "n_positive": "/".join(str(int(v)) for v in y.sum(0)), "protocol": "train/validation/test", "l2": ""}
-  for m, (point, lo, hi) in ci.items():
-    row.update({m: point, f"{m}_lo": lo, f"{m}_hi": hi})
-  fpr, tpr, _ = evaluation.roc_curve(y.ravel(), s.ravel())
+  row, curve = report.task_row(report.task_title(task.name, config),
+                               "fine-tuned" if config.checkpoint else "from scratch", config.lead_set, test["labels"],
+                               test["probs"], predicted, test["patient_id"], class_names=task.label_names,
+                               multiclass=multiclass, protocol="train/validation/test",
+                               n_resamples=int(config.bootstrap), seed=int(config.seed), l2="")
   notes = [f"encoder: {origin}", f"selected step {best_step} of {config.steps} on validation {config.select_on}",
            "test split scored once, with the selected model; F1 thresholds chosen on validation",
            f"intervals: 95 % percentile bootstrap over patients ({config.bootstrap} resamples)"]
-  paths = report.write(workdir, [row], title="Fine-tuning", curves={task.name: {f"{config.lead_set}": (fpr, tpr,
-                                                                                                   row["auroc"])}},
+  paths = report.write(workdir, [row], title="Fine-tuning", curves={row["task"]: {f"{config.lead_set}": curve}},
                        notes=notes, info={"config": config.to_dict(), "best_step": best_step})
 
   # ------------------------------------------------------------------------------------------ checkpoint

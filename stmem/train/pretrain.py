@@ -43,23 +43,19 @@ def parse_mesh(spec: str) -> list[tuple[str, int]]:
 
 
 def build_source(config) -> tuple[data_lib.Source, Contract]:
-  """The training examples and their contract: the built-in simulator, or a prepared dataset."""
+  """The training examples and their contract: the built-in simulator, or a prepared dataset (`stmem.data`)."""
   if config.data.source == "synthetic":
-    from data_pipelines import transforms
-    from stmem import synthetic
-    # Filtered once here (the contract's "offline" stage) rather than per crop: the simulator's records are in
-    # memory anyway, and per-crop filtering would be most of a tiny model's step.
-    contract = Contract(filter_stage="offline")
-    arrays = synthetic.make_dataset(config.data.num_synthetic, seed=config.seed,
-                                    seconds=contract.record_samples / contract.fs, fs=contract.fs)
-    arrays["signal"] = transforms.bandpass(arrays["signal"], contract.fs, contract.highpass_hz, contract.lowpass_hz,
-                                           contract.filter_order).astype("float32")
-    return data_lib.ArraySource({k: arrays[k] for k in ("signal", "record_id", "patient_id")}), contract
-  if config.data.source == "prepared":
-    prepared = data_lib.open_prepared(pathlib.Path(config.data.data_dir).expanduser(), config.data.split,
-                                      config.data.name or None)
-    return prepared.source, prepared.contract
-  raise ValueError(f"config.data.source must be 'synthetic' or 'prepared', not {config.data.source!r}")
+    # Filtered once when simulated (the contract's "offline" stage) rather than per crop: the simulator's records
+    # are in memory anyway, and per-crop filtering would be most of a tiny model's step.
+    spec = data_lib.DatasetSpec("synthetic", num_synthetic=config.data.num_synthetic, seed=config.seed)
+    pool = data_lib.open_pool(spec, Contract(filter_stage="offline"))
+  elif config.data.source == "prepared":
+    spec = data_lib.DatasetSpec("prepared", path=config.data.data_dir, name=config.data.name,
+                                splits=(config.data.split,))
+    pool = data_lib.open_pool(spec)
+  else:
+    raise ValueError(f"config.data.source must be 'synthetic' or 'prepared', not {config.data.source!r}")
+  return pool.source, pool.contract
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, accum_steps: int):
@@ -147,11 +143,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, sto
   checkpointer = ckpt_lib.Checkpointer(workdir / ckpt_lib.CHECKPOINT_DIR, every=config.checkpoint.every,
                                        keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
   meta = ckpt_lib.make_meta(cfg, contract, config=json.loads(config.to_json_best_effort()), origin="stmem pretrain")
-  start_step = checkpointer.latest_step() or 0
   data_state = None
-  if start_step:
-    restored = checkpointer.restore(start_step, params=abstract_params, opt_state=abstract_opt,
-                                    param_shardings=param_shardings, opt_shardings=opt_shardings)
+  # The newest checkpoint that reads back: a corrupt latest step is moved aside, said, and the one before it used.
+  start_step, restored = checkpointer.restore_latest_readable(
+    log=(lambda m: print(m, file=sys.stderr)) if is_main else None, params=abstract_params, opt_state=abstract_opt,
+    param_shardings=param_shardings, opt_shardings=opt_shardings)
+  if restored is not None:
     params, opt_state = restored["params"], restored["opt_state"]
     data_state = restored.get("data_state")
     if is_main:

@@ -30,7 +30,7 @@ def evaluation_folds(task, pool, config) -> tuple[np.ndarray, np.ndarray, np.nda
   """
   from stmem import evaluation
   keep = task.keep
-  if pool.split is not None and config.use_splits:
+  if pool.fixed_splits and config.use_splits:
     return ((keep & (pool.split == "train"))[None], (keep & (pool.split == "validation"))[None],
             (keep & (pool.split == "test"))[None], "train/validation/test splits")
   k = int(config.cv_folds)
@@ -66,24 +66,12 @@ def probe_task(x: np.ndarray, task, weights, config) -> dict:
 
 
 def summarise(task, model: str, lead_set: str, out: dict, pool, protocol: str, config) -> tuple[dict, tuple]:
-  """A report row (metrics with patient-bootstrap intervals) and the ROC curve of the test predictions."""
-  from stmem import evaluation
-  y, s, p = task.labels[out["rows"]], out["scores"], out["predicted"]
-  pids = pool.patient_id[out["rows"]]
-  multiclass = task.kind == "multiclass"
-
-  def metric(i):
-    return evaluation.macro_metrics(y[i], s[i], multiclass=multiclass, predicted=p[i])
-
-  ci = evaluation.patient_bootstrap(metric, pids, n_resamples=int(config.bootstrap), seed=config.seed)
-  row = {"task": task.name, "model": model, "lead_set": lead_set, "n_records": int(len(y)),
-         "n_patients": int(len(set(pids))), "n_positive": int(y.sum()) if y.shape[1] == 1 else
-         "/".join(str(int(v)) for v in y.sum(axis=0)), "protocol": protocol,
-         "l2": float(np.median(out["l2"]))}
-  for m, (point, lo, hi) in ci.items():
-    row.update({m: point, f"{m}_lo": lo, f"{m}_hi": hi})
-  fpr, tpr, _ = evaluation.roc_curve(y.ravel(), s.ravel())  # pooled over classes (micro) when there are several
-  return row, (fpr, tpr, row["auroc"])
+  """A report row (macro and per-class metrics with patient-bootstrap intervals, warnings) and the ROC curve."""
+  from stmem.train import report
+  return report.task_row(report.task_title(task.name, config), model, lead_set, task.labels[out["rows"]],
+                         out["scores"], out["predicted"], pool.patient_id[out["rows"]],
+                         class_names=task.label_names, multiclass=task.kind == "multiclass", protocol=protocol,
+                         n_resamples=int(config.bootstrap), seed=int(config.seed), l2=float(np.median(out["l2"])))
 
 
 def main(argv: Sequence[str]) -> int:
@@ -94,8 +82,9 @@ def main(argv: Sequence[str]) -> int:
   start = time.time()
 
   from data_pipelines import leads as leads_lib
+  from stmem import data
   from stmem.models import model_config
-  from stmem.train import features, report, tasks as tasks_lib
+  from stmem.train import features, report
 
   # ------------------------------------------------------------------------------------------ encoders
   if config.checkpoint:
@@ -114,27 +103,29 @@ def main(argv: Sequence[str]) -> int:
     leads_lib.parse_lead_set(ls)  # refuse a bad lead set before any data is read
 
   # ------------------------------------------------------------------------------------------ data
-  pools, task_list = tasks_lib.load(_csv(config.tasks), main_encoder.contract, data_dir=config.data_dir,
-                                    data_root=config.data_root, labels=_csv(config.labels), kind=config.kind,
-                                    synthetic_n=int(config.synthetic_n), seed=int(config.seed))
+  pools, task_list = data.task_pools(_csv(config.tasks), main_encoder.contract, data_dir=config.data_dir,
+                                     data_root=config.data_root, labels=_csv(config.labels), kind=config.kind,
+                                     num_synthetic=int(config.synthetic_n), seed=int(config.seed))
   notes = [f"encoder: {config.checkpoint or config.model} (fingerprint {main_encoder.fingerprint}); random init: "
            f"same architecture, seed {config.random_seed}"]
 
   # ------------------------------------------------------------------------------------------ features and heads
   rows, curves = [], {}
   for pool_name, pool in pools.items():
-    pool_tasks = [t for t in task_list if t.pool == pool_name]
+    if pool.quarantine.get("total"):
+      notes.append(f"{pool.name}: {pool.quarantine['total']} records skipped {pool.quarantine['by_reason']}")
+    pool_tasks = [t for key, t in task_list if key == pool_name]
     protocols = {t.name: evaluation_folds(t, pool, config) for t in pool_tasks}
     for lead_set in lead_sets:
       source, contract, adapted = features.adapt(main_encoder.contract, pool.contract, pool.source, lead_set)
       for line in adapted:
-        notes.append(f"{pool_name}: adapted {line}")
+        notes.append(f"{pool.name}: adapted {line}")
       t0 = time.time()
       feats = features.extract(encoders, source, contract, lead_set=lead_set, batch_size=int(config.batch_size),
                                last_blocks=int(config.last_blocks))
       if not np.array_equal(feats["record_id"], pool.record_id):
-        raise RuntimeError(f"{pool_name}: the feature pass returned records in another order than the pool")
-      log.info("%s, lead set %s: features of %d records in %.1f s", pool_name, lead_set, len(pool.record_id),
+        raise RuntimeError(f"{pool.name}: the feature pass returned records in another order than the pool")
+      log.info("%s, lead set %s: features of %d examples in %.1f s", pool.name, lead_set, len(pool.record_id),
                time.time() - t0)
       for task in pool_tasks:
         for model, x in feats["features"].items():
@@ -142,13 +133,13 @@ def main(argv: Sequence[str]) -> int:
           row, curve = summarise(task, model, lead_set, out, pool, protocols[task.name][3], config)
           rows.append(row)
           if model == "checkpoint" or len(encoders) == 1 or lead_set == lead_sets[0]:
-            curves.setdefault(task.name, {})[f"{lead_set} ({model})"] = curve
-          log.info("%-12s %-12s %-10s AUROC %.3f [%.3f, %.3f]", task.name, model, lead_set, row["auroc"],
+            curves.setdefault(row["task"], {})[f"{lead_set} ({model})"] = curve
+          log.info("%-12s %-12s %-10s AUROC %.3f [%.3f, %.3f]", row["task"], model, lead_set, row["auroc"],
                    row["auroc_lo"], row["auroc_hi"])
 
   # ------------------------------------------------------------------------------------------ report
-  notes += [f"{t.name}: {protocols_name}" for t, protocols_name in
-            ((t, evaluation_folds(t, pools[t.pool], config)[3]) for t in task_list)]
+  notes += [f"{report.task_title(t.name, config)}: {evaluation_folds(t, pools[key], config)[3]}"
+            for key, t in task_list]
   notes.append(f"intervals: 95 % percentile bootstrap over patients ({config.bootstrap} resamples); F1 thresholds "
                f"chosen on validation; L2 chosen on validation {config.select_on}")
   paths = report.write(workdir, rows, title="Linear probe", curves=curves, notes=notes,

@@ -1,10 +1,14 @@
-"""The report every evaluating program writes into its workdir: one table as Markdown, CSV and JSON, and figures.
+"""The report every evaluating program writes into its workdir: tables as Markdown, CSV and JSON, and figures.
 
 A row is one (task, model, lead set): macro AUROC, macro AUPRC and macro F1, each with its 95 % patient-level
-bootstrap interval (`<metric>_lo`, `<metric>_hi`), the record and patient counts, and how it was evaluated.
+bootstrap interval (`<metric>_lo`, `<metric>_hi`), the record and patient counts, the positives of each class, how
+it was evaluated, and under `classes` the same figures for every class (one-vs-rest), from the same resamples.
+`task_row` builds it (probe and fine-tune both call it); warnings about too few records ride along and become
+notes.
 
-Files: report.md, report.csv, report.json (rows + provenance), auroc_<task>.png (AUROC per lead set with intervals,
-one marker per model) and roc_<task>.png (ROC curves).
+Files: report.md (macro table, then a per-class table for tasks with several classes, then notes), report.csv (one
+line per row and class: `class` is `macro` or the class name), report.json (rows + provenance),
+auroc_<task>.png (AUROC per lead set with intervals, one marker per model) and roc_<task>.png (ROC curves).
 """
 from __future__ import annotations
 
@@ -18,8 +22,73 @@ from typing import Any
 import numpy as np
 
 METRICS = ("auroc", "auprc", "f1")
-COLUMNS = ("task", "model", "lead_set", "n_records", "n_patients", "n_positive", "protocol",
+COLUMNS = ("task", "model", "lead_set", "class", "n_records", "n_patients", "n_positive", "protocol",
            *(f"{m}{s}" for m in METRICS for s in ("", "_lo", "_hi")), "l2")
+# Below these a figure is reported but flagged: with 10 positives AUROC's standard error is already ~0.05-0.09
+# (Hanley & McNeil 1982), and a patient bootstrap over fewer than 10 patients cannot describe a population.
+MIN_CLASS_RECORDS = 10
+MIN_PATIENTS = 10
+AVERAGING = ("macro = unweighted mean over classes of the one-vs-rest figure (classes without a positive or a "
+             "negative record left out); ROC figures draw the macro-average curve (mean of the per-class curves), "
+             "whose area is the macro AUROC")
+
+
+def task_title(name: str, config: Mapping[str, Any]) -> str:
+  """The task's name for the report: a prepared dataset's task is named by its records' source (`cinc2017`,
+  `ludb`), or its builder's folder, rather than `prepared`, which says nothing about what was probed."""
+  data_dir = config.get("data_dir") if hasattr(config, "get") else None
+  if name != "prepared" or not data_dir:
+    return name
+  from data_pipelines import builder_base
+  try:
+    folder = builder_base.prepared_dir(os.path.expandvars(os.path.expanduser(str(data_dir))))
+    sources = sorted({str(r.get("source", "")) for r in builder_base.load_index(folder)} - {""})
+  except (FileNotFoundError, ValueError):
+    return name
+  return "+".join(sources) if 0 < len(sources) <= 3 else folder.parent.name
+
+
+def task_row(task: str, model: str, lead_set: str, labels: np.ndarray, scores: np.ndarray,
+             predicted: np.ndarray | None, patient_ids: Sequence, *, class_names: Sequence[str], multiclass: bool,
+             protocol: str, n_resamples: int, seed: int, **extra: Any) -> tuple[dict[str, Any], tuple]:
+  """(report row, ROC curve (fpr, tpr, macro AUROC)) of one model's scores on one task's scored records.
+
+  `labels` (N, C) multi-hot or one-hot, `scores` (N, C) probabilities, `predicted` (N, C) bool (F1), `patient_ids`
+  (N,) for the bootstrap. The row holds the macro figures, `classes` (one dict per class with its own figures and
+  counts), `positives` {class: n} and `warnings` (too few records, patients or positives for a figure to mean much;
+  worded without the model, so that the rows of several models on one split give one note).
+  """
+  from stmem import evaluation
+  y = np.atleast_2d(np.asarray(labels, np.float32))
+  names = list(class_names) if len(class_names) == y.shape[1] else [str(k) for k in range(y.shape[1])]
+  ci = evaluation.metrics_with_intervals(y, scores, predicted, patient_ids, multiclass=multiclass,
+                                         n_resamples=n_resamples, seed=seed)
+  positives = y.sum(axis=0).astype(int)
+  n, n_patients = int(len(y)), int(len(set(str(p) for p in patient_ids)))
+  row: dict[str, Any] = {"task": task, "model": model, "lead_set": lead_set, "class": "macro", "n_records": n,
+                         "n_patients": n_patients,
+                         "n_positive": int(positives[0]) if len(names) == 1 else "/".join(map(str, positives)),
+                         "positives": dict(zip(names, map(int, positives))), "protocol": protocol, **extra}
+  for m, (point, lo, hi) in ci["macro"].items():
+    row.update({m: point, f"{m}_lo": lo, f"{m}_hi": hi})
+  row["classes"] = []
+  warnings = []
+  if n_patients < MIN_PATIENTS:
+    warnings.append(f"{task} ({lead_set}): only {n} records of {n_patients} patients scored; the intervals "
+                    f"cannot describe new patients")
+  for k, name in enumerate(names):
+    c = {"class": name, "n_positive": int(positives[k]), "n_negative": n - int(positives[k])}
+    for m, (point, lo, hi) in ci["classes"][k].items():
+      c.update({m: point, f"{m}_lo": lo, f"{m}_hi": hi})
+    row["classes"].append(c)
+    few = min(c["n_positive"], c["n_negative"])
+    if few < MIN_CLASS_RECORDS:
+      side = "positive" if c["n_positive"] <= c["n_negative"] else "negative"
+      warnings.append(f"{task} ({lead_set}): class {name} has {few} {side} record(s) scored; its AUROC/AUPRC "
+                      f"(and the macro figure it enters) mean little below {MIN_CLASS_RECORDS}")
+  row["warnings"] = warnings
+  fpr, tpr = evaluation.macro_roc_curve(y, scores)
+  return row, (fpr, tpr, row["auroc"])
 
 
 def _fmt(v: Any) -> str:
@@ -28,24 +97,64 @@ def _fmt(v: Any) -> str:
   return str(v)
 
 
+def _ci(r: Mapping[str, Any], m: str) -> str:
+  if m not in r:
+    return ""
+  return f"{_fmt(r[m])} [{_fmt(r[m + '_lo'])}, {_fmt(r[m + '_hi'])}]"
+
+
+def _positives(r: Mapping[str, Any]) -> str:
+  named = r.get("positives")
+  if isinstance(named, Mapping) and len(named) > 1:
+    return ", ".join(f"{k} {v}" for k, v in named.items())
+  return str(r.get("n_positive", ""))
+
+
+def all_notes(rows: Sequence[Mapping[str, Any]], notes: Sequence[str] = ()) -> list[str]:
+  """The caller's notes, how figures are averaged, and every row's warnings (each once)."""
+  return list(dict.fromkeys([*notes, AVERAGING, *(w for r in rows for w in r.get("warnings", ()))]))
+
+
 def markdown(rows: Sequence[Mapping[str, Any]], title: str = "", notes: Sequence[str] = ()) -> str:
   lines = [f"# {title}", ""] if title else []
-  head = ["task", "model", "lead set", "records (patients)", "positives", "AUROC [95 % CI]", "AUPRC [95 % CI]",
-          "F1 [95 % CI]"]
+  head = ["task", "model", "lead set", "records (patients)", "positives", "macro AUROC [95 % CI]",
+          "macro AUPRC [95 % CI]", "macro F1 [95 % CI]"]
   lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
-    cells = [r["task"], r["model"], r["lead_set"], f"{r['n_records']} ({r['n_patients']})", r.get("n_positive", "")]
-    cells += [f"{_fmt(r[m])} [{_fmt(r[m + '_lo'])}, {_fmt(r[m + '_hi'])}]" for m in METRICS]
+    cells = [r["task"], r["model"], r["lead_set"], f"{r['n_records']} ({r['n_patients']})", _positives(r)]
+    cells += [_ci(r, m) for m in METRICS]
     lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-  if notes:
-    lines += [""] + [f"- {n}" for n in notes]
+  several = [r for r in rows if len(r.get("classes", ())) > 1]
+  if several:
+    head = ["task", "model", "lead set", "class", "positives / negatives", "AUROC [95 % CI]", "AUPRC [95 % CI]",
+            "F1 [95 % CI]"]
+    lines += ["", "Per class (one-vs-rest, same bootstrap resamples as the macro figures):", "",
+              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in several:
+      for c in r["classes"]:
+        cells = [r["task"], r["model"], r["lead_set"], c["class"], f"{c['n_positive']} / {c['n_negative']}"]
+        cells += [_ci(c, m) for m in METRICS]
+        lines.append("| " + " | ".join(str(x) for x in cells) + " |")
+  lines += [""] + [f"- {n}" for n in all_notes(rows, notes)]
   return "\n".join(lines) + "\n"
+
+
+def _csv_lines(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+  """The macro row, then one line per class when there are several (with the row's task, model, lead set)."""
+  out = []
+  for r in rows:
+    out.append({k: v for k, v in r.items() if k not in ("classes", "positives", "warnings")})
+    if len(r.get("classes", ())) > 1:
+      for c in r["classes"]:
+        out.append({"task": r["task"], "model": r["model"], "lead_set": r["lead_set"], "n_records": r["n_records"],
+                    "n_patients": r["n_patients"], "protocol": r.get("protocol", ""), **c})
+  return out
 
 
 def write(workdir: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]], *, title: str,
           curves: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray, float]]] | None = None,
           info: Mapping[str, Any] | None = None, notes: Sequence[str] = ()) -> dict[str, str]:
-  """Write the table and figures; returns {kind: path}. `curves` is {task: {curve name: (fpr, tpr, auc)}}."""
+  """Write the tables and figures; returns {kind: path}. `curves` is {task: {curve name: (fpr, tpr, auc)}}."""
   from stmem import plots
   out = pathlib.Path(workdir)
   out.mkdir(parents=True, exist_ok=True)
@@ -54,10 +163,20 @@ def write(workdir: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]], *,
   with open(paths["csv"], "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
     w.writeheader()
-    w.writerows(rows)
-  clean = [{k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in r.items()} for r in rows]
-  paths["json"].write_text(json.dumps({"title": title, "rows": clean, "notes": list(notes), "info": dict(info or {})},
-                                      indent=2, default=str))
+    w.writerows(_csv_lines(rows))
+
+  def clean(v: Any) -> Any:
+    if isinstance(v, float) and not np.isfinite(v):
+      return None
+    if isinstance(v, list):
+      return [clean(x) for x in v]
+    if isinstance(v, dict):
+      return {k: clean(x) for k, x in v.items()}
+    return v
+
+  paths["json"].write_text(json.dumps({"title": title, "rows": [clean(dict(r)) for r in rows],
+                                       "notes": all_notes(rows, notes),
+                                       "info": dict(info or {})}, indent=2, default=str))
   for task in dict.fromkeys(r["task"] for r in rows):
     pts = [{"lead_set": r["lead_set"], "auroc": r["auroc"], "lo": r["auroc_lo"], "hi": r["auroc_hi"],
             "kind": r["model"]} for r in rows if r["task"] == task and np.isfinite(r["auroc"])]
@@ -65,8 +184,10 @@ def write(workdir: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]], *,
       paths[f"auroc_{task}"] = pathlib.Path(plots.plot_lead_set_auroc(
         pts, out / f"auroc_{_safe(task)}.png", title=f"{task}: macro AUROC by lead set (95 % patient bootstrap)"))
     if curves and curves.get(task):
-      paths[f"roc_{task}"] = pathlib.Path(plots.plot_roc_curves(curves[task], out / f"roc_{_safe(task)}.png",
-                                                                title=f"{task}: ROC (test predictions)"))
+      several = any(len(r.get("classes", ())) > 1 for r in rows if r["task"] == task)
+      paths[f"roc_{task}"] = pathlib.Path(plots.plot_roc_curves(
+        curves[task], out / f"roc_{_safe(task)}.png",
+        title=f"{task}: ROC (test predictions" + ("; macro-average over classes)" if several else ")")))
   return {k: os.fspath(v) for k, v in paths.items()}
 
 

@@ -1,0 +1,96 @@
+"""Errors a user can cause or fix, and how the `stmem` command reports them.
+
+Raise `UsageError` for a wrong option or value (exit code 2) and `DataError` for a bad, missing or mismatched file
+(exit code 1). The message is what the user reads, whole: what is wrong, which file or option, what to do. The
+`stmem` command (`stmem/cli.py`) prints it as `stmem COMMAND: error: MESSAGE` without a traceback (the traceback
+only with `--debug` or `STMEM_DEBUG=1`); anything else still raises, because it is a bug to fix, not a user error.
+
+Here, on the data side, because `data_pipelines` must not import `stmem`; `stmem` imports it from here.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+USAGE = 2  # a wrong option, value, preset or key: fix the command line
+DATA = 1   # a bad, missing, mismatched or corrupt file: fix or choose the file
+
+
+class UserError(Exception):
+  """A failure the user can fix. `message` names the file or option and says what to do; `exit_code` is 1 or 2."""
+
+  exit_code = DATA
+
+  def __init__(self, message: str, *, hint: str | None = None, exit_code: int | None = None):
+    self.message, self.hint = str(message), hint
+    if exit_code is not None:
+      self.exit_code = exit_code
+    super().__init__(self.message + (f"\n  {hint}" if hint else ""))
+
+
+class UsageError(UserError, ValueError):
+  """A wrong option, value, preset or configuration key (exit code 2). Also a ValueError: code that validates a
+  value can raise it where callers already expect a ValueError."""
+  exit_code = USAGE
+
+
+class DataError(UserError):
+  """A bad, missing, mismatched or corrupt file or folder (exit code 1)."""
+  exit_code = DATA
+
+
+# Operating-system errors about a named path are the user's to fix (a typo, a file where a folder should be, no
+# permission): reported as data errors. Other OSErrors (a full disk mid-write...) are too, but keep their text.
+_PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError)
+
+
+def user_message(e: BaseException) -> tuple[str, int] | None:
+  """(one- or two-line message, exit code) for an error the user can fix; None for a programming error."""
+  if isinstance(e, UserError):
+    return str(e), e.exit_code
+  if isinstance(e, _PATH_ERRORS):
+    if getattr(e, "filename", None) is not None:
+      what = {FileNotFoundError: "does not exist", NotADirectoryError: "is not a folder (a file is in the way)",
+              IsADirectoryError: "is a folder, a file was expected", PermissionError: "permission denied",
+              FileExistsError: "already exists"}.get(type(e), e.strerror)
+      return f"{e.filename}: {what}", DATA
+    return str(e), DATA
+  return None
+
+
+def require_dir(path: str | os.PathLike[str], option: str, *, must_exist: bool = True) -> str:
+  """`path` (with `~` expanded) as a folder the command can use, or a UserError naming `option`.
+
+  must_exist=False accepts a folder that is not there yet (an output) but refuses a file in its place.
+  """
+  p = os.path.expanduser(os.fspath(path))
+  if os.path.exists(p) and not os.path.isdir(p):
+    raise UsageError(f"{option} {p} is a file; give a folder")
+  if must_exist and not os.path.isdir(p):
+    raise UsageError(f"{option} {p} does not exist; give an existing folder")
+  return p
+
+
+def require_file(path: str | os.PathLike[str], option: str) -> str:
+  """`path` (with `~` expanded) as an existing file, or a UserError naming `option`."""
+  p = os.path.expanduser(os.fspath(path))
+  if os.path.isdir(p):
+    raise UsageError(f"{option} {p} is a folder; give a file")
+  if not os.path.exists(p):
+    raise UsageError(f"{option} {p} does not exist")
+  return p
+
+
+def check_finite(arrays: dict[str, Any], where: str, *, is_finite=None) -> None:
+  """Refuse weights holding NaN or inf, naming the first parameters that do (DataError).
+
+  `is_finite(array) -> bool` defaults to numpy's; pass a JAX one for arrays spread over several processes.
+  """
+  import numpy as np
+  if is_finite is None:
+    is_finite = lambda a: bool(np.isfinite(np.asarray(a)).all())  # noqa: E731
+  bad = [name for name, a in arrays.items() if np.issubdtype(a.dtype, np.floating) and not is_finite(a)]
+  if bad:
+    shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    raise DataError(f"{where}: non-finite weights (NaN or inf) in {shown}; these weights are unusable, "
+                    "use another file or checkpoint step")

@@ -1,0 +1,67 @@
+"""Helpers shared by several test modules (imported from here, never from another test module)."""
+from __future__ import annotations
+
+import csv
+import pathlib
+
+import numpy as np
+
+
+def tiny_checkpoint(path):
+  """A one-block tiny ST-MEM checkpoint (seed 0, the default contract) at `path`: fast to load, fixed features."""
+  from flax import nnx
+
+  from data_pipelines.contract import Contract
+  from stmem.checkpoint import make_meta, save_params
+  from stmem.models import StMem, model_config
+  cfg = model_config("tiny", width=64, depth=1, num_heads=1, decoder_width=64, decoder_heads=1)
+  model = StMem(cfg, rngs=nnx.Rngs(0))
+  save_params(path, nnx.state(model, nnx.Param).to_pure_dict(), make_meta(cfg, Contract(), origin="test"))
+  return path
+
+
+def ecg_like(leads: int, samples: int, seed: int = 0) -> np.ndarray:
+  """A crude but non-flat ECG-like signal (leads, samples) in mV."""
+  rng = np.random.default_rng(seed)
+  t = np.arange(samples) / 400.0
+  beats = np.sin(2 * np.pi * 1.2 * t) ** 15
+  return (beats[None] * rng.uniform(0.5, 1.5, (leads, 1)) + 0.02 * rng.standard_normal((leads, samples)))
+
+
+def write_csv(path: pathlib.Path, rows: list[dict]) -> None:
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def write_code15_folder(tmp_path: pathlib.Path) -> tuple[pathlib.Path, dict[int, np.ndarray]]:
+  """Two part files in the CODE-15 layout: (N, 4096, 12) float32 at 400 Hz, zero-padded at both ends."""
+  import h5py
+  tmp_path.mkdir(parents=True, exist_ok=True)
+  truth = {}
+  for part, exam_ids in ((0, [101, 102, 0]), (1, [201, 202])):
+    tracings = np.zeros((len(exam_ids), 4096, 12), np.float32)
+    for i, exam_id in enumerate(exam_ids):
+      if exam_id in (0, 202):  # an empty filler slot, and an all-zero exam
+        continue
+      n = 4000 if exam_id != 102 else 2934  # 10 s and the short 7.3 s acquisition group
+      pad = (4096 - n) // 2
+      signal = ecg_like(12, n, seed=exam_id)
+      tracings[i, pad:pad + n] = signal.T
+      truth[exam_id] = signal
+    with h5py.File(tmp_path / f"exams_part{part}.hdf5", "w") as f:
+      f["tracings"] = tracings
+      f["exam_id"] = np.asarray(exam_ids, np.int64)
+  write_csv(tmp_path / "exams.csv", [
+    {"exam_id": 101, "age": 54, "is_male": "True", "nn_predicted_age": 50.1, "1dAVb": "False", "RBBB": "True",
+     "LBBB": "False", "SB": "False", "ST": "False", "AF": "False", "patient_id": 7, "death": "", "timey": "",
+     "normal_ecg": "False", "trace_file": "exams_part0.hdf5"},
+    {"exam_id": 102, "age": 60, "is_male": "False", "nn_predicted_age": 61.0, "1dAVb": "False", "RBBB": "False",
+     "LBBB": "False", "SB": "True", "ST": "False", "AF": "True", "patient_id": 7, "death": "", "timey": "",
+     "normal_ecg": "False", "trace_file": "exams_part0.hdf5"},
+    {"exam_id": 201, "age": 33, "is_male": "False", "nn_predicted_age": 30.0, "1dAVb": "False", "RBBB": "False",
+     "LBBB": "False", "SB": "False", "ST": "False", "AF": "False", "patient_id": 9, "death": "", "timey": "",
+     "normal_ecg": "True", "trace_file": "exams_part1.hdf5"},
+  ])
+  return tmp_path, truth
