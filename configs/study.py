@@ -61,6 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.probe.tasks = "ludb_af,ludb_lvh,ludb_axis,cinc_stach,ludb_sex"  # every task the shared recordings support
   c.probe.lead_sets = "12,limb6,I+II,I"         # MTAE / MLAE are probed on '12' only (they need all 12 leads)
   c.probe.data_root = "../shared/data"
+  c.probe.use_splits = False                   # patient-grouped CV over every record, even where the data has splits
   c.probe.cv_folds = 5
   c.probe.bootstrap = 1000
 

@@ -161,6 +161,7 @@ def test_probe_program_on_a_baseline_checkpoint(baseline_checkpoints, tmp_path):
   from stmem.train import probe
   ckpt = baseline_checkpoints["mtae"]
   args = ["--config", f"{probe.DEFAULT_CONFIG}:synthetic", f"--config.checkpoint={ckpt}", "--config.synthetic_n=60",
+          "--config.use_splits=False", "--config.cv_folds=3",
           "--config.bootstrap=50", "--config.lbfgs_steps=20"]
   assert probe.main(args + ["--config.lead_sets=12", "--workdir", str(tmp_path / "ok")]) == 0
   rows = json.loads((tmp_path / "ok" / "report.json").read_text())["rows"]
