@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from data_pipelines.errors import UsageError
 from stmem.models import layers, masking
 from stmem.models.config import ModelConfig
 from stmem.models.stmem import add_decoder, patch_targets
@@ -27,8 +28,8 @@ from stmem.models.stmem import add_decoder, patch_targets
 NUM_LEADS = 12
 
 
-class LeadSetRefused(ValueError):
-  """A baseline was given a lead set other than the 12 standard leads."""
+class LeadSetRefused(UsageError):
+  """A baseline was given a lead set other than the 12 standard leads (a user error: `stmem` prints its one line)."""
 
 
 def _check_leads(cfg: ModelConfig, num_slots: int) -> None:
