@@ -31,6 +31,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.model.mask_ratio = 0.75        # fraction of patches masked (the reference: 0.75)
   c.model.remat = "none"           # recompute blocks in the backward pass: "none", "dots" (keep matmul outputs), "block"
   c.model.attention = "xla"        # "xla", or "cudnn" (cuDNN fused attention: NVIDIA GPUs, bfloat16)
+  c.model.method = "stmem"         # "stmem", or the paper's baselines "mtae" / "mlae" (12 leads only)
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "synthetic"      # "synthetic" (built-in simulator) or "prepared" (a `stmem prepare` output)

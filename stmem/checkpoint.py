@@ -242,19 +242,21 @@ def contract_from_meta(meta: dict) -> Contract:
 def load_model(path: str | pathlib.Path, *, encoder_only: bool = False, shardings=None, dtype: str | None = None):
   """Restore a model from any stmem checkpoint (pretraining, converted reference, fine-tuned).
 
-  Returns (model, meta): `model` is an `StMem`, or its `Encoder` when `encoder_only`. Only the parameters are read.
+  Returns (model, meta): `model` is the pretraining model of the checkpoint's method (`StMem`, or `MaskedAutoencoder`
+  for MTAE / MLAE, from the `method` in its model config), or its encoder when `encoder_only`. Only the parameters
+  are read.
   `shardings`, a tree like the parameters' pure dict, places them on any mesh (default: the first device).
   A checkpoint that holds only an encoder (a converted encoder-only reference file) restores with encoder_only=True.
   """
   from flax import nnx
 
-  from stmem.models import StMem
+  from stmem.models import pretraining_model
 
   meta, directory, step = read_meta(path)
   cfg = model_config_from_meta(meta)
   if dtype is not None:
     cfg = cfg.replace(dtype=dtype)
-  abstract_model = nnx.eval_shape(lambda: StMem(cfg, rngs=nnx.Rngs(0)))
+  abstract_model = nnx.eval_shape(lambda: pretraining_model(cfg, rngs=nnx.Rngs(0)))
   graphdef, param_state = nnx.split(abstract_model, nnx.Param)
   template = nnx.to_pure_dict(param_state)
   saved_encoder_only = meta.get("encoder_only", False)

@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
   "export": ("stmem.train.export", "export an encoder to safetensors with a model card"),
   "plan": ("stmem.train.plan", "compile a pretraining config ahead of time (TPU topology or local): memory, FLOPs, fit"),
   "bench": ("benchmarks.suite", "speed and memory benchmarks, printed as JSON"),
+  "study": ("stmem.train.study", "pretrain ST-MEM, MTAE and MLAE alike, then probe them beside random encoders"),
   "forward-check": ("stmem.train.forward_check", "one forward/backward pass of a model variant on generated input"),
 }
 

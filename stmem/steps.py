@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 from data_pipelines import leads as leads_lib
 from data_pipelines.contract import Contract
 from stmem import sharding as sharding_lib
-from stmem.models import Encoder, StMem, model_config
+from stmem.models import Encoder, model_config, pretraining_model
 from stmem.models.config import ModelConfig
 from stmem.train import optim
 
@@ -40,6 +40,7 @@ def model_cfg(config, contract: Contract | None = None) -> ModelConfig:
   contract = contract or Contract()
   return model_config(config.model.variant, dtype=config.model.dtype, mask_ratio=config.model.mask_ratio,
                       remat=config.model.get("remat", "none"), attention=config.model.get("attention", "xla"),
+                      method=config.model.get("method", "stmem"),
                       patch_size=contract.patch_size, num_patches=contract.window // contract.patch_size)
 
 
@@ -119,9 +120,9 @@ def pretrain_step(config, mesh: Mesh, cfg: ModelConfig, accum_steps: int | None 
     raise ValueError("accum_steps must be >= 1 here (0, 'derive from the memory budget', is resolved by stmem.plan)")
 
   def init_params(key):
-    return nnx.state(StMem(cfg, rngs=nnx.Rngs(key)), nnx.Param).to_pure_dict()
+    return nnx.state(pretraining_model(cfg, rngs=nnx.Rngs(key)), nnx.Param).to_pure_dict()
 
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: StMem(cfg, rngs=nnx.Rngs(0))))
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: pretraining_model(cfg, rngs=nnx.Rngs(0))))
   abstract_params = jax.eval_shape(init_params, jax.random.key(config.seed))
   lr = optim.scaled_lr(config.optim.base_lr, config.batch_size)
   schedule = optim.warmup_cosine(lr, config.warmup_steps, config.total_steps)

@@ -19,6 +19,7 @@ Pure numpy, deterministic from a `np.random.Generator`; no JAX.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -365,7 +366,8 @@ def synthesize(label: str, seconds: float = 10.0, fs: float = 500.0, rng: np.ran
 
 
 def make_dataset(n: int, seed: int, seconds: float = 10.0, fs: float = 250.0,
-                 classes: tuple[str, ...] | list[str] = CLASSES, *, noise: bool = True) -> dict[str, np.ndarray]:
+                 classes: tuple[str, ...] | list[str] = CLASSES, *, noise: bool = True,
+                 with_clean: bool = False) -> dict[str, np.ndarray]:
   """`n` labelled records from synthetic patients, each patient contributing 1-4 records of one condition.
 
   A patient keeps its condition across its records (a bundle branch block or a persistent AF does not come and
@@ -373,7 +375,8 @@ def make_dataset(n: int, seed: int, seconds: float = 10.0, fs: float = 250.0,
   Classes are balanced at the patient level (patients cycle through `classes` in a seeded random order).
 
   Returns `signal` float32 (n, 12, T) mV, `labels` int32 (n,) index into `label_names`, `label_names` (str array),
-  `record_id` and `patient_id` (str arrays), `heart_rate` float32 (n,) bpm.
+  `record_id` and `patient_id` (str arrays), `heart_rate` float32 (n,) bpm. With `with_clean`, also `clean_signal`:
+  the same records without their noise (the heart signal alone), for the loss floor of reconstruction targets.
   """
   classes = tuple(classes)
   unknown = [c for c in classes if c not in CLASSES]
@@ -382,6 +385,7 @@ def make_dataset(n: int, seed: int, seconds: float = 10.0, fs: float = 250.0,
   rng = np.random.default_rng(seed)
   T = int(round(seconds * fs))
   signal = np.empty((n, 12, T), np.float32)
+  clean = np.empty((n, 12, T), np.float32) if with_clean else None
   labels = np.empty(n, np.int32)
   hr = np.empty(n, np.float32)
   record_id, patient_id = [], []
@@ -393,11 +397,16 @@ def make_dataset(n: int, seed: int, seconds: float = 10.0, fs: float = 250.0,
     c = int(order[p % len(classes)])
     patient = sample_patient(rng)
     for k in range(min(int(rng.integers(1, 5)), n - i)):
+      if clean is not None:  # the noise is drawn last in `simulate`: a copy of the generator gives the same heart
+        clean[i] = simulate(classes[c], seconds, fs, copy.deepcopy(rng), patient=patient, noise=False)[0]
       signal[i], info = simulate(classes[c], seconds, fs, rng, patient=patient, noise=noise)
       labels[i], hr[i] = c, info["heart_rate"]
       record_id.append(f"syn{seed}-p{p:05d}-r{k}")
       patient_id.append(f"syn{seed}-p{p:05d}")
       i += 1
     p += 1
-  return {"signal": signal, "labels": labels, "label_names": np.asarray(classes), "record_id": np.asarray(record_id),
-          "patient_id": np.asarray(patient_id), "heart_rate": hr}
+  out = {"signal": signal, "labels": labels, "label_names": np.asarray(classes), "record_id": np.asarray(record_id),
+         "patient_id": np.asarray(patient_id), "heart_rate": hr}
+  if clean is not None:
+    out["clean_signal"] = clean
+  return out

@@ -7,6 +7,10 @@ REMAT = ("none", "dots", "block")
 ATTENTION = ("xla", "cudnn")
 
 
+# The pretraining methods: ST-MEM and the paper's two masked-autoencoder baselines (`stmem.models.baselines`).
+METHODS = ("stmem", "mtae", "mlae")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   width: int = 768              # encoder token width D
@@ -24,8 +28,11 @@ class ModelConfig:
   dtype: str = "float32"        # computation dtype ("bfloat16" for mixed precision); parameters stay float32
   remat: str = "none"           # recompute blocks in the backward pass: "none", "dots" or "block" (layers.REMAT_POLICIES)
   attention: str = "xla"        # "xla" (any platform) or "cudnn" (cuDNN fused attention, NVIDIA GPUs, bf16 only)
+  method: str = "stmem"         # "stmem" (lead x time patches), "mtae" (time tokens), "mlae" (lead tokens): see baselines
 
   def __post_init__(self):
+    if self.method not in METHODS:
+      raise ValueError(f"unknown model method {self.method!r}; choose from {list(METHODS)}")
     if self.remat not in REMAT:
       raise ValueError(f"remat must be one of {REMAT}, not {self.remat!r}")
     if self.attention not in ATTENTION:

@@ -19,20 +19,27 @@ def patch_targets(patches: jax.Array, norm_pix: bool) -> jax.Array:
   return (patches - mean) / jnp.sqrt(var + 1e-6)
 
 
+def add_decoder(module: nnx.Module, cfg: ModelConfig, positions, out_size: int, rngs: nnx.Rngs) -> None:
+  """The MAE decoder's parameters, set on `module` (ST-MEM's and its baselines' share them): the projection from the
+  encoder, the mask token, the fixed position table `positions` (rows, decoder width), the blocks, the final norm and
+  the head to `out_size` values per token."""
+  dtype = jnp.dtype(cfg.dtype)
+  dd = cfg.decoder_width
+  module.to_decoder = layers.Linear(cfg.width, dd, dtype, rngs)
+  module.mask_token = nnx.Param(layers.embedding_init(rngs.params(), (dd,)))
+  module.decoder_pos_embedding = nnx.Param(jnp.asarray(positions))
+  module.decoder_blocks = layers.stacked(
+    cfg.decoder_depth, lambda r: layers.Block(dd, cfg.decoder_heads, cfg.mlp_ratio, dtype, r, cfg.attention), rngs)
+  module.decoder_norm = layers.LayerNorm(dd, eps=1e-6)  # the only eps-1e-6 norm, as the reference
+  module.decoder_head = layers.Linear(dd, out_size, dtype, rngs)
+
+
 class StMem(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    dtype = jnp.dtype(cfg.dtype)
-    dd = cfg.decoder_width
     self.encoder = Encoder(cfg, rngs=rngs)
-    self.to_decoder = layers.Linear(cfg.width, dd, dtype, rngs)
-    self.mask_token = nnx.Param(layers.embedding_init(rngs.params(), (dd,)))
-    self.decoder_pos_embedding = nnx.Param(jnp.asarray(layers.sincos_table(cfg.num_patches, dd)))
-    self.decoder_blocks = layers.stacked(
-      cfg.decoder_depth, lambda r: layers.Block(dd, cfg.decoder_heads, cfg.mlp_ratio, dtype, r, cfg.attention), rngs)
-    self.decoder_norm = layers.LayerNorm(dd, eps=1e-6)  # the only eps-1e-6 norm, as the reference
-    self.decoder_head = layers.Linear(dd, cfg.patch_size, dtype, rngs)
+    add_decoder(self, cfg, layers.sincos_table(cfg.num_patches, cfg.decoder_width), cfg.patch_size, rngs)
 
   def __call__(self, signal: jax.Array, lead_ids: jax.Array, lead_mask: jax.Array | None = None, *,
                key: jax.Array | None = None, noise: jax.Array | None = None) -> dict:

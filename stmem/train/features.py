@@ -51,11 +51,11 @@ def load_encoder(checkpoint: str | os.PathLike[str]) -> Loaded:
 def random_encoder(like: Loaded | Any, seed: int = 1234, contract: Contract | None = None) -> Loaded:
   """The same architecture with a fresh random initialisation (the baseline every probe report carries)."""
   from stmem import checkpoint as ckpt_lib
-  from stmem.models import Encoder, ModelConfig
+  from stmem.models import ModelConfig, encoder_model
   cfg = like.encoder.cfg if isinstance(like, Loaded) else like
   if not isinstance(cfg, ModelConfig):
     raise TypeError(f"expected a Loaded encoder or a ModelConfig, got {type(like)}")
-  encoder = Encoder(cfg, rngs=nnx.Rngs(seed))
+  encoder = encoder_model(cfg, rngs=nnx.Rngs(seed))
   params = nnx.state(encoder, nnx.Param).to_pure_dict()
   contract = contract or (like.contract if isinstance(like, Loaded) else Contract())
   return Loaded(encoder, contract, {"origin": f"random init (seed {seed})"}, ckpt_lib.fingerprint(params),

@@ -1,0 +1,287 @@
+"""`stmem study`: does pretraining learn? ST-MEM, MTAE and MLAE pretrained alike, then probed beside random encoders.
+
+  stmem study --config configs/study.py:cpu --workdir DIR      (see configs/study.py)
+
+Reads top to bottom: the held-out simulator ECGs with their clean (noise-free) twins and the two reference losses
+(the patch-mean baseline and the clean-signal floor), the pretraining runs (one `stmem pretrain` per method and
+seed, the same budget for all), the held-out loss of every saved checkpoint, the reconstruction figures, one
+`stmem probe` per checkpoint (the first seed's also scores the method's random-initialised encoder), then the
+report: report.md / report.csv / report.json, loss_curves.png, reconstruction_<method>.png, auroc_<task>.png.
+Like a shell script (and as `stmem demo` does) it runs the `pretrain` and `probe` commands; it imports neither
+program.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+import configs
+
+NAMES = {"stmem": "ST-MEM", "mtae": "MTAE", "mlae": "MLAE"}
+
+
+def _csv(text) -> list[str]:
+  return [t.strip() for t in str(text).split(",") if t.strip()]
+
+
+def overrides(tree, prefix: str = "--config") -> list[str]:
+  """A ConfigDict of overrides -> ['--config.a.b=value', ...] for another program's command line."""
+  out = []
+  for key, value in tree.items():
+    if hasattr(value, "items"):
+      out += overrides(value, f"{prefix}.{key}")
+    else:
+      out.append(f"{prefix}.{key}={value}")
+  return out
+
+
+# ------------------------------------------------------------------------------------------------ held-out ECGs
+
+
+def heldout_batches(config) -> tuple[list[dict], list[np.ndarray]]:
+  """Held-out simulator batches as pretraining sees them (offline band-pass, random crop, z-score), and the clean
+  twin of each batch's signal through the same pipeline (same crops: the crop is a function of seed and index)."""
+  from data_pipelines import transforms
+  from data_pipelines.contract import Contract
+  from stmem import data, synthetic
+  contract = Contract(filter_stage="offline")
+  arrays = synthetic.make_dataset(int(config.heldout.num_records), seed=int(config.heldout.seed),
+                                  seconds=contract.record_samples / contract.fs, fs=contract.fs, with_clean=True)
+
+  def source(signal):
+    signal = transforms.bandpass(signal, contract.fs, contract.highpass_hz, contract.lowpass_hz,
+                                 contract.filter_order).astype("float32")
+    return data.ArraySource({"signal": signal, "record_id": arrays["record_id"], "patient_id": arrays["patient_id"]})
+
+  n = int(config.heldout.num_records) // int(config.heldout.batch_size)
+
+  def batches(src):
+    it = data.make_iterator(src, contract, batch_size=int(config.heldout.batch_size), train=True,
+                            seed=int(config.heldout.seed), lead_set="12", process_index=0, process_count=1)
+    return [{k: np.asarray(b[k]) for k in ("signal", "lead_ids", "lead_mask")} for _, b in zip(range(n), it)]
+
+  noisy = batches(source(arrays["signal"]))
+  clean = [b["signal"] for b in batches(source(arrays["clean_signal"]))]
+  return noisy, clean
+
+
+def reference_losses(method: str, noisy: Sequence[dict], clean: Sequence[np.ndarray], patch_size: int = 75) -> dict:
+  """The held-out loss of two fixed predictors, in `method`'s norm-pix units (its own token size):
+
+  patch_mean: predicting each target token's mean (zero after normalisation): (n - 1) / n for n values per token;
+  clean_floor: predicting the noise-free token, normalised the same way. Noise becomes unit-variance target in
+  flat tokens, so no model can be expected to go below about this (a model could in principle shrink towards the
+  conditional mean and beat it a little; it is the floor the issue asks for)."""
+  import jax.numpy as jnp
+
+  from stmem.models import baselines, model_config
+  from stmem.models.stmem import patch_targets
+  cfg = model_config("tiny", method=method, patch_size=patch_size)
+
+  def tokens(signal):
+    x = jnp.asarray(signal)
+    if method == "stmem":
+      return x.reshape(*x.shape[:2], -1, patch_size)
+    return baselines.tokenize(x, cfg)
+
+  floor, mean = [], []
+  for b, c in zip(noisy, clean):
+    target = patch_targets(tokens(b["signal"]), True)
+    floor.append(float(((target - patch_targets(tokens(c), True)) ** 2).mean()))
+    mean.append(float((target ** 2).mean()))
+  return {"patch_mean": float(np.mean(mean)), "clean_floor": float(np.mean(floor))}
+
+
+def heldout_loss(checkpoint: pathlib.Path, noisy: Sequence[dict], cache: dict) -> tuple[float, tuple]:
+  """Mean masked reconstruction loss of a checkpoint over the held-out batches, with a fixed masking key per batch
+  (every checkpoint of every method is scored on the same ECGs and, within a method, the same masks).
+  Returns (loss, (forward, state)), the jitted forward pass for figures."""
+  import jax
+  from flax import nnx
+
+  from stmem import checkpoint as ckpt_lib
+  model, _ = ckpt_lib.load_model(checkpoint)
+  graphdef, state = nnx.split(model)
+  if graphdef not in cache:  # one compilation per architecture
+    cache[graphdef] = jax.jit(lambda s, sig, ids, present, key: nnx.merge(graphdef, s)(sig, ids, present, key=key))
+  fn = cache[graphdef]
+  losses = [float(fn(state, b["signal"], b["lead_ids"], b["lead_mask"], jax.random.key(i))["loss"])
+            for i, b in enumerate(noisy)]
+  return float(np.mean(losses)), (fn, state)
+
+
+def reconstruction_figure(method: str, forward, batch: dict, path: pathlib.Path, loss: float) -> str:
+  """The first held-out ECG: its patches, the masked ones shaded, the model's reconstruction over them."""
+  import jax
+
+  from data_pipelines import leads as leads_lib
+  from stmem import plots
+  fn, state = forward
+  out = fn(state, batch["signal"][:1], batch["lead_ids"][:1], batch["lead_mask"][:1], jax.random.key(0))
+  patches = np.asarray(batch["signal"][0]).reshape(batch["signal"].shape[1], -1, 75)
+  mean, std = patches.mean(-1, keepdims=True), np.sqrt(patches.var(-1, ddof=1, keepdims=True) + 1e-6)
+  pred = np.asarray(out["pred"][0]) * std + mean   # `pred` is in per-patch units for every method
+  mask = np.asarray(out["mask"][0])
+  names = [leads_lib.LEADS[i] for i in np.asarray(batch["lead_ids"][0])]
+  return plots.plot_reconstruction(patches, pred, mask, path, lead_names=names,
+                                   title=f"{NAMES[method]}: held-out reconstruction (batch loss {loss:.3f})")
+
+
+def loss_figure(curves: dict, refs: dict, path: pathlib.Path) -> str:
+  """Training loss (lines) and held-out loss (markers) of every run, with each method's two reference losses."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  colors = {"stmem": "C0", "mtae": "C1", "mlae": "C2"}
+  fig, ax = plt.subplots(figsize=(9, 5))
+  for (method, seed), c in curves.items():
+    label = f"{NAMES[method]} seed {seed}"
+    ax.plot(c["train_step"], c["train_loss"], color=colors[method], alpha=0.35, linewidth=1)
+    ax.plot(c["heldout_step"], c["heldout_loss"], "o-", color=colors[method], ms=4, label=f"{label} (held-out)")
+  for method, r in refs.items():
+    ax.axhline(r["patch_mean"], color=colors[method], linestyle=":", linewidth=1)
+    ax.axhline(r["clean_floor"], color=colors[method], linestyle="--", linewidth=1,
+               label=f"{NAMES[method]} clean-signal floor {r['clean_floor']:.3f}")
+  ax.set_xlabel("pretraining step")
+  ax.set_ylabel("masked reconstruction loss (norm-pix)")
+  ax.set_title("training (faint lines) and held-out (markers) loss; dotted: patch-mean, dashed: clean floor", fontsize=10)
+  ax.grid(color="#eeeeee")
+  ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return str(path)
+
+
+# ------------------------------------------------------------------------------------------------ the program
+
+
+def aggregate(rows: Sequence[dict]) -> list[dict]:
+  """Per (task, model, lead set): the mean over seeds of every metric and of its interval ends, and the seeds'
+  spread (min, max) of the AUROC."""
+  groups: dict[tuple, list[dict]] = {}
+  for r in rows:
+    groups.setdefault((r["task"], r["model"], r["lead_set"]), []).append(r)
+  out = []
+  for (task, model, lead_set), rs in groups.items():
+    row = {k: v for k, v in rs[0].items() if not isinstance(v, float)}
+    for k in rs[0]:
+      if isinstance(rs[0][k], float):
+        row[k] = float(np.mean([r[k] for r in rs]))
+    aurocs = [r["auroc"] for r in rs]
+    row.update(seeds=len(rs), auroc_seed_min=float(min(aurocs)), auroc_seed_max=float(max(aurocs)))
+    out.append(row)
+  return out
+
+
+def main(argv: Sequence[str]) -> int:
+  from stmem.train import configflags
+  config_dir = pathlib.Path(configs.__file__).parent
+  config, workdir = configflags.parse(argv, "stmem study", f"{config_dir / 'study.py'}:cpu")
+  from stmem import cli
+  from stmem.models import METHODS
+  from stmem.train import report
+  from stmem.train.metrics import console_logger
+  log = console_logger("stmem.study")
+  workdir = pathlib.Path(workdir).expanduser().absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  start = time.time()
+  methods, seeds = _csv(config.methods), [int(s) for s in _csv(config.seeds)]
+  unknown = [m for m in methods if m not in METHODS]
+  if unknown or not methods or not seeds:
+    raise SystemExit(f"stmem study: --config.methods must name some of {list(METHODS)} (got {config.methods!r}) "
+                     f"and --config.seeds at least one seed (got {config.seeds!r})")
+
+  # ------------------------------------------------------------------------------------------ held-out ECGs
+  noisy, clean = heldout_batches(config)
+  refs = {m: reference_losses(m, noisy, clean) for m in methods}
+  for m, r in refs.items():
+    log.info("%s held-out references: patch-mean %.4f, clean-signal floor %.4f", NAMES[m], r["patch_mean"],
+             r["clean_floor"])
+
+  # ------------------------------------------------------------------------------------------ pretraining
+  runs, timings = {}, {}
+  for method in methods:
+    for seed in seeds:
+      run_dir = workdir / "runs" / f"{method}_seed{seed}"
+      t0 = time.time()
+      rc = cli.main(["pretrain", "--config", f"{config_dir / 'pretrain.py'}:{config.pretrain_preset}",
+                     "--workdir", str(run_dir), f"--config.model.method={method}", f"--config.seed={seed}",
+                     *overrides(config.pretrain)])
+      if rc:
+        raise SystemExit(f"stmem study: `stmem pretrain` for {method} seed {seed} failed (exit {rc}); see {run_dir}")
+      runs[method, seed] = run_dir
+      timings[f"pretrain {method} seed {seed}"] = round(time.time() - t0, 1)
+
+  # ------------------------------------------------------------------------------------------ held-out loss
+  from stmem import checkpoint as ckpt_lib
+  curves, finals, cache = {}, [], {}
+  for (method, seed), run_dir in runs.items():
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    directory, _ = ckpt_lib.resolve(run_dir)
+    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+    held = []
+    for s in steps:
+      loss, forward = heldout_loss(directory / str(s), noisy, cache)
+      held.append(loss)
+    curves[method, seed] = {"train_step": [x["step"] for x in lines], "train_loss": [x["loss"] for x in lines],
+                            "heldout_step": steps, "heldout_loss": held}
+    finals.append({"method": method, "seed": seed, "steps": steps[-1], "heldout_loss": held[-1],
+                   "train_loss": lines[-1]["loss"], **refs[method],
+                   "gap_to_floor": held[-1] - refs[method]["clean_floor"], "seconds": timings[f"pretrain {method} seed {seed}"]})
+    log.info("%s seed %d: held-out loss %s (patch-mean %.3f, floor %.3f)", NAMES[method], seed,
+             " ".join(f"{s}:{x:.3f}" for s, x in zip(steps, held)), refs[method]["patch_mean"],
+             refs[method]["clean_floor"])
+    if seed == seeds[0]:
+      reconstruction_figure(method, forward, noisy[0], workdir / f"reconstruction_{method}.png", held[-1])
+  loss_figure(curves, refs, workdir / "loss_curves.png")
+
+  # ------------------------------------------------------------------------------------------ probes
+  probe_rows = []
+  probe_config = {k: v for k, v in config.probe.items() if k != "preset"}
+  for (method, seed), run_dir in runs.items():
+    lead_sets = config.probe.lead_sets if method == "stmem" else "12"  # MTAE / MLAE refuse other lead sets
+    probe_dir = workdir / "probes" / f"{method}_seed{seed}"
+    t0 = time.time()
+    rc = cli.main(["probe", "--config", f"{config_dir / 'probe.py'}:{config.probe.preset}",
+                   "--workdir", str(probe_dir), f"--config.checkpoint={run_dir}",
+                   f"--config.random_baseline={seed == seeds[0]}",
+                   *overrides({**probe_config, "lead_sets": lead_sets})])
+    if rc:
+      raise SystemExit(f"stmem study: `stmem probe` of {method} seed {seed} failed (exit {rc}); see {probe_dir}")
+    timings[f"probe {method} seed {seed}"] = round(time.time() - t0, 1)
+    for row in json.loads((probe_dir / "report.json").read_text())["rows"]:
+      random = row["model"] != "checkpoint"
+      row = {k: (float("nan") if v is None else v) for k, v in row.items()}
+      row.update(model=f"random {NAMES[method]}" if random else NAMES[method], seed=seed, method=method)
+      probe_rows.append(row)
+
+  # ------------------------------------------------------------------------------------------ report
+  summary = aggregate(probe_rows)
+  not_probed = [m for m in methods if m != "stmem"]
+  notes = [
+    f"pretraining: configs/pretrain.py:{config.pretrain_preset} with {' '.join(overrides(config.pretrain))}, "
+    f"the same for every method; seeds {seeds}",
+    f"held-out: {config.heldout.num_records} simulator records (seed {config.heldout.seed}), fixed masking keys",
+    "probe rows: mean over seeds of each metric and of its 95 % patient-bootstrap interval ends; "
+    "`auroc_seed_min`/`auroc_seed_max` in report.csv/json give the seeds' spread",
+    *([f"{', '.join(NAMES[m] for m in not_probed)}: probed on lead set 12 only (their tokens need all 12 leads)"]
+      if not_probed else []),
+  ]
+  lines = ["## Held-out reconstruction loss (simulator ECGs)", "",
+           "| method | seed | steps | held-out loss | patch-mean baseline | clean-signal floor | gap to floor | "
+           "pretrain s |", "|---|---|---|---|---|---|---|---|"]
+  lines += [f"| {NAMES[f['method']]} | {f['seed']} | {f['steps']} | {f['heldout_loss']:.4f} | {f['patch_mean']:.4f} | "
+            f"{f['clean_floor']:.4f} | {f['gap_to_floor']:.4f} | {f['seconds']:.0f} |" for f in finals]
+  paths = report.write(workdir, summary, title="Does pretraining learn? (pretrain-then-probe study)", notes=notes,
+                       info={"config": config.to_dict(), "pretraining": finals, "per_seed_rows": probe_rows,
+                             "seconds": round(time.time() - start, 1), "timings": timings})
+  md = pathlib.Path(paths["markdown"])
+  md.write_text(md.read_text() + "\n" + "\n".join(lines) + "\n")
+  print(md.read_text())
+  log.info("study in %s (%.0f s)", workdir, time.time() - start)
+  return 0
