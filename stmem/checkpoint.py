@@ -194,14 +194,20 @@ class Checkpointer:
     self.manager.close()
 
 
-def read_meta(path: str | pathlib.Path) -> tuple[dict, pathlib.Path, int]:
-  """The JSON meta of a checkpoint (latest step unless the path names one), its folder and step."""
+def _step(path: str | pathlib.Path) -> tuple[pathlib.Path, int]:
+  """A checkpoint folder and step: the step the path names, or the latest finished one."""
   directory, step = resolve(path)
   if step is None:
     steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / "meta").exists())
     if not steps:
       raise FileNotFoundError(f"{directory}: no finished checkpoint")
     step = steps[-1]
+  return directory, step
+
+
+def read_meta(path: str | pathlib.Path) -> tuple[dict, pathlib.Path, int]:
+  """The JSON meta of a model checkpoint (latest step unless the path names one), its folder and step."""
+  directory, step = _step(path)
   meta_dir = directory / str(step) / "meta"
   _check_json_item(directory / str(step), "meta")
   for f in sorted(meta_dir.glob("*")):
@@ -309,8 +315,9 @@ def save_params(directory: str | pathlib.Path, params, meta: dict, step: int = 0
 
 
 def read_item(path: str | pathlib.Path, name: str) -> dict:
-  """One extra array item of a checkpoint (e.g. `head`), as numpy arrays; KeyError when the checkpoint has none."""
-  _, directory, step = read_meta(path)
+  """One extra array item of a checkpoint (e.g. `head`, or a training state's `best`), as numpy arrays; KeyError when
+  the checkpoint has none. Any checkpoint of this project's Checkpointer: its meta need not describe a model."""
+  directory, step = _step(path)
   if not (directory / str(step) / name).is_dir():
     raise KeyError(f"{directory}/{step}: no item {name!r}")
   mngr = ocp.CheckpointManager(directory, item_handlers={name: ocp.StandardCheckpointHandler()})

@@ -64,7 +64,8 @@ def test_direct_decode_of_negative_and_empty_values():
     feats = builder_base.features(len(labels), Contract())
     ex = {"signal": np.random.default_rng(0).standard_normal((12, 2500)).astype(np.float32),
           "lead_mask": np.arange(12) != 4, "record_id": "r1", "patient_id": "p1", "source": "x", "window": 3,
-          "labels": labels, "age": -1.0, "sex": -1, "content_hash": "abc"}
+          "labels": labels, "age": -1.0, "sex": -1, "content_hash": "abc",
+          "valid_samples": 2500}
     serialized = feats.serialize_example(ex)
     want = feats.deserialize_example_np(serialized)
     got = example_codec.Decoder.like(want)(serialized)

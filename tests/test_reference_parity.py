@@ -87,5 +87,6 @@ def test_encoder_only_names_load_into_an_encoder(reference_fixture):
 def test_npz_reader_refuses_pickles(tmp_path):
   path = tmp_path / "evil.npz"
   np.savez(path, **{"param/x": np.array([object()], dtype=object)})
-  with pytest.raises(ValueError):
+  from data_pipelines.errors import DataError
+  with pytest.raises(DataError, match="pickled"):
     convert.load_reference_file(path)

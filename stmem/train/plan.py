@@ -51,7 +51,7 @@ def main(argv: list[str]) -> int:
     print(f"stmem plan: unknown program(s) {unknown} in --programs; choose from pretrain, embed", file=sys.stderr)
     return 2
   from stmem.train import configflags
-  config, _ = configflags.parse(argv, "stmem plan", None, workdir_required=False)
+  config, _ = configflags.parse(argv, "stmem plan", None, workdir=None)
   budget_gb = float(config.get("memory_budget_gb", 0.0) or 0.0)
   try:
     devices = plan_lib.devices_for(topology)

@@ -128,7 +128,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, sto
   data_iter = make_iter(data_state)
 
   # ------------------------------------------------------------------------------------------------ update step
-  base_key = jax.device_put(jax.random.key(config.seed + 1), replicated)
+  # Made by a jit with a replicated output: device_put of a key array onto a mesh that spans other processes' devices
+  # is refused (it is not a host value), while a jitted constant lands on every process's devices.
+  base_key = jax.jit(lambda: jax.random.key(config.seed + 1), out_shardings=replicated)()
   ok = jax.device_put(jnp.asarray(True), replicated)
 
   # ------------------------------------------------------------------------------------------------ train loop
