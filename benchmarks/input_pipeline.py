@@ -25,12 +25,13 @@ import json
 import math
 import os
 import pathlib
-import platform
 import statistics
 import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
+
+from benchmarks import machine
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_LUDB = ROOT.parent / "shared" / "data" / "ludb"
@@ -136,8 +137,7 @@ def run(ludb: str | os.PathLike[str] = DEFAULT_LUDB, batch_size: int = 64, batch
   ludb = pathlib.Path(ludb)
   if not ludb.is_dir():
     raise FileNotFoundError(f"{ludb} is missing (the benchmark reads LUDB from ../shared/data/ludb)")
-  result: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                        "python": platform.python_version(), "loadavg_start": os.getloadavg()},
+  result: dict[str, Any] = {"machine": machine.describe(),
                             "target_samples_per_s": TARGET_SAMPLES_PER_S, "build": [], "stages": [],
                             "pipeline": []}
   with tempfile.TemporaryDirectory(dir=workdir) as tmp:

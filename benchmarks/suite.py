@@ -16,7 +16,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -138,12 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
   import jax
-  from benchmarks import matmul
+  from benchmarks import machine, matmul
   out: dict[str, Any] = {
-    "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
-                "jax": jax.__version__, "device": str(jax.devices()[0].device_kind),
-                "backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                "loadavg_start": list(os.getloadavg())},
+    "machine": {**machine.describe(), "jax": jax.__version__, "device": str(jax.devices()[0].device_kind),
+                "backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", "")},
     "settings": {"workloads": workloads, "variants": _split(args.variants), "dtypes": _split(args.dtypes),
                  "batch": args.batch, "repeats": args.repeats, "quick": args.quick, "isolate": args.isolate},
   }

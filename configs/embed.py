@@ -27,6 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.checkpoint = ""        # the encoder: a stmem checkpoint (workdir, its checkpoints/ folder or a step folder)
   c.data_dir = ""          # the records, either a prepared dataset (`stmem prepare` output) ...
   c.records = ""           # ... or a folder of raw WFDB records (searched recursively) ...
+  c.lead_map = ""          # raw records: rename file channels to standard leads, e.g. ECG=I (as `stmem prepare`)
   c.synthetic = 0          # ... or N simulated ECGs (stmem.synthetic)
   c.split = "test"         # prepared dataset: the split to embed
   c.out = ""               # output prefix: writes OUT.npz and OUT.parquet

@@ -28,6 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.task = "prepared"           # one task name of data_pipelines/labels/tasks.py (prepared, synthetic, ludb_af, ...)
   c.data_dir = ""               # prepared task: a `stmem prepare` output
   c.data_root = "../shared/data"  # named tasks: the folder holding the raw datasets (ludb/, cinc2021/, ...)
+  c.lead_map = ""               # raw tasks: rename file channels to standard leads, e.g. ECG=I (as `stmem prepare`)
   c.labels = ""                 # prepared task: comma-separated label names ("" = all)
   c.kind = "multilabel"         # prepared task: "multilabel" (sigmoid per class) or "multiclass" (softmax)
   c.lead_set = "12"             # lead slots fed to the encoder, by name

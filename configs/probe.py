@@ -26,6 +26,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = "tiny"              # architecture of the random encoder when there is no checkpoint
   c.tasks = "ludb_af,ludb_lvh,ludb_axis,cinc_stach"  # comma-separated task names
   c.data_root = "../shared/data"  # raw folders for ludb_* / cinc_* tasks
+  c.lead_map = ""               # raw tasks: rename file channels to standard leads, e.g. ECG=I (as `stmem prepare`)
   c.data_dir = ""               # prepared dataset for the `prepared` task
   c.labels = ""                 # comma-separated label names of a prepared dataset ("" = all)
   c.kind = "multilabel"         # prepared task: "multilabel" (sigmoid per class) or "multiclass" (softmax)

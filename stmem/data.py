@@ -358,13 +358,13 @@ def find_raw(root: str | os.PathLike[str], folder: str) -> str:
 
 
 def task_pools(task_names: Sequence[str], contract: Contract, *, data_dir: str = "", data_root: str = "",
-               labels: Sequence[str] = (), kind: str = "multilabel", num_synthetic: int = 240, seed: int = 0
-               ) -> tuple[dict[str, Pool], list[tuple[str, Any]]]:
+               labels: Sequence[str] = (), kind: str = "multilabel", num_synthetic: int = 240, seed: int = 0,
+               lead_map: str = "") -> tuple[dict[str, Pool], list[tuple[str, Any]]]:
   """Pools and named tasks (`data_pipelines.labels.tasks`) over them: ({pool key: Pool}, [(pool key, Task)]).
 
   Tasks of one dataset share one pool (one read, one feature pass). `contract` is the checkpoint's: raw and
   simulated examples are made to it; a prepared dataset (`data_dir`) keeps its own. `labels` and `kind` choose
-  the `prepared` task's columns and link.
+  the `prepared` task's columns and link; `lead_map` (`--lead_map ECG=I`) names the channels of raw records.
   """
   from data_pipelines.labels import tasks as tasks_lib
   pools: dict[str, Pool] = {}
@@ -383,7 +383,8 @@ def task_pools(task_names: Sequence[str], contract: Contract, *, data_dir: str =
         if not data_root:
           raise ValueError(f"task {name!r} reads raw {spec.dataset} records: set data_root (the folder holding "
                            f"{spec.folder}/)")
-        ds = DatasetSpec("raw", path=find_raw(data_root, spec.folder), name=spec.dataset, options=spec.options)
+        ds = DatasetSpec("raw", path=find_raw(data_root, spec.folder), name=spec.dataset,
+                         options=tuple(spec.options) + ((("lead_map", lead_map),) if lead_map else ()))
       pools[key] = open_pool(ds, contract)
     pool = pools[key]
     out.append((key, tasks_lib.make_task(spec, pool.label_names, pool.labels, {"sex": pool.sex})))

@@ -5,7 +5,8 @@ with sharded shapes (`steps.abstract_args`) and compiled either for the local de
 described by libtpu on any host (`jax.experimental.topologies.get_topology_desc`; the `[tpu]` extra). XLA's
 memory analysis of the compiled program gives each device's argument, output, temporary and total bytes, which are
 held against the chip's memory (or a stated budget). When the step does not fit, `fit` searches the smallest
-gradient-accumulation count, then a stronger rematerialisation, that does.
+gradient-accumulation count, then a stronger rematerialisation, that does. The fine-tuning update
+(`stmem.train.finetune.finetune_step`) and the embedding forward are compiled the same way.
 
 FLOPs per step are analytic (`stmem.train.metrics`); XLA's own count of the compiled program is shown beside them,
 but it counts a scanned block once, so it reads several times too low for a deep model.
@@ -20,10 +21,16 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+from flax import nnx
 
+import configs.finetune as finetune_configs
+from data_pipelines import leads as leads_lib
+from stmem import checkpoint as ckpt_lib
 from stmem import sharding as sharding_lib
 from stmem import steps
-from stmem.train import metrics
+from stmem.models import encoder_model, model_config
+from stmem.train import finetune, metrics
 
 GiB = 2 ** 30
 
@@ -226,6 +233,50 @@ def embed_report(config, devices, *, topology: str = "local", budget_gb: float =
                   dtype=cfg.dtype, budget_bytes=device_memory(devices, budget_gb),
                   flops_analytic=config.batch_size * metrics.embed_forward_flops(cfg, leads))
   return _compile(report, lambda: fn.lower(params, batch["signal"], batch["lead_ids"], batch["lead_mask"]))
+
+
+def finetune_settings(config):
+  """(fine-tuning config, model config, leads) to plan. `config` itself when it is a fine-tuning config
+  (configs/finetune.py: the architecture of its checkpoint, else of `model`); for a pretraining config, the
+  fine-tuning defaults applied to its model at its batch, mesh and FSDP threshold: "fine-tune what I pretrain here"."""
+  if "optim" not in config:  # a fine-tuning config
+    if config.get("checkpoint"):
+      cfg = ckpt_lib.model_config_from_meta(ckpt_lib.read_meta(config.checkpoint)[0])
+    else:
+      cfg = model_config(config.model)
+    return config, cfg, len(leads_lib.parse_lead_set(config.lead_set))
+  ft = finetune_configs.get_config()
+  ft.batch_size, ft.mesh, ft.fsdp_min_size = int(config.batch_size), config.mesh, int(config.fsdp_min_size)
+  ft.num_devices = int(config.get("num_devices") or 0)
+  return ft, steps.model_cfg(config), 12
+
+
+def finetune_report(config, devices, *, topology: str = "local", budget_gb: float = 0.0,
+                    num_classes: int = 5) -> Report:
+  """Compile `stmem finetune`'s update step (`stmem.train.finetune.finetune_step`: encoder + linear head, every
+  parameter trained, AdamW) for `devices` at the batch of `config` (`finetune_settings`), `num_classes` outputs."""
+  ft, cfg, leads = finetune_settings(config)
+  mesh = _mesh(ft, devices)
+  steps.check_platform(cfg, mesh)
+  model = nnx.eval_shape(lambda: finetune.Classifier(encoder_model(cfg, rngs=nnx.Rngs(0)), num_classes,
+                                                     float(ft.drop_path), rngs=nnx.Rngs(0)))
+  graphdef, params = nnx.split(model, nnx.Param)
+  params = params.to_pure_dict()
+  step = finetune.finetune_step(ft, mesh, graphdef, params, kind="multilabel", depth=cfg.depth)
+  batch_size = int(ft.batch_size)
+  shaped = lambda tree, shardings: jax.tree.map(  # noqa: E731
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+  batch = {**steps.abstract_batch(batch_size, leads, cfg.window, step.batch_sharding),
+           "labels": jax.ShapeDtypeStruct((batch_size, num_classes), jnp.float32, sharding=step.batch_sharding)}
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  args = (shaped(params, step.param_shardings), shaped(step.abstract_opt, step.opt_shardings), batch,
+          jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=step.replicated),
+          jax.ShapeDtypeStruct((), jnp.bool_, sharding=step.replicated))
+  report = Report(program="finetune", topology=topology, device_kind=devices[0].device_kind, devices=mesh.size,
+                  mesh=dict(mesh.shape), batch_size=batch_size, accum_steps=1, remat=cfg.remat, dtype=cfg.dtype,
+                  budget_bytes=device_memory(devices, budget_gb),
+                  flops_analytic=metrics.finetune_step_flops(cfg, batch_size, leads))
+  return _compile(report, lambda: step.jitted.lower(*args))
 
 
 def accum_candidates(config, devices: int) -> list[int]:

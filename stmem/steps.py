@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 from data_pipelines import leads as leads_lib
 from data_pipelines.contract import Contract
 from stmem import sharding as sharding_lib
-from stmem.models import Encoder, model_config, pretraining_model
+from stmem.models import encoder_model, model_config, pretraining_model
 from stmem.models.config import ModelConfig
 from stmem.train import optim
 
@@ -176,6 +176,6 @@ def embed_forward(graphdef) -> Callable:
 
 def encoder_graphdef_and_params(cfg: ModelConfig, *, abstract: bool = False):
   """An encoder's graphdef and its parameters as a pure dict (shapes only when `abstract`)."""
-  build = lambda: Encoder(cfg, rngs=nnx.Rngs(0))  # noqa: E731
+  build = lambda: encoder_model(cfg, rngs=nnx.Rngs(0))  # noqa: E731
   graphdef, params = nnx.split(nnx.eval_shape(build) if abstract else build())
   return graphdef, params.to_pure_dict()

@@ -2,10 +2,11 @@
 production one; MFU from the analytic FLOP count, by hand. Not a timing test."""
 import json
 import math
+import pathlib
 
 import pytest
 
-from benchmarks import model_bench, suite
+from benchmarks import machine, model_bench, suite
 from stmem import steps
 from stmem.models import model_config
 from stmem.train import metrics
@@ -25,6 +26,8 @@ def report(tmp_path_factory):
 def test_machine_and_matmul_yardstick(report):
   m = report["machine"]
   assert m["cpus"] >= 1 and m["jax"] and len(m["loadavg_start"]) == 3 and len(m["loadavg_end"]) == 3
+  if pathlib.Path("/proc/cpuinfo").exists():  # every figure names its CPU
+    assert m["cpu"]["model_name"] and all(f in machine.FLAGS_OF_INTEREST for f in m["cpu"]["features"])
   for dtype in ("float32", "bfloat16"):
     assert report["matmul"][dtype]["flop_per_s"] > 1e8
     assert report["matmul"]["before_flop_per_s"][dtype] > 0 and report["matmul"]["after_flop_per_s"][dtype] > 0

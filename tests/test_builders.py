@@ -75,6 +75,33 @@ def test_direct_decode_of_negative_and_empty_values():
       np.testing.assert_array_equal(got[k], v, err_msg=k)
 
 
+def test_direct_decode_of_unpacked_lists_takes_the_general_walk():
+  # tfds packs every list; another writer may not. An Example whose int64 list is unpacked (one varint field per
+  # value) and whose float list is unpacked (fixed32 fields) decodes to the same values as the packed encoding.
+  import struct
+  from data_pipelines import example_codec
+
+  def ld(number, payload):  # a length-delimited field
+    n, out = len(payload), bytearray([number << 3 | 2])
+    while True:
+      out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+      n >>= 7
+      if not n:
+        return bytes(out) + payload
+
+  def entry(key, feature):
+    return ld(1, ld(1, key.encode()) + ld(2, feature))
+
+  unpacked_ints = ld(3, bytes([0x08, 5, 0x08, 0xAC, 0x02]))                     # Int64List [5, 300]
+  unpacked_floats = ld(2, b"".join(b"\x0d" + struct.pack("<f", v) for v in (1.5, -2.0)))
+  packed_ints = ld(3, ld(1, bytes([5, 0xAC, 0x02])))
+  packed_floats = ld(2, ld(1, struct.pack("<2f", 1.5, -2.0)))
+  for ints, floats in ((unpacked_ints, unpacked_floats), (packed_ints, packed_floats)):
+    got = example_codec.parse(ld(1, entry("n", ints) + entry("x", floats)))
+    assert got["n"][0] == "int" and got["n"][1].tolist() == [5, 300]
+    assert got["x"][0] == "float" and got["x"][1].tolist() == [1.5, -2.0]
+
+
 def test_raw_folder_in_memory_equals_the_prepared_dataset(cinc_dir, shared_data):
   # One path: a raw folder read in memory (data.open_pool) gives the examples `stmem prepare` wrote, split by split.
   prepared = data.open_pool(data.DatasetSpec("prepared", path=str(cinc_dir)))

@@ -110,3 +110,33 @@ def test_pretrain_refuses_before_the_first_step_a_step_that_does_not_fit(tmp_pat
   with pytest.raises(pretrain.DoesNotFit, match=r"GiB per device.*accum_steps|remat"):
     pretrain.train(config, tmp_path)
   assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_the_finetuning_step_is_planned_with_finetunes_own_step(tmp_path, monkeypatch):
+  # `stmem plan --programs finetune` compiles `stmem.train.finetune.finetune_step`, the step `stmem finetune` runs
+  # (spied on here: a planner with its own copy of the step fails this test), from a fine-tuning config.
+  import jax
+  from stmem.models import model_config
+  from stmem.train import finetune, metrics
+  built = []
+  real = finetune.finetune_step
+  monkeypatch.setattr(finetune, "finetune_step", lambda *a, **k: built.append(k) or real(*a, **k))
+  path = tmp_path / "plan.json"
+  rc = plan_program.main(["--config", "finetune:test", "--config.batch_size=16", "--config.lead_set=I+II",
+                          "--topology", "local", "--classes", "3", "--json", str(path)])
+  assert rc == 0 and len(built) == 1 and built[0]["kind"] == "multilabel"
+  (r,) = json.loads(path.read_text())["reports"]
+  assert r["program"] == "finetune" and r["devices"] == len(jax.devices()) and r["batch_size"] == 16
+  assert r["argument_bytes"] > 0 and r["temp_bytes"] > 0
+  assert r["alias_bytes"] > 0.5 * r["argument_bytes"]  # parameters and optimiser state donated, as in finetune
+  assert r["flops_analytic"] == metrics.finetune_step_flops(model_config("tiny"), 16, leads=2)
+  if len(jax.devices()) > 1:  # the batch is split over the devices: the gradient is all-reduced
+    assert r["collectives"]["all-reduce"]["count"] >= 1
+  # From a pretraining config: the fine-tuning of its model, at its batch, on 12 leads.
+  rc = plan_program.main(["--config", "pretrain:tiny", "--config.batch_size=16", "--topology", "local",
+                          "--programs", "finetune", "--json", str(path)])
+  (r,) = json.loads(path.read_text())["reports"]
+  assert rc == 0 and len(built) == 2 and r["program"] == "finetune" and r["batch_size"] == 16
+  assert r["flops_analytic"] == metrics.finetune_step_flops(model_config("tiny"), 16, leads=12)
+  # A fine-tuning config plans nothing else.
+  assert plan_program.main(["--config", "finetune:test", "--programs", "pretrain"]) == 2

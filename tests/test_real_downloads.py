@@ -226,3 +226,16 @@ def test_crops_of_a_padded_record_stay_inside_the_recording(prepared):
     (train,) = list(data.make_iterator(data.Subset(opened.source, [padded]), opened.contract, batch_size=1,
                                        train=True, seed=epoch, worker_count=0, num_epochs=1))
     np.testing.assert_allclose(train["signal"][0, 0], crops[0, 0], atol=1e-6)
+
+
+def test_embed_reads_the_raw_folder_with_the_lead_map_of_its_config(cinc2017, ckpt, tmp_path):
+  # No `stmem prepare`: embed's own config names the channel (config.lead_map, as `prepare --lead_map`).
+  prefix = str(tmp_path / "raw")
+  common = ["embed", "--checkpoint", str(ckpt), "--records", str(cinc2017["raw"]), "--lead_set", "I", "--no_progress"]
+  assert cli.main(common + ["--config.lead_map=ECG=I", "--out", prefix]) == 0
+  z = np.load(prefix + ".npz")
+  long_enough = {f"A{i + 1:05d}" for i, s in enumerate(LENGTHS) if s >= 10}  # 9 s records are not padded here
+  assert {str(r).split("/")[-1].split("_")[0] for r in z["record_id"]} == long_enough
+  assert list(z["lead_names"]) == ["I"] and np.isfinite(z["pooled"]).all()
+  # Without the map no channel is a standard lead: every record is skipped, and the message says how to name them.
+  assert cli.main(common + ["--out", str(tmp_path / "none")]) != 0

@@ -124,7 +124,7 @@ def embed(config) -> dict:
   from data_pipelines.errors import DataError
   from stmem import data, sharding as sharding_lib
   from stmem.train import features, sharded_eval
-  from stmem.train.pretrain import parse_mesh
+  from stmem.steps import parse_mesh
 
   # ------------------------------------------------------------------------------------------------ mesh
   devices = jax.devices()[:config.num_devices] if config.num_devices else None
@@ -144,7 +144,8 @@ def embed(config) -> dict:
     data.open_prepared(config.data_dir, config.split)  # a missing split: a usage error naming the splits there
     spec = data.DatasetSpec("prepared", path=config.data_dir, splits=(config.split,))
   elif config.records:  # a folder of WFDB records, read as `stmem prepare generic` reads it, under the contract
-    spec = data.DatasetSpec("raw", path=config.records, name="generic")
+    spec = data.DatasetSpec("raw", path=config.records, name="generic",
+                            options=(("lead_map", config.lead_map),) if config.lead_map else ())
   else:  # simulated ECGs (stmem.synthetic)
     spec = data.DatasetSpec("synthetic", num_synthetic=int(config.synthetic))
   pool = data.open_pool(spec, loaded.contract)

@@ -10,12 +10,14 @@ resumes from the latest training checkpoint in WORKDIR/train_state with exactly 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import signal
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -78,7 +80,8 @@ def task_data(config, loaded):
   from stmem.train import features
   pools, task_list = data.task_pools([config.task], loaded.contract, data_dir=config.data_dir,
                                      data_root=config.data_root, labels=[x for x in config.labels.split(",") if x],
-                                     kind=config.kind, num_synthetic=int(config.synthetic_n), seed=int(config.seed))
+                                     kind=config.kind, num_synthetic=int(config.synthetic_n), seed=int(config.seed),
+                                     lead_map=config.get("lead_map", ""))
   pool_key, task = task_list[0]
   pool = pools[pool_key]
   split = pool.split if pool.fixed_splits else builder_base.split_names(pool.patient_id)
@@ -104,14 +107,60 @@ def class_weights(labels: np.ndarray, kind: str, how: str):
   return jnp.asarray((len(labels) - pos) / pos, jnp.float32)
 
 
+@dataclasses.dataclass
+class FinetuneStep:
+  """The fine-tuning update built once: optimiser, shardings and the jitted, donated step (what `train` runs and
+  `stmem plan --programs finetune` compiles ahead of time)."""
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  param_shardings: Any
+  opt_shardings: Any
+  abstract_opt: Any
+  batch_sharding: Any
+  replicated: Any
+  jitted: Any  # (params, opt_state, batch, key, ok) -> (params, opt_state, loss, ok); params and state donated
+
+
+def finetune_step(config, mesh, graphdef, params, *, kind: str, depth: int, class_weight=None) -> FinetuneStep:
+  """The update of a `Classifier` (`graphdef`, `params` as a pure dict, arrays or shapes) under `config`
+  (configs/finetune.py) on `mesh`; `depth` is the encoder's (layer-wise decay). The batch holds signal (B, L, T),
+  lead_ids, lead_mask (B, L) and labels (B, C)."""
+  from stmem import sharding as sharding_lib
+  from stmem.train import optim
+  lr = optim.scaled_lr(float(config.base_lr), int(config.batch_size))
+  schedule = optim.warmup_cosine(lr, int(config.warmup_steps), int(config.steps))
+  tx = optim.adamw(params, schedule=schedule, b1=config.b1, b2=config.b2, weight_decay=float(config.weight_decay),
+                   clip_norm=float(config.clip_norm), layer_decay=float(config.layer_decay), depth=depth)
+  param_shardings = sharding_lib.tree_shardings(params, mesh, min_size=config.fsdp_min_size)
+  abstract_opt = jax.eval_shape(tx.init, params)
+  opt_shardings = sharding_lib.tree_shardings(abstract_opt, mesh, min_size=config.fsdp_min_size)
+  batch_sharding, replicated = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
+  smoothing = float(config.label_smoothing)
+
+  def train_step(params, opt_state, batch, key, ok):
+    def loss_fn(p):
+      logits = nnx.merge(graphdef, p)(batch["signal"], batch["lead_ids"], batch["lead_mask"], key)
+      return task_loss(logits, batch["labels"], kind, smoothing, class_weight)
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss, ok & jnp.isfinite(loss)
+
+  jitted = jax.jit(train_step, in_shardings=(param_shardings, opt_shardings, batch_sharding, replicated, replicated),
+                   out_shardings=(param_shardings, opt_shardings, replicated, replicated), donate_argnums=(0, 1))
+  return FinetuneStep(tx=tx, schedule=schedule, param_shardings=param_shardings, opt_shardings=opt_shardings,
+                      abstract_opt=abstract_opt, batch_sharding=batch_sharding, replicated=replicated, jitted=jitted)
+
+
 def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None) -> dict:
   """Fine-tune, select on validation, test once; returns a summary. `stop_after` ends the loop early without a
   save (tests use it to stand in for a crash)."""
   from data_pipelines import transforms
   from stmem import augment, checkpoint as ckpt_lib, data, evaluation, sharding as sharding_lib
   from stmem.models import model_config
-  from stmem.train import features, metrics as metrics_lib, optim, report, sharded_eval
-  from stmem.train.pretrain import NonFiniteLoss, _main_thread, _stop_requested, parse_mesh
+  from stmem.train import features, metrics as metrics_lib, report, sharded_eval
+  from stmem.preemption import NonFiniteLoss, main_thread, stop_requested
+  from stmem.steps import parse_mesh
 
   workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
@@ -153,14 +202,10 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
   model = Classifier(loaded.encoder, task.labels.shape[1], float(config.drop_path), rngs=nnx.Rngs(int(config.seed)))
   graphdef, host_params = nnx.split(model, nnx.Param)
   host_params = jax.tree.map(np.asarray, host_params.to_pure_dict())
-  lr = optim.scaled_lr(float(config.base_lr), int(config.batch_size))
-  schedule = optim.warmup_cosine(lr, int(config.warmup_steps), int(config.steps))
-  tx = optim.adamw(host_params, schedule=schedule, b1=config.b1, b2=config.b2, weight_decay=float(config.weight_decay),
-                   clip_norm=float(config.clip_norm), layer_decay=float(config.layer_decay),
-                   depth=loaded.encoder.cfg.depth)
-  param_shardings = sharding_lib.tree_shardings(host_params, mesh, min_size=config.fsdp_min_size)
-  abstract_opt = jax.eval_shape(tx.init, host_params)
-  opt_shardings = sharding_lib.tree_shardings(abstract_opt, mesh, min_size=config.fsdp_min_size)
+  ft = finetune_step(config, mesh, graphdef, host_params, kind=task.kind, depth=loaded.encoder.cfg.depth,
+                     class_weight=class_weight)
+  tx, schedule, param_shardings, opt_shardings, abstract_opt = (ft.tx, ft.schedule, ft.param_shardings,
+                                                                ft.opt_shardings, ft.abstract_opt)
   # Every device receives only its shard of the encoder read from the checkpoint and of the new head.
   params = sharded_eval.place(host_params, param_shardings)
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
@@ -183,17 +228,7 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
   train_it = make_train_iter(data_state)
 
   # ---------------------------------------------------------------------------------------------------- update step
-  def train_step(params, opt_state, batch, key, ok):
-    def loss_fn(p):
-      logits = nnx.merge(graphdef, p)(batch["signal"], batch["lead_ids"], batch["lead_mask"], key)
-      return task_loss(logits, batch["labels"], task.kind, float(config.label_smoothing), class_weight)
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss, ok & jnp.isfinite(loss)
-
-  step_fn = jax.jit(train_step, in_shardings=(param_shardings, opt_shardings, batch_sharding, replicated, replicated),
-                    out_shardings=(param_shardings, opt_shardings, replicated, replicated), donate_argnums=(0, 1))
+  step_fn = ft.jitted
   key = jax.random.key(int(config.seed))
   ok = jax.device_put(jnp.asarray(True), replicated)
 
@@ -226,7 +261,7 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
   writer = metrics_lib.MetricWriter(workdir)
   preempted = {"flag": False}
   previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.__setitem__("flag", True)) \
-    if _main_thread() else None
+    if main_thread() else None
   meta = {"origin": "stmem finetune", "task": task.name}
   step, last_saved = start_step, start_step
   summary = {"workdir": str(workdir), "start_step": start_step}
@@ -265,7 +300,7 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
         writer.write(step, m)
         info("step %d train loss %.4f val loss %.4f val AUROC %.3f", step, m["train_loss"], val["loss"], val["auroc"])
         save(step)
-      if _stop_requested(preempted["flag"]):
+      if stop_requested(preempted["flag"]):
         save(step)
         checkpointer.wait()
         info("preempted at step %d: checkpoint saved in %s; run the same command to resume", step,
@@ -320,12 +355,13 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
 
 def main(argv: Sequence[str]) -> int:
   from stmem import distributed
-  from stmem.train import configflags, pretrain
+  from stmem import preemption
+  from stmem.train import configflags
   config, workdir = configflags.parse(argv, "stmem finetune", DEFAULT_CONFIG + ":prepared")
   distributed.initialize()  # a no-op for one process; must come before any JAX computation
   try:
     summary = train(config, workdir)
-  except pretrain.NonFiniteLoss as e:  # exit status 3, as for pretraining
+  except preemption.NonFiniteLoss as e:  # exit status 3, as for pretraining
     print(f"stmem finetune: {e}", file=sys.stderr)
     return 3
   if jax.process_index() == 0:  # the report went to stdout; the summary is for logs

@@ -80,6 +80,11 @@ def pretrain_step_flops(cfg, batch: int, leads: int = 12) -> float:
   return 3.0 * batch * pretrain_forward_flops(cfg, leads)
 
 
+def finetune_step_flops(cfg, batch: int, leads: int = 12) -> float:
+  """One fine-tuning update: the unmasked encoder forward and its backward (the linear head is negligible)."""
+  return 3.0 * batch * embed_forward_flops(cfg, leads)
+
+
 def console_logger(name: str) -> logging.Logger:
   """Our own progress lines at INFO, without turning on every library's INFO logging (orbax is chatty)."""
   log = logging.getLogger(name)

@@ -4,13 +4,18 @@ r"""`stmem plan`: compile a pretraining config ahead of time and say whether it 
   stmem plan --config configs/pretrain.py:large --topology v4:2x2x1 --config.mesh=data:2,fsdp:2
   stmem plan --config configs/pretrain.py:base --topology local --config.memory_budget_gb=74.5  # one 80 GB GPU
   stmem plan --config configs/pretrain.py:tiny --topology v5e:2x2 --json plan.json --no-fit
+  stmem plan --config pretrain:base --topology v5e:4x4 --programs finetune       # fine-tune what you pretrain
+  stmem plan --config finetune:prepared --config.checkpoint=CKPT --config.batch_size=256 --topology v5e:2x2
 
 Prints one table line per compiled program (per device: argument, output, temporary and total bytes against the
 chip's memory or --config.memory_budget_gb; analytic FLOPs per step and XLA's per-device count; collective bytes;
 the verdict) and, when the step as configured does not fit, the smallest accum_steps and remat that does, with
 the flags to pass to `stmem pretrain`. TPU topologies need the TPU compiler: `pip install 'stmem[tpu]'`.
-Options besides --config: --topology (local or a TPU topology name; default local), --programs (pretrain,embed),
---json FILE (every report), --no-fit (compile the config as it is; no search).
+Options besides --config: --topology (local or a TPU topology name; default local), --programs (any of pretrain,
+embed, finetune; default pretrain,embed for a pretraining config, finetune for a fine-tuning config), --classes N
+(outputs of the planned fine-tuning head; default 5), --json FILE (every report), --no-fit (compile the config as
+it is; no search). A pretraining config plans its fine-tuning with configs/finetune.py's defaults at its model,
+batch and mesh.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import sys
 from stmem import plan as plan_lib
 
 USAGE = ("usage: stmem plan --config FILE:PRESET [--config.KEY=VALUE ...] [--topology local|v5e:4x4|...] "
-         "[--programs pretrain,embed] [--json FILE] [--no-fit]")
+         "[--programs pretrain,embed,finetune] [--classes N] [--json FILE] [--no-fit]")
 
 
 def _take(argv: list[str], name: str, default=None):
@@ -42,16 +47,25 @@ def main(argv: list[str]) -> int:
     print(__doc__.strip() + "\n\n" + USAGE)
     return 0
   topology = _take(argv, "topology", "local")
-  programs = [p for p in _take(argv, "programs", "pretrain,embed").split(",") if p]
+  programs = _take(argv, "programs")
+  classes = _take(argv, "classes", "5")
   json_path = _take(argv, "json")
   search = "--no-fit" not in argv
   argv = [a for a in argv if a != "--no-fit"]
-  unknown = sorted(set(programs) - {"pretrain", "embed"})
-  if unknown:
-    print(f"stmem plan: unknown program(s) {unknown} in --programs; choose from pretrain, embed", file=sys.stderr)
-    return 2
   from stmem.train import configflags
   config, _ = configflags.parse(argv, "stmem plan", None, workdir=None)
+  is_pretrain_config = "optim" in config
+  programs = [p for p in (programs or ("pretrain,embed" if is_pretrain_config else "finetune")).split(",") if p]
+  known = ("pretrain", "embed", "finetune") if is_pretrain_config else ("finetune",)
+  unknown = sorted(set(programs) - set(known))
+  if unknown:
+    print(f"stmem plan: cannot plan {unknown} from this config; choose from {', '.join(known)}"
+          + ("" if is_pretrain_config else " (a fine-tuning config; pass a pretraining config for the others)"),
+          file=sys.stderr)
+    return 2
+  if not classes.isdigit() or int(classes) < 1:
+    print(f"stmem plan: --classes {classes!r} is not a positive number of outputs", file=sys.stderr)
+    return 2
   budget_gb = float(config.get("memory_budget_gb", 0.0) or 0.0)
   try:
     devices = plan_lib.devices_for(topology)
@@ -59,7 +73,7 @@ def main(argv: list[str]) -> int:
     print(f"stmem plan: {e}", file=sys.stderr)
     return 2
 
-  reports, chosen = [], None
+  reports, chosen, others = [], None, []
   log = lambda r: print(plan_lib.table([r]).splitlines()[1], file=sys.stderr, flush=True)  # noqa: E731
   if "pretrain" in programs:
     if search:
@@ -69,7 +83,11 @@ def main(argv: list[str]) -> int:
       chosen = plan_lib.pretrain_report(config, devices, topology=topology, budget_gb=budget_gb)
       reports.append(chosen)
   if "embed" in programs:
-    reports.append(plan_lib.embed_report(config, devices, topology=topology, budget_gb=budget_gb))
+    others.append(plan_lib.embed_report(config, devices, topology=topology, budget_gb=budget_gb))
+  if "finetune" in programs:
+    others.append(plan_lib.finetune_report(config, devices, topology=topology, budget_gb=budget_gb,
+                                           num_classes=int(classes)))
+  reports += others
   print(plan_lib.table(reports))
   if chosen is not None:
     print(_advice(config, chosen))
@@ -77,7 +95,11 @@ def main(argv: list[str]) -> int:
     with open(json_path, "w") as f:
       json.dump({"topology": topology, "reports": [r.to_dict() for r in reports],
                  "chosen": None if chosen is None else chosen.to_dict()}, f, indent=2)
-  return 0 if chosen is None or chosen.fits is not False else 1
+  for r in others:
+    if r.fits is False:
+      print(f"{r.program} does not fit in {r.budget_bytes / plan_lib.GiB:.2f} GiB per device at batch "
+            f"{r.batch_size}: use more devices, FSDP (--config.mesh=data:-1,fsdp:N) or a smaller batch")
+  return 1 if any(r is not None and r.fits is False for r in [chosen, *others]) else 0
 
 
 def _advice(config, chosen: plan_lib.Report) -> str:

@@ -29,14 +29,12 @@ from data_pipelines import leads as leads_lib
 from stmem import checkpoint as ckpt_lib
 from stmem import data as data_lib
 from stmem import plan as plan_lib
+from stmem import preemption
 from stmem import sharding as sharding_lib
 from stmem import steps as steps_lib
+from stmem.preemption import NonFiniteLoss
 from data_pipelines.contract import Contract
 from stmem.train import metrics as metrics_lib
-
-
-class NonFiniteLoss(FloatingPointError):
-  pass
 
 
 class DoesNotFit(ValueError):
@@ -137,7 +135,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, sto
   writer = metrics_lib.MetricWriter(workdir)
   preempted = {"flag": False}
   previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.__setitem__("flag", True)) \
-    if _main_thread() else None
+    if preemption.main_thread() else None
   figure_batch = None
   # MFU from the analytic FLOP count (XLA's cost analysis counts the scanned blocks once, and costs a compile).
   flops_per_step = metrics_lib.pretrain_step_flops(cfg, config.batch_size, step_lib.leads)
@@ -199,7 +197,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, sto
       if config.figure_every and step % config.figure_every == 0:
         _reconstruction_figure(graphdef, params, figure_batch, cfg, contract,
                                workdir / f"reconstruction_{step:06d}.png", write=is_main)
-      if _stop_requested(preempted["flag"]):  # agreed at sync steps only: a collective when several processes run
+      if preemption.stop_requested(preempted["flag"]):  # at sync steps only: a collective across processes
         save(step, force=True)
         checkpointer.wait()
         if is_main:
@@ -231,19 +229,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, sto
 
 def _str(value) -> str:
   return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _main_thread() -> bool:
-  import threading
-  return threading.current_thread() is threading.main_thread()
-
-
-def _stop_requested(local_flag: bool) -> bool:
-  """Every process stops at the same step: a SIGTERM seen by any process stops all of them."""
-  if jax.process_count() == 1:
-    return local_flag
-  from jax.experimental import multihost_utils
-  return bool(np.any(multihost_utils.process_allgather(np.asarray(local_flag))))
 
 
 def _from_process_zero(tree):

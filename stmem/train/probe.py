@@ -86,7 +86,7 @@ def main(argv: Sequence[str]) -> int:
   from stmem.models import model_config
   from stmem import sharding as sharding_lib
   from stmem.train import features, report, sharded_eval
-  from stmem.train.pretrain import parse_mesh
+  from stmem.steps import parse_mesh
 
   # ------------------------------------------------------------------------------------------ mesh
   # The feature pass splits every batch over the devices of every process; the heads are fitted on the host.
@@ -113,7 +113,8 @@ def main(argv: Sequence[str]) -> int:
   # ------------------------------------------------------------------------------------------ data
   pools, task_list = data.task_pools(_csv(config.tasks), main_encoder.contract, data_dir=config.data_dir,
                                      data_root=config.data_root, labels=_csv(config.labels), kind=config.kind,
-                                     num_synthetic=int(config.synthetic_n), seed=int(config.seed))
+                                     num_synthetic=int(config.synthetic_n), seed=int(config.seed),
+                                     lead_map=config.get("lead_map", ""))
   notes = [f"encoder: {config.checkpoint or config.model} (fingerprint {main_encoder.fingerprint}); random init: "
            f"same architecture, seed {config.random_seed}"]
 
