@@ -238,7 +238,8 @@ def embed_report(config, devices, *, topology: str = "local", budget_gb: float =
 def finetune_settings(config):
   """(fine-tuning config, model config, leads) to plan. `config` itself when it is a fine-tuning config
   (configs/finetune.py: the architecture of its checkpoint, else of `model`); for a pretraining config, the
-  fine-tuning defaults applied to its model at its batch, mesh and FSDP threshold: "fine-tune what I pretrain here"."""
+  fine-tuning defaults (their batch, rounded up to a multiple of the devices) applied to its model, mesh and FSDP
+  threshold: "fine-tune what I pretrain here". A pretraining batch (2048) is far above any fine-tuning batch."""
   if "optim" not in config:  # a fine-tuning config
     if config.get("checkpoint"):
       cfg = ckpt_lib.model_config_from_meta(ckpt_lib.read_meta(config.checkpoint)[0])
@@ -246,7 +247,7 @@ def finetune_settings(config):
       cfg = model_config(config.model)
     return config, cfg, len(leads_lib.parse_lead_set(config.lead_set))
   ft = finetune_configs.get_config()
-  ft.batch_size, ft.mesh, ft.fsdp_min_size = int(config.batch_size), config.mesh, int(config.fsdp_min_size)
+  ft.mesh, ft.fsdp_min_size = config.mesh, int(config.fsdp_min_size)
   ft.num_devices = int(config.get("num_devices") or 0)
   return ft, steps.model_cfg(config), 12
 
@@ -254,10 +255,12 @@ def finetune_settings(config):
 def finetune_report(config, devices, *, topology: str = "local", budget_gb: float = 0.0,
                     num_classes: int = 5) -> Report:
   """Compile `stmem finetune`'s update step (`stmem.train.finetune.finetune_step`: encoder + linear head, every
-  parameter trained, AdamW) for `devices` at the batch of `config` (`finetune_settings`), `num_classes` outputs."""
+  parameter trained, AdamW) for `devices` at the fine-tuning batch (`finetune_settings`), `num_classes` outputs."""
   ft, cfg, leads = finetune_settings(config)
   mesh = _mesh(ft, devices)
   steps.check_platform(cfg, mesh)
+  if "optim" in config:  # planned from a pretraining config: the fine-tuning batch over these devices
+    ft.batch_size = -(-int(ft.batch_size) // mesh.size) * mesh.size
   model = nnx.eval_shape(lambda: finetune.Classifier(encoder_model(cfg, rngs=nnx.Rngs(0)), num_classes,
                                                      float(ft.drop_path), rngs=nnx.Rngs(0)))
   graphdef, params = nnx.split(model, nnx.Param)

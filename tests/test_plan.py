@@ -77,26 +77,36 @@ def test_remat_reduces_temporary_bytes():
   assert block.temp_bytes < 0.8 * none.temp_bytes, (block.temp_bytes, none.temp_bytes)
 
 
-def test_accum_steps_zero_picks_a_count_the_planner_says_fits(cli_report, devices):
-  r = cli_report[2]["reports"][0]
-  fixed = r["total_bytes"] - r["temp_bytes"]
+@pytest.fixture(scope="module")
+def local_report():
+  """The tiny step as configured, compiled for one local device (seconds, and in the persistent cache; a TPU
+  topology compile is neither): the memory search below works alike on any device set."""
+  import jax
+  return plan.pretrain_report(_config(), jax.devices()[:1])
+
+
+def test_accum_steps_zero_picks_a_count_the_planner_says_fits(local_report):
+  import jax
+  r = local_report
+  fixed = r.total_bytes - r.temp_bytes
   # Room for about 60 % of the unsplit step's temporaries: one micro-batch per step cannot fit, two can.
   config = _config()
   config.optim.accum_steps = 0
-  config.memory_budget_gb = (fixed + 0.6 * r["temp_bytes"]) / 2 ** 30
-  chosen, tried = plan.fit(config, devices, topology=TOPOLOGY, budget_gb=config.memory_budget_gb)
+  config.memory_budget_gb = (fixed + 0.6 * r.temp_bytes) / 2 ** 30
+  chosen, tried = plan.fit(config, jax.devices()[:1], budget_gb=config.memory_budget_gb)
   assert tried[0].accum_steps == 1 and tried[0].fits is False
   assert chosen.fits is True and chosen.accum_steps > 1 and chosen.remat == "none"
   assert chosen.total_bytes <= chosen.budget_bytes
-  assert (BATCH // 4) % chosen.accum_steps == 0
+  assert BATCH % chosen.accum_steps == 0
   assert f"--config.optim.accum_steps={chosen.accum_steps}" in plan_program._advice(config, chosen)
 
 
-def test_a_config_that_cannot_fit_is_reported_with_the_fix(cli_report, devices, capsys):
-  r = cli_report[2]["reports"][0]
-  budget_gb = (r["total_bytes"] - r["temp_bytes"]) * 0.5 / 2 ** 30  # below the parameters and optimiser state alone
+def test_a_config_that_cannot_fit_is_reported_with_the_fix(local_report, capsys):
+  r = local_report
+  budget_gb = (r.total_bytes - r.temp_bytes) * 0.5 / 2 ** 30  # below the parameters and optimiser state alone
   rc = plan_program.main(["--config", "configs/pretrain.py:tiny", f"--config.batch_size={BATCH}",
-                          f"--config.memory_budget_gb={budget_gb}", "--topology", TOPOLOGY, "--programs", "pretrain"])
+                          "--config.num_devices=1", f"--config.memory_budget_gb={budget_gb}", "--topology", "local",
+                          "--programs", "pretrain"])
   out = capsys.readouterr().out
   assert rc == 1
   assert "does not fit" in out.splitlines()[1]
@@ -132,11 +142,15 @@ def test_the_finetuning_step_is_planned_with_finetunes_own_step(tmp_path, monkey
   assert r["flops_analytic"] == metrics.finetune_step_flops(model_config("tiny"), 16, leads=2)
   if len(jax.devices()) > 1:  # the batch is split over the devices: the gradient is all-reduced
     assert r["collectives"]["all-reduce"]["count"] >= 1
-  # From a pretraining config: the fine-tuning of its model, at its batch, on 12 leads.
-  rc = plan_program.main(["--config", "pretrain:tiny", "--config.batch_size=16", "--topology", "local",
+  # From a pretraining config: the fine-tuning of its model on 12 leads, at the fine-tuning batch (not the
+  # pretraining batch), a multiple of the devices.
+  from configs import finetune as finetune_config
+  batch = finetune_config.get_config().batch_size
+  batch = -(-batch // len(jax.devices())) * len(jax.devices())
+  rc = plan_program.main(["--config", "pretrain:tiny", "--config.batch_size=512", "--topology", "local",
                           "--programs", "finetune", "--json", str(path)])
   (r,) = json.loads(path.read_text())["reports"]
-  assert rc == 0 and len(built) == 2 and r["program"] == "finetune" and r["batch_size"] == 16
-  assert r["flops_analytic"] == metrics.finetune_step_flops(model_config("tiny"), 16, leads=12)
+  assert rc == 0 and len(built) == 2 and r["program"] == "finetune" and r["batch_size"] == batch
+  assert r["flops_analytic"] == metrics.finetune_step_flops(model_config("tiny"), batch, leads=12)
   # A fine-tuning config plans nothing else.
   assert plan_program.main(["--config", "finetune:test", "--programs", "pretrain"]) == 2

@@ -5,7 +5,7 @@ r"""`stmem plan`: compile a pretraining config ahead of time and say whether it 
   stmem plan --config configs/pretrain.py:base --topology local --config.memory_budget_gb=74.5  # one 80 GB GPU
   stmem plan --config configs/pretrain.py:tiny --topology v5e:2x2 --json plan.json --no-fit
   stmem plan --config pretrain:base --topology v5e:4x4 --programs finetune       # fine-tune what you pretrain
-  stmem plan --config finetune:prepared --config.checkpoint=CKPT --config.batch_size=256 --topology v5e:2x2
+  stmem plan --config finetune:prepared --config.model=base --config.batch_size=256 --topology v5e:2x2
 
 Prints one table line per compiled program (per device: argument, output, temporary and total bytes against the
 chip's memory or --config.memory_budget_gb; analytic FLOPs per step and XLA's per-device count; collective bytes;
@@ -14,8 +14,8 @@ the flags to pass to `stmem pretrain`. TPU topologies need the TPU compiler: `pi
 Options besides --config: --topology (local or a TPU topology name; default local), --programs (any of pretrain,
 embed, finetune; default pretrain,embed for a pretraining config, finetune for a fine-tuning config), --classes N
 (outputs of the planned fine-tuning head; default 5), --json FILE (every report), --no-fit (compile the config as
-it is; no search). A pretraining config plans its fine-tuning with configs/finetune.py's defaults at its model,
-batch and mesh.
+it is; no search). A pretraining config plans its fine-tuning with configs/finetune.py's defaults (batch 32,
+rounded up to the devices) at its model and mesh; plan a fine-tuning config for another batch.
 """
 from __future__ import annotations
 
