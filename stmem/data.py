@@ -424,7 +424,8 @@ def _text(value: Any) -> bytes:
 
 class _Columns:
   """The examples of one batch as arrays, cropped while they are copied in: signal (B, K, L, window) of the
-  selected rows at `starts` (B, K), lead_mask (B, L), labels (B, C), record_id and patient_id (B,).
+  selected rows at `starts` (B, K), lead_mask (B, L), labels (B, C), record_id, patient_id and window (B,): the
+  window's index in its record (records longer than one window are stored as every full window).
 
   One copy per example into one preallocated batch (the crop is a slice of that copy); everything numeric after
   this (filter, z-score) runs once on the whole batch.
@@ -438,7 +439,7 @@ class _Columns:
     if len(rows) and (np.diff(rows) == 1).all():  # consecutive rows: a slice, so each crop is copied once
       rows = slice(int(rows[0]), int(rows[-1]) + 1)
     self.labels = np.zeros((b, num_labels), np.float32)
-    rids, pids = [], []
+    rids, pids, windows = [], [], []
     for i, (ex, index) in enumerate(zip(examples, indices)):
       signal = np.asarray(ex["signal"])
       if signal.shape[-1] < int(starts[i].max()) + window:
@@ -453,7 +454,9 @@ class _Columns:
       rid = ex.get("record_id", str(index))
       rids.append(_text(rid))
       pids.append(_text(ex.get("patient_id", rid)))
+      windows.append(int(ex.get("window", 0)))
     self.record_id, self.patient_id = np.asarray(rids), np.asarray(pids)
+    self.window = np.asarray(windows, np.int32)
 
 
 def _finish(crops: np.ndarray, masks: np.ndarray, contract: Contract) -> np.ndarray:
@@ -539,7 +542,8 @@ class _EvalBatch:
     out = {"signal": np.zeros((b, k, slots, window), np.float32),
            "lead_ids": np.broadcast_to(self.ids, (b, slots)).copy(),
            "lead_mask": np.zeros((b, slots), bool), "labels": np.zeros((b, self.num_labels), np.float32),
-           "record_id": np.full((b,), b"", object), "patient_id": np.full((b,), b"", object), "valid": valid}
+           "record_id": np.full((b,), b"", object), "patient_id": np.full((b,), b"", object),
+           "window": np.zeros((b,), np.int32), "valid": valid}
     real = np.asarray(indices)[valid]
     if len(real):
       examples = read_many(self.source, real)
@@ -551,6 +555,7 @@ class _EvalBatch:
       out["signal"][valid] = _finish(c.signal, c.lead_mask, self.contract)
       out["lead_mask"][valid], out["labels"][valid] = c.lead_mask, c.labels
       out["record_id"][valid], out["patient_id"][valid] = c.record_id, c.patient_id
+      out["window"][valid] = c.window
     out["record_id"], out["patient_id"] = out["record_id"].astype(bytes), out["patient_id"].astype(bytes)
     return out
 

@@ -15,6 +15,23 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
+def program_devices(num_devices: int = 0) -> list[jax.Device]:
+  """The devices a program runs on, from its `config.num_devices`: 0 every device of every process, k the first k
+  (single-process runs only). Asking for more than there are is a usage error, not a silently smaller run."""
+  from data_pipelines.errors import UsageError
+  devices = jax.devices()
+  num_devices = int(num_devices or 0)
+  if not num_devices:
+    return devices
+  if jax.process_count() > 1:
+    raise UsageError(f"--config.num_devices={num_devices} applies to one process; with {jax.process_count()} "
+                     f"processes every device of every process is used: leave it at 0")
+  if not 0 < num_devices <= len(devices):
+    raise UsageError(f"--config.num_devices={num_devices}: this process has {len(devices)} "
+                     f"{devices[0].platform} device(s); use 0 (all) or 1-{len(devices)}")
+  return devices[:num_devices]
+
+
 def make_mesh(axes: Sequence[tuple[str, int]], devices: Sequence[jax.Device] | None = None) -> Mesh:
   devices = list(jax.devices() if devices is None else devices)
   names = tuple(name for name, _ in axes)

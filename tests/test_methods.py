@@ -145,6 +145,19 @@ def test_checkpoint_records_the_method_and_embeds(method, baseline_checkpoints, 
   np.testing.assert_allclose(out["per_lead"], direct["per_lead"], atol=1e-5)
 
 
+@pytest.mark.parametrize("method,grid", [("mtae", (1, 30)), ("mlae", (12, 1))])
+def test_embed_program_exports_the_tokens_of_a_baseline(method, grid, baseline_checkpoints, tmp_path):
+  # `stmem embed --per_patch`: MTAE's time tokens span all leads (one slot of 30), MLAE's are whole leads (12 of 1).
+  from stmem.train import embed
+  prefix = str(tmp_path / "emb")
+  assert embed.main(["--checkpoint", str(baseline_checkpoints[method]), "--synthetic", "3", "--out", prefix,
+                     "--per_patch", "--no_progress"]) == 0
+  z = np.load(prefix + ".npz")
+  width = model_config("tiny", method=method, **SMALL).width
+  assert z["per_patch"].shape == (3, *grid, width) and z["pooled"].shape == (3, width)
+  assert z["window"].tolist() == [0, 0, 0]
+
+
 def test_stmem_checkpoints_without_a_method_still_load(tmp_path):
   from stmem import checkpoint as ckpt_lib
   from stmem.checkpoint import make_meta, save_params

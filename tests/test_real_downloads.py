@@ -12,6 +12,7 @@ import json
 import pathlib
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import scipy.io
 import scipy.signal
@@ -237,5 +238,10 @@ def test_embed_reads_the_raw_folder_with_the_lead_map_of_its_config(cinc2017, ck
   long_enough = {f"A{i + 1:05d}" for i, s in enumerate(LENGTHS) if s >= 10}  # 9 s records are not padded here
   assert {str(r).split("/")[-1].split("_")[0] for r in z["record_id"]} == long_enough
   assert list(z["lead_names"]) == ["I"] and np.isfinite(z["pooled"]).all()
+  # A record longer than 10 s gives a row per full window, told apart by `window` (61 s: windows 0-5).
+  rows = [(str(r).split("/")[-1].split("_")[0], int(w)) for r, w in zip(z["record_id"], z["window"])]
+  assert len(set(rows)) == len(rows)
+  assert sorted(w for r, w in rows if r == "A00004") == [0, 1, 2, 3, 4, 5]
+  assert pq.read_table(prefix + ".parquet").column("window").to_pylist() == z["window"].tolist()
   # Without the map no channel is a standard lead: every record is skipped, and the message says how to name them.
   assert cli.main(common + ["--out", str(tmp_path / "none")]) != 0

@@ -14,8 +14,9 @@ No masking at inference: the output equals `encoder.features(...)` on the prepro
 searched recursively) are read through `stmem.data.open_pool` exactly as `stmem prepare generic` would prepare them
 under the checkpoint's contract (FFT-resampled to its rate, every 10 s window a row, band-pass, z-score; records it
 cannot use are skipped and listed); a prepared dataset is checked against the contract and adapted where safe.
-Output: FILE_PREFIX.npz and FILE_PREFIX.parquet, written as the batches come (bounded memory), with record ids, lead
-names, the checkpoint's fingerprint and contract.
+Output: FILE_PREFIX.npz and FILE_PREFIX.parquet, written as the batches come (bounded memory), with record ids,
+patient ids, `window` (the row's window index in its record: a 30 s record gives rows 0, 1, 2), lead names, the
+checkpoint's fingerprint and contract.
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ class Writer:
                                               shape=(max(capacity, 1), *s)) for k, s in shapes.items()}
     self.ids: dict[str, list[str]] = {"record_id": [], "patient_id": []}
     self.masks: list[np.ndarray] = []
+    self.windows: list[np.ndarray] = []
     self.n = 0
 
     def vec(shape):
@@ -57,13 +59,14 @@ class Writer:
       return t
 
     fields = [pa.field("record_id", pa.string()), pa.field("patient_id", pa.string()),
-              pa.field("lead_mask", pa.list_(pa.bool_(), shapes["per_lead"][0]))]
+              pa.field("window", pa.int32()), pa.field("lead_mask", pa.list_(pa.bool_(), shapes["per_lead"][0]))]
     fields += [pa.field(k, vec(s)) for k, s in shapes.items()]
     self.schema = pa.schema(fields, metadata={k: json.dumps(v) for k, v in metadata.items()})
     self.parquet = pq.ParquetWriter(staging.path("out.parquet"), self.schema)
 
   def write(self, arrays: dict[str, np.ndarray], record_id: Sequence[str], patient_id: Sequence[str],
-            lead_mask: np.ndarray) -> None:
+            window: np.ndarray, lead_mask: np.ndarray) -> None:
+    """One batch of rows; `window` is each row's window index in its record (0 for a record of one window)."""
     import pyarrow as pa
     b = len(record_id)
     if self.n + b > self.capacity:
@@ -73,7 +76,9 @@ class Writer:
     self.ids["record_id"] += list(record_id)
     self.ids["patient_id"] += list(patient_id)
     self.masks.append(np.asarray(lead_mask, bool))
+    self.windows.append(np.asarray(window, np.int32))
     columns = [pa.array(list(record_id), pa.string()), pa.array(list(patient_id), pa.string()),
+               pa.array(np.asarray(window, np.int32), pa.int32()),
                pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(lead_mask, bool).ravel()), lead_mask.shape[1])]
     for k, s in self.shapes.items():
       flat = pa.array(np.ascontiguousarray(arrays[k], np.float32).ravel())
@@ -87,6 +92,7 @@ class Writer:
     self.parquet.close()
     extra = {"record_id": np.asarray(self.ids["record_id"], dtype=str),
              "patient_id": np.asarray(self.ids["patient_id"], dtype=str),
+             "window": np.concatenate(self.windows) if self.windows else np.zeros((0,), np.int32),
              "lead_mask": np.concatenate(self.masks) if self.masks else np.zeros((0, self.shapes["per_lead"][0]), bool)}
     for k, v in self.metadata.items():  # lists of names stay arrays of names; anything else is JSON text
       plain = isinstance(v, list) and all(isinstance(x, str) for x in v)
@@ -117,6 +123,7 @@ def _log(msg: str) -> None:
 def embed(config) -> dict:
   """Write the embeddings that `config` (configs/embed.py) asks for; returns a summary (process 0's is complete)."""
   import jax
+  import jax.numpy as jnp
   from flax import nnx
 
   from data_pipelines import leads as leads_lib
@@ -127,7 +134,7 @@ def embed(config) -> dict:
   from stmem.steps import parse_mesh
 
   # ------------------------------------------------------------------------------------------------ mesh
-  devices = jax.devices()[:config.num_devices] if config.num_devices else None
+  devices = sharding_lib.program_devices(config.num_devices)
   mesh = sharding_lib.make_mesh(parse_mesh(config.mesh), devices=devices)
   batch_sharding, replicated = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
   is_main = jax.process_index() == 0
@@ -169,9 +176,12 @@ def embed(config) -> dict:
 
   # ------------------------------------------------------------------------------------------------ export loop
   cfg = loaded.encoder.cfg
-  shapes = {"pooled": (cfg.width,), "per_lead": (len(names), cfg.width)}
-  if config.per_patch:
-    shapes["per_patch"] = (len(names), contract.window // contract.patch_size, cfg.width)
+  # Each output's row shape, from the model itself: ST-MEM's patch tokens are (leads, patches, D), MTAE's time
+  # tokens (1, 30, D) (each spans all leads), MLAE's lead tokens (12, 1, D).
+  example = (jax.ShapeDtypeStruct((1, len(starts), len(names), contract.window), jnp.float32),
+             jax.ShapeDtypeStruct((1, len(names)), jnp.int32), jax.ShapeDtypeStruct((1, len(names)), jnp.bool_))
+  shapes = {{"tokens": "per_patch"}.get(k, k): tuple(v.shape[1:])
+            for k, v in jax.eval_shape(lambda s, *b: fn(graphdef, s, *b), state, *example).items()}
   capacity = len(source)
   from stmem import atomic
   # Process 0 writes into a staging folder and moves the files into place only when every record is written.
@@ -189,13 +199,13 @@ def embed(config) -> dict:
     written = 0
     for out, rows in sharded_eval.run(lambda *b: forward(state, *b), source, contract, batch_size=config.batch_size,
                                       lead_set=names, starts=starts, batch_sharding=batch_sharding,
-                                      host_keys=("valid", "record_id", "patient_id", "lead_mask")):
+                                      host_keys=("valid", "record_id", "patient_id", "window", "lead_mask")):
       valid = rows["valid"]
       written += int(valid.sum())
       if writer is not None:
         writer.write({{"tokens": "per_patch"}.get(k, k): np.asarray(v)[valid] for k, v in out.items()},
                      [r.decode() for r in rows["record_id"][valid]], [p.decode() for p in rows["patient_id"][valid]],
-                     rows["lead_mask"][valid])
+                     rows["window"][valid], rows["lead_mask"][valid])
       if bar is not None:
         bar.update(int(valid.sum()))
     if bar is not None:

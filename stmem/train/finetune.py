@@ -86,11 +86,16 @@ def task_data(config, loaded):
   pool = pools[pool_key]
   split = pool.split if pool.fixed_splits else builder_base.split_names(pool.patient_id)
   source, contract, adapted = features.adapt(loaded.contract, pool.contract, pool.source, config.lead_set)
+  from data_pipelines.errors import DataError
+  counts = {name: int(np.sum(task.keep & (split == name))) for name in data.SPLITS}
+  empty = [name for name, n in counts.items() if not n]
+  if empty:  # a small dataset: 80/10/10 of a few patients can leave a split with nobody in it
+    raise DataError(f"task {task.name}: the {' and '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} empty "
+                    f"(records per split: {counts}); fine-tuning selects on validation and scores test once, so it "
+                    f"needs all three: use more records, or `stmem probe` (cross-validation) for a set this small")
   subsets = {}
   for name in data.SPLITS:
     idx = np.flatnonzero(task.keep & (split == name))
-    if not len(idx):
-      raise ValueError(f"task {task.name}: the {name} split is empty")
     subsets[name] = (idx, data.Subset(source, idx, task.labels[idx]))
   return task, subsets, contract, [f"adapted {line}" for line in adapted]
 
@@ -170,7 +175,7 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
   start = time.time()
 
   # ---------------------------------------------------------------------------------------------------- mesh
-  devices = jax.devices()[:config.num_devices] if config.num_devices else None
+  devices = sharding_lib.program_devices(config.num_devices)
   mesh = sharding_lib.make_mesh(parse_mesh(config.mesh), devices=devices)
   batch_sharding, replicated = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
   processes = jax.process_count()

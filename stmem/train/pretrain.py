@@ -71,7 +71,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, sto
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
   # ---------------------------------------------------------------------------------------------------- mesh
-  devices = jax.devices()[:config.num_devices] if config.get("num_devices") else jax.devices()
+  devices = sharding_lib.program_devices(config.get("num_devices", 0))
   mesh = sharding_lib.make_mesh(parse_mesh(config.mesh), devices=devices)
   num_processes = jax.process_count()
 

@@ -91,8 +91,7 @@ def main(argv: Sequence[str]) -> int:
   # ------------------------------------------------------------------------------------------ mesh
   # The feature pass splits every batch over the devices of every process; the heads are fitted on the host.
   import jax
-  mesh = sharding_lib.make_mesh(parse_mesh(config.mesh),
-                                devices=jax.devices()[:config.num_devices] if config.num_devices else None)
+  mesh = sharding_lib.make_mesh(parse_mesh(config.mesh), devices=sharding_lib.program_devices(config.num_devices))
 
   # ------------------------------------------------------------------------------------------ encoders
   if config.checkpoint:
