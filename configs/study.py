@@ -18,8 +18,9 @@ hundreds of steps. It is not the noise: the simulator's clean-signal floor is 0.
 (3e-3) did not leave it sooner (0.982 vs 0.977 at step 500, batch 16); with lr 1e-3 the tiny preset left it only in
 runs whose cosine schedule kept the rate high past step ~900 (0.90 by step 900 of a 2,000-step run). Hence `cpu`
 keeps lr 1e-3 with a short warmup and gives every method 1,500 steps at batch 32 (twice the examples per step).
-Cost: `cpu` is sized for about 30-40 minutes on an idle 2-core CPU (3 methods x 3 seeds; not measured idle: the
-machine was shared when it was written); `smoke` for CI.
+Measured (docs/study/README.md): the same preset for 5,000 steps takes ST-MEM to 0.582 at step 3,000 and 0.546 at
+5,000: the 1,500-step budget, not the schedule, leaves it at 0.84. Cost: `cpu` took 88 min wall on a 2-core AMD EPYC
+shared with another run (about 40 min idle, from 488 s per 1,500-step ST-MEM run alone); `smoke` for CI.
 """
 import ml_collections
 
