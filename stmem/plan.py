@@ -226,7 +226,7 @@ def embed_report(config, devices, *, topology: str = "local", budget_gb: float =
   batch_sharding = sharding_lib.batch_sharding(mesh)
   leads = 12
   batch = steps.abstract_batch(config.batch_size, leads, cfg.window, batch_sharding)
-  params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings)
+  params = steps.sharded_shapes(params, shardings)
   fn = jax.jit(steps.embed_forward(graphdef), out_shardings=NamedSharding(mesh, P(tuple(mesh.axis_names))))
   report = Report(program="embed", topology=topology, device_kind=devices[0].device_kind, devices=mesh.size,
                   mesh=dict(mesh.shape), batch_size=int(config.batch_size), accum_steps=1, remat="none",
@@ -267,14 +267,10 @@ def finetune_report(config, devices, *, topology: str = "local", budget_gb: floa
   params = params.to_pure_dict()
   step = finetune.finetune_step(ft, mesh, graphdef, params, kind="multilabel", depth=cfg.depth)
   batch_size = int(ft.batch_size)
-  shaped = lambda tree, shardings: jax.tree.map(  # noqa: E731
-    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
   batch = {**steps.abstract_batch(batch_size, leads, cfg.window, step.batch_sharding),
            "labels": jax.ShapeDtypeStruct((batch_size, num_classes), jnp.float32, sharding=step.batch_sharding)}
-  key = jax.eval_shape(lambda: jax.random.key(0))
-  args = (shaped(params, step.param_shardings), shaped(step.abstract_opt, step.opt_shardings), batch,
-          jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=step.replicated),
-          jax.ShapeDtypeStruct((), jnp.bool_, sharding=step.replicated))
+  args = (steps.sharded_shapes(params, step.param_shardings), steps.sharded_shapes(step.abstract_opt,
+          step.opt_shardings), batch, *steps.key_and_flag(step.replicated))
   report = Report(program="finetune", topology=topology, device_kind=devices[0].device_kind, devices=mesh.size,
                   mesh=dict(mesh.shape), batch_size=batch_size, accum_steps=1, remat=cfg.remat, dtype=cfg.dtype,
                   budget_bytes=device_memory(devices, budget_gb),

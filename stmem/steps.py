@@ -153,16 +153,24 @@ def abstract_batch(batch_size: int, leads: int, window: int, sharding: NamedShar
           "lead_mask": jax.ShapeDtypeStruct((batch_size, leads), jnp.bool_, sharding=sharding)}
 
 
+def sharded_shapes(tree, shardings):
+  """Arrays or shapes -> ShapeDtypeStructs carrying `shardings` (a matching tree): arguments to lower a step with."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def key_and_flag(replicated: NamedSharding) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
+  """The (key, ok) arguments every update step takes, as replicated shapes."""
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  return (jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated),
+          jax.ShapeDtypeStruct((), jnp.bool_, sharding=replicated))
+
+
 def abstract_args(step: PretrainStep, batch_size: int) -> tuple:
   """(params, opt_state, batch, key, ok) as sharded shapes: the update step lowered without allocating anything."""
-  with_sharding = lambda tree, shardings: jax.tree.map(  # noqa: E731
-    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-  key = jax.eval_shape(lambda: jax.random.key(0))
-  return (with_sharding(step.abstract_params, step.param_shardings),
-          with_sharding(step.abstract_opt, step.opt_shardings),
+  return (sharded_shapes(step.abstract_params, step.param_shardings),
+          sharded_shapes(step.abstract_opt, step.opt_shardings),
           abstract_batch(batch_size, step.leads, step.cfg.window, step.batch_sharding),
-          jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=step.replicated),
-          jax.ShapeDtypeStruct((), jnp.bool_, sharding=step.replicated))
+          *key_and_flag(step.replicated))
 
 
 def embed_forward(graphdef) -> Callable:
