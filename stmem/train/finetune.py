@@ -87,16 +87,14 @@ def task_data(config, loaded):
   split = pool.split if pool.fixed_splits else builder_base.split_names(pool.patient_id)
   source, contract, adapted = features.adapt(loaded.contract, pool.contract, pool.source, config.lead_set)
   from data_pipelines.errors import DataError
-  counts = {name: int(np.sum(task.keep & (split == name))) for name in data.SPLITS}
-  empty = [name for name, n in counts.items() if not n]
+  indices = {name: np.flatnonzero(task.keep & (split == name)) for name in data.SPLITS}
+  empty = [name for name, idx in indices.items() if not len(idx)]
   if empty:  # a small dataset: 80/10/10 of a few patients can leave a split with nobody in it
+    counts = {name: len(idx) for name, idx in indices.items()}
     raise DataError(f"task {task.name}: the {' and '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} empty "
                     f"(records per split: {counts}); fine-tuning selects on validation and scores test once, so it "
                     f"needs all three: use more records, or `stmem probe` (cross-validation) for a set this small")
-  subsets = {}
-  for name in data.SPLITS:
-    idx = np.flatnonzero(task.keep & (split == name))
-    subsets[name] = (idx, data.Subset(source, idx, task.labels[idx]))
+  subsets = {name: (idx, data.Subset(source, idx, task.labels[idx])) for name, idx in indices.items()}
   return task, subsets, contract, [f"adapted {line}" for line in adapted]
 
 
