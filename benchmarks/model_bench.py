@@ -23,12 +23,12 @@ from stmem import sharding as sharding_lib
 from stmem import steps as steps_lib
 from stmem.models import layers, model_config
 from stmem.models.config import ModelConfig
-from stmem.train import metrics
+from stmem import metrics
 
 LEADS = 12
 
 
-# -- analytic FLOP counts: stmem.train.metrics (also behind the MFU that `stmem pretrain` logs) ----------------------
+# -- analytic FLOP counts: stmem.metrics (also behind the MFU that `stmem pretrain` logs) ----------------------
 block_flops_per_token = metrics.block_flops_per_token
 pretrain_forward_flops = metrics.pretrain_forward_flops
 embed_forward_flops = metrics.embed_forward_flops

@@ -91,12 +91,12 @@ def _input_pipeline(quick: bool) -> dict[str, Any]:
 
 
 def _probe(quick: bool) -> dict[str, Any]:
-  """Fit time of the linear probe (stmem.train.linear.fit: every L2 of its grid at once) on random features of the
+  """Fit time of the linear probe (stmem.linear_heads_heads.fit: every L2 of its grid at once) on random features of the
   base width; the first call includes compilation, the second is the fit alone."""
-  if importlib.util.find_spec("stmem.train.linear") is None:
-    return {"skipped": "stmem/train/linear.py is absent; no probe to time"}
+  if importlib.util.find_spec("stmem.linear_heads") is None:
+    return {"skipped": "stmem/linear_heads.py is absent; no probe to time"}
   import numpy as np
-  from stmem.train import linear
+  from stmem import linear_heads
   rng = np.random.default_rng(0)
   n, d, c, steps = (256, 128, 5, 20) if quick else (4096, 768, 5, 100)
   x = rng.standard_normal((n, d)).astype(np.float32)
@@ -104,9 +104,9 @@ def _probe(quick: bool) -> dict[str, Any]:
   times = []
   for _ in range(2):
     start = time.perf_counter()
-    linear.fit(x, y, kind="multilabel", steps=steps)
+    linear_heads.fit(x, y, kind="multilabel", steps=steps)
     times.append(time.perf_counter() - start)
-  return {"examples": n, "features": d, "classes": c, "lbfgs_steps": steps, "l2_grid": len(linear.L2_GRID),
+  return {"examples": n, "features": d, "classes": c, "lbfgs_steps": steps, "l2_grid": len(linear_heads.L2_GRID),
           "first_fit_seconds": times[0], "fit_seconds": times[1]}
 
 

@@ -3,7 +3,7 @@
   stmem convert --config convert --config.reference=st_mem_vit_base.pth --config.out=checkpoints/st_mem_base
   stmem convert --reference st_mem_vit_base.pth --out checkpoints/st_mem_base      (top-level keys as plain options)
 
-The model configuration is read off the tensor shapes; nothing in the file is executed (see stmem/train/convert.py).
+The model configuration is read off the tensor shapes; nothing in the file is executed (see stmem/programs/convert.py).
 """
 import ml_collections
 

@@ -55,7 +55,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.optim.decay_mask = False       # True: no decay on biases, norms and embeddings (the reference decays all)
   c.optim.clip_norm = 0.0          # 0: no clipping
   c.optim.accum_steps = 1          # gradient accumulation: batch_size is split into this many micro-batches;
-                                   # 0: the smallest count that fits memory_budget_gb (stmem.plan.fit)
+                                   # 0: the smallest count that fits memory_budget_gb (stmem.memory_plan.fit)
   c.optim.frozen = (r".*pos_embedding",)  # fixed sin-cos tables are not trained during pretraining
 
   c.mesh = "data:-1,fsdp:1"        # axis:size pairs; -1 takes the remaining devices

@@ -7,7 +7,7 @@
 # 1. install (jax with CUDA wheels for the driver);                                        ~2 min
 # 2. `stmem plan --topology local` for base at batch 256 (bytes per device, FLOPs, verdict);  ~1 min
 # 3. `stmem bench` pretraining step (the production step: stmem.steps) base bf16 at batch 256 and 512, with MFU
-#    against the GPU's dense bf16 peak (stmem.train.metrics.PEAK_FLOPS);                   ~2 min
+#    against the GPU's dense bf16 peak (stmem.metrics.PEAK_FLOPS);                   ~2 min
 # 4. the input pipeline with 0 and 4 grain workers (LUDB from ../shared when present);       ~1 min
 # 5. `stmem pretrain` base bf16 at batch 256 for 60 steps, end to end on synthetic ECGs: samples/s against step 3's
 #    model-only figure (target >= 90 %).                                                   ~2 min
@@ -54,7 +54,7 @@ for B in 256 512; do
 done
 python - "$OUT" <<'PY'
 import json, pathlib, sys
-from stmem.train import metrics
+from stmem import metrics
 out = pathlib.Path(sys.argv[1])
 for path in sorted(out.glob("bench_*.json")):
   report = json.loads(path.read_text())

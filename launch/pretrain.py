@@ -4,7 +4,7 @@ r"""The entry point for pretraining under any launcher: every process runs this 
   python launch/pretrain.py --config pretrain:tiny --help       (the presets and keys; the same as `stmem pretrain`)
 
 It joins the distributed system when a multi-process launcher started it (`stmem.distributed.initialize`: explicit
-STMEM_* variables, SLURM, Open MPI, Cloud TPU; a no-op for one process), then runs `stmem.train.pretrain.train`.
+STMEM_* variables, SLURM, Open MPI, Cloud TPU; a no-op for one process), then runs `stmem.programs.pretrain.train`.
 Exit status: 0 done (or preempted and checkpointed), 2 a bad command line, 3 non-finite loss. See launch/README.md.
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ if str(_ROOT) not in sys.path:
 
 def main(argv: list[str]) -> int:
   from data_pipelines.errors import UserError
-  from stmem.train import configflags
-  try:  # the same command line as `stmem pretrain` (stmem.train.configflags): presets by name, --help, ~ expanded
+  from stmem import configflags
+  try:  # the same command line as `stmem pretrain` (stmem.configflags): presets by name, --help, ~ expanded
     config, workdir = configflags.parse(argv, "launch/pretrain.py", None)
   except UserError as e:
     print(f"launch/pretrain.py: error: {e}", file=sys.stderr)
@@ -31,7 +31,7 @@ def main(argv: list[str]) -> int:
   distributed.initialize()  # before any JAX computation
   import jax
 
-  from stmem.train import pretrain
+  from stmem.programs import pretrain
   try:
     summary = pretrain.train(config, workdir)
   except pretrain.NonFiniteLoss as e:

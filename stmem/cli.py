@@ -1,98 +1,15 @@
-"""The `stmem` command: parses the subcommand, then hands the rest of the command line to a program.
+"""The `stmem` command: hands the command line to `stmem.programs.run`, which runs the program it names.
 
-No logic lives here; each subcommand is a `main(argv) -> int` somewhere else, imported only when asked for so that
-`stmem --help` stays fast.
-
-Errors the user can fix (`data_pipelines.errors.UserError`, a missing path, a bad flag value) end as one or two lines
-on stderr, `stmem COMMAND: error: ...`, and exit code 2 (usage) or 1 (data or file); the traceback only with
-`--debug` (anywhere on the command line) or `STMEM_DEBUG=1`. Anything else is a bug and raises.
+No logic lives here; the programs, their registry and the way user errors are reported are in `stmem.programs`.
 """
 from __future__ import annotations
 
-import importlib
-import os
 import sys
-
-COMMANDS: dict[str, tuple[str, str]] = {
-  "demo": ("stmem.train.demo", "pretrain a tiny model on built-in synthetic ECGs, then probe it (no download)"),
-  "prepare": ("data_pipelines.prepare", "build a sharded ArrayRecord dataset from downloaded ECG files"),
-  "overlap": ("data_pipelines.overlap", "report records shared between two prepared datasets"),
-  "pretrain": ("stmem.train.pretrain", "ST-MEM pretraining (--config configs/pretrain.py:PRESET --workdir DIR)"),
-  "probe": ("stmem.train.probe", "linear probe of a frozen encoder across lead sets"),
-  "finetune": ("stmem.train.finetune", "fine-tune an encoder with a classification head"),
-  "embed": ("stmem.train.embed", "export pooled / per-lead / per-patch embeddings"),
-  "convert": ("stmem.train.convert", "import reference ST-MEM weights (.pth / .npz) into a stmem checkpoint"),
-  "export": ("stmem.train.export", "export an encoder to safetensors with a model card"),
-  "plan": ("stmem.train.plan", "compile a pretraining config ahead of time (TPU topology or local): memory, FLOPs, fit"),
-  "bench": ("benchmarks.suite", "speed and memory benchmarks, printed as JSON"),
-  "study": ("stmem.train.study", "pretrain ST-MEM, MTAE and MLAE alike, then probe them beside random encoders"),
-  "forward-check": ("stmem.train.forward_check", "one forward/backward pass of a model variant on generated input"),
-}
-
-
-def usage() -> str:
-  width = max(map(len, COMMANDS))
-  lines = ["usage: stmem COMMAND [options]   (stmem COMMAND --help for a command's options)", "", "commands:"]
-  lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
-  return "\n".join(lines)
-
-
-def debug_wanted(argv: list[str]) -> tuple[bool, list[str]]:
-  """(--debug given or STMEM_DEBUG set, argv without --debug)."""
-  rest = [a for a in argv if a != "--debug"]
-  env = os.environ.get("STMEM_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
-  return env or len(rest) != len(argv), rest
-
-
-def _flag_error(e: BaseException) -> str | None:
-  """The message of a command-line flag error from absl or ml_collections (a usage error), else None."""
-  try:
-    from absl import flags
-  except ImportError:  # pragma: no cover - absl comes with ml_collections
-    return None
-  if isinstance(e, flags.Error):
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-  return None
 
 
 def main(argv: list[str] | None = None) -> int:
-  debug, argv = debug_wanted(list(sys.argv[1:] if argv is None else argv))
-  if not argv or argv[0] in ("-h", "--help", "help"):
-    print(usage())
-    return 0
-  name, rest = argv[0], argv[1:]
-  if name not in COMMANDS:
-    print(f"stmem: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
-    return 2
-  module_name = COMMANDS[name][0]
-  try:
-    module = importlib.import_module(module_name)
-  except ModuleNotFoundError as e:
-    if e.name and module_name.startswith(e.name):
-      print(f"stmem {name}: not available in this version ({module_name} is missing)", file=sys.stderr)
-      return 2
-    raise
-  try:
-    return int(module.main(rest) or 0)
-  except SystemExit as e:  # argparse has printed its usage line; a message given to SystemExit is a usage error
-    if isinstance(e.code, str):
-      print(f"stmem {name}: error: {e.code}", file=sys.stderr)
-      return 2
-    raise
-  except KeyboardInterrupt:
-    if debug:
-      raise
-    print(f"stmem {name}: interrupted", file=sys.stderr)
-    return 130
-  except Exception as e:  # noqa: BLE001 - sorted into user errors (reported) and bugs (re-raised) below
-    from data_pipelines import errors
-    found = errors.user_message(e)
-    flag = _flag_error(e) if found is None else None
-    if debug or (found is None and flag is None):
-      raise
-    message, code = found if found is not None else (flag, errors.USAGE)
-    print(f"stmem {name}: error: {message}", file=sys.stderr)
-    return code
+  from stmem import programs
+  return programs.run(list(sys.argv[1:] if argv is None else argv))
 
 
 def run() -> None:

@@ -1,5 +1,6 @@
 """The jitted steps, built once from a config and a mesh: what `stmem pretrain` runs, `stmem bench` times and
-`stmem plan` compiles ahead of time for a TPU topology or a memory budget.
+`stmem plan` compiles ahead of time for a TPU topology or a memory budget; and the fine-tuning step
+(`finetune_step`) that `stmem finetune` runs and `stmem plan --programs finetune` compiles.
 
 `pretrain_step(config, mesh, cfg)` returns a `PretrainStep`: the model's graphdef, the optimiser, the abstract
 parameters and optimiser state with their shardings, the batch and replicated shardings, and the jitted, donated
@@ -20,10 +21,10 @@ from jax.sharding import Mesh, NamedSharding
 
 from data_pipelines import leads as leads_lib
 from data_pipelines.contract import Contract
+from stmem import optim
 from stmem import sharding as sharding_lib
 from stmem.models import encoder_model, model_config, pretraining_model
 from stmem.models.config import ModelConfig
-from stmem.train import optim
 
 
 def parse_mesh(spec: str) -> list[tuple[str, int]]:
@@ -113,7 +114,7 @@ def pretrain_step(config, mesh: Mesh, cfg: ModelConfig, accum_steps: int | None 
   """The pretraining update of `config` (configs/pretrain.py) on `mesh`, jitted with its shardings and donation.
 
   accum_steps: the micro-batch count (default config.optim.accum_steps; 0 there means "derive it", which callers
-  resolve first: stmem.plan.fit)."""
+  resolve first: stmem.memory_plan.fit)."""
   check_platform(cfg, mesh)
   accum_steps = int(config.optim.accum_steps if accum_steps is None else accum_steps)
   if accum_steps < 1:
@@ -187,3 +188,64 @@ def encoder_graphdef_and_params(cfg: ModelConfig, *, abstract: bool = False):
   build = lambda: encoder_model(cfg, rngs=nnx.Rngs(0))  # noqa: E731
   graphdef, params = nnx.split(nnx.eval_shape(build) if abstract else build())
   return graphdef, params.to_pure_dict()
+
+
+# ------------------------------------------------------------------------------------------------ fine-tuning
+
+
+def task_loss(logits, labels, kind: str, smoothing: float = 0.0, class_weight=None):
+  """Mean loss per record: sigmoid BCE summed over classes (multi-label) or softmax cross-entropy (multi-class)."""
+  if kind == "multiclass":
+    target = optax.smooth_labels(labels, smoothing) if smoothing else labels
+    per = optax.softmax_cross_entropy(logits, target)
+    if class_weight is not None:
+      per = per * (labels @ class_weight)
+    return per.mean()
+  target = labels * (1 - smoothing) + 0.5 * smoothing if smoothing else labels
+  per = optax.sigmoid_binary_cross_entropy(logits, target)
+  if class_weight is not None:  # positives of class c weighted by its negative/positive ratio
+    per = per * jnp.where(labels > 0, class_weight[None, :], 1.0)
+  return per.sum(-1).mean()
+
+
+@dataclasses.dataclass
+class FinetuneStep:
+  """The fine-tuning update built once: optimiser, shardings and the jitted, donated step (what `train` runs and
+  `stmem plan --programs finetune` compiles ahead of time)."""
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  param_shardings: Any
+  opt_shardings: Any
+  abstract_opt: Any
+  batch_sharding: Any
+  replicated: Any
+  jitted: Any  # (params, opt_state, batch, key, ok) -> (params, opt_state, loss, ok); params and state donated
+
+
+def finetune_step(config, mesh, graphdef, params, *, kind: str, depth: int, class_weight=None) -> FinetuneStep:
+  """The update of a `Classifier` (`graphdef`, `params` as a pure dict, arrays or shapes) under `config`
+  (configs/finetune.py) on `mesh`; `depth` is the encoder's (layer-wise decay). The batch holds signal (B, L, T),
+  lead_ids, lead_mask (B, L) and labels (B, C)."""
+  lr = optim.scaled_lr(float(config.base_lr), int(config.batch_size))
+  schedule = optim.warmup_cosine(lr, int(config.warmup_steps), int(config.steps))
+  tx = optim.adamw(params, schedule=schedule, b1=config.b1, b2=config.b2, weight_decay=float(config.weight_decay),
+                   clip_norm=float(config.clip_norm), layer_decay=float(config.layer_decay), depth=depth)
+  param_shardings = sharding_lib.tree_shardings(params, mesh, min_size=config.fsdp_min_size)
+  abstract_opt = jax.eval_shape(tx.init, params)
+  opt_shardings = sharding_lib.tree_shardings(abstract_opt, mesh, min_size=config.fsdp_min_size)
+  batch_sharding, replicated = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
+  smoothing = float(config.label_smoothing)
+
+  def train_step(params, opt_state, batch, key, ok):
+    def loss_fn(p):
+      logits = nnx.merge(graphdef, p)(batch["signal"], batch["lead_ids"], batch["lead_mask"], key)
+      return task_loss(logits, batch["labels"], kind, smoothing, class_weight)
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss, ok & jnp.isfinite(loss)
+
+  jitted = jax.jit(train_step, in_shardings=(param_shardings, opt_shardings, batch_sharding, replicated, replicated),
+                   out_shardings=(param_shardings, opt_shardings, replicated, replicated), donate_argnums=(0, 1))
+  return FinetuneStep(tx=tx, schedule=schedule, param_shardings=param_shardings, opt_shardings=opt_shardings,
+                      abstract_opt=abstract_opt, batch_sharding=batch_sharding, replicated=replicated, jitted=jitted)

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from configs import pretrain as pretrain_config
-from stmem import convert, sharding, steps
+from stmem import reference_weights as convert, sharding, steps
 from stmem.models import StMem, layers, model_config
 
 

@@ -9,7 +9,7 @@ import pytest
 from benchmarks import machine, model_bench, suite
 from stmem import steps
 from stmem.models import model_config
-from stmem.train import metrics
+from stmem import metrics
 
 
 def _fraction(v) -> bool:

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from stmem import cli
-from stmem.train import configflags
+from stmem import configflags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # subcommand -> its config file's name under configs/

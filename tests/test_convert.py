@@ -22,11 +22,12 @@ import pytest
 from flax import nnx
 
 from data_pipelines.errors import DataError
-from stmem import checkpoint, cli, convert, sharding
+from stmem import checkpoint, cli, sharding
+from stmem import reference_weights as convert
 from data_pipelines.contract import Contract
 from stmem.models import Encoder, StMem, model_config
-from stmem.train import convert as convert_prog
-from stmem.train import export as export_prog
+from stmem.programs import convert as convert_prog
+from stmem.programs import export as export_prog
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOL = 1e-4
@@ -60,7 +61,7 @@ def _features(ckpt: pathlib.Path, series: np.ndarray) -> np.ndarray:
   lead_ids = np.tile(np.arange(l, dtype=np.int32), (b, 1))
   lead_mask = np.ones((b, l), bool)
   try:
-    from stmem.train.features import embed_arrays
+    from stmem.features import embed_arrays
   except ImportError:  # a checkout without the downstream programs: the encoder itself
     # One jitted program (cached across runs) instead of op-by-op dispatch.
     pooled = nnx.jit(lambda e, s, i, m: e.features(s, i, m)["pooled"])(encoder, series, lead_ids, lead_mask)

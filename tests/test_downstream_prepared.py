@@ -41,7 +41,7 @@ def cinc_500hz(shared_data, tmp_path_factory) -> pathlib.Path:
 
 
 def _probe(ckpt, data_dir, workdir, *extra) -> dict:
-  from stmem.train import probe
+  from stmem.programs import probe
   assert probe.main([f"--config={PROBE_CONFIG}:test", "--config.tasks=prepared", f"--config.checkpoint={ckpt}",
                      f"--config.data_dir={data_dir}", "--workdir", str(workdir), *extra]) == 0
   return json.loads((workdir / "report.json").read_text())
@@ -73,7 +73,7 @@ def test_probe_adapts_a_500hz_offline_filtered_dataset(ckpt, cinc_500hz, tmp_pat
 
 
 def test_finetune_on_prepared_data_selects_on_validation_and_tests_once(ckpt, cinc_500hz, tmp_path):
-  from stmem.train import finetune
+  from stmem.programs import finetune
   out = tmp_path / "ft"
   assert finetune.main([f"--config={finetune.DEFAULT_CONFIG}:test", "--config.task=prepared",
                         f"--config.data_dir={cinc_500hz}", "--config.labels=427084000,426783006",
@@ -87,7 +87,9 @@ def test_finetune_on_prepared_data_selects_on_validation_and_tests_once(ckpt, ci
 def test_embed_of_a_prepared_split_equals_the_encoder_on_the_pipeline(ckpt, cinc_500hz, tmp_path):
   import jax.numpy as jnp
 
-  from stmem.train import embed, features
+  from stmem import features
+
+  from stmem.programs import embed
   out = tmp_path / "emb" / "cinc_test"
   assert embed.main(["--checkpoint", str(ckpt), "--data_dir", str(cinc_500hz), "--split", "test", "--out", str(out),
                      "--crops", "mean3", "--no_progress"]) == 0

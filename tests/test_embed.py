@@ -14,7 +14,7 @@ def test_embed_arrays_equals_model():
   from flax import nnx
 
   from stmem.models import Encoder, model_config
-  from stmem.train import features
+  from stmem import features
   enc = Encoder(model_config("tiny", width=64, depth=1, num_heads=1), rngs=nnx.Rngs(0))
   x = np.asarray(jax.random.normal(jax.random.key(0), (5, 2, 2250)))
   ids = np.array([[7, 0]] * 5, np.int32)
@@ -27,7 +27,8 @@ def test_embed_arrays_equals_model():
 
 def test_embed_raw_folder_round_trip(shared_data, tmp_path):
   from stmem import data
-  from stmem.train import embed, features
+  from stmem import features
+  from stmem.programs import embed
   raw = tmp_path / "raw"
   raw.mkdir()
   for i in range(1, 6):
@@ -95,7 +96,7 @@ def test_embed_on_8_devices_equals_1_device(five_records, tmp_path):
   last batch are dropped, every record written once, in order)."""
   import jax
 
-  from stmem.train import embed
+  from stmem.programs import embed
   raw, ckpt = five_records
   assert jax.device_count() == 8
   one = embed.embed(_embed_config(raw, ckpt, tmp_path / "one" / "emb", num_devices=1))
@@ -115,7 +116,7 @@ def test_two_process_embed_writes_every_record_once(five_records, tmp_path):
   import subprocess
   import sys
 
-  from stmem.train import embed
+  from stmem.programs import embed
   raw, ckpt = five_records
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))

@@ -290,7 +290,7 @@ def test_export_then_convert_keeps_the_contract_and_the_fingerprint(world, tmp_p
   import jax.numpy as jnp
 
   from stmem import checkpoint
-  from stmem.train import features
+  from stmem import features
   r = stmem("export", "--checkpoint", world["ckpt"], "--out", tmp_path / "export")
   assert r.rc == 0, r.err[-2000:]
   config = json.loads((tmp_path / "export" / "config.json").read_text())
@@ -380,7 +380,7 @@ def test_rerun_from_other_inputs_is_refused_and_overwrite_never_destroys(world, 
 
 def test_convert_refuses_pickles_and_nonfinite_weights_without_writing(world, tmp_path):
   from stmem import checkpoint
-  from stmem.train import export
+  from stmem.programs import export
   encoder, _ = checkpoint.load_model(world["ckpt"], encoder_only=True)
   names = export.encoder_reference_names(encoder)
   bad = dict(names)
@@ -415,7 +415,7 @@ class _Payload:
 
 def test_pretrain_resumes_from_the_newest_readable_checkpoint(tmp_path):
   from configs import pretrain as pretrain_config
-  from stmem.train import pretrain
+  from stmem.programs import pretrain
   overrides = {"batch_size": 8, "total_steps": 4, "warmup_steps": 1, "log_every": 2, "mesh": "data:-1,fsdp:1",
                "num_devices": 1}
   c = pretrain_config.get_config("tiny")

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from stmem import evaluation as ev
+from stmem import scoring as ev
 
 Y = np.array([0, 0, 1, 1])
 S = np.array([0.1, 0.4, 0.35, 0.8])

@@ -10,7 +10,8 @@ from tests.helpers import tiny_checkpoint
 
 def test_finetune_writes_report_and_checkpoint(tmp_path, monkeypatch, opened):
   from stmem import checkpoint as ckpt_lib
-  from stmem.train import finetune, sharded_eval
+  from stmem import sharded_eval
+  from stmem.programs import finetune
   ckpt = tiny_checkpoint(tmp_path / "ckpt")
 
   seen = []  # which records each evaluation pass reads
@@ -49,7 +50,7 @@ def test_resume_after_sigterm_equals_uninterrupted(tmp_path, monkeypatch):
   from configs import finetune as finetune_config
   from stmem import checkpoint as ckpt_lib
   from stmem import data
-  from stmem.train import finetune
+  from stmem.programs import finetune
   n = 3
   c = finetune_config.get_config("test")
   c.checkpoint = str(tiny_checkpoint(tmp_path / "ckpt"))
@@ -103,10 +104,10 @@ def test_classifier_without_drop_path_is_the_encoder_plus_head():
   import jax.numpy as jnp
   from flax import nnx
 
-  from stmem.models import Encoder, model_config
-  from stmem.train import finetune
+  from stmem.models import Classifier, Encoder, model_config
+  from stmem.programs import finetune
   cfg = model_config("tiny", width=64, depth=2, num_heads=1)
-  model = finetune.Classifier(Encoder(cfg, rngs=nnx.Rngs(0)), 3, drop_path=0.5, rngs=nnx.Rngs(1))
+  model = Classifier(Encoder(cfg, rngs=nnx.Rngs(0)), 3, drop_path=0.5, rngs=nnx.Rngs(1))
   x = jax.random.normal(jax.random.key(0), (2, 3, 2250))
   ids = jnp.array([[0, 5, 7]] * 2)
   mask = jnp.array([[True, True, False], [True, True, True]])

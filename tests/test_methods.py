@@ -133,7 +133,7 @@ def baseline_checkpoints(tmp_path_factory):
 @pytest.mark.parametrize("method", ["mtae", "mlae"])
 def test_checkpoint_records_the_method_and_embeds(method, baseline_checkpoints, ecg):
   from stmem import checkpoint as ckpt_lib
-  from stmem.train import features
+  from stmem import features
   model, meta = ckpt_lib.load_model(baseline_checkpoints[method])
   assert meta["model"]["method"] == method and isinstance(model, MaskedAutoencoder)
   loaded = features.load_encoder(baseline_checkpoints[method])
@@ -148,7 +148,7 @@ def test_checkpoint_records_the_method_and_embeds(method, baseline_checkpoints, 
 @pytest.mark.parametrize("method,grid", [("mtae", (1, 30)), ("mlae", (12, 1))])
 def test_embed_program_exports_the_tokens_of_a_baseline(method, grid, baseline_checkpoints, tmp_path):
   # `stmem embed --per_patch`: MTAE's time tokens span all leads (one slot of 30), MLAE's are whole leads (12 of 1).
-  from stmem.train import embed
+  from stmem.programs import embed
   prefix = str(tmp_path / "emb")
   assert embed.main(["--checkpoint", str(baseline_checkpoints[method]), "--synthetic", "3", "--out", prefix,
                      "--per_patch", "--no_progress"]) == 0
@@ -171,7 +171,7 @@ def test_stmem_checkpoints_without_a_method_still_load(tmp_path):
 def test_probe_program_on_a_baseline_checkpoint(baseline_checkpoints, tmp_path):
   import json
 
-  from stmem.train import probe
+  from stmem.programs import probe
   ckpt = baseline_checkpoints["mtae"]
   args = ["--config", f"{probe.DEFAULT_CONFIG}:synthetic", f"--config.checkpoint={ckpt}", "--config.synthetic_n=60",
           "--config.use_splits=False", "--config.cv_folds=3",

@@ -108,7 +108,7 @@ import json, sys
 import numpy as np
 sys.path.insert(0, sys.argv[1])
 from configs import pretrain as pretrain_config
-from stmem.train import pretrain
+from stmem.programs import pretrain
 
 class ConcatenatedShards:
   def __init__(self, iterators):

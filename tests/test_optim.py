@@ -6,7 +6,7 @@ import optax
 from flax import nnx
 
 from stmem.models import Encoder, model_config
-from stmem.train import optim
+from stmem import optim
 
 
 def _first_update(params, **kw):

@@ -6,9 +6,9 @@ import json
 import pytest
 
 from configs import pretrain as pretrain_config
-from stmem import plan
-from stmem.train import plan as plan_program
-from stmem.train import pretrain
+from stmem import memory_plan as plan
+from stmem.programs import plan as plan_program
+from stmem.programs import pretrain
 
 TOPOLOGY = "v5e:2x2"  # 4 chips of 16 GiB
 BATCH = 64            # 16 ECGs per chip: enough that activations, not the model, dominate the temporaries
@@ -123,14 +123,15 @@ def test_pretrain_refuses_before_the_first_step_a_step_that_does_not_fit(tmp_pat
 
 
 def test_the_finetuning_step_is_planned_with_finetunes_own_step(tmp_path, monkeypatch):
-  # `stmem plan --programs finetune` compiles `stmem.train.finetune.finetune_step`, the step `stmem finetune` runs
+  # `stmem plan --programs finetune` compiles `stmem.steps.finetune_step`, the step `stmem finetune` runs
   # (spied on here: a planner with its own copy of the step fails this test), from a fine-tuning config.
   import jax
   from stmem.models import model_config
-  from stmem.train import finetune, metrics
+  from stmem import metrics
+  from stmem import steps
   built = []
-  real = finetune.finetune_step
-  monkeypatch.setattr(finetune, "finetune_step", lambda *a, **k: built.append(k) or real(*a, **k))
+  real = steps.finetune_step
+  monkeypatch.setattr(steps, "finetune_step", lambda *a, **k: built.append(k) or real(*a, **k))
   path = tmp_path / "plan.json"
   rc = plan_program.main(["--config", "finetune:test", "--config.batch_size=16", "--config.lead_set=I+II",
                           "--topology", "local", "--classes", "3", "--json", str(path)])

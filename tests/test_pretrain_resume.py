@@ -14,7 +14,7 @@ import pytest
 
 from configs import pretrain as pretrain_config
 from stmem import checkpoint as ckpt_lib
-from stmem.train import pretrain
+from stmem.programs import pretrain
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 N = 3

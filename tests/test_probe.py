@@ -4,9 +4,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from stmem import evaluation
+from stmem import scoring
 from data_pipelines.contract import Contract, ContractMismatch
-from stmem.train import linear
+from stmem import linear_heads
 from tests.helpers import tiny_checkpoint
 
 
@@ -15,9 +15,9 @@ def test_logistic_regression_recovers_separable_problem():
   w = rng.normal(size=(16, 1))
   x = rng.normal(size=(300, 16)) * 3 + 5  # standardisation must undo the offset and scale
   y = (x @ w - (5 * w.sum()) > 0).astype(np.float32)
-  heads = linear.fit(x[:200], y[:200], l2s=(1e-2,), steps=100)
+  heads = linear_heads.fit(x[:200], y[:200], l2s=(1e-2,), steps=100)
   p = heads[0].predict(x[200:])
-  assert evaluation.auroc(y[200:, 0], p[:, 0]) > 0.97
+  assert scoring.auroc(y[200:, 0], p[:, 0]) > 0.97
   assert ((p[:, 0] > 0.5) == (y[200:, 0] > 0)).mean() > 0.9
   direction = heads[0].w[:, 0] / heads[0].std
   assert np.corrcoef(direction, w[:, 0])[0, 1] > 0.9
@@ -29,7 +29,7 @@ def test_multiclass_softmax():
   c = rng.integers(0, 3, 200)
   x = centres[c] + rng.normal(size=(200, 8))
   y = np.eye(3, dtype=np.float32)[c]
-  head = linear.fit(x, y, l2s=(1e-2,), kind="multiclass", steps=60)[0]
+  head = linear_heads.fit(x, y, l2s=(1e-2,), kind="multiclass", steps=60)[0]
   p = head.predict(x)
   np.testing.assert_allclose(p.sum(1), 1, atol=1e-5)
   assert (p.argmax(1) == c).mean() > 0.95
@@ -40,11 +40,11 @@ def test_l2_is_chosen_on_validation():
   x = rng.normal(size=(120, 20))
   y = (x[:, :1] + 0.3 * rng.normal(size=(120, 1)) > 0).astype(np.float32)
   grid = (1e-3, 1e-1, 10.0, 1000.0)
-  heads = linear.fit(x[:80], y[:80], l2s=grid, steps=60)
+  heads = linear_heads.fit(x[:80], y[:80], l2s=grid, steps=60)
   # Validation drawn like training: a weak penalty wins. Validation with labels flipped: the strongest penalty
   # (predictions nearest 0.5) has the least loss, so only validation can have chosen it.
-  good, _ = linear.select(heads, x[80:], y[80:], on="loss")
-  flipped, scores = linear.select(heads, x[80:], 1 - y[80:], on="loss")
+  good, _ = linear_heads.select(heads, x[80:], y[80:], on="loss")
+  flipped, scores = linear_heads.select(heads, x[80:], 1 - y[80:], on="loss")
   assert good.l2 < 10.0
   assert flipped.l2 == 1000.0 and np.argmax(scores) == 3
 
@@ -56,8 +56,8 @@ def test_fold_weights_equal_separate_fits():
   w = np.zeros((2, 60))
   w[0, :30] = 1
   w[1, 30:] = 1
-  folds = linear.fit_folds(x, y, w, l2s=(0.1,), steps=40)
-  alone = linear.fit(x[30:], y[30:], l2s=(0.1,), steps=40)[0]
+  folds = linear_heads.fit_folds(x, y, w, l2s=(0.1,), steps=40)
+  alone = linear_heads.fit(x[30:], y[30:], l2s=(0.1,), steps=40)[0]
   np.testing.assert_allclose(folds[1][0].predict(x), alone.predict(x), atol=1e-4)
 
 
@@ -74,7 +74,7 @@ def synthetic_pool():
 
 
 def test_lead_set_in_any_order_is_fed_by_name(ckpt, synthetic_pool):
-  from stmem.train import features
+  from stmem import features
   loaded = features.load_encoder(ckpt)
   pool, _ = synthetic_pool
   a = features.extract({"m": loaded}, pool.source, pool.contract, lead_set="V2+I+aVF", batch_size=4)
@@ -89,7 +89,7 @@ def test_lead_set_in_any_order_is_fed_by_name(ckpt, synthetic_pool):
 
 
 def test_contract_mismatch_refused_or_adapted(synthetic_pool):
-  from stmem.train import features
+  from stmem import features
   pool, _ = synthetic_pool
   with pytest.raises(ContractMismatch, match="units"):
     features.adapt(Contract(), dataclasses.replace(pool.contract, units="uV"), pool.source)
@@ -117,7 +117,7 @@ def test_contract_mismatch_refused_or_adapted(synthetic_pool):
 def test_probe_program_on_synthetic(ckpt, tmp_path):
   import json
 
-  from stmem.train import probe
+  from stmem.programs import probe
   out = tmp_path / "probe"
   rc = probe.main(["--config", f"{probe.DEFAULT_CONFIG}:synthetic", f"--config.checkpoint={ckpt}",
                    "--config.lead_sets=V2+I+aVF", "--config.synthetic_n=120", "--config.bootstrap=50",

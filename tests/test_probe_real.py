@@ -13,7 +13,7 @@ from tests.helpers import tiny_checkpoint
 
 
 def test_probe_on_shared_data(shared_data, tmp_path):
-  from stmem.train import probe
+  from stmem.programs import probe
   ckpt = tiny_checkpoint(tmp_path / "ckpt")
   out = tmp_path / "report"
   rc = probe.main([f"--config={probe.DEFAULT_CONFIG}:test", f"--config.checkpoint={ckpt}",
@@ -42,7 +42,7 @@ def test_a_lead_set_in_an_order_the_checkpoint_never_saw_is_fed_by_name(shared_d
   # Real CinC records: V5+aVL+II gives the features of II+aVL+V5 (each slot carries its lead's identity), and
   # differs from another three leads.
   from stmem import data
-  from stmem.train import features
+  from stmem import features
   loaded = features.load_encoder(tiny_checkpoint(tmp_path / "ckpt"))
   pool = data.open_pool(data.DatasetSpec("raw", path=str(shared_data / "cinc2021"), name="cinc"), loaded.contract)
   assert len(pool.record_id) == 50

@@ -34,7 +34,7 @@ def sources(shared_data, tmp_path_factory) -> dict[str, pathlib.Path]:
 
 
 def test_probe_reads_prepared_raw_and_simulated_data_through_open_pool(sources, opened, tmp_path):
-  from stmem.train import probe
+  from stmem.programs import probe
   out = tmp_path / "probe"
   assert probe.main([f"--config={probe.DEFAULT_CONFIG}:test", f"--config.checkpoint={sources['ckpt']}",
                      "--config.tasks=synthetic,ludb_sex,prepared", f"--config.data_root={sources['root']}",
@@ -56,7 +56,7 @@ def test_probe_reads_prepared_raw_and_simulated_data_through_open_pool(sources, 
 @pytest.mark.parametrize("source", ["raw", "prepared"])
 def test_finetune_reads_raw_and_prepared_data_through_open_pool(sources, opened, tmp_path, source):
   # Simulated data: tests/test_finetune.py's run, which checks its open_pool call the same way.
-  from stmem.train import finetune
+  from stmem.programs import finetune
   task = {"raw": ["--config.task=ludb_sex", f"--config.data_root={sources['root']}", "--config.kind=multilabel"],
           "prepared": ["--config.task=prepared", f"--config.data_dir={sources['prepared']}",
                        "--config.labels=sinus_rhythm", "--config.kind=multilabel"]}[source]
@@ -70,7 +70,7 @@ def test_finetune_reads_raw_and_prepared_data_through_open_pool(sources, opened,
 
 
 def test_embed_reads_each_kind_of_data_through_open_pool(sources, opened, tmp_path):
-  from stmem.train import embed
+  from stmem.programs import embed
   common = ["--checkpoint", str(sources["ckpt"]), "--batch_size", "16", "--no_progress"]
   runs = {"prepared": ["--data_dir", str(sources["prepared"]), "--split", "train"],
           "raw": ["--records", str(sources["raw"])], "synthetic": ["--synthetic", "6"]}

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from stmem import convert
+from stmem import reference_weights as convert
 from stmem.models import StMem, model_config
 
 TOL = 1e-4

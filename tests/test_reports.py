@@ -7,8 +7,8 @@ import json
 
 import numpy as np
 
-from stmem import evaluation
-from stmem.train import report
+from stmem import scoring
+from stmem import report
 
 CLASSES = ("N", "A", "O", "~")
 
@@ -30,13 +30,13 @@ def _multiclass(n: int = 240, seed: int = 0, rare: int | None = None):
 
 def test_multiclass_report_names_each_class_with_its_own_figures(tmp_path):
   y, s, pids = _multiclass()
-  predicted = evaluation.predictions(s, None, multiclass=True)
+  predicted = scoring.predictions(s, None, multiclass=True)
   row, (fpr, tpr, auc) = report.task_row("cinc2017", "checkpoint", "I", y, s, predicted, pids, class_names=CLASSES,
                                          multiclass=True, protocol="5-fold", n_resamples=200, seed=0)
   assert [c["class"] for c in row["classes"]] == list(CLASSES)
   assert row["positives"] == {k: int(v) for k, v in zip(CLASSES, y.sum(0))}
   for k, c in enumerate(row["classes"]):
-    assert c["auroc"] == evaluation.auroc(y[:, k], s[:, k])  # the class's own one-vs-rest figure
+    assert c["auroc"] == scoring.auroc(y[:, k], s[:, k])  # the class's own one-vs-rest figure
     assert c["auroc_lo"] <= c["auroc"] <= c["auroc_hi"] and c["f1_lo"] <= c["f1"] <= c["f1_hi"]
     assert c["n_positive"] + c["n_negative"] == len(y)
   by = {c["class"]: c for c in row["classes"]}
@@ -61,11 +61,11 @@ def test_multiclass_report_names_each_class_with_its_own_figures(tmp_path):
 
 def test_report_warns_when_a_class_or_split_is_too_small():
   y, s, pids = _multiclass(n=60, rare=4)
-  row, _ = report.task_row("cinc2017", "checkpoint", "I", y, s, evaluation.predictions(s, None, True), pids,
+  row, _ = report.task_row("cinc2017", "checkpoint", "I", y, s, scoring.predictions(s, None, True), pids,
                            class_names=CLASSES, multiclass=True, protocol="5-fold", n_resamples=50, seed=0)
   assert len(row["warnings"]) == 1 and "class ~ has 4 positive record(s)" in row["warnings"][0]
   y, s, pids = y[:12], s[:12], pids[:12]  # 6 patients
-  row, _ = report.task_row("cinc2017", "checkpoint", "I", y, s, evaluation.predictions(s, None, True), pids,
+  row, _ = report.task_row("cinc2017", "checkpoint", "I", y, s, scoring.predictions(s, None, True), pids,
                            class_names=CLASSES, multiclass=True, protocol="5-fold", n_resamples=50, seed=0)
   assert any("of 6 patients scored" in w for w in row["warnings"])
   assert "of 6 patients scored" in report.markdown([row])
@@ -73,15 +73,15 @@ def test_report_warns_when_a_class_or_split_is_too_small():
 
 def test_one_bootstrap_gives_macro_and_class_intervals():
   y, s, pids = _multiclass(n=120, seed=3)
-  pred = evaluation.predictions(s, None, True)
-  both = evaluation.metrics_with_intervals(y, s, pred, pids, multiclass=True, n_resamples=100, seed=1)
-  alone = evaluation.patient_bootstrap(lambda i: evaluation.macro_metrics(y[i], s[i], multiclass=True,
+  pred = scoring.predictions(s, None, True)
+  both = scoring.metrics_with_intervals(y, s, pred, pids, multiclass=True, n_resamples=100, seed=1)
+  alone = scoring.patient_bootstrap(lambda i: scoring.macro_metrics(y[i], s[i], multiclass=True,
                                                                           predicted=pred[i]),
                                        pids, n_resamples=100, seed=1)
   for m in ("auroc", "auprc", "f1"):
     np.testing.assert_allclose(both["macro"][m], alone[m])  # the same resamples as the macro-only bootstrap
   k = 1
-  one = evaluation.patient_bootstrap(lambda i: {"auroc": evaluation.auroc(y[i, k], s[i, k])}, pids,
+  one = scoring.patient_bootstrap(lambda i: {"auroc": scoring.auroc(y[i, k], s[i, k])}, pids,
                                      n_resamples=100, seed=1)
   np.testing.assert_allclose(both["classes"][k]["auroc"], one["auroc"])
 
@@ -90,7 +90,7 @@ def test_multilabel_report_gives_per_class_rows_and_thresholded_f1():
   rng = np.random.default_rng(4)
   y = (rng.random((150, 3)) < np.asarray([0.5, 0.3, 0.2])).astype(np.float32)
   s = 1 / (1 + np.exp(-(rng.normal(size=(150, 3)) + 2 * y * np.asarray([1.5, 0.8, 0.0]))))
-  pred = evaluation.predictions(s, evaluation.thresholds_for(y, s), multiclass=False)
+  pred = scoring.predictions(s, scoring.thresholds_for(y, s), multiclass=False)
   row, _ = report.task_row("ptbxl", "checkpoint", "12", y, s, pred, [f"p{i}" for i in range(150)],
                            class_names=("NORM", "MI", "HYP"), multiclass=False, protocol="splits",
                            n_resamples=100, seed=0)

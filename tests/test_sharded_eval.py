@@ -8,7 +8,7 @@ def test_global_index_follows_the_pipelines_process_layout():
   itself, run as each of 3 processes)."""
   from data_pipelines.contract import Contract
   from stmem import data
-  from stmem.train import sharded_eval
+  from stmem import sharded_eval
   n, processes, local = 7, 3, 2
   rng = np.random.default_rng(0)
   source = data.ArraySource({"signal": rng.normal(size=(n, 12, 2500)).astype(np.float32),
@@ -30,7 +30,7 @@ def test_feature_pass_on_8_devices_equals_one_device():
   from data_pipelines.contract import Contract
   from stmem import data, sharding
   from stmem.models import model_config
-  from stmem.train import features, sharded_eval
+  from stmem import features, sharded_eval
   rng = np.random.default_rng(1)
   source = data.ArraySource({"signal": rng.normal(size=(11, 12, 2500)).astype(np.float32),
                              "labels": rng.integers(0, 2, (11, 2)).astype(np.float32)})

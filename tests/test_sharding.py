@@ -7,7 +7,7 @@ from flax import nnx
 
 from stmem import sharding
 from stmem.models import StMem, model_config
-from stmem.train import optim
+from stmem import optim
 from stmem.steps import make_train_step, parse_mesh
 
 

@@ -7,7 +7,7 @@ import configs
 
 
 def test_study_smoke(tmp_path):
-  from stmem.train import study
+  from stmem.programs import study
   out = tmp_path / "study"
   config = pathlib.Path(configs.__file__).parent / "study.py"
   assert study.main(["--config", f"{config}:smoke", "--workdir", str(out)]) == 0

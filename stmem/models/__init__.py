@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from flax import nnx
 
+from stmem.models.classifier import Classifier
 from stmem.models.baselines import BaselineEncoder, LeadSetRefused, MaskedAutoencoder
 from stmem.models.config import METHODS, VARIANTS, ModelConfig, model_config
 from stmem.models.encoder import Encoder

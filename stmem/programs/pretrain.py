@@ -28,13 +28,13 @@ from flax import nnx
 from data_pipelines import leads as leads_lib
 from stmem import checkpoint as ckpt_lib
 from stmem import data as data_lib
-from stmem import plan as plan_lib
+from stmem import memory_plan as plan_lib
 from stmem import preemption
 from stmem import sharding as sharding_lib
 from stmem import steps as steps_lib
 from stmem.preemption import NonFiniteLoss
 from data_pipelines.contract import Contract
-from stmem.train import metrics as metrics_lib
+from stmem import metrics as metrics_lib
 
 
 class DoesNotFit(ValueError):
@@ -240,7 +240,7 @@ def _from_process_zero(tree):
 
 
 def _derive_accum(config, devices, is_main: bool) -> int:
-  """accum_steps = 0: the smallest count that the planner finds fits the device memory (stmem.plan.fit)."""
+  """accum_steps = 0: the smallest count that the planner finds fits the device memory (stmem.memory_plan.fit)."""
   chosen, tried = plan_lib.fit(config, devices, budget_gb=config.get("memory_budget_gb", 0.0))
   if is_main:
     print(f"accum_steps 0: {chosen.accum_steps} fits ({chosen.total_bytes / plan_lib.GiB:.2f} GiB of "
@@ -301,7 +301,7 @@ def _reconstruction_figure(graphdef, params, batch, cfg, contract, path, *, writ
 
 
 def main(argv: list[str]) -> int:
-  from stmem.train import configflags
+  from stmem import configflags
   config, workdir = configflags.parse(argv, "stmem pretrain", None)
   from stmem import distributed
   distributed.initialize()  # a no-op for one process; must come before any JAX computation

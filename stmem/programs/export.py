@@ -4,7 +4,7 @@
   stmem export --checkpoint WORKDIR_OR_CHECKPOINT --out DIR [--format safetensors|npz]   (the same, shorter)
 
 writes `DIR/model.safetensors` (or `DIR/model.npz`), `DIR/config.json` and `DIR/README.md`. Tensor names are the ST-MEM
-authors' encoder-only names in PyTorch layout (`stmem.convert.to_reference(..., encoder_only=True)`), so the file
+authors' encoder-only names in PyTorch layout (`stmem.reference_weights.to_reference(..., encoder_only=True)`), so the file
 loads into their code as a state dict and back into stmem with `stmem convert`. Only the encoder is exported: the
 pretraining decoder and any fine-tuned head stay in the checkpoint.
 """
@@ -25,7 +25,7 @@ def encoder_reference_names(encoder) -> dict[str, np.ndarray]:
   """An nnx Encoder's parameters under the reference's encoder-only names (contiguous float32, PyTorch layout)."""
   from flax import nnx
 
-  from stmem import convert
+  from stmem import reference_weights as convert
 
   flat = {("encoder",) + tuple(p): np.asarray(v) for p, v in nnx.to_flat_state(nnx.state(encoder, nnx.Param))}
   names = convert.to_reference(flat, encoder_only=True)
@@ -99,7 +99,7 @@ def export(checkpoint_path: str | pathlib.Path, out: str | pathlib.Path, *, fmt:
 
 
 def main(argv: list[str]) -> int:
-  from stmem.train import configflags
+  from stmem import configflags
   config, _ = configflags.parse(argv, "stmem export", "export", workdir=None)
   configflags.require(config, "stmem export", "checkpoint", "out")
   result = export(config.checkpoint, config.out, fmt=config.format)

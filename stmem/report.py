@@ -58,10 +58,10 @@ def task_row(task: str, model: str, lead_set: str, labels: np.ndarray, scores: n
   counts), `positives` {class: n} and `warnings` (too few records, patients or positives for a figure to mean much;
   worded without the model, so that the rows of several models on one split give one note).
   """
-  from stmem import evaluation
+  from stmem import scoring
   y = np.atleast_2d(np.asarray(labels, np.float32))
   names = list(class_names) if len(class_names) == y.shape[1] else [str(k) for k in range(y.shape[1])]
-  ci = evaluation.metrics_with_intervals(y, scores, predicted, patient_ids, multiclass=multiclass,
+  ci = scoring.metrics_with_intervals(y, scores, predicted, patient_ids, multiclass=multiclass,
                                          n_resamples=n_resamples, seed=seed)
   positives = y.sum(axis=0).astype(int)
   n, n_patients = int(len(y)), int(len(set(str(p) for p in patient_ids)))
@@ -87,7 +87,7 @@ def task_row(task: str, model: str, lead_set: str, labels: np.ndarray, scores: n
       warnings.append(f"{task} ({lead_set}): class {name} has {few} {side} record(s) scored; its AUROC/AUPRC "
                       f"(and the macro figure it enters) mean little below {MIN_CLASS_RECORDS}")
   row["warnings"] = warnings
-  fpr, tpr = evaluation.macro_roc_curve(y, scores)
+  fpr, tpr = scoring.macro_roc_curve(y, scores)
   return row, (fpr, tpr, row["auroc"])
 
 

@@ -32,10 +32,10 @@ from typing import Any
 from absl import flags
 from ml_collections import config_flags
 
-import configs as _configs_package
 from data_pipelines.errors import UsageError
 
-CONFIG_DIR = pathlib.Path(_configs_package.__file__).resolve().parent
+# The shipped config files: the `configs` package is found, not imported (the library never imports a config).
+CONFIG_DIR = pathlib.Path(importlib.util.find_spec("configs").origin).resolve().parent
 HELP_FLAGS = ("-h", "--help", "-help", "--helpfull", "--helpshort")
 # String keys holding a path: `~` and $VARS are expanded in them. By name, so that a config file needs no
 # annotation: the last component is one of these, or ends with one of the suffixes.

@@ -130,7 +130,7 @@ def embed(config) -> dict:
   from data_pipelines import transforms
   from data_pipelines.errors import DataError
   from stmem import data, sharding as sharding_lib
-  from stmem.train import features, sharded_eval
+  from stmem import features, sharded_eval
   from stmem.steps import parse_mesh
 
   # ------------------------------------------------------------------------------------------------ mesh
@@ -226,7 +226,7 @@ def embed(config) -> dict:
 
 
 def main(argv: Sequence[str]) -> int:
-  from stmem.train import configflags
+  from stmem import configflags
   config, _ = configflags.parse(argv, "stmem embed", "embed", workdir=None)
   configflags.require(config, "stmem embed", "checkpoint", "out")
   if sum(map(bool, (config.data_dir, config.records, config.synthetic))) != 1:

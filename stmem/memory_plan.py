@@ -6,9 +6,9 @@ described by libtpu on any host (`jax.experimental.topologies.get_topology_desc`
 memory analysis of the compiled program gives each device's argument, output, temporary and total bytes, which are
 held against the chip's memory (or a stated budget). When the step does not fit, `fit` searches the smallest
 gradient-accumulation count, then a stronger rematerialisation, that does. The fine-tuning update
-(`stmem.train.finetune.finetune_step`) and the embedding forward are compiled the same way.
+(`stmem.steps.finetune_step`) and the embedding forward are compiled the same way.
 
-FLOPs per step are analytic (`stmem.train.metrics`); XLA's own count of the compiled program is shown beside them,
+FLOPs per step are analytic (`stmem.metrics`); XLA's own count of the compiled program is shown beside them,
 but it counts a scanned block once, so it reads several times too low for a deep model.
 """
 from __future__ import annotations
@@ -24,13 +24,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import configs.finetune as finetune_configs
-from data_pipelines import leads as leads_lib
-from stmem import checkpoint as ckpt_lib
+from stmem import metrics
 from stmem import sharding as sharding_lib
 from stmem import steps
-from stmem.models import encoder_model, model_config
-from stmem.train import finetune, metrics
+from stmem.models import Classifier, encoder_model
 
 GiB = 2 ** 30
 
@@ -235,37 +232,18 @@ def embed_report(config, devices, *, topology: str = "local", budget_gb: float =
   return _compile(report, lambda: fn.lower(params, batch["signal"], batch["lead_ids"], batch["lead_mask"]))
 
 
-def finetune_settings(config):
-  """(fine-tuning config, model config, leads) to plan. `config` itself when it is a fine-tuning config
-  (configs/finetune.py: the architecture of its checkpoint, else of `model`); for a pretraining config, the
-  fine-tuning defaults (their batch, rounded up to a multiple of the devices) applied to its model, mesh and FSDP
-  threshold: "fine-tune what I pretrain here". A pretraining batch (2048) is far above any fine-tuning batch."""
-  if "optim" not in config:  # a fine-tuning config
-    if config.get("checkpoint"):
-      cfg = ckpt_lib.model_config_from_meta(ckpt_lib.read_meta(config.checkpoint)[0])
-    else:
-      cfg = model_config(config.model)
-    return config, cfg, len(leads_lib.parse_lead_set(config.lead_set))
-  ft = finetune_configs.get_config()
-  ft.mesh, ft.fsdp_min_size = config.mesh, int(config.fsdp_min_size)
-  ft.num_devices = int(config.get("num_devices") or 0)
-  return ft, steps.model_cfg(config), 12
-
-
-def finetune_report(config, devices, *, topology: str = "local", budget_gb: float = 0.0,
+def finetune_report(ft, cfg, leads: int, devices, *, topology: str = "local", budget_gb: float = 0.0,
                     num_classes: int = 5) -> Report:
-  """Compile `stmem finetune`'s update step (`stmem.train.finetune.finetune_step`: encoder + linear head, every
-  parameter trained, AdamW) for `devices` at the fine-tuning batch (`finetune_settings`), `num_classes` outputs."""
-  ft, cfg, leads = finetune_settings(config)
+  """Compile `stmem finetune`'s update step (`stmem.steps.finetune_step`: encoder + linear head, every parameter
+  trained, AdamW) under the fine-tuning config `ft` for the model `cfg` on `leads` lead slots, over `devices` at
+  `ft.batch_size`, with `num_classes` outputs."""
   mesh = _mesh(ft, devices)
   steps.check_platform(cfg, mesh)
-  if "optim" in config:  # planned from a pretraining config: the fine-tuning batch over these devices
-    ft.batch_size = -(-int(ft.batch_size) // mesh.size) * mesh.size
-  model = nnx.eval_shape(lambda: finetune.Classifier(encoder_model(cfg, rngs=nnx.Rngs(0)), num_classes,
-                                                     float(ft.drop_path), rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: Classifier(encoder_model(cfg, rngs=nnx.Rngs(0)), num_classes, float(ft.drop_path),
+                                            rngs=nnx.Rngs(0)))
   graphdef, params = nnx.split(model, nnx.Param)
   params = params.to_pure_dict()
-  step = finetune.finetune_step(ft, mesh, graphdef, params, kind="multilabel", depth=cfg.depth)
+  step = steps.finetune_step(ft, mesh, graphdef, params, kind="multilabel", depth=cfg.depth)
   batch_size = int(ft.batch_size)
   batch = {**steps.abstract_batch(batch_size, leads, cfg.window, step.batch_sharding),
            "labels": jax.ShapeDtypeStruct((batch_size, num_classes), jnp.float32, sharding=step.batch_sharding)}

@@ -179,13 +179,13 @@ def aggregate(rows: Sequence[dict]) -> list[dict]:
 
 
 def main(argv: Sequence[str]) -> int:
-  from stmem.train import configflags
+  from stmem import configflags
   config_dir = pathlib.Path(configs.__file__).parent
   config, workdir = configflags.parse(argv, "stmem study", f"{config_dir / 'study.py'}:cpu")
-  from stmem import cli
+  from stmem import programs
   from stmem.models import METHODS
-  from stmem.train import report
-  from stmem.train.metrics import console_logger
+  from stmem import report
+  from stmem.metrics import console_logger
   log = console_logger("stmem.study")
   workdir = pathlib.Path(workdir).expanduser().absolute()
   workdir.mkdir(parents=True, exist_ok=True)
@@ -209,7 +209,7 @@ def main(argv: Sequence[str]) -> int:
     for seed in seeds:
       run_dir = workdir / "runs" / f"{method}_seed{seed}"
       t0 = time.time()
-      rc = cli.main(["pretrain", "--config", f"{config_dir / 'pretrain.py'}:{config.pretrain_preset}",
+      rc = programs.run(["pretrain", "--config", f"{config_dir / 'pretrain.py'}:{config.pretrain_preset}",
                      "--workdir", str(run_dir), f"--config.model.method={method}", f"--config.seed={seed}",
                      *overrides(config.pretrain)])
       if rc:
@@ -247,7 +247,7 @@ def main(argv: Sequence[str]) -> int:
     lead_sets = config.probe.lead_sets if method == "stmem" else "12"  # MTAE / MLAE refuse other lead sets
     probe_dir = workdir / "probes" / f"{method}_seed{seed}"
     t0 = time.time()
-    rc = cli.main(["probe", "--config", f"{config_dir / 'probe.py'}:{config.probe.preset}",
+    rc = programs.run(["probe", "--config", f"{config_dir / 'probe.py'}:{config.probe.preset}",
                    "--workdir", str(probe_dir), f"--config.checkpoint={run_dir}",
                    f"--config.random_baseline={seed == seeds[0]}",
                    *overrides({**probe_config, "lead_sets": lead_sets})])

@@ -128,11 +128,11 @@ def select(heads: Sequence[Head], x_val: np.ndarray, y_val: np.ndarray, on: str 
   on "auroc": macro AUROC (ties, common on small sets, go to the stronger penalty, the simpler model);
   on "loss": the negated validation log-loss.
   """
-  from stmem import evaluation
+  from stmem import scoring
   scores = []
   for h in heads:
     if on == "auroc":
-      s = evaluation.macro_metrics(y_val, h.predict(x_val))["auroc"]
+      s = scoring.macro_metrics(y_val, h.predict(x_val))["auroc"]
       scores.append(-np.inf if not np.isfinite(s) else s)
     elif on == "loss":
       scores.append(-log_loss(h, x_val, y_val))

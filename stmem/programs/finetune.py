@@ -10,7 +10,6 @@ resumes from the latest training checkpoint in WORKDIR/train_state with exactly 
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import pathlib
 import signal
@@ -22,53 +21,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
-DEFAULT_CONFIG = "finetune"  # configs/finetune.py, found by name from any directory (stmem.train.configflags)
+DEFAULT_CONFIG = "finetune"  # configs/finetune.py, found by name from any directory (stmem.configflags)
 TRAIN_STATE_DIR = "train_state"  # the training checkpoints; WORKDIR/checkpoints holds the selected model
-
-
-class Classifier(nnx.Module):
-  """Encoder + linear head on the pooled features, with drop path (stochastic depth) on every residual branch.
-
-  The randomness of drop path lives here, not in `stmem.models`: only fine-tuning uses it; the encoder only takes the
-  resulting branch multipliers. Block i's rate is drop_path * i / (depth-1); a dropped branch is zero for that ECG, a
-  kept one scaled by 1 / (1 - rate). Without drop path, or at evaluation, the forward pass is exactly the encoder's
-  `features(...)["pooled"]` followed by the head.
-  """
-
-  def __init__(self, encoder, num_classes: int, drop_path: float, *, rngs: nnx.Rngs):
-    self.encoder = encoder
-    d = encoder.cfg.width
-    self.head = nnx.Linear(d, num_classes, kernel_init=nnx.initializers.normal(0.01),
-                           bias_init=nnx.initializers.zeros, rngs=rngs)
-    depth = encoder.cfg.depth
-    self.rates = tuple(float(drop_path * i / max(depth - 1, 1)) for i in range(depth))
-
-  def __call__(self, signal, lead_ids, lead_mask, key: jax.Array | None = None):
-    enc = self.encoder
-    branch_scale = None
-    if key is not None and any(self.rates):
-      rates = jnp.asarray(self.rates, jnp.float32)[:, None, None]                      # (depth, 1, 1)
-      keep = jax.random.bernoulli(key, 1 - rates, (len(self.rates), signal.shape[0], 2))  # (depth, B, 2)
-      branch_scale = keep.astype(jnp.float32) / (1 - rates)
-    return self.head(enc.features(signal, lead_ids, lead_mask, branch_scale=branch_scale)["pooled"])
-
-
-def task_loss(logits, labels, kind: str, smoothing: float = 0.0, class_weight=None):
-  """Mean loss per record: sigmoid BCE summed over classes (multi-label) or softmax cross-entropy (multi-class)."""
-  if kind == "multiclass":
-    target = optax.smooth_labels(labels, smoothing) if smoothing else labels
-    per = optax.softmax_cross_entropy(logits, target)
-    if class_weight is not None:
-      per = per * (labels @ class_weight)
-    return per.mean()
-  target = labels * (1 - smoothing) + 0.5 * smoothing if smoothing else labels
-  per = optax.sigmoid_binary_cross_entropy(logits, target)
-  if class_weight is not None:  # positives of class c weighted by its negative/positive ratio
-    per = per * jnp.where(labels > 0, class_weight[None, :], 1.0)
-  return per.sum(-1).mean()
 
 
 def task_data(config, loaded):
@@ -77,7 +33,7 @@ def task_data(config, loaded):
   The data's own splits when it has them, else the one patient-grouped split (`builder_base.split_names`)."""
   from data_pipelines import builder_base
   from stmem import data
-  from stmem.train import features
+  from stmem import features
   pools, task_list = data.task_pools([config.task], loaded.contract, data_dir=config.data_dir,
                                      data_root=config.data_root, labels=[x for x in config.labels.split(",") if x],
                                      kind=config.kind, num_synthetic=int(config.synthetic_n), seed=int(config.seed),
@@ -110,58 +66,13 @@ def class_weights(labels: np.ndarray, kind: str, how: str):
   return jnp.asarray((len(labels) - pos) / pos, jnp.float32)
 
 
-@dataclasses.dataclass
-class FinetuneStep:
-  """The fine-tuning update built once: optimiser, shardings and the jitted, donated step (what `train` runs and
-  `stmem plan --programs finetune` compiles ahead of time)."""
-  tx: optax.GradientTransformation
-  schedule: optax.Schedule
-  param_shardings: Any
-  opt_shardings: Any
-  abstract_opt: Any
-  batch_sharding: Any
-  replicated: Any
-  jitted: Any  # (params, opt_state, batch, key, ok) -> (params, opt_state, loss, ok); params and state donated
-
-
-def finetune_step(config, mesh, graphdef, params, *, kind: str, depth: int, class_weight=None) -> FinetuneStep:
-  """The update of a `Classifier` (`graphdef`, `params` as a pure dict, arrays or shapes) under `config`
-  (configs/finetune.py) on `mesh`; `depth` is the encoder's (layer-wise decay). The batch holds signal (B, L, T),
-  lead_ids, lead_mask (B, L) and labels (B, C)."""
-  from stmem import sharding as sharding_lib
-  from stmem.train import optim
-  lr = optim.scaled_lr(float(config.base_lr), int(config.batch_size))
-  schedule = optim.warmup_cosine(lr, int(config.warmup_steps), int(config.steps))
-  tx = optim.adamw(params, schedule=schedule, b1=config.b1, b2=config.b2, weight_decay=float(config.weight_decay),
-                   clip_norm=float(config.clip_norm), layer_decay=float(config.layer_decay), depth=depth)
-  param_shardings = sharding_lib.tree_shardings(params, mesh, min_size=config.fsdp_min_size)
-  abstract_opt = jax.eval_shape(tx.init, params)
-  opt_shardings = sharding_lib.tree_shardings(abstract_opt, mesh, min_size=config.fsdp_min_size)
-  batch_sharding, replicated = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
-  smoothing = float(config.label_smoothing)
-
-  def train_step(params, opt_state, batch, key, ok):
-    def loss_fn(p):
-      logits = nnx.merge(graphdef, p)(batch["signal"], batch["lead_ids"], batch["lead_mask"], key)
-      return task_loss(logits, batch["labels"], kind, smoothing, class_weight)
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss, ok & jnp.isfinite(loss)
-
-  jitted = jax.jit(train_step, in_shardings=(param_shardings, opt_shardings, batch_sharding, replicated, replicated),
-                   out_shardings=(param_shardings, opt_shardings, replicated, replicated), donate_argnums=(0, 1))
-  return FinetuneStep(tx=tx, schedule=schedule, param_shardings=param_shardings, opt_shardings=opt_shardings,
-                      abstract_opt=abstract_opt, batch_sharding=batch_sharding, replicated=replicated, jitted=jitted)
-
-
 def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None) -> dict:
   """Fine-tune, select on validation, test once; returns a summary. `stop_after` ends the loop early without a
   save (tests use it to stand in for a crash)."""
   from data_pipelines import transforms
-  from stmem import augment, checkpoint as ckpt_lib, data, evaluation, sharding as sharding_lib
+  from stmem import augment, checkpoint as ckpt_lib, data, models, scoring, sharding as sharding_lib, steps
   from stmem.models import model_config
-  from stmem.train import features, metrics as metrics_lib, report, sharded_eval
+  from stmem import features, metrics as metrics_lib, report, sharded_eval
   from stmem.preemption import NonFiniteLoss, main_thread, stop_requested
   from stmem.steps import parse_mesh
 
@@ -202,10 +113,10 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
                               train=True, seed=int(config.seed), lead_set=config.lead_set)
 
   # ---------------------------------------------------------------------------------------------- model and optimiser
-  model = Classifier(loaded.encoder, task.labels.shape[1], float(config.drop_path), rngs=nnx.Rngs(int(config.seed)))
+  model = models.Classifier(loaded.encoder, task.labels.shape[1], float(config.drop_path), rngs=nnx.Rngs(int(config.seed)))
   graphdef, host_params = nnx.split(model, nnx.Param)
   host_params = jax.tree.map(np.asarray, host_params.to_pure_dict())
-  ft = finetune_step(config, mesh, graphdef, host_params, kind=task.kind, depth=loaded.encoder.cfg.depth,
+  ft = steps.finetune_step(config, mesh, graphdef, host_params, kind=task.kind, depth=loaded.encoder.cfg.depth,
                      class_weight=class_weight)
   tx, schedule, param_shardings, opt_shardings, abstract_opt = (ft.tx, ft.schedule, ft.param_shardings,
                                                                 ft.opt_shardings, ft.abstract_opt)
@@ -257,7 +168,7 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
       loss = float(-np.mean(np.sum(labels * np.log(probs + eps), -1)))
     else:
       loss = float(-np.mean(np.sum(labels * np.log(probs + eps) + (1 - labels) * np.log(1 - probs + eps), -1)))
-    return {"loss": loss, "auroc": evaluation.macro_metrics(labels, probs)["auroc"], "probs": probs,
+    return {"loss": loss, "auroc": scoring.macro_metrics(labels, probs)["auroc"], "probs": probs,
             "labels": labels, "patient_id": np.concatenate(pids).astype(str)}
 
   # ---------------------------------------------------------------------------------------------------- train loop
@@ -325,8 +236,8 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
   val = evaluate(best, "validation")
   test = evaluate(best, "test")
   multiclass = task.kind == "multiclass"
-  thresholds = None if multiclass else evaluation.thresholds_for(val["labels"], val["probs"])
-  predicted = evaluation.predictions(test["probs"], thresholds, multiclass)
+  thresholds = None if multiclass else scoring.thresholds_for(val["labels"], val["probs"])
+  predicted = scoring.predictions(test["probs"], thresholds, multiclass)
   row, curve = report.task_row(report.task_title(task.name, config),
                                "fine-tuned" if config.checkpoint else "from scratch", config.lead_set, test["labels"],
                                test["probs"], predicted, test["patient_id"], class_names=task.label_names,
@@ -359,7 +270,7 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
 def main(argv: Sequence[str]) -> int:
   from stmem import distributed
   from stmem import preemption
-  from stmem.train import configflags
+  from stmem import configflags
   config, workdir = configflags.parse(argv, "stmem finetune", DEFAULT_CONFIG + ":prepared")
   distributed.initialize()  # a no-op for one process; must come before any JAX computation
   try:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import sys
 
-from stmem import plan as plan_lib
+from stmem import memory_plan as plan_lib
 
 USAGE = ("usage: stmem plan --config FILE:PRESET [--config.KEY=VALUE ...] [--topology local|v5e:4x4|...] "
          "[--programs pretrain,embed,finetune] [--classes N] [--json FILE] [--no-fit]")
@@ -41,6 +41,26 @@ def _take(argv: list[str], name: str, default=None):
   return default
 
 
+def finetune_settings(config):
+  """(fine-tuning config, model config, leads) to plan. `config` itself when it is a fine-tuning config
+  (configs/finetune.py: the architecture of its checkpoint, else of `model`); for a pretraining config, the
+  fine-tuning defaults (their batch, rounded up to a multiple of the devices) applied to its model, mesh and FSDP
+  threshold: "fine-tune what I pretrain here". A pretraining batch (2048) is far above any fine-tuning batch."""
+  from data_pipelines import leads
+  from stmem import checkpoint, models, steps
+  if "optim" not in config:  # a fine-tuning config
+    if config.get("checkpoint"):
+      cfg = checkpoint.model_config_from_meta(checkpoint.read_meta(config.checkpoint)[0])
+    else:
+      cfg = models.model_config(config.model)
+    return config, cfg, len(leads.parse_lead_set(config.lead_set))
+  from configs import finetune as finetune_configs
+  ft = finetune_configs.get_config()
+  ft.mesh, ft.fsdp_min_size = config.mesh, int(config.fsdp_min_size)
+  ft.num_devices = int(config.get("num_devices") or 0)
+  return ft, steps.model_cfg(config), 12
+
+
 def main(argv: list[str]) -> int:
   argv = list(argv)
   if any(a in ("-h", "--help", "-help") for a in argv):
@@ -52,7 +72,7 @@ def main(argv: list[str]) -> int:
   json_path = _take(argv, "json")
   search = "--no-fit" not in argv
   argv = [a for a in argv if a != "--no-fit"]
-  from stmem.train import configflags
+  from stmem import configflags
   config, _ = configflags.parse(argv, "stmem plan", None, workdir=None)
   is_pretrain_config = "optim" in config
   programs = [p for p in (programs or ("pretrain,embed" if is_pretrain_config else "finetune")).split(",") if p]
@@ -85,7 +105,11 @@ def main(argv: list[str]) -> int:
   if "embed" in programs:
     others.append(plan_lib.embed_report(config, devices, topology=topology, budget_gb=budget_gb))
   if "finetune" in programs:
-    others.append(plan_lib.finetune_report(config, devices, topology=topology, budget_gb=budget_gb,
+    ft, cfg, leads = finetune_settings(config)
+    if is_pretrain_config:  # the fine-tuning batch, rounded up to a multiple of the devices it is split over
+      n = min(int(ft.num_devices) or len(devices), len(devices))
+      ft.batch_size = -(-int(ft.batch_size) // n) * n
+    others.append(plan_lib.finetune_report(ft, cfg, leads, devices, topology=topology, budget_gb=budget_gb,
                                            num_classes=int(classes)))
   reports += others
   print(plan_lib.table(reports))

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-DEFAULT_CONFIG = "probe"  # configs/probe.py, found by name from any directory (stmem.train.configflags)
+DEFAULT_CONFIG = "probe"  # configs/probe.py, found by name from any directory (stmem.configflags)
 
 
 def _csv(text: str) -> list[str]:
@@ -28,7 +28,7 @@ def evaluation_folds(task, pool, config) -> tuple[np.ndarray, np.ndarray, np.nda
   Fixed splits when the data has them (K = 1); else patient-grouped K-fold: test fold k, validation fold k + 1,
   training the rest, so every record is scored exactly once, by a head that never saw its patient.
   """
-  from stmem import evaluation
+  from stmem import scoring
   keep = task.keep
   if pool.fixed_splits and config.use_splits:
     return ((keep & (pool.split == "train"))[None], (keep & (pool.split == "validation"))[None],
@@ -36,7 +36,7 @@ def evaluation_folds(task, pool, config) -> tuple[np.ndarray, np.ndarray, np.nda
   k = int(config.cv_folds)
   idx = np.flatnonzero(keep)
   fold = np.full(len(keep), -1)
-  fold[idx] = evaluation.grouped_folds(pool.patient_id[idx], k, seed=config.seed, labels=task.labels[idx])
+  fold[idx] = scoring.grouped_folds(pool.patient_id[idx], k, seed=config.seed, labels=task.labels[idx])
   test = np.stack([fold == f for f in range(k)])
   val = np.stack([fold == (f + 1) % k for f in range(k)])
   train = keep[None] & ~test & ~val
@@ -45,21 +45,21 @@ def evaluation_folds(task, pool, config) -> tuple[np.ndarray, np.ndarray, np.nda
 
 def probe_task(x: np.ndarray, task, weights, config) -> dict:
   """Out-of-fold test scores, binary predictions and chosen L2s of a task on features x (N_pool, D)."""
-  from stmem import evaluation
-  from stmem.train import linear
+  from stmem import scoring
+  from stmem import linear_heads
   train, val, test = weights
   multiclass = task.kind == "multiclass"
-  heads = linear.fit_folds(x, task.labels, train, tuple(config.l2_grid), task.kind, int(config.lbfgs_steps))
+  heads = linear_heads.fit_folds(x, task.labels, train, tuple(config.l2_grid), task.kind, int(config.lbfgs_steps))
   scores = np.full(task.labels.shape, np.nan, np.float32)
   predicted = np.zeros(task.labels.shape, bool)
   l2s = []
   for k, fold_heads in enumerate(heads):
     v, t = val[k], test[k]
-    head, _ = linear.select(fold_heads, x[v], task.labels[v], on=config.select_on)
-    thresholds = None if multiclass else evaluation.thresholds_for(task.labels[v], head.predict(x[v]))
+    head, _ = linear_heads.select(fold_heads, x[v], task.labels[v], on=config.select_on)
+    thresholds = None if multiclass else scoring.thresholds_for(task.labels[v], head.predict(x[v]))
     s = head.predict(x[t])
     scores[t] = s
-    predicted[t] = evaluation.predictions(s, thresholds, multiclass)
+    predicted[t] = scoring.predictions(s, thresholds, multiclass)
     l2s.append(head.l2)
   tested = test.any(axis=0)
   return {"rows": tested, "scores": scores[tested], "predicted": predicted[tested], "l2": l2s}
@@ -67,7 +67,7 @@ def probe_task(x: np.ndarray, task, weights, config) -> dict:
 
 def summarise(task, model: str, lead_set: str, out: dict, pool, protocol: str, config) -> tuple[dict, tuple]:
   """A report row (macro and per-class metrics with patient-bootstrap intervals, warnings) and the ROC curve."""
-  from stmem.train import report
+  from stmem import report
   return report.task_row(report.task_title(task.name, config), model, lead_set, task.labels[out["rows"]],
                          out["scores"], out["predicted"], pool.patient_id[out["rows"]],
                          class_names=task.label_names, multiclass=task.kind == "multiclass", protocol=protocol,
@@ -75,9 +75,9 @@ def summarise(task, model: str, lead_set: str, out: dict, pool, protocol: str, c
 
 
 def main(argv: Sequence[str]) -> int:
-  from stmem.train import configflags
+  from stmem import configflags
   config, workdir = configflags.parse(argv, "stmem probe", DEFAULT_CONFIG + ":shared")
-  from stmem.train.metrics import console_logger
+  from stmem.metrics import console_logger
   log = console_logger("stmem.probe")
   start = time.time()
 
@@ -85,7 +85,7 @@ def main(argv: Sequence[str]) -> int:
   from stmem import data
   from stmem.models import model_config
   from stmem import sharding as sharding_lib
-  from stmem.train import features, report, sharded_eval
+  from stmem import features, report, sharded_eval
   from stmem.steps import parse_mesh
 
   # ------------------------------------------------------------------------------------------ mesh

@@ -14,8 +14,8 @@ import time
 
 
 def main(argv: list[str]) -> int:
-  from stmem import cli
-  from stmem.train import configflags
+  from stmem import programs
+  from stmem import configflags
   config, workdir = configflags.parse(argv, "stmem demo", "demo", workdir="optional", workdir_default="workdirs/demo")
 
   workdir = pathlib.Path(workdir).absolute()
@@ -26,12 +26,12 @@ def main(argv: list[str]) -> int:
     pretrain_args.append(f"--config.total_steps={config.steps}")
   if config.records:
     pretrain_args.append(f"--config.data.num_synthetic={config.records}")
-  rc = cli.main(pretrain_args)
+  rc = programs.run(pretrain_args)
   if rc:
     return rc
   if not config.no_probe:
     print("stmem demo: linear probe of the pretrained and a random encoder on the synthetic classes", file=sys.stderr)
-    rc = cli.main(["probe", "--config", "probe:synthetic", f"--config.checkpoint={workdir}",
+    rc = programs.run(["probe", "--config", "probe:synthetic", f"--config.checkpoint={workdir}",
                    f"--config.lead_sets={config.lead_sets}", f"--config.bootstrap={config.bootstrap}",
                    "--workdir", str(workdir / "probe")])
     if rc:

@@ -41,7 +41,7 @@ class ConversionError(DataError, ValueError):
 
 def read_reference(path: str | pathlib.Path) -> dict[str, np.ndarray]:
   """Reference names -> arrays from `.pth`/`.pt`, `.npz` or `.safetensors`; never executes code from the file."""
-  from stmem import convert
+  from stmem import reference_weights as convert
 
   path = pathlib.Path(path)
   if path.suffix == ".safetensors":
@@ -165,7 +165,7 @@ def convert_state(state: dict[str, np.ndarray], *, variant: str = "auto", head_d
   """A reference state dict -> stmem parameters; ConversionError lists unknown and missing names."""
   from flax import nnx
 
-  from stmem import convert
+  from stmem import reference_weights as convert
   from stmem.models import StMem
 
   inferred, encoder_only = infer_config(state, head_dim=head_dim)
@@ -238,7 +238,7 @@ def _exported_config(model: dict, inferred: ModelConfig, where: pathlib.Path) ->
 
 
 def main(argv: list[str]) -> int:
-  from stmem.train import configflags
+  from stmem import configflags
   args, _ = configflags.parse(argv, "stmem convert", "convert", workdir=None)
   configflags.require(args, "stmem convert", "reference", "out")
 

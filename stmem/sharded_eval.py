@@ -55,7 +55,7 @@ def extract(encoders: Mapping[str, Any], source: Any, contract: Any, *, mesh: An
 
   from data_pipelines import transforms
   from stmem import sharding as sharding_lib
-  from stmem.train import features
+  from stmem import features
   batch_sharding, replicated = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
   fn = features.feature_fn(last_blocks)
   split = {}
