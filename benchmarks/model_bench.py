@@ -132,14 +132,14 @@ def production_step(variant: str, dtype: str, batch: int):
   config = pretrain_config(variant, dtype, batch)
   key = (variant, dtype, batch)
   if key not in _COMPILED:
-    mesh = sharding_lib.make_mesh(steps_lib.parse_mesh(config.mesh), devices=jax.devices()[:config.num_devices])
+    mesh = sharding_lib.mesh_from_config(config)
     step = steps_lib.pretrain_step(config, mesh, steps_lib.model_cfg(config))
     start = time.perf_counter()
     compiled = step.jitted.lower(*steps_lib.abstract_args(step, batch)).compile()
     _COMPILED[key] = (compiled, time.perf_counter() - start, step)
   compiled, seconds, step = _COMPILED[key]
-  params = jax.jit(step.init_params, out_shardings=step.param_shardings)(jax.random.key(config.seed))
-  opt_state = jax.jit(step.tx.init, out_shardings=step.opt_shardings)(params)
+  params = sharding_lib.place(step.init_params, step.param_shardings, jax.random.key(config.seed))
+  opt_state = sharding_lib.place(step.tx.init, step.opt_shardings, params)
   return compiled, seconds, step, params, opt_state
 
 

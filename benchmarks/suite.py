@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
   workloads = _split(args.workloads)
   unknown = sorted(set(workloads) - set(ALL_WORKLOADS))
   if unknown:
-    print(f"stmem bench: unknown workload(s) {unknown}; choose from {ALL_WORKLOADS}", file=sys.stderr)
+    from stmem import console
+    console.Log("bench")(f"unknown workload(s) {unknown}; choose from {ALL_WORKLOADS}")
     return 2
 
   import jax

@@ -139,11 +139,14 @@ class Checkpointer:
     return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def restore(self, step: int, *, params, opt_state=None, param_shardings=None, opt_shardings=None,
-              data_state: bool = True) -> dict[str, Any]:
-    """Restore into the structure (and shardings) of the given templates; returns a dict of the items."""
+              data_state: bool = True, extra_items: dict[str, tuple[Any, Any]] | None = None) -> dict[str, Any]:
+    """Restore into the structure (and shardings) of the given templates; returns a dict of the items.
+    `extra_items`: {name: (template, shardings)} of further array items saved with the step (`save`)."""
     items = {"params": ocp.args.StandardRestore(_abstract(params, param_shardings)), "meta": ocp.args.JsonRestore()}
     if opt_state is not None:
       items["opt_state"] = ocp.args.StandardRestore(_abstract(opt_state, opt_shardings))
+    for name, (template, shardings) in (extra_items or {}).items():
+      items[name] = ocp.args.StandardRestore(_abstract(template, shardings))
     step_dir = self.directory / str(step)
     names = ["meta"]
     if data_state and (step_dir / "data_state").exists():

@@ -29,6 +29,12 @@ from stmem import sharding as sharding_lib
 from stmem import steps
 from stmem.models import Classifier, encoder_model
 
+
+class DoesNotFit(ValueError):
+  """The compiled step needs more memory per device than the device has (or config.memory_budget_gb allows); the
+  programs refuse it before the first step, with the fix, and exit with status 2."""
+
+
 GiB = 2 ** 30
 
 # Memory per chip by `device_kind` prefix (the longest match wins), bytes: HBM of the part as sold (TPU v5e 16 GiB,
@@ -191,16 +197,10 @@ def _compile(report: Report, lowered_fn) -> Report:
   return report
 
 
-def _mesh(config, devices):
-  if config.get("num_devices") and len(devices) > config.num_devices:
-    devices = devices[:config.num_devices]
-  return sharding_lib.make_mesh(steps.parse_mesh(config.mesh), devices=devices)
-
-
 def pretrain_report(config, devices, *, topology: str = "local", accum_steps: int | None = None,
                     remat: str | None = None, budget_gb: float = 0.0) -> Report:
   """Compile the pretraining step of `config` for `devices` with the given accumulation and remat."""
-  mesh = _mesh(config, devices)
+  mesh = sharding_lib.mesh_from_config(config, devices)
   cfg = steps.model_cfg(config)
   cfg = cfg.replace(remat=remat or cfg.remat)
   accum = int(accum_steps or config.optim.accum_steps or 1)
@@ -215,7 +215,7 @@ def pretrain_report(config, devices, *, topology: str = "local", accum_steps: in
 def embed_report(config, devices, *, topology: str = "local", budget_gb: float = 0.0) -> Report:
   """Compile the 12-lead embedding forward (unmasked, pooled features) at the config's batch for `devices`."""
   from jax.sharding import NamedSharding, PartitionSpec as P
-  mesh = _mesh(config, devices)
+  mesh = sharding_lib.mesh_from_config(config, devices)
   cfg = steps.model_cfg(config)
   steps.check_platform(cfg, mesh)
   graphdef, params = steps.encoder_graphdef_and_params(cfg, abstract=True)
@@ -237,7 +237,7 @@ def finetune_report(ft, cfg, leads: int, devices, *, topology: str = "local", bu
   """Compile `stmem finetune`'s update step (`stmem.steps.finetune_step`: encoder + linear head, every parameter
   trained, AdamW) under the fine-tuning config `ft` for the model `cfg` on `leads` lead slots, over `devices` at
   `ft.batch_size`, with `num_classes` outputs."""
-  mesh = _mesh(ft, devices)
+  mesh = sharding_lib.mesh_from_config(ft, devices)
   steps.check_platform(cfg, mesh)
   model = nnx.eval_shape(lambda: Classifier(encoder_model(cfg, rngs=nnx.Rngs(0)), num_classes, float(ft.drop_path),
                                             rngs=nnx.Rngs(0)))
@@ -273,7 +273,7 @@ def fit(config, devices, *, topology: str = "local", budget_gb: float = 0.0, log
   """
   log = log or (lambda *_: None)
   tried: list[Report] = []
-  mesh_size = _mesh(config, devices).size
+  mesh_size = sharding_lib.mesh_from_config(config, devices).size
   candidates = accum_candidates(config, mesh_size) or [1]
   start_accum = int(config.optim.accum_steps) or 1
   first_remat = steps.model_cfg(config).remat

@@ -1,13 +1,10 @@
 """Metrics out of a training loop: JSON lines and TensorBoard event files (tensorboardX, no TensorFlow), written by
-process 0 only, plus a one-line console progress report. Also MFU: the devices' peak FLOP/s and the analytic FLOP
+process 0 only (the progress line is `stmem.train_loop`'s). Also MFU: the devices' peak FLOP/s and the analytic FLOP
 count of a step."""
 from __future__ import annotations
 
 import json
-import logging
 import pathlib
-import sys
-import time
 
 import jax
 
@@ -85,28 +82,18 @@ def finetune_step_flops(cfg, batch: int, leads: int = 12) -> float:
   return 3.0 * batch * embed_forward_flops(cfg, leads)
 
 
-def console_logger(name: str) -> logging.Logger:
-  """Our own progress lines at INFO, without turning on every library's INFO logging (orbax is chatty)."""
-  log = logging.getLogger(name)
-  if not log.handlers:
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
-  return log
+METRICS_FILE = "metrics.jsonl"  # in the workdir: one JSON object per written step
 
 
 class MetricWriter:
   def __init__(self, workdir: str | pathlib.Path, enabled: bool | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
-    self.path = pathlib.Path(workdir) / "metrics.jsonl"
+    self.path = pathlib.Path(workdir) / METRICS_FILE
     self._tb = None
     if self.enabled:
       self.path.parent.mkdir(parents=True, exist_ok=True)
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
-    self._last_console = 0.0
 
   def write(self, step: int, metrics: dict[str, float]):
     if not self.enabled:
@@ -115,14 +102,6 @@ class MetricWriter:
       f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in metrics.items()}}) + "\n")
     for k, v in metrics.items():
       self._tb.add_scalar(k, float(v), int(step))
-
-  def console(self, step: int, total: int, metrics: dict[str, float], force: bool = False):
-    if not self.enabled or (not force and time.time() - self._last_console < 2.0):
-      return
-    self._last_console = time.time()
-    shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in ("loss", "lr", "grad_norm", "steps_per_s",
-                                                                         "samples_per_s", "mfu"))
-    print(f"[step {step}/{total}] {shown}", file=sys.stderr, flush=True)
 
   def close(self):
     if self._tb is not None:

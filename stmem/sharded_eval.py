@@ -61,7 +61,7 @@ def extract(encoders: Mapping[str, Any], source: Any, contract: Any, *, mesh: An
   split = {}
   for name, e in encoders.items():
     graphdef, state = nnx.split(e.encoder if isinstance(e, features.Loaded) else e)
-    split[name] = (graphdef, place(state, replicated))
+    split[name] = (graphdef, sharding_lib.place(state, replicated))
   graphdef = next(iter(split.values()))[0]  # one architecture: one compilation for every encoder
   forward = jax.jit(lambda state, *b: fn(graphdef, state, *b)["pooled"],
                     in_shardings=(replicated, batch_sharding, batch_sharding, batch_sharding), out_shardings=replicated)
@@ -89,18 +89,6 @@ def extract(encoders: Mapping[str, Any], source: Any, contract: Any, *, mesh: An
           "labels": labels if labels is not None else np.zeros((0, 0), np.float32),
           "record_id": np.asarray(rids if rids is not None else [], dtype=str),
           "patient_id": np.asarray(pids if pids is not None else [], dtype=str)}
-
-
-def place(tree, shardings):
-  """Host (or single-device) arrays -> global arrays in `shardings` (one for all, or a tree of them); each device
-  gets only its slice, which works across processes."""
-  if not isinstance(shardings, (dict, list, tuple)) and not hasattr(shardings, "items"):
-    return jax.tree.map(lambda x: _place(x, shardings), tree)
-  return jax.tree.map(_place, tree, shardings)
-
-
-def _place(x, sharding):
-  return jax.make_array_from_callback(np.shape(x), sharding, lambda i: np.asarray(x)[i])
 
 
 def gather(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -27,15 +27,6 @@ from stmem.models import encoder_model, model_config, pretraining_model
 from stmem.models.config import ModelConfig
 
 
-def parse_mesh(spec: str) -> list[tuple[str, int]]:
-  """'data:-1,fsdp:2' -> [('data', -1), ('fsdp', 2)]."""
-  axes = []
-  for part in spec.split(","):
-    name, _, size = part.strip().partition(":")
-    axes.append((name, int(size or -1)))
-  return axes
-
-
 def model_cfg(config, contract: Contract | None = None) -> ModelConfig:
   """The model of a pretraining config (configs/pretrain.py) for data of `contract` (default: the standard one)."""
   contract = contract or Contract()

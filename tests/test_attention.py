@@ -50,7 +50,7 @@ def test_absent_leads_take_no_part_in_attention(dtype):
 def test_cudnn_attention_is_refused_off_gpu_with_the_fix():
   config = pretrain_config.get_config("tiny")
   config.model.attention, config.model.dtype = "cudnn", "bfloat16"
-  mesh = sharding.make_mesh(steps.parse_mesh("data:-1"), devices=jax.devices()[:1])
+  mesh = sharding.make_mesh(sharding.parse_mesh("data:-1"), devices=jax.devices()[:1])
   with pytest.raises(ValueError, match="attention='cudnn' runs only on NVIDIA GPUs.*--config.model.attention=xla"):
     steps.pretrain_step(config, mesh, steps.model_cfg(config))
   with pytest.raises(ValueError, match="attention must be one of"):

@@ -99,8 +99,8 @@ def test_embed_on_8_devices_equals_1_device(five_records, tmp_path):
   from stmem.programs import embed
   raw, ckpt = five_records
   assert jax.device_count() == 8
-  one = embed.embed(_embed_config(raw, ckpt, tmp_path / "one" / "emb", num_devices=1))
-  eight = embed.embed(_embed_config(raw, ckpt, tmp_path / "eight" / "emb"))
+  one = embed.run(_embed_config(raw, ckpt, tmp_path / "one" / "emb", num_devices=1))
+  eight = embed.run(_embed_config(raw, ckpt, tmp_path / "eight" / "emb"))
   assert (one["devices"], eight["devices"], one["records"], eight["records"]) == (1, 8, 5, 5)
   a, b = np.load(one["npz"]), np.load(eight["npz"])
   assert list(a["record_id"]) == list(b["record_id"]) == ["1", "2", "3", "4", "5"]
@@ -141,7 +141,7 @@ def test_two_process_embed_writes_every_record_once(five_records, tmp_path):
   two = np.load(str(prefix) + ".npz")
   ids = list(two["record_id"])
   assert sorted(ids) == ["1", "2", "3", "4", "5"]  # each record exactly once
-  one = np.load(embed.embed(_embed_config(raw, ckpt, tmp_path / "one" / "emb", num_devices=1))["npz"])
+  one = np.load(embed.run(_embed_config(raw, ckpt, tmp_path / "one" / "emb", num_devices=1))["npz"])
   order = [list(one["record_id"]).index(r) for r in ids]
   np.testing.assert_allclose(two["pooled"], one["pooled"][order], atol=1e-5)
   assert pq.read_table(str(prefix) + ".parquet").num_rows == 5

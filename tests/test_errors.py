@@ -302,7 +302,7 @@ def test_export_then_convert_keeps_the_contract_and_the_fingerprint(world, tmp_p
   a, b = features.load_encoder(world["ckpt"]), features.load_encoder(tmp_path / "back")
   # One fingerprint for the same weights, wherever it is printed or stored.
   assert a.fingerprint == b.fingerprint == config["fingerprint"] == back["fingerprint"]
-  assert f"fingerprint {a.fingerprint}" in r.out
+  assert f"fingerprint {a.fingerprint}" in r.err and json.loads(r.out)["fingerprint"] == a.fingerprint
   assert checkpoint.FINGERPRINT_DEFINITION in (tmp_path / "export" / "README.md").read_text()
   rng = np.random.default_rng(0)
   signal = jnp.asarray(rng.standard_normal((2, 12, a.contract.window)), jnp.float32)
@@ -423,7 +423,7 @@ def test_pretrain_resumes_from_the_newest_readable_checkpoint(tmp_path):
     setattr(c, k, v)
   c.data.num_synthetic, c.checkpoint.every, c.checkpoint.async_save = 24, 2, False
   workdir = tmp_path / "run"
-  pretrain.train(c, workdir)
+  pretrain.run(c, workdir)
   ckpts = workdir / "checkpoints"
   assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ["2", "4"]
   truncate_largest_array_file(ckpts / "4")

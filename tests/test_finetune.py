@@ -56,7 +56,7 @@ def test_resume_after_sigterm_equals_uninterrupted(tmp_path, monkeypatch):
   c.checkpoint = str(tiny_checkpoint(tmp_path / "ckpt"))
   c.steps, c.eval_every, c.num_devices, c.async_save = 2 * n, 2, 1, True
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-  assert finetune.train(c, straight, stop_after=2 * n)["step"] == 2 * n
+  assert finetune.run(c, straight, stop_after=2 * n)["step"] == 2 * n
 
   original = data.make_iterator
 
@@ -77,10 +77,10 @@ def test_resume_after_sigterm_equals_uninterrupted(tmp_path, monkeypatch):
 
   monkeypatch.setattr(data, "make_iterator",
                       lambda *a, **k: SigtermAt(original(*a, **k), n) if k.get("train") else original(*a, **k))
-  first = finetune.train(c, resumed)
+  first = finetune.run(c, resumed)
   assert first["preempted"] and first["step"] == n and (resumed / "train_state" / str(n)).is_dir()
   monkeypatch.setattr(data, "make_iterator", original)
-  second = finetune.train(c, resumed, stop_after=2 * n)
+  second = finetune.run(c, resumed, stop_after=2 * n)
   assert second["start_step"] == n and second["step"] == 2 * n
 
   def state(workdir):

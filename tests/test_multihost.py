@@ -134,7 +134,7 @@ for key, value in json.loads(sys.argv[3]).items():
   for p in parents:
     node = node[p]
   setattr(node, leaf, value)
-print(json.dumps(pretrain.train(c, sys.argv[2], stop_after=int(sys.argv[4]))))
+print(json.dumps(pretrain.run(c, sys.argv[2], stop_after=int(sys.argv[4]))))
 """
 SINGLE_OVERRIDES = {**OVERRIDES, "mesh": "data:-1,fsdp:1", "figure_every": 0}
 

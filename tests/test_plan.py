@@ -118,7 +118,7 @@ def test_pretrain_refuses_before_the_first_step_a_step_that_does_not_fit(tmp_pat
   config.mesh, config.num_devices = "data:-1,fsdp:1", 1
   config.memory_budget_gb = 0.001  # 1 MiB: far below the tiny step's plan
   with pytest.raises(pretrain.DoesNotFit, match=r"GiB per device.*accum_steps|remat"):
-    pretrain.train(config, tmp_path)
+    pretrain.run(config, tmp_path)
   assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "checkpoints").exists()
 
 

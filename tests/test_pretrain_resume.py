@@ -14,6 +14,7 @@ import pytest
 
 from configs import pretrain as pretrain_config
 from stmem import checkpoint as ckpt_lib
+from stmem.preemption import NonFiniteLoss
 from stmem.programs import pretrain
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -51,10 +52,10 @@ def _batches(workdir):
 
 def test_resume_equals_uninterrupted(tmp_path):
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-  pretrain.train(_config(), straight)
-  first = pretrain.train(_config(), resumed, stop_after=N)          # stands in for a crash after step N
+  pretrain.run(_config(), straight)
+  first = pretrain.run(_config(), resumed, stop_after=N)          # stands in for a crash after step N
   assert first["step"] == N and not (resumed / "checkpoints" / str(2 * N)).exists()
-  second = pretrain.train(_config(), resumed)
+  second = pretrain.run(_config(), resumed)
   assert second["start_step"] == N and second["step"] == 2 * N
   a, meta = _params(straight, 2 * N)
   b, _ = _params(resumed, 2 * N)
@@ -114,8 +115,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
   workdir = tmp_path / "nan"
   config = _config(total_steps=8)
   config.checkpoint.every = 2
-  with pytest.raises(pretrain.NonFiniteLoss, match="last good checkpoint is step 4"):
-    pretrain.train(config, workdir)
+  with pytest.raises(NonFiniteLoss, match="last good checkpoint is step 4"):
+    pretrain.run(config, workdir)
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert steps[-1] == 4
   good, _ = _params(workdir, 4)
@@ -168,7 +169,7 @@ def test_steps_between_log_steps_never_read_from_the_devices(tmp_path, monkeypat
   monkeypatch.setattr(jax, "transfer_guard_device_to_host", guard)
   config = _config(total_steps=6, log_every=3, **{"checkpoint.every": 1000, "transfer_guard": "disallow",
                                                   "log_batches": False})
-  summary = pretrain.train(config, tmp_path / "clean")
+  summary = pretrain.run(config, tmp_path / "clean")
   assert summary["step"] == 6 and summary["loss"] > 0
   assert guarded["entered"] == 4  # steps 1, 2, 4 and 5; 3 and 6 log
 
@@ -183,4 +184,4 @@ def test_steps_between_log_steps_never_read_from_the_devices(tmp_path, monkeypat
 
   monkeypatch.setattr(pretrain.data_lib, "to_global", syncing)
   with pytest.raises(RuntimeError, match="disallowed between log steps"):
-    pretrain.train(config, tmp_path / "syncing")
+    pretrain.run(config, tmp_path / "syncing")

@@ -8,7 +8,8 @@ from flax import nnx
 from stmem import sharding
 from stmem.models import StMem, model_config
 from stmem import optim
-from stmem.steps import make_train_step, parse_mesh
+from stmem.sharding import parse_mesh
+from stmem.steps import make_train_step
 
 
 def _run(mesh, accum_steps=1, steps=2):

@@ -237,25 +237,36 @@ def _exported_config(model: dict, inferred: ModelConfig, where: pathlib.Path) ->
   return cfg
 
 
-def main(argv: list[str]) -> int:
+def check(args) -> None:
   from stmem import configflags
-  args, _ = configflags.parse(argv, "stmem convert", "convert", workdir=None)
   configflags.require(args, "stmem convert", "reference", "out")
-
   out = pathlib.Path(args.out).expanduser()
   if out.exists() and (not out.is_dir() or any(out.iterdir())):
     raise errors.UsageError(f"--out {out} exists and is not an empty folder; choose a new --out")
+
+
+def run(args, workdir=None) -> dict:
+  """`args` (configs/convert.py): the reference file `args.reference` as a checkpoint in `args.out`."""
+  from stmem import console
+  log = console.Log("convert")
+  out = pathlib.Path(args.out).expanduser()
   step_dir, result = convert_file(args.reference, out, variant=args.variant, head_dim=args.head_dim)
   cfg = result.cfg
   kind = "encoder only" if result.encoder_only else "encoder + decoder (pretraining model)"
-  print(f"stmem convert: {args.reference} -> {step_dir}")
-  print(f"  {kind}: width {cfg.width}, depth {cfg.depth}, heads {cfg.num_heads}, patch {cfg.patch_size}, "
-        f"{cfg.num_patches} patches, {cfg.num_lead_ids} leads"
-        + ("" if result.encoder_only else f"; decoder width {cfg.decoder_width}, depth {cfg.decoder_depth}, "
-                                          f"heads {cfg.decoder_heads}"))
+  log(f"{args.reference} -> {step_dir}")
+  log(f"{kind}: width {cfg.width}, depth {cfg.depth}, heads {cfg.num_heads}, patch {cfg.patch_size}, "
+      f"{cfg.num_patches} patches, {cfg.num_lead_ids} leads"
+      + ("" if result.encoder_only else f"; decoder width {cfg.decoder_width}, depth {cfg.decoder_depth}, "
+                                        f"heads {cfg.decoder_heads}"))
   if result.aliases:
-    print(f"  skipped {len(result.aliases)} alias names (the reference lists its shared patch embedding twice)")
+    log(f"skipped {len(result.aliases)} alias names (the reference lists its shared patch embedding twice)")
   if result.head:
-    print(f"  fine-tuned head found ({result.head['kernel'].shape[1]} classes): saved as checkpoint item 'head' "
-          f"(kernel {result.head['kernel'].shape}, bias {result.head['bias'].shape}); not part of the encoder")
-  return 0
+    log(f"fine-tuned head found ({result.head['kernel'].shape[1]} classes): saved as checkpoint item 'head' "
+        f"(kernel {result.head['kernel'].shape}, bias {result.head['bias'].shape}); not part of the encoder")
+  return {"checkpoint": str(step_dir), "encoder_only": result.encoder_only, "model": dataclasses.asdict(cfg),
+          "head_classes": int(result.head["kernel"].shape[1]) if result.head else 0}
+
+
+def main(argv: list[str]) -> int:
+  from stmem import entry
+  return entry.main(argv, run, program="convert", config="convert", workdir=None, check=check)

@@ -9,18 +9,16 @@ Configured by configs/demo.py (`stmem demo --help` lists its keys): `stmem demo 
 from __future__ import annotations
 
 import pathlib
-import sys
 import time
 
 
-def main(argv: list[str]) -> int:
-  from stmem import programs
-  from stmem import configflags
-  config, workdir = configflags.parse(argv, "stmem demo", "demo", workdir="optional", workdir_default="workdirs/demo")
-
+def run(config, workdir) -> dict:
+  """Pretrain then probe in `workdir` as `config` (configs/demo.py) says; returns where the outputs are."""
+  from stmem import console, entry, programs
+  log = console.Log("demo")
   workdir = pathlib.Path(workdir).absolute()
   start = time.perf_counter()
-  print(f"stmem demo: pretraining the tiny ST-MEM on synthetic ECGs in {workdir}", file=sys.stderr)
+  log(f"pretraining the tiny ST-MEM on synthetic ECGs in {workdir}")
   pretrain_args = ["pretrain", "--config", "pretrain:demo", "--workdir", str(workdir)]
   if config.steps:
     pretrain_args.append(f"--config.total_steps={config.steps}")
@@ -28,16 +26,16 @@ def main(argv: list[str]) -> int:
     pretrain_args.append(f"--config.data.num_synthetic={config.records}")
   rc = programs.run(pretrain_args)
   if rc:
-    return rc
+    raise entry.CommandFailed("pretrain", rc)
   if not config.no_probe:
-    print("stmem demo: linear probe of the pretrained and a random encoder on the synthetic classes", file=sys.stderr)
+    log("linear probe of the pretrained and a random encoder on the synthetic classes")
     rc = programs.run(["probe", "--config", "probe:synthetic", f"--config.checkpoint={workdir}",
-                   f"--config.lead_sets={config.lead_sets}", f"--config.bootstrap={config.bootstrap}",
-                   "--workdir", str(workdir / "probe")])
+                       f"--config.lead_sets={config.lead_sets}", f"--config.bootstrap={config.bootstrap}",
+                       "--workdir", str(workdir / "probe")])
     if rc:
-      return rc
+      raise entry.CommandFailed("probe", rc)
   report = workdir / "probe" / "report.md"
-  print("\n".join([
+  log.text("\n".join([
     "",
     f"stmem demo finished in {time.perf_counter() - start:.0f} s",
     f"  checkpoint      {workdir / 'checkpoints'}",
@@ -46,5 +44,14 @@ def main(argv: list[str]) -> int:
     *([f"  probe report    {report}", f"  probe figures   {workdir / 'probe'}/*.png"] if report.exists() else []),
   ]))
   if report.exists():
-    print("\n" + report.read_text())
-  return 0
+    log.text("\n" + report.read_text())
+  summary = {"workdir": str(workdir), "checkpoints": str(workdir / "checkpoints"),
+             "metrics": str(workdir / "metrics.jsonl"), "reconstruction": str(workdir / "reconstruction.png")}
+  if report.exists():
+    summary["probe_report"] = str(report)
+  return summary
+
+
+def main(argv: list[str]) -> int:
+  from stmem import entry
+  return entry.main(argv, run, program="demo", config="demo", workdir="optional", workdir_default="workdirs/demo")

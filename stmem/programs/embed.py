@@ -114,14 +114,9 @@ class Writer:
     return self.prefix + ".npz", self.prefix + ".parquet"
 
 
-def _log(msg: str) -> None:
-  import jax
-  if jax.process_index() == 0:
-    print(f"stmem embed: {msg}", file=sys.stderr)
-
-
-def embed(config) -> dict:
-  """Write the embeddings that `config` (configs/embed.py) asks for; returns a summary (process 0's is complete)."""
+def run(config, workdir=None) -> dict:
+  """Write the embeddings that `config` (configs/embed.py) asks for; returns a summary (process 0's is complete).
+  Everything goes to `config.out`: there is no workdir."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -129,13 +124,13 @@ def embed(config) -> dict:
   from data_pipelines import leads as leads_lib
   from data_pipelines import transforms
   from data_pipelines.errors import DataError
-  from stmem import data, sharding as sharding_lib
+  from stmem import console, data, sharding as sharding_lib
   from stmem import features, sharded_eval
-  from stmem.steps import parse_mesh
+
+  log = console.Log("embed")
 
   # ------------------------------------------------------------------------------------------------ mesh
-  devices = sharding_lib.program_devices(config.num_devices)
-  mesh = sharding_lib.make_mesh(parse_mesh(config.mesh), devices=devices)
+  mesh = sharding_lib.mesh_from_config(config)
   batch_sharding, replicated = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
   is_main = jax.process_index() == 0
 
@@ -144,7 +139,7 @@ def embed(config) -> dict:
   names = leads_lib.parse_lead_set(config.lead_set)
   crops = 1 if config.crops == "first" else transforms.EVAL_CROPS
   graphdef, state = nnx.split(loaded.encoder)
-  state = sharded_eval.place(state, replicated)
+  state = sharding_lib.place(state, replicated)
 
   # ------------------------------------------------------------------------------------------------ data
   if config.data_dir:
@@ -157,12 +152,12 @@ def embed(config) -> dict:
     spec = data.DatasetSpec("synthetic", num_synthetic=int(config.synthetic))
   pool = data.open_pool(spec, loaded.contract)
   for q in pool.quarantine.get("records", []):
-    _log(f"skipped {q['path']}: {q['reason']} ({q['detail']})")
+    log(f"skipped {q['path']}: {q['reason']} ({q['detail']})")
   source, contract, adapted = features.adapt(loaded.contract, pool.contract, pool.source, names)
   for line in adapted:
-    _log(f"adapted {line}")
+    log(f"adapted {line}")
   if not config.data_dir:
-    _log(f"raw records preprocessed by the checkpoint's contract ({contract.fs:g} Hz, every "
+    log(f"raw records preprocessed by the checkpoint's contract ({contract.fs:g} Hz, every "
          f"{contract.record_samples / contract.fs:g} s window, crops: {config.crops})")
   starts = transforms.eval_starts(contract.record_samples, contract.window, crops)
 
@@ -221,13 +216,13 @@ def embed(config) -> dict:
              "processes": jax.process_count()}
   if writer is not None:
     summary["npz"], summary["parquet"] = paths
-    _log(f"{writer.n} records -> {summary['npz']}, {summary['parquet']} (fingerprint {loaded.fingerprint})")
+    log(f"{writer.n} records -> {summary['npz']}, {summary['parquet']} (fingerprint {loaded.fingerprint})")
   return summary
 
 
-def main(argv: Sequence[str]) -> int:
+def check(config) -> None:
+  """The command line's usage errors, before the (slow) checkpoint load."""
   from stmem import configflags
-  config, _ = configflags.parse(argv, "stmem embed", "embed", workdir=None)
   configflags.require(config, "stmem embed", "checkpoint", "out")
   if sum(map(bool, (config.data_dir, config.records, config.synthetic))) != 1:
     raise configflags.ConfigError("give one of --config.data_dir (a prepared dataset), --config.records (a folder "
@@ -235,9 +230,10 @@ def main(argv: Sequence[str]) -> int:
   if config.crops not in ("first", "mean3"):
     raise configflags.ConfigError(f"--config.crops={config.crops}: choose first or mean3")
   from data_pipelines import errors
-  if config.records:  # before the (slow) checkpoint load
+  if config.records:
     errors.require_dir(config.records, "--records")
-  from stmem import distributed
-  distributed.initialize()  # a no-op for one process; must come before any JAX computation
-  embed(config)
-  return 0
+
+
+def main(argv: Sequence[str]) -> int:
+  from stmem import entry
+  return entry.main(argv, run, program="embed", config="embed", workdir=None, check=check)

@@ -98,11 +98,18 @@ def export(checkpoint_path: str | pathlib.Path, out: str | pathlib.Path, *, fmt:
   return config
 
 
-def main(argv: list[str]) -> int:
-  from stmem import configflags
-  config, _ = configflags.parse(argv, "stmem export", "export", workdir=None)
-  configflags.require(config, "stmem export", "checkpoint", "out")
+def run(config, workdir=None) -> dict:
+  """`config` (configs/export.py): the export of `config.checkpoint` into `config.out`; returns a summary."""
+  from stmem import console
   result = export(config.checkpoint, config.out, fmt=config.format)
-  print(f"stmem export: {config.checkpoint} -> {config.out}/{result['weights']['file']} "
-        f"({result['parameter_count']:,} parameters, fingerprint {result['fingerprint']}), config.json, README.md")
-  return 0
+  console.Log("export")(f"{config.checkpoint} -> {config.out}/{result['weights']['file']} "
+                        f"({result['parameter_count']:,} parameters, fingerprint {result['fingerprint']}), "
+                        f"config.json, README.md")
+  return {"out": str(config.out), "weights": result["weights"]["file"], "parameter_count": result["parameter_count"],
+          "fingerprint": result["fingerprint"]}
+
+
+def main(argv: list[str]) -> int:
+  from stmem import configflags, entry
+  return entry.main(argv, run, program="export", config="export", workdir=None,
+                    check=lambda c: configflags.require(c, "stmem export", "checkpoint", "out"))

@@ -5,18 +5,15 @@
 Reads top to bottom like pretraining: mesh, encoder, data (one task; its train/validation/test splits), model and
 head created in their shardings, restore, the jitted and donated update step, the sharded evaluation, the train loop
 (metrics, checkpoints at every evaluation with the best-so-far model, SIGTERM, NaN guard), then the test split scored
-once with the selected model, the report and the selected model's checkpoint. Running the same command again
-resumes from the latest training checkpoint in WORKDIR/train_state with exactly the next batch.
+once with the selected model, the report and the selected model's checkpoint. The loop is `stmem.train_loop`, the
+one pretraining runs. Running the same command again resumes from the latest readable training checkpoint in
+WORKDIR/train_state with exactly the next batch.
 """
 from __future__ import annotations
 
-import json
 import pathlib
-import signal
-import sys
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -66,26 +63,22 @@ def class_weights(labels: np.ndarray, kind: str, how: str):
   return jnp.asarray((len(labels) - pos) / pos, jnp.float32)
 
 
-def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None) -> dict:
+def run(config, workdir: str | pathlib.Path, *, stop_after: int | None = None) -> dict:
   """Fine-tune, select on validation, test once; returns a summary. `stop_after` ends the loop early without a
   save (tests use it to stand in for a crash)."""
   from data_pipelines import transforms
-  from stmem import augment, checkpoint as ckpt_lib, data, models, scoring, sharding as sharding_lib, steps
+  from stmem import augment, checkpoint as ckpt_lib, console, data, models, scoring, sharding as sharding_lib, steps
+  from stmem import features, report, sharded_eval, train_loop
   from stmem.models import model_config
-  from stmem import features, metrics as metrics_lib, report, sharded_eval
-  from stmem.preemption import NonFiniteLoss, main_thread, stop_requested
-  from stmem.steps import parse_mesh
 
   workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   is_main = jax.process_index() == 0
-  log = metrics_lib.console_logger("stmem.finetune")
-  info = log.info if is_main else (lambda *args: None)
+  log = console.Log("finetune")
   start = time.time()
 
   # ---------------------------------------------------------------------------------------------------- mesh
-  devices = sharding_lib.program_devices(config.num_devices)
-  mesh = sharding_lib.make_mesh(parse_mesh(config.mesh), devices=devices)
+  mesh = sharding_lib.mesh_from_config(config)
   batch_sharding, replicated = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
   processes = jax.process_count()
   if config.batch_size % mesh.size:  # (the devices are a multiple of the processes)
@@ -98,13 +91,13 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
   else:
     loaded = features.random_encoder(model_config(config.model), seed=int(config.seed))
     origin = f"from scratch ({config.model})"
-  info("encoder: %s", origin)
+  log(f"encoder: {origin}")
 
   # ---------------------------------------------------------------------------------------------------- data
   task, subsets, contract, notes = task_data(config, loaded)
   for line in notes:
-    info("%s", line)
-  info("task %s: %s", task.name, {k: len(v[0]) for k, v in subsets.items()})
+    log(line)
+  log(f"task {task.name}: {({k: len(v[0]) for k, v in subsets.items()})}")
   class_weight = class_weights(task.labels[subsets["train"][0]], task.kind, config.class_weighting)
   starts = transforms.eval_starts(contract.record_samples, contract.window)
 
@@ -117,34 +110,42 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
   graphdef, host_params = nnx.split(model, nnx.Param)
   host_params = jax.tree.map(np.asarray, host_params.to_pure_dict())
   ft = steps.finetune_step(config, mesh, graphdef, host_params, kind=task.kind, depth=loaded.encoder.cfg.depth,
-                     class_weight=class_weight)
-  tx, schedule, param_shardings, opt_shardings, abstract_opt = (ft.tx, ft.schedule, ft.param_shardings,
-                                                                ft.opt_shardings, ft.abstract_opt)
+                           class_weight=class_weight)
+  param_shardings, opt_shardings = ft.param_shardings, ft.opt_shardings
   # Every device receives only its shard of the encoder read from the checkpoint and of the new head.
-  params = sharded_eval.place(host_params, param_shardings)
-  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+  params = sharding_lib.place(host_params, param_shardings)
+  opt_state = sharding_lib.place(ft.tx.init, opt_shardings, params)
   copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=param_shardings)  # best-so-far snapshot
 
   # ---------------------------------------------------------------------------------------------------- checkpoint
-  checkpointer = ckpt_lib.Checkpointer(workdir / TRAIN_STATE_DIR, every=1, keep=config.keep,
+  # A training checkpoint at every evaluation, with the best-so-far model as its item `best`.
+  checkpointer = ckpt_lib.Checkpointer(workdir / TRAIN_STATE_DIR, every=config.eval_every, keep=config.keep,
                                        async_save=config.async_save)
-  start_step = checkpointer.latest_step() or 0
-  best, best_score, best_step, data_state = None, -np.inf, -1, None
-  if start_step:
-    restored = checkpointer.restore(start_step, params=host_params, opt_state=abstract_opt,
-                                    param_shardings=param_shardings, opt_shardings=opt_shardings)
+  start_step, restored = train_loop.restore(checkpointer, log, params=host_params, opt_state=ft.abstract_opt,
+                                            param_shardings=param_shardings, opt_shardings=opt_shardings,
+                                            extra_items={"best": (host_params, param_shardings)})
+  best = {"params": None, "score": -np.inf, "step": -1}
+  data_state = None
+  if restored is not None:
     params, opt_state, data_state = restored["params"], restored["opt_state"], restored.get("data_state")
     saved = restored["meta"]
-    best_step, best_score = saved["best_step"], saved["best_score"] if saved["best_score"] is not None else -np.inf
-    if best_step >= 0:
-      best = sharded_eval.place(ckpt_lib.read_item(checkpointer.directory / str(start_step), "best"), param_shardings)
-    info("resuming from step %d (%s)", start_step, checkpointer.directory / str(start_step))
+    best["step"] = saved["best_step"]
+    best["score"] = saved["best_score"] if saved["best_score"] is not None else -np.inf
+    if best["step"] >= 0:
+      best["params"] = restored["best"]
   train_it = make_train_iter(data_state)
 
   # ---------------------------------------------------------------------------------------------------- update step
-  step_fn = ft.jitted
   key = jax.random.key(int(config.seed))
   ok = jax.device_put(jnp.asarray(True), replicated)
+
+  def update(params, opt_state, batch, step, ok):
+    if config.randaugment:  # the RNG of a row is a function of (seed, step, process, row): resumes exactly
+      batch = augment.augment_batch(batch, int(config.seed) * 1_000_003 + jax.process_index(), step + 1,
+                                    num_ops=int(config.randaugment_ops), prob=float(config.randaugment_prob))
+    arrays = data.to_global({k: batch[k] for k in ("signal", "lead_ids", "lead_mask", "labels")}, batch_sharding)
+    params, opt_state, loss, ok = ft.jitted(params, opt_state, arrays, jax.random.fold_in(key, step + 1), ok)
+    return params, opt_state, {"train_loss": loss}, ok
 
   # ---------------------------------------------------------------------------------------------------- evaluation
   link = (lambda z: jax.nn.softmax(z, -1)) if task.kind == "multiclass" else jax.nn.sigmoid
@@ -171,70 +172,37 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
     return {"loss": loss, "auroc": scoring.macro_metrics(labels, probs)["auroc"], "probs": probs,
             "labels": labels, "patient_id": np.concatenate(pids).astype(str)}
 
+  def validate(step: int, params) -> dict[str, float]:
+    """At every evaluation step: the validation split scored, the best-so-far model kept (selection sees only it)."""
+    val = evaluate(params, "validation")
+    score = -val["loss"] if config.select_on == "loss" else val["auroc"]
+    if np.isfinite(score) and score > best["score"]:
+      best.update(params=copy(params), score=score, step=step)
+    return {"val_loss": val["loss"], "val_auroc": val["auroc"], "best_step": best["step"],
+            "seconds": round(time.time() - start, 1)}
+
+  def save_items(params) -> tuple[dict, dict]:
+    score = float(best["score"]) if np.isfinite(best["score"]) else None
+    return ({"best_step": best["step"], "best_score": score},
+            {"best": best["params"] if best["params"] is not None else params})
+
   # ---------------------------------------------------------------------------------------------------- train loop
-  writer = metrics_lib.MetricWriter(workdir)
-  preempted = {"flag": False}
-  previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.__setitem__("flag", True)) \
-    if main_thread() else None
-  meta = {"origin": "stmem finetune", "task": task.name}
-  step, last_saved = start_step, start_step
-  summary = {"workdir": str(workdir), "start_step": start_step}
-
-  def save(step: int):
-    nonlocal last_saved
-    if step == last_saved:
-      return
-    if not bool(ok):  # never save a diverged state over good checkpoints
-      raise NonFiniteLoss(f"the loss became non-finite before step {step}; the last good checkpoint is step "
-                          f"{last_saved} in {checkpointer.directory}")
-    score = float(best_score) if np.isfinite(best_score) else None
-    checkpointer.save(step, params=params, opt_state=opt_state, data_state=train_it.get_state(), force=True,
-                      meta={**meta, "step": step, "best_step": best_step, "best_score": score},
-                      extra_items={"best": best if best is not None else params})
-    last_saved = step
-
-  try:
-    while step < config.steps:
-      batch = next(train_it)
-      if config.randaugment:  # the RNG of a row is a function of (seed, step, process, row): resumes exactly
-        batch = augment.augment_batch(batch, int(config.seed) * 1_000_003 + jax.process_index(), step + 1,
-                                      num_ops=int(config.randaugment_ops), prob=float(config.randaugment_prob))
-      arrays = data.to_global({k: batch[k] for k in ("signal", "lead_ids", "lead_mask", "labels")}, batch_sharding)
-      params, opt_state, loss, ok = step_fn(params, opt_state, arrays, jax.random.fold_in(key, step + 1), ok)
-      step += 1
-      if step % config.eval_every == 0 or step == config.steps:
-        if not bool(ok):
-          raise NonFiniteLoss(f"step {step}: the training loss is {float(loss)}")
-        val = evaluate(params, "validation")
-        score = -val["loss"] if config.select_on == "loss" else val["auroc"]
-        if np.isfinite(score) and score > best_score:  # selection sees the validation split only
-          best, best_score, best_step = copy(params), score, step
-        m = {"train_loss": float(loss), "val_loss": val["loss"], "val_auroc": val["auroc"], "best_step": best_step,
-             "lr": float(schedule(step - 1)), "seconds": round(time.time() - start, 1)}
-        writer.write(step, m)
-        info("step %d train loss %.4f val loss %.4f val AUROC %.3f", step, m["train_loss"], val["loss"], val["auroc"])
-        save(step)
-      if stop_requested(preempted["flag"]):
-        save(step)
-        checkpointer.wait()
-        info("preempted at step %d: checkpoint saved in %s; run the same command to resume", step,
-             checkpointer.directory)
-        return {**summary, "preempted": True, "step": step}
-      if stop_after is not None and step >= stop_after:
-        checkpointer.wait()
-        return {**summary, "stopped": True, "step": step}
-    checkpointer.wait()
-  finally:
-    writer.close()
-    checkpointer.close()
-    if previous_handler is not None:
-      signal.signal(signal.SIGTERM, previous_handler)
-  if best is None:
-    best, best_step = params, step
+  # Fine-tuning steps are few: a SIGTERM is agreed at every step, so it stops at the next one.
+  loop = train_loop.Loop(workdir, checkpointer, log=log, total_steps=config.steps, log_every=config.eval_every,
+                         meta={"origin": "stmem finetune", "task": task.name}, schedule=ft.schedule,
+                         batch_size=config.batch_size, extra_due=lambda step: step % config.eval_every == 0,
+                         on_sync=validate, save_items=save_items, stop_check_every=1, stop_after=stop_after)
+  result = loop.run(update, params, opt_state, train_it, start_step, ok)
+  summary = {"workdir": str(workdir), "start_step": start_step, "step": result.step}
+  if result.preempted or result.stopped:
+    return {**summary, **({"preempted": True} if result.preempted else {"stopped": True})}
+  best_params, best_step = best["params"], best["step"]
+  if best_params is None:
+    best_params, best_step = result.params, result.step
 
   # ---------------------------------------------------------------------------------------------------- test, once
-  val = evaluate(best, "validation")
-  test = evaluate(best, "test")
+  val = evaluate(best_params, "validation")
+  test = evaluate(best_params, "test")
   multiclass = task.kind == "multiclass"
   thresholds = None if multiclass else scoring.thresholds_for(val["labels"], val["probs"])
   predicted = scoring.predictions(test["probs"], thresholds, multiclass)
@@ -249,35 +217,24 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
   if is_main:
     paths = report.write(workdir, [row], title="Fine-tuning", curves={row["task"]: {f"{config.lead_set}": curve}},
                          notes=notes, info={"config": config.to_dict(), "best_step": best_step})
-    print(pathlib.Path(paths["markdown"]).read_text())
+    log.text(pathlib.Path(paths["markdown"]).read_text())
 
   # ------------------------------------------------------------------------------------------------ the selected model
   # An encoder-only checkpoint (every program loads it) with the head as its own item (`checkpoint.read_item`).
   selected = workdir / ckpt_lib.CHECKPOINT_DIR
   path = selected / str(best_step)
   if not path.exists():  # a re-run of a finished fine-tuning has written it already
-    head = {"kernel": np.asarray(best["head"]["kernel"]), "bias": np.asarray(best["head"]["bias"])}
+    head = {"kernel": np.asarray(best_params["head"]["kernel"]), "bias": np.asarray(best_params["head"]["bias"])}
     meta = ckpt_lib.make_meta(loaded.encoder.cfg, loaded.contract, config=config.to_dict(), step=best_step,
                               encoder_only=True, origin="stmem finetune",
                               extra={"head": {"label_names": list(task.label_names), "kind": task.kind},
                                      "parent": origin, "task": task.name})
-    path = ckpt_lib.save_params(selected, {"encoder": best["encoder"]}, meta, step=best_step,
+    path = ckpt_lib.save_params(selected, {"encoder": best_params["encoder"]}, meta, step=best_step,
                                 extra_items={"head": head})
-  info("selected step %d; checkpoint %s; report %s (%.0f s)", best_step, path, workdir, time.time() - start)
-  return {**summary, "step": step, "best_step": best_step, "checkpoint": str(path), "auroc": row["auroc"]}
+  log(f"selected step {best_step}; checkpoint {path}; report {workdir} ({time.time() - start:.0f} s)")
+  return {**summary, "best_step": best_step, "checkpoint": str(path), "auroc": row["auroc"]}
 
 
 def main(argv: Sequence[str]) -> int:
-  from stmem import distributed
-  from stmem import preemption
-  from stmem import configflags
-  config, workdir = configflags.parse(argv, "stmem finetune", DEFAULT_CONFIG + ":prepared")
-  distributed.initialize()  # a no-op for one process; must come before any JAX computation
-  try:
-    summary = train(config, workdir)
-  except preemption.NonFiniteLoss as e:  # exit status 3, as for pretraining
-    print(f"stmem finetune: {e}", file=sys.stderr)
-    return 3
-  if jax.process_index() == 0:  # the report went to stdout; the summary is for logs
-    print(json.dumps(summary, indent=2), file=sys.stderr)
-  return 0
+  from stmem import entry
+  return entry.main(argv, run, program="finetune", config=DEFAULT_CONFIG + ":prepared")

@@ -32,6 +32,8 @@ def main(argv: list[str]) -> int:
   start = time.perf_counter()
   loss, grads = loss_and_grad(model, signal, lead_ids, jax.random.key(2))
   grad_norm = float(jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(grads))))
-  print(f"stmem forward-check: variant={args.variant} batch={args.batch} loss={float(loss):.4f} "
-        f"grad_norm={grad_norm:.4f} ({time.perf_counter() - start:.1f} s incl. compile) on {jax.devices()[0].platform}")
+  from stmem import console
+  console.Log("forward-check")(f"variant={args.variant} batch={args.batch} loss={float(loss):.4f} "
+                               f"grad_norm={grad_norm:.4f} ({time.perf_counter() - start:.1f} s incl. compile) on "
+                               f"{jax.devices()[0].platform}")
   return 0

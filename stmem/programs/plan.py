@@ -20,9 +20,9 @@ rounded up to the devices) at its model and mesh; plan a fine-tuning config for 
 from __future__ import annotations
 
 import json
-import sys
 
 from stmem import memory_plan as plan_lib
+from stmem import sharding as sharding_lib
 
 USAGE = ("usage: stmem plan --config FILE:PRESET [--config.KEY=VALUE ...] [--topology local|v5e:4x4|...] "
          "[--programs pretrain,embed,finetune] [--classes N] [--json FILE] [--no-fit]")
@@ -72,32 +72,32 @@ def main(argv: list[str]) -> int:
   json_path = _take(argv, "json")
   search = "--no-fit" not in argv
   argv = [a for a in argv if a != "--no-fit"]
-  from stmem import configflags
+  from stmem import configflags, console
+  log = console.Log("plan")
   config, _ = configflags.parse(argv, "stmem plan", None, workdir=None)
   is_pretrain_config = "optim" in config
   programs = [p for p in (programs or ("pretrain,embed" if is_pretrain_config else "finetune")).split(",") if p]
   known = ("pretrain", "embed", "finetune") if is_pretrain_config else ("finetune",)
   unknown = sorted(set(programs) - set(known))
   if unknown:
-    print(f"stmem plan: cannot plan {unknown} from this config; choose from {', '.join(known)}"
-          + ("" if is_pretrain_config else " (a fine-tuning config; pass a pretraining config for the others)"),
-          file=sys.stderr)
+    log(f"cannot plan {unknown} from this config; choose from {', '.join(known)}"
+        + ("" if is_pretrain_config else " (a fine-tuning config; pass a pretraining config for the others)"))
     return 2
   if not classes.isdigit() or int(classes) < 1:
-    print(f"stmem plan: --classes {classes!r} is not a positive number of outputs", file=sys.stderr)
+    log(f"--classes {classes!r} is not a positive number of outputs")
     return 2
   budget_gb = float(config.get("memory_budget_gb", 0.0) or 0.0)
   try:
     devices = plan_lib.devices_for(topology)
   except ValueError as e:
-    print(f"stmem plan: {e}", file=sys.stderr)
+    log(str(e))
     return 2
 
   reports, chosen, others = [], None, []
-  log = lambda r: print(plan_lib.table([r]).splitlines()[1], file=sys.stderr, flush=True)  # noqa: E731
   if "pretrain" in programs:
     if search:
-      chosen, tried = plan_lib.fit(config, devices, topology=topology, budget_gb=budget_gb, log=log)
+      chosen, tried = plan_lib.fit(config, devices, topology=topology, budget_gb=budget_gb,
+                                   log=lambda r: log(plan_lib.table([r]).splitlines()[1]))
       reports += tried
     else:
       chosen = plan_lib.pretrain_report(config, devices, topology=topology, budget_gb=budget_gb)
@@ -107,7 +107,7 @@ def main(argv: list[str]) -> int:
   if "finetune" in programs:
     ft, cfg, leads = finetune_settings(config)
     if is_pretrain_config:  # the fine-tuning batch, rounded up to a multiple of the devices it is split over
-      n = min(int(ft.num_devices) or len(devices), len(devices))
+      n = len(sharding_lib.program_devices(ft.num_devices, devices))
       ft.batch_size = -(-int(ft.batch_size) // n) * n
     others.append(plan_lib.finetune_report(ft, cfg, leads, devices, topology=topology, budget_gb=budget_gb,
                                            num_classes=int(classes)))

@@ -74,34 +74,29 @@ def summarise(task, model: str, lead_set: str, out: dict, pool, protocol: str, c
                          n_resamples=int(config.bootstrap), seed=int(config.seed), l2=float(np.median(out["l2"])))
 
 
-def main(argv: Sequence[str]) -> int:
-  from stmem import configflags
-  config, workdir = configflags.parse(argv, "stmem probe", DEFAULT_CONFIG + ":shared")
-  from stmem.metrics import console_logger
-  log = console_logger("stmem.probe")
-  start = time.time()
-
+def run(config, workdir) -> dict:
+  """Probe the configured encoders on every task and lead set; writes the report in `workdir`, returns a summary."""
   from data_pipelines import leads as leads_lib
-  from stmem import data
+  from stmem import console, data
   from stmem.models import model_config
   from stmem import sharding as sharding_lib
   from stmem import features, report, sharded_eval
-  from stmem.steps import parse_mesh
+  log = console.Log("probe")
+  start = time.time()
 
   # ------------------------------------------------------------------------------------------ mesh
   # The feature pass splits every batch over the devices of every process; the heads are fitted on the host.
-  import jax
-  mesh = sharding_lib.make_mesh(parse_mesh(config.mesh), devices=sharding_lib.program_devices(config.num_devices))
+  mesh = sharding_lib.mesh_from_config(config)
 
   # ------------------------------------------------------------------------------------------ encoders
   if config.checkpoint:
     main_encoder = features.load_encoder(config.checkpoint)
-    log.info("checkpoint %s (fingerprint %s, %s)", config.checkpoint, main_encoder.fingerprint,
-             main_encoder.meta.get("origin", "?"))
+    log(f"checkpoint {config.checkpoint} (fingerprint {main_encoder.fingerprint}, "
+        f"{main_encoder.meta.get('origin', '?')})")
     encoders = {"checkpoint": main_encoder}
   else:
     main_encoder = features.random_encoder(model_config(config.model), seed=int(config.random_seed))
-    log.info("no checkpoint: random-encoder rows only (%s)", config.model)
+    log(f"no checkpoint: random-encoder rows only ({config.model})")
     encoders = {}
   if config.random_baseline or not encoders:
     encoders["random init"] = features.random_encoder(main_encoder, seed=int(config.random_seed))
@@ -133,8 +128,8 @@ def main(argv: Sequence[str]) -> int:
                                    batch_size=int(config.batch_size), last_blocks=int(config.last_blocks))
       if not np.array_equal(feats["record_id"], pool.record_id):
         raise RuntimeError(f"{pool.name}: the feature pass returned records in another order than the pool")
-      log.info("%s, lead set %s: features of %d examples in %.1f s", pool.name, lead_set, len(pool.record_id),
-               time.time() - t0)
+      log(f"{pool.name}, lead set {lead_set}: features of {len(pool.record_id)} examples in "
+          f"{time.time() - t0:.1f} s")
       for task in pool_tasks:
         for model, x in feats["features"].items():
           out = probe_task(x, task, protocols[task.name][:3], config)
@@ -142,8 +137,8 @@ def main(argv: Sequence[str]) -> int:
           rows.append(row)
           if model == "checkpoint" or len(encoders) == 1 or lead_set == lead_sets[0]:
             curves.setdefault(row["task"], {})[f"{lead_set} ({model})"] = curve
-          log.info("%-12s %-12s %-10s AUROC %.3f [%.3f, %.3f]", row["task"], model, lead_set, row["auroc"],
-                   row["auroc_lo"], row["auroc_hi"])
+          log(f"{row['task']:<12} {model:<12} {lead_set:<10} AUROC {row['auroc']:.3f} "
+              f"[{row['auroc_lo']:.3f}, {row['auroc_hi']:.3f}]")
 
   # ------------------------------------------------------------------------------------------ report
   notes += [f"{report.task_title(t.name, config)}: {evaluation_folds(t, pools[key], config)[3]}"
@@ -153,6 +148,12 @@ def main(argv: Sequence[str]) -> int:
   paths = report.write(workdir, rows, title="Linear probe", curves=curves, notes=notes,
                        info={"config": config.to_dict(), "fingerprint": main_encoder.fingerprint,
                              "contract": main_encoder.contract.to_dict(), "seconds": round(time.time() - start, 1)})
-  print(pathlib.Path(paths["markdown"]).read_text())
-  log.info("report in %s (%.0f s)", workdir, time.time() - start)
-  return 0
+  log.text(pathlib.Path(paths["markdown"]).read_text())
+  log(f"report in {workdir} ({time.time() - start:.0f} s)")
+  return {"workdir": str(workdir), "report": str(paths["markdown"]),
+          "auroc": {f"{r['task']} / {r['model']} / {r['lead_set']}": r["auroc"] for r in rows}}
+
+
+def main(argv: Sequence[str]) -> int:
+  from stmem import entry
+  return entry.main(argv, run, program="probe", config=DEFAULT_CONFIG + ":shared")

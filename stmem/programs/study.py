@@ -178,30 +178,32 @@ def aggregate(rows: Sequence[dict]) -> list[dict]:
   return out
 
 
-def main(argv: Sequence[str]) -> int:
-  from stmem import configflags
-  config_dir = pathlib.Path(configs.__file__).parent
-  config, workdir = configflags.parse(argv, "stmem study", f"{config_dir / 'study.py'}:cpu")
-  from stmem import programs
+CONFIG_DIR = pathlib.Path(configs.__file__).parent
+
+
+def run(config, workdir) -> dict:
+  """The study `config` (configs/study.py) in `workdir`; returns a summary (the report's paths, the final losses)."""
+  from stmem import console, entry, programs
   from stmem.models import METHODS
   from stmem import report
-  from stmem.metrics import console_logger
-  log = console_logger("stmem.study")
+  log = console.Log("study")
+  config_dir = CONFIG_DIR
   workdir = pathlib.Path(workdir).expanduser().absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   start = time.time()
   methods, seeds = _csv(config.methods), [int(s) for s in _csv(config.seeds)]
   unknown = [m for m in methods if m not in METHODS]
   if unknown or not methods or not seeds:
-    raise SystemExit(f"stmem study: --config.methods must name some of {list(METHODS)} (got {config.methods!r}) "
+    from data_pipelines.errors import UsageError
+    raise UsageError(f"--config.methods must name some of {list(METHODS)} (got {config.methods!r}) "
                      f"and --config.seeds at least one seed (got {config.seeds!r})")
 
   # ------------------------------------------------------------------------------------------ held-out ECGs
   noisy, clean = heldout_batches(config)
   refs = {m: reference_losses(m, noisy, clean) for m in methods}
   for m, r in refs.items():
-    log.info("%s held-out references: patch-mean %.4f, clean-signal floor %.4f", NAMES[m], r["patch_mean"],
-             r["clean_floor"])
+    log(f"{NAMES[m]} held-out references: patch-mean {r['patch_mean']:.4f}, clean-signal floor "
+        f"{r['clean_floor']:.4f}")
 
   # ------------------------------------------------------------------------------------------ pretraining
   runs, timings = {}, {}
@@ -213,7 +215,8 @@ def main(argv: Sequence[str]) -> int:
                      "--workdir", str(run_dir), f"--config.model.method={method}", f"--config.seed={seed}",
                      *overrides(config.pretrain)])
       if rc:
-        raise SystemExit(f"stmem study: `stmem pretrain` for {method} seed {seed} failed (exit {rc}); see {run_dir}")
+        log(f"`stmem pretrain` for {method} seed {seed} failed; see {run_dir}")
+        raise entry.CommandFailed("pretrain", rc)
       runs[method, seed] = run_dir
       timings[f"pretrain {method} seed {seed}"] = round(time.time() - t0, 1)
 
@@ -233,9 +236,8 @@ def main(argv: Sequence[str]) -> int:
     finals.append({"method": method, "seed": seed, "steps": steps[-1], "heldout_loss": held[-1],
                    "train_loss": lines[-1]["loss"], **refs[method],
                    "gap_to_floor": held[-1] - refs[method]["clean_floor"], "seconds": timings[f"pretrain {method} seed {seed}"]})
-    log.info("%s seed %d: held-out loss %s (patch-mean %.3f, floor %.3f)", NAMES[method], seed,
-             " ".join(f"{s}:{x:.3f}" for s, x in zip(steps, held)), refs[method]["patch_mean"],
-             refs[method]["clean_floor"])
+    log(f"{NAMES[method]} seed {seed}: held-out loss {' '.join(f'{s}:{x:.3f}' for s, x in zip(steps, held))} "
+        f"(patch-mean {refs[method]['patch_mean']:.3f}, floor {refs[method]['clean_floor']:.3f})")
     if seed == seeds[0]:
       reconstruction_figure(method, forward, noisy[0], workdir / f"reconstruction_{method}.png", held[-1])
   loss_figure(curves, refs, workdir / "loss_curves.png")
@@ -252,7 +254,8 @@ def main(argv: Sequence[str]) -> int:
                    f"--config.random_baseline={seed == seeds[0]}",
                    *overrides({**probe_config, "lead_sets": lead_sets})])
     if rc:
-      raise SystemExit(f"stmem study: `stmem probe` of {method} seed {seed} failed (exit {rc}); see {probe_dir}")
+      log(f"`stmem probe` of {method} seed {seed} failed; see {probe_dir}")
+      raise entry.CommandFailed("probe", rc)
     timings[f"probe {method} seed {seed}"] = round(time.time() - t0, 1)
     for row in json.loads((probe_dir / "report.json").read_text())["rows"]:
       random = row["model"] != "checkpoint"
@@ -282,6 +285,12 @@ def main(argv: Sequence[str]) -> int:
                              "seconds": round(time.time() - start, 1), "timings": timings})
   md = pathlib.Path(paths["markdown"])
   md.write_text(md.read_text() + "\n" + "\n".join(lines) + "\n")
-  print(md.read_text())
-  log.info("study in %s (%.0f s)", workdir, time.time() - start)
-  return 0
+  log.text(md.read_text())
+  log(f"study in {workdir} ({time.time() - start:.0f} s)")
+  return {"workdir": str(workdir), "report": str(md),
+          "heldout_loss": {f"{f['method']} seed {f['seed']}": f["heldout_loss"] for f in finals}}
+
+
+def main(argv: Sequence[str]) -> int:
+  from stmem import entry
+  return entry.main(argv, run, program="study", config=f"{CONFIG_DIR / 'study.py'}:cpu")
