@@ -65,3 +65,13 @@ def write_code15_folder(tmp_path: pathlib.Path) -> tuple[pathlib.Path, dict[int,
      "normal_ecg": "True", "trace_file": "exams_part1.hdf5"},
   ])
   return tmp_path, truth
+
+
+def truncate_largest_array_file(step_dir: pathlib.Path) -> pathlib.Path:
+  """Cut the largest array file of a checkpoint step's parameters in half (a step whose save was interrupted)."""
+  files = sorted((p for p in (step_dir / "params").rglob("*") if p.is_file() and p.parent.name == "d"),
+                 key=lambda p: p.stat().st_size)
+  victim = files[-1]
+  with open(victim, "r+b") as f:
+    f.truncate(victim.stat().st_size // 2)
+  return victim

@@ -24,6 +24,8 @@ import time
 import numpy as np
 import pytest
 
+from tests.helpers import truncate_largest_array_file
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LEADS = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
 
@@ -71,15 +73,6 @@ def write_record(folder: pathlib.Path, name: str, sig_names: list[str], seed: in
   wfdb.wrsamp(name, fs=fs, units=["mV"] * len(sig_names), sig_name=sig_names, p_signal=x, fmt=["16"] * len(sig_names),
               write_dir=str(folder))
   return x
-
-
-def truncate_largest_array_file(step_dir: pathlib.Path) -> pathlib.Path:
-  files = sorted((p for p in (step_dir / "params").rglob("*") if p.is_file() and p.parent.name == "d"),
-                 key=lambda p: p.stat().st_size)
-  victim = files[-1]
-  with open(victim, "r+b") as f:
-    f.truncate(victim.stat().st_size // 2)
-  return victim
 
 
 def tree(folder: pathlib.Path) -> dict[str, bytes]:

@@ -5,7 +5,7 @@ import signal
 
 import numpy as np
 
-from tests.helpers import tiny_checkpoint
+from tests.helpers import tiny_checkpoint, truncate_largest_array_file
 
 
 def test_finetune_writes_report_and_checkpoint(tmp_path, monkeypatch, opened):
@@ -97,6 +97,27 @@ def test_resume_after_sigterm_equals_uninterrupted(tmp_path, monkeypatch):
   losses = [{l["step"]: l["val_loss"] for l in map(json.loads, (w / "metrics.jsonl").read_text().splitlines())}
             for w in (straight, resumed)]
   assert losses[0] == losses[1] and sorted(losses[0]) == [2, 4, 6]
+
+
+def test_resumes_from_the_newest_readable_training_checkpoint(tmp_path, capsys):
+  """A corrupt latest training checkpoint (a save cut short) is moved aside, said, and the one before it used."""
+  from configs import finetune as finetune_config
+  from stmem.programs import finetune
+  c = finetune_config.get_config("test")
+  c.checkpoint = str(tiny_checkpoint(tmp_path / "ckpt"))
+  c.steps, c.eval_every, c.num_devices, c.async_save = 6, 2, 1, False
+  workdir = tmp_path / "ft"
+  assert finetune.run(c, workdir, stop_after=4)["step"] == 4
+  states = workdir / "train_state"
+  assert sorted(p.name for p in states.iterdir() if p.name.isdigit()) == ["2", "4"]
+  truncate_largest_array_file(states / "4")
+  capsys.readouterr()
+  second = finetune.run(c, workdir, stop_after=6)
+  err = capsys.readouterr().err
+  assert "skipping unreadable checkpoint: checkpoint step 4" in err and str(states / "4" / "params") in err
+  assert "resuming from step 2" in err
+  assert second["start_step"] == 2 and second["step"] == 6
+  assert (states / "6").is_dir() and (states / "4.unreadable").is_dir()  # the bad step kept aside, never deleted
 
 
 def test_classifier_without_drop_path_is_the_encoder_plus_head():

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from configs import pretrain as pretrain_config
+from data_pipelines.errors import UsageError
 from stmem import memory_plan as plan
 from stmem.programs import plan as plan_program
 from stmem.programs import pretrain
@@ -155,3 +156,17 @@ def test_the_finetuning_step_is_planned_with_finetunes_own_step(tmp_path, monkey
   assert r["flops_analytic"] == metrics.finetune_step_flops(model_config("tiny"), batch, leads=12)
   # A fine-tuning config plans nothing else.
   assert plan_program.main(["--config", "finetune:test", "--programs", "pretrain"]) == 2
+
+
+def test_a_mesh_needing_more_devices_than_exist_is_a_usage_error():
+  """`stmem plan` builds its mesh as the programs do (`sharding.mesh_from_config`): more devices than the topology
+  has is refused in one line, never planned on a silently smaller mesh."""
+  import jax
+
+  from stmem import programs
+  n = len(jax.devices())
+  for flag in (f"--config.num_devices={n + 1}", f"--config.mesh=data:{2 * n}"):
+    with pytest.raises(UsageError, match="device"):
+      plan_program.main(["--config", "pretrain:tiny", flag, "--topology", "local", "--no-fit", "--programs", "embed"])
+    assert programs.run(["plan", "--config", "pretrain:tiny", flag, "--topology", "local", "--no-fit",
+                         "--programs", "embed"]) == 2

@@ -134,6 +134,27 @@ def test_mesh_spec_errors():
     sharding.make_mesh([("data", -1), ("fsdp", -1)])
 
 
+def test_mesh_from_config_refuses_more_devices_than_exist_as_a_usage_error():
+  import ml_collections
+
+  from data_pipelines.errors import UsageError
+  n = len(jax.devices())
+
+  def config(mesh, num_devices=0):
+    return ml_collections.ConfigDict({"mesh": mesh, "num_devices": num_devices})
+
+  assert dict(sharding.mesh_from_config(config("data:-1,fsdp:1")).shape) == {"data": n, "fsdp": 1}
+  assert sharding.mesh_from_config(config("data:-1,fsdp:1", 1)).size == 1
+  # The devices of a topology to compile for (stmem plan) are given: num_devices counts among them.
+  assert sharding.mesh_from_config(config("data:-1", 2), devices=jax.devices()[:4]).size == 2
+  with pytest.raises(UsageError, match=f"needs {2 * n} devices, {n} are available"):
+    sharding.mesh_from_config(config(f"data:2,fsdp:{n}"))
+  with pytest.raises(UsageError, match=f"num_devices={n + 1}: there are {n} "):
+    sharding.mesh_from_config(config("data:-1", n + 1))
+  with pytest.raises(UsageError, match="num_devices=5: there are 4 "):  # never silently cut to what exists
+    sharding.mesh_from_config(config("data:-1", 5), devices=jax.devices()[:4])
+
+
 def test_mesh_axes_are_auto_and_split_the_batch_over_every_axis():
   # Auto axes: the model code is sharding-neutral and XLA propagates from the inputs (jax.make_mesh's own default in
   # jax 0.10 is Explicit, under which the model's broadcast + concatenate fails).
