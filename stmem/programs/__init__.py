@@ -1,8 +1,12 @@
 """The command-line programs of `stmem`, one module each, and the one way they are run.
 
 Every program is a module with `main(argv) -> int`, registered in `COMMANDS` by its module path and imported only
-when asked for, so that `stmem --help` stays fast. What programs share lives in the library modules beside this
-folder, never in another program; a program that runs others (demo, study) runs them as commands (`run`).
+when asked for, so that `stmem --help` stays fast. A program configured by a config file (all but plan, bench and
+forward-check) also has `run(config, workdir) -> dict`, the program itself, and its `main` is `stmem.entry.main`
+around it: parse the command line, join the processes, run, print the summary as JSON on stdout. What programs share
+lives in the library modules beside this folder (the training loop `stmem.train_loop`, the mesh and parameter
+placement `stmem.sharding`, the log `stmem.console`), never in another program; a program that runs others (demo,
+study) runs them as commands (`run`).
 
 Errors the user can fix (`data_pipelines.errors.UserError`, a missing path, a bad flag value) end as one or two lines
 on stderr, `stmem COMMAND: error: ...`, and exit code 2 (usage) or 1 (data or file); the traceback only with
