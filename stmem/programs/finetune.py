@@ -219,7 +219,7 @@ def run(config, workdir: str | pathlib.Path, *, stop_after: int | None = None) -
                          notes=notes, info={"config": config.to_dict(), "best_step": best_step})
     log.text(pathlib.Path(paths["markdown"]).read_text())
 
-  # ------------------------------------------------------------------------------------------------ the selected model
+  # -------------------------------------------------------------------------------------------- the selected model
   # An encoder-only checkpoint (every program loads it) with the head as its own item (`checkpoint.read_item`).
   selected = workdir / ckpt_lib.CHECKPOINT_DIR
   path = selected / str(best_step)

@@ -64,7 +64,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, stop_
   mesh = sharding_lib.mesh_from_config(config)
   num_processes = jax.process_count()
 
-  # -------------------------------------------------------------------------------------------- input pipeline
+  # ---------------------------------------------------------------------------------------------------- data
   source, contract = build_source(config)
   # The checkpoint's contract names the leads the model was trained on.
   contract = Contract.from_dict({**contract.to_dict(), "leads": list(leads_lib.parse_lead_set(config.data.lead_set))})
