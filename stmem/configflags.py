@@ -288,7 +288,7 @@ def _check_renamed(argv: list[str], config, prog: str) -> None:
     if new is not None:
       raise ConfigError(f"--config.{dotted} is now --config.{new} (see `{prog} --help`)")
     if _is_block(config, dotted):
-      keys = [k for k in _leaves(config) if k.startswith(dotted + ".")]
+      keys = [k for k, _ in flat_items(config) if k.startswith(dotted + ".")]
       raise ConfigError(f"--config.{dotted} is a block of keys ({', '.join(keys)}): set one of them, e.g. "
                         f"--config.{keys[0]}=...")
 
