@@ -168,7 +168,7 @@ def test_convert_pth_encoder_only_with_head(reference_fixture, tmp_path, capsys)
 def test_convert_full_pth(reference_fixture, tmp_path):
   pth = _write_pth(tmp_path / "st_mem_full.pth", _params(reference_fixture))
   out = tmp_path / "ckpt"
-  assert _stmem("convert", "--reference", pth, "--out", out, "--variant", "tiny") == 0
+  assert _stmem("convert", "--reference", pth, "--out", out, "--config.model.variant=tiny") == 0
   feats = _features(out, reference_fixture["input/series"])
   assert np.abs(feats - reference_fixture["output/encoder_features_12lead"]).max() <= TOL
 
@@ -187,7 +187,8 @@ def test_unknown_and_missing_names_are_refused_with_their_list(reference_fixture
 
 
 def test_a_named_variant_that_does_not_fit_is_refused(full_npz, tmp_path, capsys):
-  assert _stmem("convert", "--reference", full_npz, "--out", tmp_path / "out", "--variant", "base") != 0
+  assert _stmem("convert", "--reference", full_npz, "--out", tmp_path / "out",
+                "--config.model.variant=base") != 0
   assert "width: file 128, variant 768" in capsys.readouterr().err
 
 
