@@ -1,7 +1,7 @@
 """`stmem convert`: import the reference ST-MEM weights into a stmem checkpoint.
 
   stmem convert --config convert --config.reference=st_mem_vit_base.pth --config.out=ckpt/st_mem_base
-  stmem convert --reference st_mem_vit_base.pth --out ckpt/st_mem_base [--variant auto]   (the same, shorter)
+  stmem convert --reference st_mem_vit_base.pth --out ckpt/st_mem_base [--config.model.variant=auto]   (shorter)
 
 The input is a reference `.pth` (the encoder-only file, or the full pretraining checkpoint with its decoder), a `.npz`
 holding the same names (a `param/` prefix is accepted), or a `.safetensors` file written by `stmem export`. Nothing in
@@ -250,7 +250,7 @@ def run(args, workdir=None) -> dict:
   from stmem import console
   log = console.Log("convert")
   out = pathlib.Path(args.out).expanduser()
-  step_dir, result = convert_file(args.reference, out, variant=args.variant, head_dim=args.head_dim)
+  step_dir, result = convert_file(args.reference, out, variant=args.model.variant, head_dim=args.head_dim)
   cfg = result.cfg
   kind = "encoder only" if result.encoder_only else "encoder + decoder (pretraining model)"
   log(f"{args.reference} -> {step_dir}")

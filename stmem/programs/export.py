@@ -1,7 +1,7 @@
 """`stmem export`: an encoder as a plain tensor file, a JSON config and a Markdown model card.
 
-  stmem export --config export --config.checkpoint=WORKDIR_OR_CHECKPOINT --config.out=DIR [--config.format=npz]
-  stmem export --checkpoint WORKDIR_OR_CHECKPOINT --out DIR [--format safetensors|npz]   (the same, shorter)
+  stmem export --config export --config.init_from=WORKDIR_OR_CHECKPOINT --config.out=DIR [--config.format=npz]
+  stmem export --init_from WORKDIR_OR_CHECKPOINT --out DIR [--format safetensors|npz]   (the same, shorter)
 
 writes `DIR/model.safetensors` (or `DIR/model.npz`), `DIR/config.json` and `DIR/README.md`. Tensor names are the ST-MEM
 authors' encoder-only names in PyTorch layout (`stmem.reference_weights.to_reference(..., encoder_only=True)`), so the file
@@ -99,10 +99,10 @@ def export(checkpoint_path: str | pathlib.Path, out: str | pathlib.Path, *, fmt:
 
 
 def run(config, workdir=None) -> dict:
-  """`config` (configs/export.py): the export of `config.checkpoint` into `config.out`; returns a summary."""
+  """`config` (configs/export.py): the export of `config.init_from` into `config.out`; returns a summary."""
   from stmem import console
-  result = export(config.checkpoint, config.out, fmt=config.format)
-  console.Log("export")(f"{config.checkpoint} -> {config.out}/{result['weights']['file']} "
+  result = export(config.init_from, config.out, fmt=config.format)
+  console.Log("export")(f"{config.init_from} -> {config.out}/{result['weights']['file']} "
                         f"({result['parameter_count']:,} parameters, fingerprint {result['fingerprint']}), "
                         f"config.json, README.md")
   return {"out": str(config.out), "weights": result["weights"]["file"], "parameter_count": result["parameter_count"],
@@ -112,4 +112,4 @@ def run(config, workdir=None) -> dict:
 def main(argv: list[str]) -> int:
   from stmem import configflags, entry
   return entry.main(argv, run, program="export", config="export", workdir=None,
-                    check=lambda c: configflags.require(c, "stmem export", "checkpoint", "out"))
+                    check=lambda c: configflags.require(c, "stmem export", "init_from", "out"))
