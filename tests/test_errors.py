@@ -434,3 +434,31 @@ def test_pretrain_resumes_from_the_newest_readable_checkpoint(tmp_path):
   assert "skipping unreadable checkpoint: checkpoint step 4" in r.err and str(ckpts / "4" / "params") in r.err
   assert "resuming from step 2" in r.err
   assert (ckpts / "6").is_dir() and (ckpts / "4.unreadable").is_dir()  # the bad step kept aside, never deleted
+
+
+def test_a_failed_restore_leaves_the_process_hooks_as_they_were(tmp_path, monkeypatch):
+  """The echoes of a failed restore's abandoned reads are silenced only around that restore: afterwards the
+  process's sys.excepthook and sys.unraisablehook are the ones it had, and other errors always reach them."""
+  import jax.numpy as jnp
+  from data_pipelines.errors import DataError
+  from stmem import checkpoint
+
+  seen = []
+  monkeypatch.setattr(sys, "excepthook", lambda kind, value, tb: seen.append(("except", str(value))))
+  monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(("unraisable", str(u.exc_value))))
+  mine = sys.excepthook, sys.unraisablehook
+
+  with checkpoint.quiet_abandoned_reads():
+    sys.excepthook(RuntimeError, RuntimeError("Event loop is closed"), None)  # an echo: silenced
+    sys.excepthook(ValueError, ValueError("something else"), None)            # anything else: reported
+  assert (sys.excepthook, sys.unraisablehook) == mine and seen == [("except", "something else")]
+
+  params = {"w": jnp.arange(4096.0).reshape(64, 64)}
+  ckpt = checkpoint.Checkpointer(tmp_path / "ckpt", every=1, keep=2, async_save=False)
+  ckpt.save(1, params=params, meta={"step": 1}, force=True)
+  ckpt.wait()
+  truncate_largest_array_file(tmp_path / "ckpt" / "1")
+  with pytest.raises(DataError, match="checkpoint step 1: cannot read"):
+    ckpt.restore(1, params=params, data_state=False)
+  assert (sys.excepthook, sys.unraisablehook) == mine
+  ckpt.close()
