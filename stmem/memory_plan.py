@@ -5,8 +5,11 @@ with sharded shapes (`steps.abstract_args`) and compiled either for the local de
 described by libtpu on any host (`jax.experimental.topologies.get_topology_desc`; the `[tpu]` extra). XLA's
 memory analysis of the compiled program gives each device's argument, output, temporary and total bytes, which are
 held against the chip's memory (or a stated budget). When the step does not fit, `fit` searches the smallest
-gradient-accumulation count, then a stronger rematerialisation, that does. The fine-tuning update
-(`stmem.steps.finetune_step`) and the embedding forward are compiled the same way.
+gradient-accumulation count, then a stronger rematerialisation, that does. The fine-tuning update is compiled
+the same way: `stmem.steps.finetune_step`, the step `stmem finetune` runs. The embedding forward planned is
+`stmem.steps.embed_forward` (one 12-lead crop in, pooled features out, batch-sharded: the forward `stmem bench`
+times), not the program `stmem embed` compiles, which also returns per-lead (and per-patch) features averaged
+over the evaluation crops and replicates its outputs to process 0; it is a lower bound on that program's memory.
 
 FLOPs per step are analytic (`stmem.metrics`); XLA's own count of the compiled program is shown beside them,
 but it counts a scanned block once, so it reads several times too low for a deep model.
@@ -230,7 +233,8 @@ def pretrain_report(config, devices, *, topology: str = "local", accum_steps: in
 
 
 def embed_report(config, devices, *, topology: str = "local", budget_gb: float = 0.0) -> Report:
-  """Compile the 12-lead embedding forward (unmasked, pooled features) at the config's batch for `devices`."""
+  """Compile the 12-lead embedding forward (`steps.embed_forward`: one crop, unmasked, pooled features) at the
+  config's batch for `devices`."""
   from jax.sharding import NamedSharding, PartitionSpec as P
   mesh = _mesh(config, devices)
   cfg = steps.model_cfg(config)
