@@ -9,7 +9,7 @@ gradient-accumulation count, then a stronger rematerialisation, that does. The f
 the same way: `stmem.steps.finetune_step`, the step `stmem finetune` runs. The embedding forward planned is
 `stmem.steps.embed_forward` (one 12-lead crop in, pooled features out, batch-sharded: the forward `stmem bench`
 times), not the program `stmem embed` compiles, which also returns per-lead (and per-patch) features averaged
-over the evaluation crops and replicates its outputs to process 0; it is a lower bound on that program's memory.
+over the evaluation crops and replicates its outputs to process 0.
 
 FLOPs per step are analytic (`stmem.metrics`); XLA's own count of the compiled program is shown beside them,
 but it counts a scanned block once, so it reads several times too low for a deep model.
