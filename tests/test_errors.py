@@ -1,9 +1,9 @@
-"""Every failure a user can cause is one or two lines and an exit code; data is never silently wrong (issue 15).
+"""Every failure a user can cause is one or two lines and an exit code; data is never silently wrong.
 
 Each case runs the real command (`python -m stmem.cli ...`) as a subprocess and asserts its exit code (2 usage, 1
 data or file), that the message names the option or file, that stderr has no `Traceback`, and that no partial output
 is left. The general-rule cases are independent and run concurrently once per module (each process imports JAX:
-seconds); the defect cases (duplicate leads, export -> convert, re-runs, interrupted --overwrite, NaN weights,
+seconds); the cases that follow (duplicate leads, export -> convert, re-runs, interrupted --overwrite, NaN weights,
 corrupt checkpoints) also look at the data they leave.
 
 Fixtures are written here: WFDB records of a few seconds of sines, and a random tiny checkpoint.
@@ -204,7 +204,7 @@ def _cases(w: dict[str, pathlib.Path]) -> dict[str, tuple[tuple, int, tuple[str,
                             "--out", r / "e2" / "x"), 2, ("'XX'",), (r / "e2" / "x.npz",)),
     "embed/corrupt_checkpoint": (("embed", "--checkpoint", w["corrupt"], "--records", w["records"], "--out",
                                   r / "e3" / "x"), 1, ("checkpoint step 2",), (r / "e3" / "x.npz",)),
-    # defect 1 + 9: every record skipped (a duplicated lead) -> an error, and nothing written
+    # every record skipped (a duplicated lead) -> an error, and nothing written
     "embed/too_many_num_devices": (("embed", "--checkpoint", w["ckpt"], "--records", w["records"], "--num_devices",
                                    "99", "--out", r / "e7" / "x"), 2, ("--config.num_devices=99",),
                                   (r / "e7" / "x.npz",)),
@@ -259,7 +259,7 @@ def test_debug_shows_the_traceback(world):
     assert r.rc != 0 and "Traceback" in r.err and "DataError" in r.err and "no record found" in r.err
 
 
-# ------------------------------------------------------------------------------------------------ defect 1
+# ------------------------------------------------------------------------------------------ a bad record is quarantined
 
 
 def test_duplicate_lead_names_quarantine_the_record(world, tmp_path):
@@ -283,7 +283,7 @@ def test_duplicate_lead_names_quarantine_the_record(world, tmp_path):
   assert not (tmp_path / "strict" / "generic" / "1.0.0").exists()
 
 
-# ------------------------------------------------------------------------------------------------ defect 2
+# --------------------------------------------------------------------------------- export and convert keep the contract
 
 
 def test_export_then_convert_keeps_the_contract_and_the_fingerprint(world, tmp_path):
@@ -312,7 +312,7 @@ def test_export_then_convert_keeps_the_contract_and_the_fingerprint(world, tmp_p
   np.testing.assert_array_equal(fa, fb)
 
 
-# ------------------------------------------------------------------------------------------------ defects 3 and 4
+# ---------------------------------------------------------------------------------------------- re-runs and --overwrite
 
 
 def test_rerun_from_other_inputs_is_refused_and_overwrite_never_destroys(world, tmp_path):
@@ -375,7 +375,7 @@ def test_rerun_from_other_inputs_is_refused_and_overwrite_never_destroys(world, 
   assert len((folder / "records.jsonl").read_text().splitlines()) == 4 and not report.exists()
 
 
-# ------------------------------------------------------------------------------------------------ defects 5 and 6
+# ------------------------------------------------------------------------------------------- weights that must not load
 
 
 def test_convert_refuses_pickles_and_nonfinite_weights_without_writing(world, tmp_path):
@@ -410,7 +410,7 @@ class _Payload:
   """Any pickled object that is not a tensor (as training arguments saved beside the weights are)."""
 
 
-# ------------------------------------------------------------------------------------------------ defect 7
+# --------------------------------------------------------------------------------------------- an unreadable checkpoint
 
 
 def test_pretrain_resumes_from_the_newest_readable_checkpoint(tmp_path):
