@@ -55,9 +55,15 @@ def test_demo_prints_the_report_once_and_ends_on_its_summary(tmp_path, monkeypat
 
   def fake_run(argv):
     calls.append(argv[0])
+    if argv[0] == "pretrain":  # the evaluators' figures, as pretraining logs them
+      (tmp_path / "demo").mkdir()
+      (tmp_path / "demo" / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in [
+        {"step": 50, "loss": 0.99},
+        {"step": 100, "eval/heldout/loss": 0.98, "eval/heldout/seconds": 2.0, "eval/probe/12/auroc": 0.95,
+         "eval/probe/12/auroc_lo": 0.9, "eval/probe/12/auroc_hi": 0.97, "eval/probe/12/random_auroc": 0.94}]) + "\n")
     if argv[0] == "probe":
       out = tmp_path / "demo" / "probe"
-      out.mkdir(parents=True)
+      out.mkdir()
       (out / "report.md").write_text(markdown(rows, "Linear probe"))
       (out / "report.json").write_text(json.dumps({"rows": rows}))
       print((out / "report.md").read_text())
@@ -68,8 +74,10 @@ def test_demo_prints_the_report_once_and_ends_on_its_summary(tmp_path, monkeypat
   assert calls == ["pretrain", "probe"]
   out = capsys.readouterr().out
   assert out.count("# Linear probe") == 1
-  *before, tail = out.rstrip().split("\n\n")
+  *before, evals, tail = out.rstrip().split("\n\n")
   assert "stmem demo finished" in before[-1] and before[-1].splitlines()[-1].startswith("  probe figures")
+  assert evals.splitlines() == ["evaluators during pretraining (metrics.jsonl, TensorBoard):",
+                                "  step 100: heldout/loss 0.980, probe/12/auroc 0.950, probe/12/random_auroc 0.940"]
   tail = tail.splitlines()
   assert len(tail) == 4 and tail[0] == "linear probe on synthetic, 240 records of 96 patients, macro AUROC [95 % CI]:"
   assert tail[1].split() == ["lead", "set", "checkpoint", "random", "init"]

@@ -45,9 +45,26 @@ def main(argv: list[str]) -> int:
     f"  metrics         {workdir / 'metrics.jsonl'} (and TensorBoard: tensorboard --logdir {workdir / 'tensorboard'})",
     f"  reconstruction  {workdir / 'reconstruction.png'}",
     *([f"  probe report    {report}", f"  probe figures   {workdir / 'probe'}/*.png"] if report.exists() else []),
+    *eval_summary(workdir / "metrics.jsonl"),
     *probe_summary(workdir / "probe" / "report.json"),
   ]))
   return 0
+
+
+def eval_summary(path: pathlib.Path) -> list[str]:
+  """The evaluators' figures by step, as pretraining logged them to metrics.jsonl (`eval/NAME/...`), without their
+  intervals and costs; none when pretraining ran no evaluator."""
+  if not path.exists():
+    return []
+  import json
+  lines = []
+  for text in path.read_text().splitlines():
+    record = json.loads(text)
+    shown = {k[len("eval/"):]: v for k, v in record.items() if k.startswith("eval/")
+             and not k.endswith(("_lo", "_hi", "/seconds")) and isinstance(v, (int, float))}
+    if shown:
+      lines.append(f"  step {record.get('step', '?')}: " + ", ".join(f"{k} {v:.3f}" for k, v in shown.items()))
+  return ["", "evaluators during pretraining (metrics.jsonl, TensorBoard):", *lines] if lines else []
 
 
 def probe_summary(path: pathlib.Path) -> list[str]:
