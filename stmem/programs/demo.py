@@ -85,5 +85,5 @@ def probe_summary(path: pathlib.Path) -> list[str]:
   for lead_set in dict.fromkeys(r["lead_set"] for r in rows):
     cells = [by.get((lead_set, m)) for m in models]
     lines.append(f"  {lead_set:<10}" + "".join(
-      f"{fmt(r['auroc'])} [{fmt(r['auroc_lo'])}, {fmt(r['auroc_hi'])}]  " if r else " " * 24 for r in cells))
+      (f"{fmt(r['auroc'])} [{fmt(r['auroc_lo'])}, {fmt(r['auroc_hi'])}]" if r else "").ljust(24) for r in cells))
   return [line.rstrip() for line in lines]
