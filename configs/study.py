@@ -24,6 +24,7 @@ shared with another run (about 40 min idle, from 488 s per 1,500-step ST-MEM run
 """
 import ml_collections
 
+PROGRAM = "study"  # the command this file configures
 PRESETS = ("cpu", "smoke")
 
 
@@ -52,7 +53,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Held-out reconstruction loss: simulator records from another seed, a fixed masking key.
   c.heldout = ml_collections.ConfigDict()
-  c.heldout.num_records = 256
+  c.heldout.data = ml_collections.ConfigDict()
+  c.heldout.data.num_synthetic = 256
   c.heldout.seed = 10_000
   c.heldout.batch_size = 32
 
@@ -61,7 +63,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.probe.preset = "shared"                     # LUDB AF / LVH / axis and CinC sinus tachycardia, raw from ../shared
   c.probe.tasks = "ludb_af,ludb_lvh,ludb_axis,cinc_stach,ludb_sex"  # every task the shared recordings support
   c.probe.lead_sets = "12,limb6,I+II,I"         # MTAE / MLAE are probed on '12' only (they need all 12 leads)
-  c.probe.data_root = "../shared/data"
+  c.probe.data = ml_collections.ConfigDict()
+  c.probe.data.records = "../shared/data"
   c.probe.use_splits = False                   # patient-grouped CV over every record, even where the data has splits
   c.probe.cv_folds = 5
   c.probe.bootstrap = 1000
@@ -72,8 +75,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.pretrain.optim.base_lr = 1e-3 * 256 / 8
     c.pretrain.data.num_synthetic = 32
     c.pretrain.checkpoint.every, c.pretrain.log_every = 4, 2
-    c.heldout.num_records, c.heldout.batch_size = 16, 8
+    c.heldout.data.num_synthetic, c.heldout.batch_size = 16, 8
     c.probe.preset, c.probe.tasks, c.probe.lead_sets = "synthetic", "synthetic", "12,I"
     c.probe.cv_folds, c.probe.bootstrap = 3, 20
-    c.probe.synthetic_n, c.probe.lbfgs_steps = 48, 20
+    c.probe.data.num_synthetic, c.probe.lbfgs_steps = 48, 20
   return c

@@ -1,6 +1,6 @@
 """`stmem probe`: a linear probe of a frozen encoder on one or more tasks, swept over lead sets.
 
-  stmem probe --config configs/probe.py:shared --config.checkpoint=CKPT --workdir DIR   (see configs/probe.py)
+  stmem probe --config configs/probe.py:shared --config.init_from=CKPT --workdir DIR   (see configs/probe.py)
 
 Read top to bottom: encoders (the checkpoint and a randomly initialised twin), data (pools of records and tasks over
 them), then for every pool and lead set one feature pass feeding every encoder, then for every task a logistic
@@ -94,14 +94,14 @@ def main(argv: Sequence[str]) -> int:
   mesh = sharding_lib.make_mesh(parse_mesh(config.mesh), devices=sharding_lib.program_devices(config.num_devices))
 
   # ------------------------------------------------------------------------------------------ encoders
-  if config.checkpoint:
-    main_encoder = features.load_encoder(config.checkpoint)
-    log.info("checkpoint %s (fingerprint %s, %s)", config.checkpoint, main_encoder.fingerprint,
+  if config.init_from:
+    main_encoder = features.load_encoder(config.init_from)
+    log.info("checkpoint %s (fingerprint %s, %s)", config.init_from, main_encoder.fingerprint,
              main_encoder.meta.get("origin", "?"))
     encoders = {"checkpoint": main_encoder}
   else:
-    main_encoder = features.random_encoder(model_config(config.model), seed=int(config.random_seed))
-    log.info("no checkpoint: random-encoder rows only (%s)", config.model)
+    main_encoder = features.random_encoder(model_config(config.model.variant), seed=int(config.random_seed))
+    log.info("no checkpoint: random-encoder rows only (%s)", config.model.variant)
     encoders = {}
   if config.random_baseline or not encoders:
     encoders["random init"] = features.random_encoder(main_encoder, seed=int(config.random_seed))
@@ -110,12 +110,10 @@ def main(argv: Sequence[str]) -> int:
     leads_lib.parse_lead_set(ls)  # refuse a bad lead set before any data is read
 
   # ------------------------------------------------------------------------------------------ data
-  pools, task_list = data.task_pools(_csv(config.tasks), main_encoder.contract, data_dir=config.data_dir,
-                                     data_root=config.data_root, labels=_csv(config.labels), kind=config.kind,
-                                     num_synthetic=int(config.synthetic_n), seed=int(config.seed),
-                                     lead_map=config.get("lead_map", ""))
-  notes = [f"encoder: {config.checkpoint or config.model} (fingerprint {main_encoder.fingerprint}); random init: "
-           f"same architecture, seed {config.random_seed}"]
+  pools, task_list = data.task_pools(_csv(config.tasks), main_encoder.contract, config.data,
+                                     labels=_csv(config.labels), kind=config.kind, seed=int(config.seed))
+  notes = [f"encoder: {config.init_from or config.model.variant} (fingerprint {main_encoder.fingerprint}); "
+           f"random init: same architecture, seed {config.random_seed}"]
 
   # ------------------------------------------------------------------------------------------ features and heads
   rows, curves = [], {}

@@ -49,7 +49,7 @@ def heldout_batches(config) -> tuple[list[dict], list[np.ndarray]]:
   from data_pipelines.contract import Contract
   from stmem import data, synthetic
   contract = Contract(filter_stage="offline")
-  arrays = synthetic.make_dataset(int(config.heldout.num_records), seed=int(config.heldout.seed),
+  arrays = synthetic.make_dataset(int(config.heldout.data.num_synthetic), seed=int(config.heldout.seed),
                                   seconds=contract.record_samples / contract.fs, fs=contract.fs, with_clean=True)
 
   def source(signal):
@@ -57,7 +57,7 @@ def heldout_batches(config) -> tuple[list[dict], list[np.ndarray]]:
                                  contract.filter_order).astype("float32")
     return data.ArraySource({"signal": signal, "record_id": arrays["record_id"], "patient_id": arrays["patient_id"]})
 
-  n = int(config.heldout.num_records) // int(config.heldout.batch_size)
+  n = int(config.heldout.data.num_synthetic) // int(config.heldout.batch_size)
 
   def batches(src):
     it = data.make_iterator(src, contract, batch_size=int(config.heldout.batch_size), train=True,
@@ -248,7 +248,7 @@ def main(argv: Sequence[str]) -> int:
     probe_dir = workdir / "probes" / f"{method}_seed{seed}"
     t0 = time.time()
     rc = programs.run(["probe", "--config", f"{config_dir / 'probe.py'}:{config.probe.preset}",
-                   "--workdir", str(probe_dir), f"--config.checkpoint={run_dir}",
+                   "--workdir", str(probe_dir), f"--config.init_from={run_dir}",
                    f"--config.random_baseline={seed == seeds[0]}",
                    *overrides({**probe_config, "lead_sets": lead_sets})])
     if rc:
@@ -266,7 +266,7 @@ def main(argv: Sequence[str]) -> int:
   notes = [
     f"pretraining: configs/pretrain.py:{config.pretrain_preset} with {' '.join(overrides(config.pretrain))}, "
     f"the same for every method; seeds {seeds}",
-    f"held-out: {config.heldout.num_records} simulator records (seed {config.heldout.seed}), fixed masking keys",
+    f"held-out: {config.heldout.data.num_synthetic} simulator records (seed {config.heldout.seed}), fixed masking keys",
     "probe rows: mean over seeds of each metric and of its 95 % patient-bootstrap interval ends; "
     "`auroc_seed_min`/`auroc_seed_max` in report.csv/json give the seeds' spread",
     *([f"{', '.join(NAMES[m] for m in not_probed)}: probed on lead set 12 only (their tokens need all 12 leads)"]
