@@ -27,9 +27,10 @@ class CommandFailed(Exception):
 
 def main(argv: Sequence[str], run: Callable[[Any, str | None], dict | None], *, program: str,
          config: str | None = None, workdir: str | None = "required", workdir_default: str | None = None,
-         check: Callable[[Any], None] | None = None) -> int:
+         check: Callable[[Any], None] | None = None, print_summary: bool = True) -> int:
   """Parse (`config`: the default `NAME[:PRESET]`, None to require --config; `workdir`: "required", "optional" or
-  None), `check(config)` before any JAX work (refuse a bad command line early), initialise, run, print."""
+  None), `check(config)` before any JAX work (refuse a bad command line early), initialise, run, print the summary
+  (`print_summary=False`: a program whose own closing lines are its summary for a person, the demo)."""
   from stmem import configflags
   cfg, workdir_path = configflags.parse(argv, f"stmem {program}", config, workdir=workdir,
                                         workdir_default=workdir_default)
@@ -51,6 +52,6 @@ def main(argv: Sequence[str], run: Callable[[Any, str | None], dict | None], *, 
     print(f"stmem {program}: {e}", file=sys.stderr)
     return e.exit_code
   import jax
-  if summary is not None and jax.process_index() == 0:
+  if print_summary and summary is not None and jax.process_index() == 0:
     print(json.dumps(summary, indent=2, default=str), flush=True)
   return 0

@@ -170,3 +170,19 @@ def test_a_mesh_needing_more_devices_than_exist_is_a_usage_error():
       plan_program.main(["--config", "pretrain:tiny", flag, "--topology", "local", "--no-fit", "--programs", "embed"])
     assert programs.run(["plan", "--config", "pretrain:tiny", flag, "--topology", "local", "--no-fit",
                          "--programs", "embed"]) == 2
+
+
+def test_describing_a_topology_leaves_the_environment_as_it_was(devices, monkeypatch):
+  """libtpu's settings are set only while it describes a topology, for a name it knows or not; a user's value is
+  kept."""
+  import os
+  for name in plan.LIBTPU_ENVIRONMENT:
+    monkeypatch.delenv(name, raising=False)
+  before = dict(os.environ)
+  assert plan.devices_for(TOPOLOGY)
+  with pytest.raises(ValueError, match="cannot describe TPU topology"):
+    plan.devices_for("v5e:nonsense")
+  assert dict(os.environ) == before
+  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "mine")
+  plan.devices_for(TOPOLOGY)
+  assert os.environ["TPU_WORKER_HOSTNAMES"] == "mine" and "ALLOW_MULTIPLE_LIBTPU_LOAD" not in os.environ
