@@ -254,6 +254,7 @@ def parse(argv: Sequence[str], prog: str, default: str | None, *, workdir: str |
     raise SystemExit(0)
   defaults = default_config(module, path, preset)
   rest = _shorthands(rest, defaults)
+  rest, emptied = _emptied_blocks(rest, defaults)
   fv = flags.FlagValues()
   full = f"{path}:{preset}" if preset is not None else str(path)
   if workdir is not None:
@@ -270,6 +271,8 @@ def parse(argv: Sequence[str], prog: str, default: str | None, *, workdir: str |
   if len(unparsed) > 1:
     raise ConfigError(f"unexpected arguments {unparsed[1:]}")
   config = fv.config
+  for key in emptied:
+    _set(config, key, type(_get(config, key))())
   for key, value in flat_items(config):
     if isinstance(value, str) and value and is_path_key(key):
       _set(config, key, expand(value))
@@ -285,6 +288,28 @@ def require(config, prog: str, *keys: str) -> None:
   if missing:
     named = " and ".join(f"--config.{k} (or --{k})" for k in missing)
     raise ConfigError(f"{named} {'is' if len(missing) == 1 else 'are'} required; see `{prog} --help`")
+
+
+def _emptied_blocks(argv: list[str], config) -> tuple[list[str], list[str]]:
+  """`--config.BLOCK=` (or `=none`) empties a block of the config (`--config.evals=` runs no evaluator): returns
+  the command line without those options and the blocks to empty."""
+  rest, emptied = [], []
+  for a in argv:
+    name, eq, value = a.partition("=")
+    key = name.removeprefix("--config.") if name.startswith("--config.") else ""
+    if key and eq and value.strip().lower() in ("", "none") and hasattr(_get(config, key), "lock"):
+      emptied.append(key)
+    else:
+      rest.append(a)
+  return rest, emptied
+
+
+def _get(config, dotted: str) -> Any:
+  for p in dotted.split("."):
+    if not hasattr(config, "get"):
+      return None
+    config = config.get(p)
+  return config
 
 
 def _set(config, dotted: str, value: Any) -> None:

@@ -130,7 +130,7 @@ def embed(config) -> dict:
   from data_pipelines import transforms
   from data_pipelines.errors import DataError
   from stmem import data, sharding as sharding_lib
-  from stmem import features, sharded_eval
+  from stmem import features
   from stmem.steps import parse_mesh
 
   # ------------------------------------------------------------------------------------------------ mesh
@@ -144,7 +144,7 @@ def embed(config) -> dict:
   names = leads_lib.parse_lead_set(config.lead_set)
   crops = 1 if config.crops == "first" else transforms.EVAL_CROPS
   graphdef, state = nnx.split(loaded.encoder)
-  state = sharded_eval.place(state, replicated)
+  state = features.place(state, replicated)
 
   # ------------------------------------------------------------------------------------------------ data
   if config.data_dir:
@@ -197,9 +197,9 @@ def embed(config) -> dict:
         from tqdm import tqdm
         bar = tqdm(total=capacity, unit="record", desc="embed", file=sys.stderr)
     written = 0
-    for out, rows in sharded_eval.run(lambda *b: forward(state, *b), source, contract, batch_size=config.batch_size,
-                                      lead_set=names, starts=starts, batch_sharding=batch_sharding,
-                                      host_keys=("valid", "record_id", "patient_id", "window", "lead_mask")):
+    for out, rows in features.eval_pass(lambda *b: forward(state, *b), source, contract, batch_size=config.batch_size,
+                                         lead_set=names, starts=starts, batch_sharding=batch_sharding,
+                                         host_keys=("valid", "record_id", "patient_id", "window", "lead_mask")):
       valid = rows["valid"]
       written += int(valid.sum())
       if writer is not None:

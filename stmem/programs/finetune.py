@@ -72,7 +72,7 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
   from data_pipelines import transforms
   from stmem import augment, checkpoint as ckpt_lib, data, models, scoring, sharding as sharding_lib, steps
   from stmem.models import model_config
-  from stmem import features, metrics as metrics_lib, report, sharded_eval
+  from stmem import features, metrics as metrics_lib, report
   from stmem.preemption import NonFiniteLoss, main_thread, stop_requested
   from stmem.steps import parse_mesh
 
@@ -121,7 +121,7 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
   tx, schedule, param_shardings, opt_shardings, abstract_opt = (ft.tx, ft.schedule, ft.param_shardings,
                                                                 ft.opt_shardings, ft.abstract_opt)
   # Every device receives only its shard of the encoder read from the checkpoint and of the new head.
-  params = sharded_eval.place(host_params, param_shardings)
+  params = features.place(host_params, param_shardings)
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
   copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=param_shardings)  # best-so-far snapshot
 
@@ -137,7 +137,7 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
     saved = restored["meta"]
     best_step, best_score = saved["best_step"], saved["best_score"] if saved["best_score"] is not None else -np.inf
     if best_step >= 0:
-      best = sharded_eval.place(ckpt_lib.read_item(checkpointer.directory / str(start_step), "best"), param_shardings)
+      best = features.place(ckpt_lib.read_item(checkpointer.directory / str(start_step), "best"), param_shardings)
     info("resuming from step %d (%s)", start_step, checkpointer.directory / str(start_step))
   train_it = make_train_iter(data_state)
 
@@ -155,9 +155,9 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
   def evaluate(params, name: str) -> dict:
     """The split's records, each scored by its class probabilities averaged over its evaluation crops."""
     probs, labels, pids = [], [], []
-    for out, rows in sharded_eval.run(lambda *b: predict(params, *b), subsets[name][1], contract,
-                                      batch_size=config.eval_batch_size, lead_set=config.lead_set, starts=starts,
-                                      batch_sharding=batch_sharding, host_keys=("valid", "labels", "patient_id")):
+    for out, rows in features.eval_pass(lambda *b: predict(params, *b), subsets[name][1], contract,
+                                         batch_size=config.eval_batch_size, lead_set=config.lead_set, starts=starts,
+                                         batch_sharding=batch_sharding, host_keys=("valid", "labels", "patient_id")):
       valid = rows["valid"]
       probs.append(np.asarray(out)[valid])
       labels.append(rows["labels"][valid])

@@ -28,6 +28,7 @@ from flax import nnx
 from data_pipelines import leads as leads_lib
 from stmem import checkpoint as ckpt_lib
 from stmem import data as data_lib
+from stmem import evaluators as evaluators_lib
 from stmem import memory_plan as plan_lib
 from stmem import preemption
 from stmem import sharding as sharding_lib
@@ -131,6 +132,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, sto
   base_key = jax.jit(lambda: jax.random.key(config.seed + 1), out_shardings=replicated)()
   ok = jax.device_put(jnp.asarray(True), replicated)
 
+  # ------------------------------------------------------------------------------------------------ evaluators
+  # Built once (their data read now); run every `every` steps and at the end, only at steps where the loop syncs.
+  log = (lambda line: print(line, file=sys.stderr)) if is_main else (lambda line: None)
+  evals = evaluators_lib.from_config(config.get("evals"), contract=contract, mesh=mesh, model_cfg=cfg,
+                                     lead_set=config.data.lead_set)
+
   # ------------------------------------------------------------------------------------------------ train loop
   writer = metrics_lib.MetricWriter(workdir)
   preempted = {"flag": False}
@@ -164,6 +171,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, sto
     """Steps at which the loop reads from the devices: logs, figures, checkpoints, the end."""
     return (step % config.log_every == 0 or step == config.total_steps or step % checkpointer.every == 0
             or bool(config.figure_every and step % config.figure_every == 0)
+            or bool(evaluators_lib.due(evals, step, config.total_steps))
             or (stop_after is not None and step >= stop_after))
 
   try:
@@ -182,18 +190,27 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, sto
         save(step)  # returns at once unless a checkpoint is due
         if not sync_due(step):
           continue
+      m = {}  # this step's line of metrics.jsonl
+      due = evaluators_lib.due(evals, step, config.total_steps)
+      if due:  # the evaluators: at sync steps only; their time is kept out of steps_per_s
+        check_finite(step)  # never evaluate a diverged state
+        began = time.perf_counter()
+        m = evaluators_lib.run(due, evaluators_lib.Model(graphdef, params, cfg), log=lambda x: log(f"step {step}: {x}"))
+        last_log = (last_log[0] + time.perf_counter() - began, last_log[1])
       if step % config.log_every == 0 or step == config.total_steps:
         check_finite(step)
         now = time.perf_counter()
         steps_per_s = (step - last_log[1]) / max(now - last_log[0], 1e-9)
         last_log = (now, step)
-        m = {k: float(v) for k, v in step_metrics.items()}
+        m.update({k: float(v) for k, v in step_metrics.items()})
         m.update(lr=float(schedule(step - 1)), steps_per_s=steps_per_s, samples_per_s=steps_per_s * config.batch_size)
         if peak:
           m["mfu"] = metrics_lib.mfu(flops_per_step, 1.0 / steps_per_s, peak)
         writer.write(step, m)
         writer.console(step, config.total_steps, m, force=step == config.total_steps)
         summary["loss"] = m["loss"]
+      elif m:  # an evaluation between log steps: its own line
+        writer.write(step, m)
       if config.figure_every and step % config.figure_every == 0:
         _reconstruction_figure(graphdef, params, figure_batch, cfg, contract,
                                workdir / f"reconstruction_{step:06d}.png", write=is_main)
