@@ -92,13 +92,15 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.evals.probe.every = 100            # steps between probes (and one at the end)
     c.evals.probe.tasks = "synthetic"    # the simulator's six classes
     c.evals.probe.data = ml_collections.ConfigDict()
-    c.evals.probe.data.num_synthetic = 120  # simulated records of the probe task
+    c.evals.probe.data.num_synthetic = 60  # simulated records of the probe task
     c.evals.probe.lead_sets = "12,I"     # lead sets probed, each its own figure (eval/probe/12/auroc, ...)
+    c.evals.probe.use_splits = False     # cross-validate over every record (the simulator's hash split is too small)
     c.evals.probe.cv_folds = 3           # patient-grouped folds
     c.evals.probe.l2_grid = (1e-2, 1.0, 100.0)  # L2 penalties tried per head
     c.evals.probe.lbfgs_steps = 30       # L-BFGS iterations per head
     c.evals.probe.bootstrap = 100        # patient-level resamples for the intervals
     c.evals.probe.random_baseline = True  # also eval/probe/LEAD_SET/random_auroc, computed once
+    c.evals.probe.seed = 0               # folds, bootstrap and the probe's simulated records
   if preset == "tiny":
     c.batch_size, c.total_steps, c.warmup_steps = 16, 200, 20
     c.optim.base_lr = 1e-3 * 256 / c.batch_size   # learning rate 1e-3: short runs need a higher rate

@@ -52,7 +52,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Held-out reconstruction loss: simulator records from another seed, a fixed masking key.
   c.heldout = ml_collections.ConfigDict()
-  c.heldout.num_records = 256
+  c.heldout.data = ml_collections.ConfigDict()
+  c.heldout.data.num_synthetic = 256
   c.heldout.seed = 10_000
   c.heldout.batch_size = 32
 
@@ -72,7 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.pretrain.optim.base_lr = 1e-3 * 256 / 8
     c.pretrain.data.num_synthetic = 32
     c.pretrain.checkpoint.every, c.pretrain.log_every = 4, 2
-    c.heldout.num_records, c.heldout.batch_size = 16, 8
+    c.heldout.data.num_synthetic, c.heldout.batch_size = 16, 8
     c.probe.preset, c.probe.tasks, c.probe.lead_sets = "synthetic", "synthetic", "12,I"
     c.probe.cv_folds, c.probe.bootstrap = 3, 20
     c.probe.synthetic_n, c.probe.lbfgs_steps = 48, 20

@@ -79,7 +79,8 @@ class HeldOut:
   def __init__(self, config: Any, *, contract: Any, mesh: Any, lead_set: Any = "12"):
     from stmem import data, sharding as sharding_lib
     self.seed = int(_get(config, "seed", 0))
-    self.pool = data.open_pool(_spec_from_config(_get(config, "data", {}), seed=self.seed), contract)
+    self.spec = _spec_from_config(_get(config, "data", {}), seed=self.seed)
+    self.pool = data.open_pool(self.spec, contract)
     devices = mesh.size
     self.batch_size = -(-int(_get(config, "batch_size", 32)) // devices) * devices
     self.batch_sharding = sharding_lib.batch_sharding(mesh)

@@ -26,6 +26,8 @@ def main(argv: list[str]) -> int:
     pretrain_args.append(f"--config.total_steps={config.steps}")
   if config.records:
     pretrain_args.append(f"--config.data.num_synthetic={config.records}")
+  if config.no_probe:  # pretraining only: its held-out loss, no probe while it trains either
+    pretrain_args.append("--config.evals.probe=")
   rc = programs.run(pretrain_args)
   if rc:
     return rc
