@@ -2,10 +2,11 @@
 
 Reads top to bottom: mesh, input pipeline, model and optimiser created sharded, checkpoint restore, the jitted and
 donated update step (built by `stmem.steps`, compiled ahead and held against the device memory before the first
-step), the train loop (metrics, figures, checkpoints, preemption, NaN guard). Running the same command again resumes
-from the latest checkpoint in the workdir with exactly the next batch.
+step), the evaluators of `config.evals` (`stmem.evaluators`), the train loop (metrics, evaluations, figures,
+checkpoints, preemption, NaN guard). Running the same command again resumes from the latest checkpoint in the
+workdir with exactly the next batch.
 
-Between log and checkpoint steps the loop only dispatches: no device-to-host transfer, no cross-process collective,
+Between log, evaluation and checkpoint steps the loop only dispatches: no device-to-host transfer, no cross-process collective,
 so the host runs ahead of the devices. The NaN flag stays on the devices until a log or save step reads it, and a
 SIGTERM is agreed between processes at those steps (config.transfer_guard="disallow" makes any other transfer an
 error: the tests run so).
