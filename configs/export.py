@@ -1,13 +1,14 @@
 """`stmem export`: an encoder as a plain tensor file, a JSON config and a Markdown model card.
 
-  stmem export --config export --config.checkpoint=runs/base --config.out=exported/base
-  stmem export --checkpoint runs/base --out exported/base --format npz     (top-level keys as plain options)
+  stmem export --config export --config.init_from=runs/base --config.out=exported/base
+  stmem export --init_from runs/base --out exported/base --format npz     (top-level keys as plain options)
 
 Writes OUT/model.safetensors (or OUT/model.npz), OUT/config.json and OUT/README.md, under the ST-MEM authors'
 encoder-only tensor names in PyTorch layout; `stmem convert` reads the file back.
 """
 import ml_collections
 
+PROGRAM = "export"  # the command this file configures
 PRESETS = ("default",)
 
 
@@ -15,7 +16,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg not in (None, "default"):
     raise ValueError(f"unknown preset {arg!r}; choose from {PRESETS}")
   c = ml_collections.ConfigDict()
-  c.checkpoint = ""          # a stmem checkpoint: a workdir, its checkpoints/ folder, or a step folder
+  c.init_from = ""           # a stmem checkpoint: a workdir, its checkpoints/ folder, or a step folder
   c.out = ""                 # folder to write the model file, config.json and README.md into
   c.format = "safetensors"   # "safetensors" or "npz"
   return c

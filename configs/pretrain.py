@@ -6,6 +6,9 @@ r"""ST-MEM pretraining. Presets: tiny, demo, small, base, large.
   stmem pretrain --config configs/pretrain.py:base --workdir ~/runs/stmem-base \
       --config.data.source=prepared --config.data.data_dir=~/tensorflow_datasets --config.data.name=cinc \
       --config.mesh=data:2,fsdp:4
+  # a folder of raw WFDB records, read in memory as `stmem prepare` would prepare it (LUDB here):
+  stmem pretrain --config pretrain:tiny --workdir /tmp/stmem/ludb \
+      --config.data.source=raw --config.data.records=../shared/data/ludb --config.data.name=ludb
   # any field can be overridden: --config.optim.base_lr=3e-4 --config.total_steps=1000 --config.model.dtype=bfloat16
   # will it fit? compile ahead of time for a TPU slice or a budget (see `stmem plan --help`):
   stmem plan --config configs/pretrain.py:base --topology v5e:4x4
@@ -17,6 +20,7 @@ pretrains `base` for 800 epochs at batch 2048 on 188,480 ECGs (learning rate 1.5
 """
 import ml_collections
 
+PROGRAM = "pretrain"  # the command this file configures
 PRESETS = ("tiny", "demo", "small", "base", "large")
 
 
@@ -34,11 +38,13 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.model.method = "stmem"         # "stmem", or the paper's baselines "mtae" / "mlae" (12 leads only)
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "synthetic"      # "synthetic" (built-in simulator) or "prepared" (a `stmem prepare` output)
+  c.data.source = "synthetic"      # "synthetic" (built-in simulator), "prepared" (a `stmem prepare` output) or "raw"
   c.data.data_dir = ""             # prepared: the --data_dir given to `stmem prepare`
-  c.data.name = ""                 # prepared: dataset name (folder under data_dir)
+  c.data.records = ""              # raw: a folder of records (or one holding ludb/, cinc2021/, ...), read in memory
+  c.data.name = ""                 # prepared: dataset (folder under data_dir); raw: its builder (ludb, generic, ...)
   c.data.split = "train"           # prepared: the split to train on
   c.data.lead_set = "12"           # lead slots fed to the model, by name
+  c.data.lead_map = ""             # raw: rename file channels to standard leads, e.g. ECG=I (as `stmem prepare`)
   c.data.num_synthetic = 512       # synthetic: number of 10 s records
   c.data.worker_count = 0          # grain worker processes (0: in the main process)
 

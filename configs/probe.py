@@ -1,12 +1,12 @@
 """Linear probe of a frozen ST-MEM encoder, swept over lead sets, with a random-encoder baseline in every report.
 
-  stmem probe --config configs/probe.py:shared --config.checkpoint=CKPT --workdir runs/probe_shared
+  stmem probe --config configs/probe.py:shared --config.init_from=CKPT --workdir runs/probe_shared
       LUDB AF/flutter, LVH and electric axis + CinC sinus tachycardia, read raw from ../shared/data, 5-fold
       patient-grouped cross-validation, 7 lead sets. A tiny model takes about 3 minutes on a 2-core CPU.
-  stmem probe --config configs/probe.py:ludb --config.checkpoint=CKPT --config.data_root=/data --workdir DIR
-  stmem probe --config configs/probe.py:prepared --config.checkpoint=CKPT --config.data_dir=PREPARED --workdir DIR
+  stmem probe --config configs/probe.py:ludb --config.init_from=CKPT --config.data.records=/data --workdir DIR
+  stmem probe --config configs/probe.py:prepared --config.init_from=CKPT --config.data.data_dir=PREPARED --workdir DIR
       a prepared dataset (`stmem prepare`): its train/validation/test splits, or cross-validation if it has one split.
-  stmem probe --config configs/probe.py:synthetic --workdir DIR     (no checkpoint: random-encoder rows only)
+  stmem probe --config configs/probe.py:synthetic --workdir DIR     (no init_from: random-encoder rows only)
 
 Lead sets: named (12, limb6, precordial6, limb3, I, II, V1, I+II, I+II+V2) or any '+'-joined list of lead names in
 any order (`--config.lead_sets=12,V2+I+aVF`); each slot is fed by lead name, never by position.
@@ -14,6 +14,7 @@ Writes report.md / report.csv / report.json, auroc_<task>.png and roc_<task>.png
 """
 import ml_collections
 
+PROGRAM = "probe"  # the command this file configures
 PRESETS = ("shared", "ludb", "cinc", "prepared", "synthetic", "test")
 
 
@@ -22,12 +23,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg not in PRESETS:
     raise ValueError(f"unknown preset {arg!r}; choose from {PRESETS}")
   c = ml_collections.ConfigDict()
-  c.checkpoint = ""             # a stmem checkpoint (workdir, checkpoints/ folder or step folder); "" = random only
-  c.model = "tiny"              # architecture of the random encoder when there is no checkpoint
+  c.init_from = ""              # a stmem checkpoint (workdir, checkpoints/ folder or step folder); "" = random only
+  c.model = ml_collections.ConfigDict()
+  c.model.variant = "tiny"      # architecture of the random encoder when there is no init_from
   c.tasks = "ludb_af,ludb_lvh,ludb_axis,cinc_stach"  # comma-separated task names
-  c.data_root = "../shared/data"  # raw folders for ludb_* / cinc_* tasks
-  c.lead_map = ""               # raw tasks: rename file channels to standard leads, e.g. ECG=I (as `stmem prepare`)
-  c.data_dir = ""               # prepared dataset for the `prepared` task
+  c.data = ml_collections.ConfigDict()
+  c.data.records = "../shared/data"  # raw tasks (ludb_*, cinc_*): the folder holding ludb/, cinc2021/, ...
+  c.data.lead_map = ""          # raw tasks: rename file channels to standard leads, e.g. ECG=I (as `stmem prepare`)
+  c.data.data_dir = ""          # prepared dataset for the `prepared` task
+  c.data.num_synthetic = 240    # synthetic task: number of simulated records
   c.labels = ""                 # comma-separated label names of a prepared dataset ("" = all)
   c.kind = "multilabel"         # prepared task: "multilabel" (sigmoid per class) or "multiclass" (softmax)
   c.lead_sets = "12,limb6,precordial6,I,II,I+II,I+II+V2"  # comma-separated lead sets, each probed separately
@@ -44,7 +48,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.batch_size = 32             # records per batch (x3 evaluation crops), over all devices (rounded up to them)
   c.mesh = "data:-1"            # device mesh of the feature pass: each batch split over every device and process
   c.num_devices = 0             # 0: every device; k: the first k (single-process runs only)
-  c.synthetic_n = 240           # synthetic task: number of simulated records
   c.seed = 0                    # folds, bootstrap and synthetic data
   if arg == "ludb":
     c.tasks = "ludb_af,ludb_lvh,ludb_axis"

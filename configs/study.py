@@ -24,6 +24,7 @@ shared with another run (about 40 min idle, from 488 s per 1,500-step ST-MEM run
 """
 import ml_collections
 
+PROGRAM = "study"  # the command this file configures
 PRESETS = ("cpu", "smoke")
 
 
@@ -62,7 +63,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.probe.preset = "shared"                     # LUDB AF / LVH / axis and CinC sinus tachycardia, raw from ../shared
   c.probe.tasks = "ludb_af,ludb_lvh,ludb_axis,cinc_stach,ludb_sex"  # every task the shared recordings support
   c.probe.lead_sets = "12,limb6,I+II,I"         # MTAE / MLAE are probed on '12' only (they need all 12 leads)
-  c.probe.data_root = "../shared/data"
+  c.probe.data = ml_collections.ConfigDict()
+  c.probe.data.records = "../shared/data"
   c.probe.use_splits = False                   # patient-grouped CV over every record, even where the data has splits
   c.probe.cv_folds = 5
   c.probe.bootstrap = 1000
@@ -76,5 +78,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.heldout.data.num_synthetic, c.heldout.batch_size = 16, 8
     c.probe.preset, c.probe.tasks, c.probe.lead_sets = "synthetic", "synthetic", "12,I"
     c.probe.cv_folds, c.probe.bootstrap = 3, 20
-    c.probe.synthetic_n, c.probe.lbfgs_steps = 48, 20
+    c.probe.data.num_synthetic, c.probe.lbfgs_steps = 48, 20
   return c

@@ -1,8 +1,9 @@
 """How every `stmem` program is configured: `--config FILE_OR_NAME[:PRESET] [--config.KEY=VALUE ...] [--workdir DIR]`.
 
-One style for pretrain, probe, finetune, embed, export, convert and demo: an ml_collections file under `configs/`
-(`get_config(preset)`, a `PRESETS` tuple whose first entry is the default, the command lines in its docstring, one
-trailing `# meaning` comment per key). What this module adds to ml_collections' `config_flags`:
+One style for pretrain, probe, finetune, embed, export, convert, demo and study: an ml_collections file under
+`configs/` (`get_config(preset)`, a `PRESETS` tuple whose first entry is the default, `PROGRAM` naming the command it
+configures, the command lines in its docstring, one trailing `# meaning` comment per key), every file with the same
+keys for the same things (`tests/test_config_vocabulary.py`). What this module adds to ml_collections' `config_flags`:
 
 - config files by name: `--config pretrain:tiny` is `configs/pretrain.py:tiny` of the installed package, so it works
   from any working directory; a path (`configs/x.py`, `~/my.py`, `$RUNS/x.py`) is used as given when it exists,
@@ -10,8 +11,10 @@ trailing `# meaning` comment per key). What this module adds to ml_collections' 
 - `--help` (and `--helpfull`) generated from the config file: its docstring, its presets, and every key with its
   default (of the chosen preset) and the meaning written beside it in the file;
 - `~` and environment variables expanded in `--workdir` and every path-like string key (see `is_path_key`);
-- `--KEY=VALUE` (or `--KEY VALUE`, `--KEY` for a boolean) as a shorthand for `--config.KEY=VALUE` of a top-level key,
-  which keeps the short command lines of embed, export and convert working;
+- `--KEY=VALUE` (or `--KEY VALUE`, `--KEY` for a boolean) as a shorthand for `--config.KEY=VALUE` of a top-level key
+  or a key of the `data` block, which keeps the short command lines of embed, export and convert working;
+- a key that was renamed (`RENAMED`), given on the command line, is refused in one line naming its new name;
+- a config file whose `PROGRAM` is another command is refused (`stmem finetune --config pretrain:tiny`);
 - errors as `ConfigError` naming the option or file and what to do, never an absl traceback.
 
 A private `flags.FlagValues()` per call, so that several programs (or tests) in one process do not collide on the
@@ -39,8 +42,35 @@ CONFIG_DIR = pathlib.Path(importlib.util.find_spec("configs").origin).resolve().
 HELP_FLAGS = ("-h", "--help", "-help", "--helpfull", "--helpshort")
 # String keys holding a path: `~` and $VARS are expanded in them. By name, so that a config file needs no
 # annotation: the last component is one of these, or ends with one of the suffixes.
-_PATH_NAMES = ("checkpoint", "out", "records", "reference", "workdir")
+_PATH_NAMES = ("init_from", "out", "records", "reference", "workdir")
 _PATH_SUFFIXES = ("_dir", "_root", "_path", "_file", "_csv")
+
+
+# Keys that were renamed: old name -> its replacements, in the order tried (the first that the config has is the one
+# named). A name is relative to its block: `probe.data_root` in the study's config is `probe.data.records`.
+RENAMED: dict[str, tuple[str, ...]] = {
+  "steps": ("total_steps",),
+  "checkpoint": ("init_from",),           # a checkpoint to load; `checkpoint.*` are the save settings
+  "model": ("model.variant",),
+  "variant": ("model.variant",),
+  "synthetic_n": ("data.num_synthetic",),
+  "synthetic": ("data.num_synthetic",),
+  "num_records": ("data.num_synthetic",),
+  "records": ("data.records", "data.num_synthetic"),  # demo's `records` was a count of simulated ECGs
+  "data_root": ("data.records",),
+  "data_dir": ("data.data_dir",),
+  "split": ("data.split",),
+  "lead_set": ("data.lead_set",),
+  "lead_map": ("data.lead_map",),
+  "base_lr": ("optim.base_lr",),
+  "weight_decay": ("optim.weight_decay",),
+  "b1": ("optim.b1",),
+  "b2": ("optim.b2",),
+  "clip_norm": ("optim.clip_norm",),
+  "layer_decay": ("optim.layer_decay",),
+  "keep": ("checkpoint.keep",),
+  "async_save": ("checkpoint.async_save",),
+}
 
 
 class ConfigError(UsageError):
@@ -95,6 +125,20 @@ def load_module(path: pathlib.Path):
   if not hasattr(module, "get_config"):
     raise ConfigError(f"--config {path}: not a config file (it has no get_config(preset) function)")
   return module
+
+
+def program_of(module, path: pathlib.Path) -> str:
+  """The command a config file configures: its `PROGRAM`, else the file's name (`configs/probe.py`: probe)."""
+  return str(getattr(module, "PROGRAM", path.stem))
+
+
+def program(argv: Sequence[str], default: str | None = None) -> str:
+  """The command that the config file named on a command line (`--config NAME[:PRESET]`) configures."""
+  spec, _ = _config_spec(list(argv), default)
+  if spec is None:
+    raise ConfigError("--config is required")
+  path, _ = resolve(spec)
+  return program_of(load_module(path), path)
 
 
 def presets(module) -> tuple[str, ...]:
@@ -167,8 +211,8 @@ def help_text(prog: str, path: pathlib.Path, module, preset: str | None, workdir
   lines.append(f"config file: {path}   (another: --config FILE.py[:PRESET]; shipped: {', '.join(available())})")
   if names:
     lines.append(f"presets: {', '.join(n + (' (default)' if i == 0 else '') for i, n in enumerate(names))}")
-  lines += ["", f"config keys, with the defaults of preset {chosen!r}; set with --config.KEY=VALUE (a top-level key "
-                f"also as --KEY=VALUE); ~ and $VARS are expanded in paths:"]
+  lines += ["", f"config keys, with the defaults of preset {chosen!r}; set with --config.KEY=VALUE (a top-level or "
+                f"data key also as --KEY=VALUE); ~ and $VARS are expanded in paths:"]
   meanings = key_comments(path)
   items = list(flat_items(config))
   width = min(max((len(f"{k} = {v!r}") for k, v in items), default=0), 48)
@@ -204,26 +248,80 @@ def _config_spec(argv: list[str], default: str | None) -> tuple[str | None, list
   return spec, rest
 
 
+def _leaves(config) -> set[str]:
+  return {key for key, _ in flat_items(config)}
+
+
+def _is_block(config, dotted: str) -> bool:
+  node = config
+  for part in dotted.split("."):
+    if not (hasattr(node, "items") and part in node):
+      return False
+    node = node[part]
+  return hasattr(node, "items") and hasattr(node, "lock")
+
+
+def renamed(dotted: str, config) -> str | None:
+  """The new name of a renamed key (`RENAMED`) that the config has, for a key it lacks; else None."""
+  if dotted in _leaves(config):
+    return None
+  *parents, last = dotted.split(".")
+  prefix = "".join(f"{p}." for p in parents)
+  return next((prefix + new for new in RENAMED.get(last, ()) if prefix + new in _leaves(config)), None)
+
+
+def _shorthand(dotted: str) -> str:
+  """How a key is written as a plain option: `--KEY` for top-level and data keys, else `--config.KEY`."""
+  if "." not in dotted:
+    return f"--{dotted}"
+  block, _, key = dotted.partition(".")
+  return f"--{key}" if block == "data" and "." not in key else f"--config.{dotted}"
+
+
+def _check_renamed(argv: list[str], config, prog: str) -> None:
+  """Refuse `--config.OLD=...` of a renamed key in one line naming the new key, and a value given to a block."""
+  for a in argv:
+    if not a.startswith(("--config.", "-config.")):
+      continue
+    dotted = a.split("=", 1)[0].split("config.", 1)[1]
+    new = renamed(dotted, config)
+    if new is not None:
+      raise ConfigError(f"--config.{dotted} is now --config.{new} (see `{prog} --help`)")
+    if _is_block(config, dotted):
+      keys = [k for k, _ in flat_items(config) if k.startswith(dotted + ".")]
+      raise ConfigError(f"--config.{dotted} is a block of keys ({', '.join(keys)}): set one of them, e.g. "
+                        f"--config.{keys[0]}=...")
+
+
 def _shorthands(argv: list[str], config) -> list[str]:
-  """`--KEY=VALUE`, `--KEY VALUE`, `--KEY` (booleans) of top-level keys -> `--config.KEY=VALUE`."""
+  """`--KEY=VALUE`, `--KEY VALUE`, `--KEY` (booleans) of top-level keys and keys of the `data` block ->
+  `--config.KEY=VALUE` / `--config.data.KEY=VALUE`; a renamed key is refused naming the new one."""
+  data = config["data"] if "data" in config and hasattr(config["data"], "lock") else {}
   out, i = [], 0
   while i < len(argv):
     a = argv[i]
     name, eq, value = a[2:].partition("=") if a.startswith("--") else ("", "", "")
     key = name.replace("-", "_")
-    if name and key not in ("config", "workdir") and not key.startswith("config.") and key in config \
-        and not hasattr(config[key], "lock"):
+    dotted = (key if key in config and not hasattr(config[key], "lock") else
+              f"data.{key}" if key in data and not hasattr(data[key], "lock") else None)
+    if name and key not in ("config", "workdir") and not key.startswith("config.") and dotted is not None:
+      default = config[key] if "." not in dotted else data[key]
       if not eq:
-        if isinstance(config[key], bool):
+        if isinstance(default, bool):
           value = "True"
         elif i + 1 < len(argv):
           i += 1
           value = argv[i]
         else:
-          raise ConfigError(f"--{name} needs a value (e.g. --{name}={config[key]!r})")
-      out.append(f"--config.{key}={value}")
+          raise ConfigError(f"--{name} needs a value (e.g. --{name}={default!r})")
+      out.append(f"--config.{dotted}={value}")
     elif name.startswith("no") and name[2:].lstrip("_") in config and isinstance(config[name[2:].lstrip("_")], bool):
       out.append(f"--config.{name[2:].lstrip('_')}=False")  # absl's --noKEY for booleans
+    elif name and key not in ("config", "workdir") and not key.startswith("config.") \
+        and renamed(key, config) is not None:
+      new = renamed(key, config)
+      also = f" (--config.{new})" if _shorthand(new) != f"--config.{new}" else ""
+      raise ConfigError(f"--{name} is now {_shorthand(new)}{also}")
     else:
       out.append(a)
     i += 1
@@ -231,11 +329,13 @@ def _shorthands(argv: list[str], config) -> list[str]:
 
 
 def parse(argv: Sequence[str], prog: str, default: str | None, *, workdir: str | None = "required",
-          workdir_default: str | None = None):
+          workdir_default: str | None = None, programs: Sequence[str] | None = None):
   """(config, workdir) from a command line without the program name.
 
   `default`: the config used without --config (`NAME[:PRESET]`), None to require one. `workdir`: "required",
-  "optional" (then `workdir_default` applies) or None (the program takes no --workdir). Paths come back expanded.
+  "optional" (then `workdir_default` applies) or None (the program takes no --workdir). `programs`: the commands
+  whose config files this program takes (default: the command of `prog`, `stmem NAME`); a file that declares
+  another `PROGRAM` is refused. Paths come back expanded.
   """
   argv = list(argv)
   spec, rest = _config_spec(argv, default)
@@ -249,12 +349,18 @@ def parse(argv: Sequence[str], prog: str, default: str | None, *, workdir: str |
                       f"{prog.split()[-1] if prog.split()[-1] in available() else available()[0]}:PRESET)")
   path, preset = resolve(spec)
   module = load_module(path)
+  if programs is None and prog.startswith("stmem "):
+    programs = (prog.split()[1],)
+  if programs and hasattr(module, "PROGRAM") and module.PROGRAM not in programs:
+    raise ConfigError(f"--config {spec}: {path.name} configures `stmem {module.PROGRAM}`, not `{prog}`; give a "
+                      f"config of {' or '.join(programs)} (e.g. --config {programs[0]})")
   if wants_help:
     print(help_text(prog, path, module, preset, workdir))
     raise SystemExit(0)
   defaults = default_config(module, path, preset)
   rest = _shorthands(rest, defaults)
   rest, emptied = _emptied_blocks(rest, defaults)
+  _check_renamed(rest, defaults, prog)
   fv = flags.FlagValues()
   full = f"{path}:{preset}" if preset is not None else str(path)
   if workdir is not None:
@@ -284,20 +390,25 @@ def parse(argv: Sequence[str], prog: str, default: str | None, *, workdir: str |
 
 def require(config, prog: str, *keys: str) -> None:
   """Refuse a run without the keys a program cannot do without (paths with no sensible default)."""
-  missing = [k for k in keys if not config[k]]
+  missing = [k for k in keys if not _get(config, k)]
   if missing:
-    named = " and ".join(f"--config.{k} (or --{k})" for k in missing)
+    named = " and ".join(f"--config.{k} (or {_shorthand(k)})" for k in missing)
     raise ConfigError(f"{named} {'is' if len(missing) == 1 else 'are'} required; see `{prog} --help`")
 
 
+# Blocks that a command line may empty (`--config.evals=`: no evaluator; `--config.evals.probe=`: not that one).
+EMPTIABLE = ("evals",)
+
+
 def _emptied_blocks(argv: list[str], config) -> tuple[list[str], list[str]]:
-  """`--config.BLOCK=` (or `=none`) empties a block of the config (`--config.evals=` runs no evaluator): returns
-  the command line without those options and the blocks to empty."""
+  """`--config.BLOCK=` (or `=none`) of an `EMPTIABLE` block, or of a block inside one, empties it: returns the
+  command line without those options and the blocks to empty."""
   rest, emptied = [], []
   for a in argv:
     name, eq, value = a.partition("=")
     key = name.removeprefix("--config.") if name.startswith("--config.") else ""
-    if key and eq and value.strip().lower() in ("", "none") and hasattr(_get(config, key), "lock"):
+    if (key.split(".")[0] in EMPTIABLE and eq and value.strip().lower() in ("", "none")
+        and _is_block(config, key)):
       emptied.append(key)
     else:
       rest.append(a)
@@ -305,10 +416,8 @@ def _emptied_blocks(argv: list[str], config) -> tuple[list[str], list[str]]:
 
 
 def _get(config, dotted: str) -> Any:
-  for p in dotted.split("."):
-    if not hasattr(config, "get"):
-      return None
-    config = config.get(p)
+  for part in dotted.split("."):
+    config = config[part]
   return config
 
 

@@ -1,10 +1,11 @@
 """Where a program's examples come from, and the grain pipeline from them to batches and global jax.Arrays.
 
-One way for every program (pretrain, probe, finetune, embed) to get examples: `open_pool(DatasetSpec(...),
-contract)` over a prepared dataset (`stmem prepare` output), a folder of raw records (read in memory through the
-same builder code that prepares it: reader -> Record -> windows -> quarantine, every window, content hash
-included), or the built-in simulator. A `Pool` is random-access examples plus what a program needs to choose and
-label them (ids, split names, labels); `task_pools` adds the named tasks of `data_pipelines.labels.tasks` over them.
+One way for every program (pretrain, probe, finetune, embed) to get examples: a config's `data` block becomes a
+`DatasetSpec` (`spec_from_config`), and `open_pool(spec, contract)` reads it: a prepared dataset (`stmem prepare`
+output), a folder of raw records (read in memory through the same builder code that prepares it: reader -> Record
+-> windows -> quarantine, every window, content hash included), or the built-in simulator. A `Pool` is random-access
+examples plus what a program needs to choose and label them (ids, split names, labels); `task_pools` adds the named
+tasks of `data_pipelines.labels.tasks` over them.
 
 Then one pipeline, per process, over any random-access source of example dicts:
 
@@ -359,16 +360,71 @@ def find_raw(root: str | os.PathLike[str], folder: str) -> str:
   return candidate if folder and os.path.isdir(candidate) else root
 
 
-def task_pools(task_names: Sequence[str], contract: Contract, *, data_dir: str = "", data_root: str = "",
-               labels: Sequence[str] = (), kind: str = "multilabel", num_synthetic: int = 240, seed: int = 0,
-               lead_map: str = "") -> tuple[dict[str, Pool], list[tuple[str, Any]]]:
+def _raw_folder(builder: str) -> str:
+  """The folder a builder's raw files sit in under a data root (`cinc2021/` for cinc), as the named tasks say."""
+  from data_pipelines.labels import tasks as tasks_lib
+  return next((t.folder for t in tasks_lib.TASKS.values() if t.dataset == builder and t.folder), builder)
+
+
+def spec_from_config(data_config: Mapping[str, Any], *, seed: int = 0,
+                     options: Sequence[tuple[str, str]] = ()) -> DatasetSpec:
+  """The `DatasetSpec` of a config's `data` block: the one way a program turns its config into where examples come
+  from (then `open_pool(spec, contract)`).
+
+  Keys (absent ones take their default): `source` ("synthetic", "prepared" or "raw"; "" means the one of
+  `data_dir`, `records`, `num_synthetic` that is set), `name` (prepared: the dataset under `data_dir`; raw: the
+  builder that reads `records`, default "generic"), `data_dir` (a `stmem prepare` output), `records` (a folder of raw
+  records, or a folder holding them under the builder's folder: `ludb/`, `cinc2021/`), `split` (prepared:
+  comma-separated splits to read; "" reads every split there), `num_synthetic` (simulated records, from `seed`),
+  `lead_map` (raw: channel renames, as `stmem prepare --lead_map`). `options` are further builder options of a raw
+  folder (a named task's).
+  """
+  def get(key: str, default: Any = "") -> Any:
+    value = data_config.get(key, default) if hasattr(data_config, "get") else default
+    return default if value is None else value
+
+  source = get("source")
+  if not source:
+    given = [s for s, key in (("prepared", "data_dir"), ("raw", "records"), ("synthetic", "num_synthetic"))
+             if get(key, 0)]
+    if len(given) != 1:
+      raise UsageError("give one of --config.data.data_dir (a prepared dataset), --config.data.records (a folder of "
+                       "raw records) or --config.data.num_synthetic=N (N simulated ECGs)"
+                       + (f"; got {' and '.join(given)}" if given else ""))
+    source = given[0]
+  if source == "synthetic":
+    count = int(get("num_synthetic", 240))
+    if count < 1:
+      raise UsageError(f"data.source 'synthetic' needs --config.data.num_synthetic of 1 or more, not {count}")
+    return DatasetSpec("synthetic", num_synthetic=count, seed=int(seed))
+  if source == "prepared":
+    if not get("data_dir"):
+      raise UsageError("data.source 'prepared' needs --config.data.data_dir (a `stmem prepare` output)")
+    splits = tuple(s.strip() for s in str(get("split")).split(",") if s.strip()) or SPLITS
+    return DatasetSpec("prepared", path=str(get("data_dir")), name=str(get("name")), splits=splits)
+  if source == "raw":
+    if not get("records"):
+      raise UsageError("data.source 'raw' needs --config.data.records (a folder of raw records)")
+    name = str(get("name")) or "generic"
+    lead_map = str(get("lead_map"))
+    options = tuple(options) + ((("lead_map", lead_map),) if lead_map else ())
+    return DatasetSpec("raw", path=find_raw(get("records"), _raw_folder(name)), name=name, options=options)
+  raise UsageError(f"data.source must be one of {', '.join(SOURCES)}, not {source!r}")
+
+
+def task_pools(task_names: Sequence[str], contract: Contract, data_config: Mapping[str, Any], *,
+               labels: Sequence[str] = (), kind: str = "multilabel",
+               seed: int = 0) -> tuple[dict[str, Pool], list[tuple[str, Any]]]:
   """Pools and named tasks (`data_pipelines.labels.tasks`) over them: ({pool key: Pool}, [(pool key, Task)]).
 
-  Tasks of one dataset share one pool (one read, one feature pass). `contract` is the checkpoint's: raw and
-  simulated examples are made to it; a prepared dataset (`data_dir`) keeps its own. `labels` and `kind` choose
-  the `prepared` task's columns and link; `lead_map` (`--lead_map ECG=I`) names the channels of raw records.
+  Tasks of one dataset share one pool (one read, one feature pass). Each task names its source; `data_config` (a
+  config's `data` block, read by `spec_from_config`) says where it is: `data_dir` for the `prepared` task, `records`
+  (the folder holding ludb/, cinc2021/, ...) for raw tasks, `num_synthetic` for `synthetic`, and `lead_map`.
+  `contract` is the checkpoint's: raw and simulated examples are made to it; a prepared dataset keeps its own.
+  `labels` and `kind` choose the `prepared` task's columns and link.
   """
   from data_pipelines.labels import tasks as tasks_lib
+  get = lambda key, default="": data_config.get(key, default)  # noqa: E731
   pools: dict[str, Pool] = {}
   out = []
   for name in task_names:
@@ -376,18 +432,18 @@ def task_pools(task_names: Sequence[str], contract: Contract, *, data_dir: str =
     key = spec.pool_key
     if key not in pools:
       if spec.dataset == "prepared":
-        if not data_dir:
-          raise UsageError("task 'prepared' needs a prepared dataset: set data_dir (`stmem prepare` output)")
-        ds = DatasetSpec("prepared", path=data_dir)
+        if not get("data_dir"):
+          raise UsageError("task 'prepared' needs a prepared dataset: set --config.data.data_dir (`stmem prepare` "
+                           "output)")
+        block = {"source": "prepared", "data_dir": get("data_dir"), "name": get("name")}
       elif spec.dataset == "synthetic":
-        ds = DatasetSpec("synthetic", num_synthetic=num_synthetic, seed=seed)
+        block = {"source": "synthetic", "num_synthetic": get("num_synthetic", 240)}
       else:
-        if not data_root:
-          raise ValueError(f"task {name!r} reads raw {spec.dataset} records: set data_root (the folder holding "
-                           f"{spec.folder}/)")
-        ds = DatasetSpec("raw", path=find_raw(data_root, spec.folder), name=spec.dataset,
-                         options=tuple(spec.options) + ((("lead_map", lead_map),) if lead_map else ()))
-      pools[key] = open_pool(ds, contract)
+        if not get("records"):
+          raise UsageError(f"task {name!r} reads raw {spec.dataset} records: set --config.data.records (the folder "
+                           f"holding {spec.folder}/)")
+        block = {"source": "raw", "records": get("records"), "name": spec.dataset, "lead_map": get("lead_map")}
+      pools[key] = open_pool(spec_from_config(block, seed=seed, options=spec.options), contract)
     pool = pools[key]
     out.append((key, tasks_lib.make_task(spec, pool.label_names, pool.labels, {"sex": pool.sex})))
   return pools, out

@@ -79,7 +79,7 @@ class HeldOut:
   def __init__(self, config: Any, *, contract: Any, mesh: Any, lead_set: Any = "12"):
     from stmem import data, sharding as sharding_lib
     self.seed = int(_get(config, "seed", 0))
-    self.spec = _spec_from_config(_get(config, "data", {}), seed=self.seed)
+    self.spec = data.spec_from_config(_get(config, "data", {}), seed=self.seed)
     self.pool = data.open_pool(self.spec, contract)
     devices = mesh.size
     self.batch_size = -(-int(_get(config, "batch_size", 32)) // devices) * devices
@@ -180,23 +180,23 @@ class Probe:
 
   def __init__(self, config: Any, *, contract: Any, mesh: Any, log: Callable[[str], None] | None = None):
     from data_pipelines import leads as leads_lib
+    from stmem import data
     self.config = {k: _get(config, k, v) for k, v in PROBE_DEFAULTS.items()}
     self.data_config = _get(config, "data", {})
-    self._config = config
     self.mesh, self.contract, self.log = mesh, contract, log or (lambda _: None)
     self.lead_sets = _csv(self.config["lead_sets"])
     for ls in self.lead_sets:
       leads_lib.parse_lead_set(ls)  # refuse a bad lead set before any data is read
-    self.pools, self.tasks = _task_pools(_csv(self.config["tasks"]), contract, self.data_config, config,
-                                         labels=_csv(self.config["labels"]), kind=self.config["kind"],
-                                         seed=int(self.config["seed"]))
+    self.pools, self.tasks = data.task_pools(_csv(self.config["tasks"]), contract, self.data_config,
+                                            labels=_csv(self.config["labels"]), kind=self.config["kind"],
+                                            seed=int(self.config["seed"]))
     self.protocols = {t.name: evaluation_folds(t, self.pools[key], self.config) for key, t in self.tasks}
     self.notes: list[str] = []
     self._random_metrics: dict[str, float] | None = None
 
   def title(self, task) -> str:
     from stmem import report
-    return report.task_title(task.name, self.data_config or self._config)
+    return report.task_title(task.name, {"data": self.data_config})
 
   def rows(self, encoders: Mapping[str, Any]) -> tuple[list[dict], dict]:
     """Report rows (macro and per-class metrics with patient-bootstrap intervals) of every encoder on every task
@@ -318,24 +318,3 @@ def run(evals: Sequence[tuple[str, int, Any]], model: Model, log: Callable[[str]
       log(f"eval {name} ({seconds:.1f} s): {shown}")
   return out
 
-
-# ------------------------------------------------------------------------------------------------ data blocks
-
-
-def _spec_from_config(block: Any, *, seed: int):
-  from stmem import data
-  source = _get(block, "source", "synthetic")
-  if source == "synthetic":
-    return data.DatasetSpec("synthetic", num_synthetic=int(_get(block, "num_synthetic", 240)), seed=seed)
-  if source == "prepared":
-    return data.DatasetSpec("prepared", path=_get(block, "data_dir", ""), name=_get(block, "name", ""),
-                            splits=tuple(_csv(_get(block, "split", "test"))))
-  raise UsageError(f"data.source {source!r}: an evaluator reads 'synthetic' or 'prepared' records")
-
-
-def _task_pools(tasks, contract, block, config, *, labels, kind, seed):
-  from stmem import data
-  g = lambda k, old, d: _get(block, k, _get(config, old, d))  # noqa: E731
-  return data.task_pools(tasks, contract, data_dir=g("data_dir", "data_dir", ""), data_root=g("records", "data_root", ""),
-                         labels=labels, kind=kind, num_synthetic=int(g("num_synthetic", "synthetic_n", 240)), seed=seed,
-                         lead_map=g("lead_map", "lead_map", ""))

@@ -36,7 +36,8 @@ AVERAGING = ("macro = unweighted mean over classes of the one-vs-rest figure (cl
 def task_title(name: str, config: Mapping[str, Any]) -> str:
   """The task's name for the report: a prepared dataset's task is named by its records' source (`cinc2017`,
   `ludb`), or its builder's folder, rather than `prepared`, which says nothing about what was probed."""
-  data_dir = config.get("data_dir") if hasattr(config, "get") else None
+  data = config.get("data") if hasattr(config, "get") else None
+  data_dir = data.get("data_dir") if hasattr(data, "get") else None
   if name != "prepared" or not data_dir:
     return name
   from data_pipelines import builder_base

@@ -226,10 +226,11 @@ def finetune_step(config, mesh, graphdef, params, *, kind: str, depth: int, clas
   """The update of a `Classifier` (`graphdef`, `params` as a pure dict, arrays or shapes) under `config`
   (configs/finetune.py) on `mesh`; `depth` is the encoder's (layer-wise decay). The batch holds signal (B, L, T),
   lead_ids, lead_mask (B, L) and labels (B, C)."""
-  lr = optim.scaled_lr(float(config.base_lr), int(config.batch_size))
-  schedule = optim.warmup_cosine(lr, int(config.warmup_steps), int(config.steps))
-  tx = optim.adamw(params, schedule=schedule, b1=config.b1, b2=config.b2, weight_decay=float(config.weight_decay),
-                   clip_norm=float(config.clip_norm), layer_decay=float(config.layer_decay), depth=depth)
+  o = config.optim
+  lr = optim.scaled_lr(float(o.base_lr), int(config.batch_size))
+  schedule = optim.warmup_cosine(lr, int(config.warmup_steps), int(config.total_steps))
+  tx = optim.adamw(params, schedule=schedule, b1=o.b1, b2=o.b2, weight_decay=float(o.weight_decay),
+                   clip_norm=float(o.clip_norm), layer_decay=float(o.layer_decay), depth=depth)
   param_shardings = sharding_lib.tree_shardings(params, mesh, min_size=config.fsdp_min_size)
   abstract_opt = jax.eval_shape(tx.init, params)
   opt_shardings = sharding_lib.tree_shardings(abstract_opt, mesh, min_size=config.fsdp_min_size)

@@ -55,10 +55,10 @@ def test_help_shows_the_chosen_presets_defaults_and_works_without_config(capsys)
 
 
 @pytest.mark.parametrize("command,keys", [
-  ("probe", ("checkpoint", "data_dir", "data_root")),
-  ("finetune", ("checkpoint", "data_dir", "data_root")),
-  ("embed", ("checkpoint", "data_dir", "records", "out")),
-  ("pretrain", ("data.data_dir",)),
+  ("probe", ("init_from", "data.data_dir", "data.records")),
+  ("finetune", ("init_from", "data.data_dir", "data.records")),
+  ("embed", ("init_from", "data.data_dir", "data.records", "out")),
+  ("pretrain", ("data.data_dir", "data.records")),
 ])
 def test_tilde_and_environment_variables_expanded_in_paths(command, keys, monkeypatch, tmp_path):
   monkeypatch.setenv("HOME", str(tmp_path / "home"))
@@ -74,7 +74,7 @@ def test_tilde_and_environment_variables_expanded_in_paths(command, keys, monkey
       node = node[part]
     assert node == str(tmp_path / ("home" if i % 2 == 0 else "runs") / f"k{i}"), key
   with pytest.raises(configflags.ConfigError, match="STMEM_TEST_UNSET"):
-    configflags.parse(argv[:2] + ["--config.checkpoint=$STMEM_TEST_UNSET/x"], "stmem embed", None, workdir=None)
+    configflags.parse(argv[:2] + ["--config.data.data_dir=$STMEM_TEST_UNSET/x"], f"stmem {command}", None, workdir=None)
 
 
 def test_configs_found_by_name_and_path_from_another_directory(tmp_path, monkeypatch):
@@ -95,13 +95,13 @@ def test_configs_found_by_name_and_path_from_another_directory(tmp_path, monkeyp
   # the stmem command itself, started from that directory
   out = subprocess.run([sys.executable, "-m", "stmem.cli", "finetune", "--config", "finetune:test", "--help"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=120)
-  assert out.returncode == 0 and "steps = 6" in out.stdout, out.stderr[-2000:]
+  assert out.returncode == 0 and "total_steps = 6" in out.stdout, out.stderr[-2000:]
 
 
 def test_shorthand_options_are_config_keys():
-  config, _ = configflags.parse(["--checkpoint", "c", "--records=r", "--per_patch", "--batch_size", "16"],
+  config, _ = configflags.parse(["--init_from", "c", "--records=r", "--per_patch", "--batch_size", "16"],
                                 "stmem embed", "embed", workdir=None)
-  assert (config.checkpoint, config.records, config.per_patch, config.batch_size) == ("c", "r", True, 16)
+  assert (config.init_from, config.data.records, config.per_patch, config.batch_size) == ("c", "r", True, 16)
   with pytest.raises(configflags.ConfigError, match="--config.nokey"):
     configflags.parse(["--config.nokey=1"], "stmem embed", "embed", workdir=None)
 

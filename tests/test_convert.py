@@ -137,7 +137,7 @@ def test_stmem_embed_on_raw_records_gives_the_reference_features(converted_full,
     wfdb.wrsamp(f"rec{i + 1}", fs=500, units=["mV"] * 12, sig_name=names, p_signal=sig.T, fmt=["32"] * 12,
                 adc_gain=[1e6] * 12, baseline=[0] * 12, write_dir=str(raw))
   out = tmp_path / "emb"
-  assert _stmem("embed", "--checkpoint", converted_full, "--records", raw, "--out", out, "--crops", "first",
+  assert _stmem("embed", "--init_from", converted_full, "--records", raw, "--out", out, "--crops", "first",
                 "--batch_size", 2, "--no_progress") == 0
   with np.load(f"{out}.npz", allow_pickle=False) as f:
     assert list(f["record_id"]) == ["rec1", "rec2"]
@@ -168,7 +168,7 @@ def test_convert_pth_encoder_only_with_head(reference_fixture, tmp_path, capsys)
 def test_convert_full_pth(reference_fixture, tmp_path):
   pth = _write_pth(tmp_path / "st_mem_full.pth", _params(reference_fixture))
   out = tmp_path / "ckpt"
-  assert _stmem("convert", "--reference", pth, "--out", out, "--variant", "tiny") == 0
+  assert _stmem("convert", "--reference", pth, "--out", out, "--config.model.variant=tiny") == 0
   feats = _features(out, reference_fixture["input/series"])
   assert np.abs(feats - reference_fixture["output/encoder_features_12lead"]).max() <= TOL
 
@@ -187,7 +187,8 @@ def test_unknown_and_missing_names_are_refused_with_their_list(reference_fixture
 
 
 def test_a_named_variant_that_does_not_fit_is_refused(full_npz, tmp_path, capsys):
-  assert _stmem("convert", "--reference", full_npz, "--out", tmp_path / "out", "--variant", "base") != 0
+  assert _stmem("convert", "--reference", full_npz, "--out", tmp_path / "out",
+                "--config.model.variant=base") != 0
   assert "width: file 128, variant 768" in capsys.readouterr().err
 
 
@@ -197,7 +198,7 @@ def test_a_named_variant_that_does_not_fit_is_refused(full_npz, tmp_path, capsys
 @pytest.mark.parametrize("fmt", ["safetensors", "npz"])
 def test_export_has_reference_names_config_and_card(converted_full, reference_fixture, tmp_path, fmt):
   out = tmp_path / "export"
-  assert _stmem("export", "--checkpoint", converted_full, "--out", out, "--format", fmt) == 0
+  assert _stmem("export", "--init_from", converted_full, "--out", out, "--format", fmt) == 0
   weights = out / f"model.{fmt}"
   if fmt == "safetensors":
     from safetensors.numpy import load_file

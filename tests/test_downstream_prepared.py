@@ -42,8 +42,8 @@ def cinc_500hz(shared_data, tmp_path_factory) -> pathlib.Path:
 
 def _probe(ckpt, data_dir, workdir, *extra) -> dict:
   from stmem.programs import probe
-  assert probe.main([f"--config={PROBE_CONFIG}:test", "--config.tasks=prepared", f"--config.checkpoint={ckpt}",
-                     f"--config.data_dir={data_dir}", "--workdir", str(workdir), *extra]) == 0
+  assert probe.main([f"--config={PROBE_CONFIG}:test", "--config.tasks=prepared", f"--config.init_from={ckpt}",
+                     f"--config.data.data_dir={data_dir}", "--workdir", str(workdir), *extra]) == 0
   return json.loads((workdir / "report.json").read_text())
 
 
@@ -76,8 +76,8 @@ def test_finetune_on_prepared_data_selects_on_validation_and_tests_once(ckpt, ci
   from stmem.programs import finetune
   out = tmp_path / "ft"
   assert finetune.main([f"--config={finetune.DEFAULT_CONFIG}:test", "--config.task=prepared",
-                        f"--config.data_dir={cinc_500hz}", "--config.labels=427084000,426783006",
-                        "--config.kind=multilabel", f"--config.checkpoint={ckpt}", "--workdir", str(out)]) == 0
+                        f"--config.data.data_dir={cinc_500hz}", "--config.labels=427084000,426783006",
+                        "--config.kind=multilabel", f"--config.init_from={ckpt}", "--workdir", str(out)]) == 0
   row = json.loads((out / "report.json").read_text())["rows"][0]
   assert row["model"] == "fine-tuned" and row["n_records"] == len(data.open_prepared(cinc_500hz, "test").source)
   lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -91,7 +91,7 @@ def test_embed_of_a_prepared_split_equals_the_encoder_on_the_pipeline(ckpt, cinc
 
   from stmem.programs import embed
   out = tmp_path / "emb" / "cinc_test"
-  assert embed.main(["--checkpoint", str(ckpt), "--data_dir", str(cinc_500hz), "--split", "test", "--out", str(out),
+  assert embed.main(["--init_from", str(ckpt), "--data_dir", str(cinc_500hz), "--split", "test", "--out", str(out),
                      "--crops", "mean3", "--no_progress"]) == 0
   with np.load(str(out) + ".npz") as f:
     pooled, record_id, meta_checkpoint = f["pooled"], f["record_id"], str(f["checkpoint"])

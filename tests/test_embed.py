@@ -36,7 +36,7 @@ def test_embed_raw_folder_round_trip(shared_data, tmp_path):
   ckpt = tiny_checkpoint(tmp_path / "ckpt")
   prefix = str(tmp_path / "out" / "emb")
   # 5 records embedded 2 at a time on one device: 3 batches, the last one padded, one Parquet row group each.
-  assert embed.main(["--checkpoint", str(ckpt), "--records", str(raw), "--out", prefix, "--per_patch",
+  assert embed.main(["--init_from", str(ckpt), "--records", str(raw), "--out", prefix, "--per_patch",
                      "--lead_set", "V2+I+aVF", "--batch_size", "2", "--num_devices", "1", "--no_progress"]) == 0
 
   # Independently: the same folder prepared by `stmem prepare generic` under the checkpoint's contract, its first
@@ -84,7 +84,7 @@ def five_records(shared_data, tmp_path_factory):
 def _embed_config(raw, ckpt, out, **overrides):
   from configs import embed as embed_config
   c = embed_config.get_config("test")
-  c.checkpoint, c.records, c.out, c.crops, c.no_progress = str(ckpt), str(raw), str(out), "mean3", True
+  c.init_from, c.data.records, c.out, c.crops, c.no_progress = str(ckpt), str(raw), str(out), "mean3", True
   for k, v in overrides.items():
     c[k] = v
   return c
@@ -121,7 +121,7 @@ def test_two_process_embed_writes_every_record_once(five_records, tmp_path):
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   prefix = tmp_path / "two" / "emb"
-  cmd = [sys.executable, "-m", "stmem.cli", "embed", "--config", "embed:test", "--checkpoint", str(ckpt),
+  cmd = [sys.executable, "-m", "stmem.cli", "embed", "--config", "embed:test", "--init_from", str(ckpt),
          "--records", str(raw), "--out", str(prefix), "--crops", "mean3", "--no_progress"]
   procs = []
   for i in range(2):

@@ -5,7 +5,7 @@ import json
 import pytest
 
 # The probe's settings, as `stmem probe` options and as the pretraining evaluator's: small enough for CI.
-PROBE = {"synthetic_n": 60, "lead_sets": "12,I", "cv_folds": 3, "l2_grid": "(0.01,1.0,100.0)", "lbfgs_steps": 20,
+PROBE = {"data.num_synthetic": 60, "lead_sets": "12,I", "use_splits": False, "cv_folds": 3, "l2_grid": "(0.01,1.0,100.0)", "lbfgs_steps": 20,
          "bootstrap": 50, "seed": 3}
 
 
@@ -17,8 +17,7 @@ def test_pretraining_logs_evaluators_and_stmem_probe_agrees(tmp_path):
   from stmem import programs
   run = tmp_path / "run"
   evals = ["--config.evals.probe.every=3", "--config.evals.heldout.every=2",
-           f"--config.evals.probe.data.num_synthetic={PROBE['synthetic_n']}",
-           *(f"--config.evals.probe.{k}={v}" for k, v in PROBE.items() if k != "synthetic_n"),
+           *(f"--config.evals.probe.{k}={v}" for k, v in PROBE.items()),
            "--config.evals.probe.random_baseline=False", "--config.evals.heldout.data.num_synthetic=16",
            "--config.evals.heldout.batch_size=8"]
   assert programs.run(["pretrain", "--config", "pretrain:tiny", "--workdir", str(run), "--config.total_steps=4",
@@ -36,7 +35,7 @@ def test_pretraining_logs_evaluators_and_stmem_probe_agrees(tmp_path):
   assert all(0 <= lines[s][f"eval/probe/{ls}/auroc"] <= 1 for s in (3, 4) for ls in ("12", "I"))
 
   out = tmp_path / "probe"
-  assert programs.run(["probe", "--config", "probe:synthetic", f"--config.checkpoint={run}", "--workdir", str(out),
+  assert programs.run(["probe", "--config", "probe:synthetic", f"--config.init_from={run}", "--workdir", str(out),
                        "--config.random_baseline=False", *(f"--config.{k}={v}" for k, v in PROBE.items())]) == 0
   rows = json.loads((out / "report.json").read_text())["rows"]
   assert {r["lead_set"] for r in rows} == {"12", "I"}

@@ -24,8 +24,8 @@ def test_finetune_writes_report_and_checkpoint(tmp_path, monkeypatch, opened):
   monkeypatch.setattr(features, "eval_pass", spy)
   out = tmp_path / "ft"
   # On the 8 test devices: every batch is split over all of them.
-  rc = finetune.main([f"--config={finetune.DEFAULT_CONFIG}:test", f"--config.checkpoint={ckpt}",
-                      "--config.drop_path=0.1", "--config.layer_decay=0.75", "--config.label_smoothing=0.1",
+  rc = finetune.main([f"--config={finetune.DEFAULT_CONFIG}:test", f"--config.init_from={ckpt}",
+                      "--config.drop_path=0.1", "--config.optim.layer_decay=0.75", "--config.label_smoothing=0.1",
                       "--config.class_weighting=balanced", "--workdir", str(out)])
   assert rc == 0
   assert [s.source for s in opened] == ["synthetic"]  # read through stmem.data.open_pool (tests/test_programs_data.py)
@@ -53,8 +53,8 @@ def test_resume_after_sigterm_equals_uninterrupted(tmp_path, monkeypatch):
   from stmem.programs import finetune
   n = 3
   c = finetune_config.get_config("test")
-  c.checkpoint = str(tiny_checkpoint(tmp_path / "ckpt"))
-  c.steps, c.eval_every, c.num_devices, c.async_save = 2 * n, 2, 1, True
+  c.init_from = str(tiny_checkpoint(tmp_path / "ckpt"))
+  c.total_steps, c.eval_every, c.num_devices, c.checkpoint.async_save = 2 * n, 2, 1, True
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
   assert finetune.train(c, straight, stop_after=2 * n)["step"] == 2 * n
 

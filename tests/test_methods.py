@@ -151,7 +151,7 @@ def test_embed_program_exports_the_tokens_of_a_baseline(method, grid, baseline_c
   # `stmem embed --per_patch`: MTAE's time tokens span all leads (one slot of 30), MLAE's are whole leads (12 of 1).
   from stmem.programs import embed
   prefix = str(tmp_path / "emb")
-  assert embed.main(["--checkpoint", str(baseline_checkpoints[method]), "--synthetic", "3", "--out", prefix,
+  assert embed.main(["--init_from", str(baseline_checkpoints[method]), "--num_synthetic", "3", "--out", prefix,
                      "--per_patch", "--no_progress"]) == 0
   z = np.load(prefix + ".npz")
   width = model_config("tiny", method=method, **SMALL).width
@@ -174,8 +174,8 @@ def test_probe_program_on_a_baseline_checkpoint(baseline_checkpoints, tmp_path):
 
   from stmem.programs import probe
   ckpt = baseline_checkpoints["mtae"]
-  args = ["--config", f"{probe.DEFAULT_CONFIG}:synthetic", f"--config.checkpoint={ckpt}", "--config.synthetic_n=60",
-          "--config.use_splits=False", "--config.cv_folds=3",
+  args = ["--config", f"{probe.DEFAULT_CONFIG}:synthetic", f"--config.init_from={ckpt}",
+          "--config.data.num_synthetic=60", "--config.use_splits=False", "--config.cv_folds=3",
           "--config.bootstrap=50", "--config.lbfgs_steps=20"]
   assert probe.main(args + ["--config.lead_sets=12", "--workdir", str(tmp_path / "ok")]) == 0
   rows = json.loads((tmp_path / "ok" / "report.json").read_text())["rows"]

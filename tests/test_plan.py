@@ -133,7 +133,7 @@ def test_the_finetuning_step_is_planned_with_finetunes_own_step(tmp_path, monkey
   real = steps.finetune_step
   monkeypatch.setattr(steps, "finetune_step", lambda *a, **k: built.append(k) or real(*a, **k))
   path = tmp_path / "plan.json"
-  rc = plan_program.main(["--config", "finetune:test", "--config.batch_size=16", "--config.lead_set=I+II",
+  rc = plan_program.main(["--config", "finetune:test", "--config.batch_size=16", "--config.data.lead_set=I+II",
                           "--topology", "local", "--classes", "3", "--json", str(path)])
   assert rc == 0 and len(built) == 1 and built[0]["kind"] == "multilabel"
   (r,) = json.loads(path.read_text())["reports"]

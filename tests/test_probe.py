@@ -121,8 +121,8 @@ def test_probe_program_on_synthetic(ckpt, tmp_path):
 
   from stmem.programs import probe
   out = tmp_path / "probe"
-  rc = probe.main(["--config", f"{probe.DEFAULT_CONFIG}:synthetic", f"--config.checkpoint={ckpt}",
-                   "--config.lead_sets=V2+I+aVF", "--config.synthetic_n=120", "--config.bootstrap=50",
+  rc = probe.main(["--config", f"{probe.DEFAULT_CONFIG}:synthetic", f"--config.init_from={ckpt}",
+                   "--config.lead_sets=V2+I+aVF", "--config.data.num_synthetic=120", "--config.bootstrap=50",
                    "--config.lbfgs_steps=20", "--config.l2_grid=(0.01,1.0)", "--workdir", str(out)])
   assert rc == 0
   rows = json.loads((out / "report.json").read_text())["rows"]

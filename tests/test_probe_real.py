@@ -16,8 +16,8 @@ def test_probe_on_shared_data(shared_data, tmp_path):
   from stmem.programs import probe
   ckpt = tiny_checkpoint(tmp_path / "ckpt")
   out = tmp_path / "report"
-  rc = probe.main([f"--config={probe.DEFAULT_CONFIG}:test", f"--config.checkpoint={ckpt}",
-                   f"--config.data_root={shared_data}", "--config.tasks=ludb_af,ludb_lvh,ludb_axis,cinc_stach",
+  rc = probe.main([f"--config={probe.DEFAULT_CONFIG}:test", f"--config.init_from={ckpt}",
+                   f"--config.data.records={shared_data}", "--config.tasks=ludb_af,ludb_lvh,ludb_axis,cinc_stach",
                    "--workdir", str(out)])
   assert rc == 0
   rows = json.loads((out / "report.json").read_text())["rows"]

@@ -36,10 +36,10 @@ def sources(shared_data, tmp_path_factory) -> dict[str, pathlib.Path]:
 def test_probe_reads_prepared_raw_and_simulated_data_through_open_pool(sources, opened, tmp_path):
   from stmem.programs import probe
   out = tmp_path / "probe"
-  assert probe.main([f"--config={probe.DEFAULT_CONFIG}:test", f"--config.checkpoint={sources['ckpt']}",
-                     "--config.tasks=synthetic,ludb_sex,prepared", f"--config.data_root={sources['root']}",
-                     f"--config.data_dir={sources['prepared']}", "--config.labels=sinus_rhythm",
-                     "--config.synthetic_n=120", "--config.lead_sets=12", "--config.random_baseline=False",
+  assert probe.main([f"--config={probe.DEFAULT_CONFIG}:test", f"--config.init_from={sources['ckpt']}",
+                     "--config.tasks=synthetic,ludb_sex,prepared", f"--config.data.records={sources['root']}",
+                     f"--config.data.data_dir={sources['prepared']}", "--config.labels=sinus_rhythm",
+                     "--config.data.num_synthetic=120", "--config.lead_sets=12", "--config.random_baseline=False",
                      "--workdir", str(out)]) == 0
   assert sorted(s.source for s in opened) == ["prepared", "raw", "synthetic"]
   assert {s.name for s in opened if s.source == "raw"} == {"ludb"}
@@ -57,12 +57,12 @@ def test_probe_reads_prepared_raw_and_simulated_data_through_open_pool(sources, 
 def test_finetune_reads_raw_and_prepared_data_through_open_pool(sources, opened, tmp_path, source):
   # Simulated data: tests/test_finetune.py's run, which checks its open_pool call the same way.
   from stmem.programs import finetune
-  task = {"raw": ["--config.task=ludb_sex", f"--config.data_root={sources['root']}", "--config.kind=multilabel"],
-          "prepared": ["--config.task=prepared", f"--config.data_dir={sources['prepared']}",
+  task = {"raw": ["--config.task=ludb_sex", f"--config.data.records={sources['root']}", "--config.kind=multilabel"],
+          "prepared": ["--config.task=prepared", f"--config.data.data_dir={sources['prepared']}",
                        "--config.labels=sinus_rhythm", "--config.kind=multilabel"]}[source]
   out = tmp_path / "ft"
-  assert finetune.main([f"--config={finetune.DEFAULT_CONFIG}:test", f"--config.checkpoint={sources['ckpt']}",
-                        "--config.steps=3", *task, "--workdir", str(out)]) == 0
+  assert finetune.main([f"--config={finetune.DEFAULT_CONFIG}:test", f"--config.init_from={sources['ckpt']}",
+                        "--config.total_steps=3", *task, "--workdir", str(out)]) == 0
   assert [s.source for s in opened] == [source]
   row = json.loads((out / "report.json").read_text())["rows"][0]
   # The test rows: the patient-hash split (80/10/10) of data without fixed splits, 6 of the 40 LUDB records.
@@ -71,9 +71,9 @@ def test_finetune_reads_raw_and_prepared_data_through_open_pool(sources, opened,
 
 def test_embed_reads_each_kind_of_data_through_open_pool(sources, opened, tmp_path):
   from stmem.programs import embed
-  common = ["--checkpoint", str(sources["ckpt"]), "--batch_size", "16", "--no_progress"]
+  common = ["--init_from", str(sources["ckpt"]), "--batch_size", "16", "--no_progress"]
   runs = {"prepared": ["--data_dir", str(sources["prepared"]), "--split", "train"],
-          "raw": ["--records", str(sources["raw"])], "synthetic": ["--synthetic", "6"]}
+          "raw": ["--records", str(sources["raw"])], "synthetic": ["--num_synthetic", "6"]}
   ids = {}
   for kind, args in runs.items():
     prefix = str(tmp_path / kind)
@@ -85,3 +85,22 @@ def test_embed_reads_each_kind_of_data_through_open_pool(sources, opened, tmp_pa
   # Raw folder and prepared dataset: the same records (their values differ by where the band-pass ran: the prepared
   # copy was filtered once per record, the raw read follows the checkpoint's per-crop contract).
   assert sorted(ids["raw"]) == sorted(ids["prepared"]) == sorted(str(i) for i in range(1, N_RECORDS + 1))
+
+
+def test_pretrain_reads_a_raw_folder_through_open_pool(sources, opened, tmp_path):
+  """`stmem pretrain --config.data.source=raw`: the LUDB recordings, read in memory as `stmem prepare ludb` would
+  prepare them, through the config's data block (`stmem.data.spec_from_config`) and `open_pool`."""
+  from stmem import checkpoint as ckpt_lib
+  from stmem import programs
+  workdir = tmp_path / "pretrain"
+  assert programs.run(["pretrain", "--config", "pretrain:tiny", "--config.data.source=raw",
+                       f"--config.data.records={sources['raw']}", "--config.data.name=ludb",
+                       "--config.total_steps=2", "--config.warmup_steps=1", "--config.batch_size=8",
+                       "--config.checkpoint.every=2", "--config.checkpoint.async_save=False", "--config.log_every=1",
+                       "--workdir", str(workdir)]) == 0
+  assert len(opened) == 1
+  (spec,) = opened
+  assert (spec.source, spec.name, spec.path) == ("raw", "ludb", str(sources["raw"]))
+  assert (workdir / "checkpoints" / "2").is_dir()
+  meta, _, step = ckpt_lib.read_meta(workdir)
+  assert step == 2 and meta["config"]["data"]["source"] == "raw"

@@ -135,9 +135,10 @@ def ckpt(tmp_path_factory) -> pathlib.Path:
 
 def test_probe_prepared_cinc2017_on_lead_i_reports_each_class(prepared, ckpt, tmp_path):
   workdir = tmp_path / "probe"
-  assert cli.main(["probe", f"--config={PROBE_CONFIG}:test", "--config.tasks=prepared", f"--config.data_dir={prepared}",
-                   "--config.kind=multiclass", "--config.lead_sets=I", "--config.random_baseline=False",
-                   f"--config.checkpoint={ckpt}", "--config.cv_folds=4", "--workdir", str(workdir)]) == 0
+  assert cli.main(["probe", f"--config={PROBE_CONFIG}:test", "--config.tasks=prepared",
+                   f"--config.data.data_dir={prepared}", "--config.kind=multiclass", "--config.lead_sets=I",
+                   "--config.random_baseline=False",
+                   f"--config.init_from={ckpt}", "--config.cv_folds=4", "--workdir", str(workdir)]) == 0
   saved = json.loads((workdir / "report.json").read_text())
   (row,) = saved["rows"]
   assert row["task"] == "cinc2017" and row["lead_set"] == "I"  # named by its data, not `prepared`
@@ -154,7 +155,7 @@ def test_probe_prepared_cinc2017_on_lead_i_reports_each_class(prepared, ckpt, tm
 
 def test_embed_prepared_cinc2017(prepared, ckpt, tmp_path):
   prefix = str(tmp_path / "emb")
-  assert cli.main(["embed", "--checkpoint", str(ckpt), "--data_dir", str(prepared), "--split", "train",
+  assert cli.main(["embed", "--init_from", str(ckpt), "--data_dir", str(prepared), "--split", "train",
                    "--out", prefix, "--lead_set", "I", "--no_progress"]) == 0
   z = np.load(prefix + ".npz")
   summary = json.loads(next(prepared.glob("*/summary.json")).read_text())
@@ -230,10 +231,10 @@ def test_crops_of_a_padded_record_stay_inside_the_recording(prepared):
 
 
 def test_embed_reads_the_raw_folder_with_the_lead_map_of_its_config(cinc2017, ckpt, tmp_path):
-  # No `stmem prepare`: embed's own config names the channel (config.lead_map, as `prepare --lead_map`).
+  # No `stmem prepare`: embed's own config names the channel (config.data.lead_map, as `prepare --lead_map`).
   prefix = str(tmp_path / "raw")
-  common = ["embed", "--checkpoint", str(ckpt), "--records", str(cinc2017["raw"]), "--lead_set", "I", "--no_progress"]
-  assert cli.main(common + ["--config.lead_map=ECG=I", "--out", prefix]) == 0
+  common = ["embed", "--init_from", str(ckpt), "--records", str(cinc2017["raw"]), "--lead_set", "I", "--no_progress"]
+  assert cli.main(common + ["--config.data.lead_map=ECG=I", "--out", prefix]) == 0
   z = np.load(prefix + ".npz")
   long_enough = {f"A{i + 1:05d}" for i, s in enumerate(LENGTHS) if s >= 10}  # 9 s records are not padded here
   assert {str(r).split("/")[-1].split("_")[0] for r in z["record_id"]} == long_enough

@@ -34,7 +34,7 @@ class TaskSpec:
   """What a task is, before any data is read.
 
   dataset: the builder whose examples the task labels ("ludb", "cinc", "ptbxl"), or "synthetic" / "prepared".
-  folder:  where the dataset's raw files sit under a data root (`<data_root>/<folder>`, or the root itself).
+  folder:  where the dataset's raw files sit under a data root (`<records>/<folder>`, or the folder itself).
   options: the builder's keyword options for reading it (tasks with equal dataset and options share one pool).
   columns: the label names that are the task's classes (None: every label of the pool).
   keep_any: examples belong to the task only where one of these columns is 1 (e.g. normal or left axis).

@@ -1,7 +1,7 @@
 """`stmem convert`: import the reference ST-MEM weights into a stmem checkpoint.
 
   stmem convert --config convert --config.reference=st_mem_vit_base.pth --config.out=ckpt/st_mem_base
-  stmem convert --reference st_mem_vit_base.pth --out ckpt/st_mem_base [--variant auto]   (the same, shorter)
+  stmem convert --reference st_mem_vit_base.pth --out ckpt/st_mem_base [--config.model.variant=auto]   (shorter)
 
 The input is a reference `.pth` (the encoder-only file, or the full pretraining checkpoint with its decoder), a `.npz`
 holding the same names (a `param/` prefix is accepted), or a `.safetensors` file written by `stmem export`. Nothing in
@@ -245,7 +245,7 @@ def main(argv: list[str]) -> int:
   out = pathlib.Path(args.out).expanduser()
   if out.exists() and (not out.is_dir() or any(out.iterdir())):
     raise errors.UsageError(f"--out {out} exists and is not an empty folder; choose a new --out")
-  step_dir, result = convert_file(args.reference, out, variant=args.variant, head_dim=args.head_dim)
+  step_dir, result = convert_file(args.reference, out, variant=args.model.variant, head_dim=args.head_dim)
   cfg = result.cfg
   kind = "encoder only" if result.encoder_only else "encoder + decoder (pretraining model)"
   print(f"stmem convert: {args.reference} -> {step_dir}")

@@ -4,7 +4,7 @@ Pretrains the tiny ST-MEM on synthetic 12-lead ECGs (the `demo` preset of config
 probe of the pretrained encoder on the simulator's six classes across lead sets, beside a randomly initialised
 encoder of the same architecture, and says where the checkpoint, metrics, figures and report are.
 Like a shell script, it runs the `stmem pretrain` and `stmem probe` commands; it imports neither program.
-Configured by configs/demo.py (`stmem demo --help` lists its keys): `stmem demo --workdir DIR --config.steps=50`.
+Configured by configs/demo.py (`stmem demo --help` lists its keys): `stmem demo --workdir DIR --total_steps 50`.
 """
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ def main(argv: list[str]) -> int:
   start = time.perf_counter()
   print(f"stmem demo: pretraining the tiny ST-MEM on synthetic ECGs in {workdir}", file=sys.stderr)
   pretrain_args = ["pretrain", "--config", "pretrain:demo", "--workdir", str(workdir)]
-  if config.steps:
-    pretrain_args.append(f"--config.total_steps={config.steps}")
-  if config.records:
-    pretrain_args.append(f"--config.data.num_synthetic={config.records}")
+  if config.total_steps:
+    pretrain_args.append(f"--config.total_steps={config.total_steps}")
+  if config.data.num_synthetic:
+    pretrain_args.append(f"--config.data.num_synthetic={config.data.num_synthetic}")
   if config.no_probe:  # pretraining only: its held-out loss, no probe while it trains either
     pretrain_args.append("--config.evals.probe=")
   rc = programs.run(pretrain_args)
@@ -33,7 +33,7 @@ def main(argv: list[str]) -> int:
     return rc
   if not config.no_probe:
     print("stmem demo: linear probe of the pretrained and a random encoder on the synthetic classes", file=sys.stderr)
-    rc = programs.run(["probe", "--config", "probe:synthetic", f"--config.checkpoint={workdir}",
+    rc = programs.run(["probe", "--config", "probe:synthetic", f"--config.init_from={workdir}",
                    f"--config.lead_sets={config.lead_sets}", f"--config.bootstrap={config.bootstrap}",
                    "--workdir", str(workdir / "probe")])
     if rc:

@@ -1,7 +1,7 @@
 """`stmem embed`: export pooled, per-lead and (optionally) per-patch embeddings of a frozen encoder.
 
-  stmem embed --config embed --config.checkpoint=CKPT --config.records=RAW_FOLDER --config.out=FILE_PREFIX
-  stmem embed --checkpoint CKPT (--data_dir PREPARED --split S | --records RAW_FOLDER | --synthetic N)
+  stmem embed --config embed --config.init_from=CKPT --config.data.records=RAW_FOLDER --config.out=FILE_PREFIX
+  stmem embed --init_from CKPT (--data_dir PREPARED --split S | --records RAW_FOLDER | --num_synthetic N)
               --out FILE_PREFIX
               [--per_patch] [--lead_set 12] [--crops first|mean3] [--batch_size 32]     (see configs/embed.py)
 
@@ -140,28 +140,26 @@ def embed(config) -> dict:
   is_main = jax.process_index() == 0
 
   # ------------------------------------------------------------------------------------------------ encoder
-  loaded = features.load_encoder(config.checkpoint)
-  names = leads_lib.parse_lead_set(config.lead_set)
+  loaded = features.load_encoder(config.init_from)
+  names = leads_lib.parse_lead_set(config.data.lead_set)
   crops = 1 if config.crops == "first" else transforms.EVAL_CROPS
   graphdef, state = nnx.split(loaded.encoder)
   state = features.place(state, replicated)
 
   # ------------------------------------------------------------------------------------------------ data
-  if config.data_dir:
-    data.open_prepared(config.data_dir, config.split)  # a missing split: a usage error naming the splits there
-    spec = data.DatasetSpec("prepared", path=config.data_dir, splits=(config.split,))
-  elif config.records:  # a folder of WFDB records, read as `stmem prepare generic` reads it, under the contract
-    spec = data.DatasetSpec("raw", path=config.records, name="generic",
-                            options=(("lead_map", config.lead_map),) if config.lead_map else ())
-  else:  # simulated ECGs (stmem.synthetic)
-    spec = data.DatasetSpec("synthetic", num_synthetic=int(config.synthetic))
+  # A prepared split, a folder of WFDB records (read as `stmem prepare generic` reads it, under the contract) or
+  # simulated ECGs (stmem.synthetic).
+  spec = data.spec_from_config(config.data)
+  if spec.source == "prepared":  # a missing split: a usage error naming the splits there
+    for split in spec.splits:
+      data.open_prepared(spec.path, split, spec.name or None)
   pool = data.open_pool(spec, loaded.contract)
   for q in pool.quarantine.get("records", []):
     _log(f"skipped {q['path']}: {q['reason']} ({q['detail']})")
   source, contract, adapted = features.adapt(loaded.contract, pool.contract, pool.source, names)
   for line in adapted:
     _log(f"adapted {line}")
-  if not config.data_dir:
+  if spec.source != "prepared":
     _log(f"raw records preprocessed by the checkpoint's contract ({contract.fs:g} Hz, every "
          f"{contract.record_samples / contract.fs:g} s window, crops: {config.crops})")
   starts = transforms.eval_starts(contract.record_samples, contract.window, crops)
@@ -211,7 +209,7 @@ def embed(config) -> dict:
     if bar is not None:
       bar.close()
     if written == 0:
-      raise DataError(f"no usable record in {config.records or config.data_dir} ({capacity} found, each skipped "
+      raise DataError(f"no usable record in {spec.path} ({capacity} found, each skipped "
                       f"one listed above); nothing written to {config.out}.npz / .parquet")
     paths = writer.close() if writer is not None else (None, None)
   finally:
@@ -228,15 +226,14 @@ def embed(config) -> dict:
 def main(argv: Sequence[str]) -> int:
   from stmem import configflags
   config, _ = configflags.parse(argv, "stmem embed", "embed", workdir=None)
-  configflags.require(config, "stmem embed", "checkpoint", "out")
-  if sum(map(bool, (config.data_dir, config.records, config.synthetic))) != 1:
-    raise configflags.ConfigError("give one of --config.data_dir (a prepared dataset), --config.records (a folder "
-                                  "of raw records) or --config.synthetic=N (N simulated ECGs)")
+  configflags.require(config, "stmem embed", "init_from", "out")
+  from stmem import data
+  spec = data.spec_from_config(config.data)  # a data block that names no data, or two: refused before any work
   if config.crops not in ("first", "mean3"):
     raise configflags.ConfigError(f"--config.crops={config.crops}: choose first or mean3")
   from data_pipelines import errors
-  if config.records:  # before the (slow) checkpoint load
-    errors.require_dir(config.records, "--records")
+  if spec.source == "raw":  # before the (slow) checkpoint load
+    errors.require_dir(spec.path, "--records")
   from stmem import distributed
   distributed.initialize()  # a no-op for one process; must come before any JAX computation
   embed(config)

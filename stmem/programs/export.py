@@ -1,7 +1,7 @@
 """`stmem export`: an encoder as a plain tensor file, a JSON config and a Markdown model card.
 
-  stmem export --config export --config.checkpoint=WORKDIR_OR_CHECKPOINT --config.out=DIR [--config.format=npz]
-  stmem export --checkpoint WORKDIR_OR_CHECKPOINT --out DIR [--format safetensors|npz]   (the same, shorter)
+  stmem export --config export --config.init_from=WORKDIR_OR_CHECKPOINT --config.out=DIR [--config.format=npz]
+  stmem export --init_from WORKDIR_OR_CHECKPOINT --out DIR [--format safetensors|npz]   (the same, shorter)
 
 writes `DIR/model.safetensors` (or `DIR/model.npz`), `DIR/config.json` and `DIR/README.md`. Tensor names are the ST-MEM
 authors' encoder-only names in PyTorch layout (`stmem.reference_weights.to_reference(..., encoder_only=True)`), so the file
@@ -101,8 +101,8 @@ def export(checkpoint_path: str | pathlib.Path, out: str | pathlib.Path, *, fmt:
 def main(argv: list[str]) -> int:
   from stmem import configflags
   config, _ = configflags.parse(argv, "stmem export", "export", workdir=None)
-  configflags.require(config, "stmem export", "checkpoint", "out")
-  result = export(config.checkpoint, config.out, fmt=config.format)
-  print(f"stmem export: {config.checkpoint} -> {config.out}/{result['weights']['file']} "
+  configflags.require(config, "stmem export", "init_from", "out")
+  result = export(config.init_from, config.out, fmt=config.format)
+  print(f"stmem export: {config.init_from} -> {config.out}/{result['weights']['file']} "
         f"({result['parameter_count']:,} parameters, fingerprint {result['fingerprint']}), config.json, README.md")
   return 0

@@ -1,6 +1,6 @@
 """`stmem finetune`: train an encoder and a linear head on a labelled task; select on validation; test once.
 
-  stmem finetune --config finetune:PRESET [--config.checkpoint=CKPT] --workdir DIR     (see configs/finetune.py)
+  stmem finetune --config finetune:PRESET [--config.init_from=CKPT] --workdir DIR     (see configs/finetune.py)
 
 Reads top to bottom like pretraining: mesh, encoder, data (one task; its train/validation/test splits), model and
 head created in their shardings, restore, the jitted and donated update step, the sharded evaluation, the train loop
@@ -34,14 +34,13 @@ def task_data(config, loaded):
   from data_pipelines import builder_base
   from stmem import data
   from stmem import features
-  pools, task_list = data.task_pools([config.task], loaded.contract, data_dir=config.data_dir,
-                                     data_root=config.data_root, labels=[x for x in config.labels.split(",") if x],
-                                     kind=config.kind, num_synthetic=int(config.synthetic_n), seed=int(config.seed),
-                                     lead_map=config.get("lead_map", ""))
+  pools, task_list = data.task_pools([config.task], loaded.contract, config.data,
+                                     labels=[x for x in config.labels.split(",") if x], kind=config.kind,
+                                     seed=int(config.seed))
   pool_key, task = task_list[0]
   pool = pools[pool_key]
   split = pool.split if pool.fixed_splits else builder_base.split_names(pool.patient_id)
-  source, contract, adapted = features.adapt(loaded.contract, pool.contract, pool.source, config.lead_set)
+  source, contract, adapted = features.adapt(loaded.contract, pool.contract, pool.source, config.data.lead_set)
   from data_pipelines.errors import DataError
   indices = {name: np.flatnonzero(task.keep & (split == name)) for name in data.SPLITS}
   empty = [name for name, idx in indices.items() if not len(idx)]
@@ -92,12 +91,12 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
     raise ValueError(f"--config.batch_size={config.batch_size} must be a multiple of the {mesh.size} devices")
 
   # ---------------------------------------------------------------------------------------------------- encoder
-  if config.checkpoint:
-    loaded = features.load_encoder(config.checkpoint)
-    origin = f"{config.checkpoint} (fingerprint {loaded.fingerprint})"
+  if config.init_from:
+    loaded = features.load_encoder(config.init_from)
+    origin = f"{config.init_from} (fingerprint {loaded.fingerprint})"
   else:
-    loaded = features.random_encoder(model_config(config.model), seed=int(config.seed))
-    origin = f"from scratch ({config.model})"
+    loaded = features.random_encoder(model_config(config.model.variant), seed=int(config.seed))
+    origin = f"from scratch ({config.model.variant})"
   info("encoder: %s", origin)
 
   # ---------------------------------------------------------------------------------------------------- data
@@ -110,7 +109,7 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
 
   def make_train_iter(state=None):
     return data.make_iterator(subsets["train"][1], contract, state=state, batch_size=config.batch_size // processes,
-                              train=True, seed=int(config.seed), lead_set=config.lead_set)
+                              train=True, seed=int(config.seed), lead_set=config.data.lead_set)
 
   # ---------------------------------------------------------------------------------------------- model and optimiser
   model = models.Classifier(loaded.encoder, task.labels.shape[1], float(config.drop_path), rngs=nnx.Rngs(int(config.seed)))
@@ -126,8 +125,8 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
   copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=param_shardings)  # best-so-far snapshot
 
   # ---------------------------------------------------------------------------------------------------- checkpoint
-  checkpointer = ckpt_lib.Checkpointer(workdir / TRAIN_STATE_DIR, every=1, keep=config.keep,
-                                       async_save=config.async_save)
+  checkpointer = ckpt_lib.Checkpointer(workdir / TRAIN_STATE_DIR, every=1, keep=config.checkpoint.keep,
+                                       async_save=config.checkpoint.async_save)
   start_step = checkpointer.latest_step() or 0
   best, best_score, best_step, data_state = None, -np.inf, -1, None
   if start_step:
@@ -156,8 +155,9 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
     """The split's records, each scored by its class probabilities averaged over its evaluation crops."""
     probs, labels, pids = [], [], []
     for out, rows in features.eval_pass(lambda *b: predict(params, *b), subsets[name][1], contract,
-                                         batch_size=config.eval_batch_size, lead_set=config.lead_set, starts=starts,
-                                         batch_sharding=batch_sharding, host_keys=("valid", "labels", "patient_id")):
+                                         batch_size=config.eval_batch_size, lead_set=config.data.lead_set,
+                                         starts=starts, batch_sharding=batch_sharding,
+                                         host_keys=("valid", "labels", "patient_id")):
       valid = rows["valid"]
       probs.append(np.asarray(out)[valid])
       labels.append(rows["labels"][valid])
@@ -194,7 +194,7 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
     last_saved = step
 
   try:
-    while step < config.steps:
+    while step < config.total_steps:
       batch = next(train_it)
       if config.randaugment:  # the RNG of a row is a function of (seed, step, process, row): resumes exactly
         batch = augment.augment_batch(batch, int(config.seed) * 1_000_003 + jax.process_index(), step + 1,
@@ -202,7 +202,7 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
       arrays = data.to_global({k: batch[k] for k in ("signal", "lead_ids", "lead_mask", "labels")}, batch_sharding)
       params, opt_state, loss, ok = step_fn(params, opt_state, arrays, jax.random.fold_in(key, step + 1), ok)
       step += 1
-      if step % config.eval_every == 0 or step == config.steps:
+      if step % config.eval_every == 0 or step == config.total_steps:
         if not bool(ok):
           raise NonFiniteLoss(f"step {step}: the training loss is {float(loss)}")
         val = evaluate(params, "validation")
@@ -239,15 +239,15 @@ def train(config, workdir: str | pathlib.Path, *, stop_after: int | None = None)
   thresholds = None if multiclass else scoring.thresholds_for(val["labels"], val["probs"])
   predicted = scoring.predictions(test["probs"], thresholds, multiclass)
   row, curve = report.task_row(report.task_title(task.name, config),
-                               "fine-tuned" if config.checkpoint else "from scratch", config.lead_set, test["labels"],
-                               test["probs"], predicted, test["patient_id"], class_names=task.label_names,
-                               multiclass=multiclass, protocol="train/validation/test",
+                               "fine-tuned" if config.init_from else "from scratch", config.data.lead_set,
+                               test["labels"], test["probs"], predicted, test["patient_id"],
+                               class_names=task.label_names, multiclass=multiclass, protocol="train/validation/test",
                                n_resamples=int(config.bootstrap), seed=int(config.seed), l2="")
-  notes = [f"encoder: {origin}", f"selected step {best_step} of {config.steps} on validation {config.select_on}",
+  notes = [f"encoder: {origin}", f"selected step {best_step} of {config.total_steps} on validation {config.select_on}",
            "test split scored once, with the selected model; F1 thresholds chosen on validation",
            f"intervals: 95 % percentile bootstrap over patients ({config.bootstrap} resamples)"]
   if is_main:
-    paths = report.write(workdir, [row], title="Fine-tuning", curves={row["task"]: {f"{config.lead_set}": curve}},
+    paths = report.write(workdir, [row], title="Fine-tuning", curves={row["task"]: {f"{config.data.lead_set}": curve}},
                          notes=notes, info={"config": config.to_dict(), "best_step": best_step})
     print(pathlib.Path(paths["markdown"]).read_text())
 

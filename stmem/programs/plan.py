@@ -5,14 +5,15 @@ r"""`stmem plan`: compile a pretraining config ahead of time and say whether it 
   stmem plan --config configs/pretrain.py:base --topology local --config.memory_budget_gb=74.5  # one 80 GB GPU
   stmem plan --config configs/pretrain.py:tiny --topology v5e:2x2 --json plan.json --no-fit
   stmem plan --config pretrain:base --topology v5e:4x4 --programs finetune       # fine-tune what you pretrain
-  stmem plan --config finetune:prepared --config.model=base --config.batch_size=256 --topology v5e:2x2
+  stmem plan --config finetune:prepared --config.model.variant=base --config.batch_size=256 --topology v5e:2x2
 
 Prints one table line per compiled program (per device: argument, output, temporary and total bytes against the
 chip's memory or --config.memory_budget_gb; analytic FLOPs per step and XLA's per-device count; collective bytes;
 the verdict) and, when the step as configured does not fit, the smallest accum_steps and remat that does, with
 the flags to pass to `stmem pretrain`. TPU topologies need the TPU compiler: `pip install 'stmem[tpu]'`.
 Options besides --config: --topology (local or a TPU topology name; default local), --programs (any of pretrain,
-embed, finetune; default pretrain,embed for a pretraining config, finetune for a fine-tuning config), --classes N
+embed, finetune; default pretrain,embed for a pretraining config, finetune for a fine-tuning config: the config
+file says which it is, by its PROGRAM), --classes N
 (outputs of the planned fine-tuning head; default 5), --json FILE (every report), --no-fit (compile the config as
 it is; no search). A pretraining config plans its fine-tuning with configs/finetune.py's defaults (batch 32,
 rounded up to the devices) at its model and mesh; plan a fine-tuning config for another batch.
@@ -41,19 +42,19 @@ def _take(argv: list[str], name: str, default=None):
   return default
 
 
-def finetune_settings(config):
+def finetune_settings(config, program: str):
   """(fine-tuning config, model config, leads) to plan. `config` itself when it is a fine-tuning config
-  (configs/finetune.py: the architecture of its checkpoint, else of `model`); for a pretraining config, the
+  (configs/finetune.py: the architecture of its `init_from`, else `model.variant`); for a pretraining config, the
   fine-tuning defaults (their batch, rounded up to a multiple of the devices) applied to its model, mesh and FSDP
   threshold: "fine-tune what I pretrain here". A pretraining batch (2048) is far above any fine-tuning batch."""
   from data_pipelines import leads
   from stmem import checkpoint, models, steps
-  if "optim" not in config:  # a fine-tuning config
-    if config.get("checkpoint"):
-      cfg = checkpoint.model_config_from_meta(checkpoint.read_meta(config.checkpoint)[0])
+  if program == "finetune":
+    if config.init_from:
+      cfg = checkpoint.model_config_from_meta(checkpoint.read_meta(config.init_from)[0])
     else:
-      cfg = models.model_config(config.model)
-    return config, cfg, len(leads.parse_lead_set(config.lead_set))
+      cfg = models.model_config(config.model.variant)
+    return config, cfg, len(leads.parse_lead_set(config.data.lead_set))
   from configs import finetune as finetune_configs
   ft = finetune_configs.get_config()
   ft.mesh, ft.fsdp_min_size = config.mesh, int(config.fsdp_min_size)
@@ -73,8 +74,14 @@ def main(argv: list[str]) -> int:
   search = "--no-fit" not in argv
   argv = [a for a in argv if a != "--no-fit"]
   from stmem import configflags
-  config, _ = configflags.parse(argv, "stmem plan", None, workdir=None)
-  is_pretrain_config = "optim" in config
+  config, _ = configflags.parse(argv, "stmem plan", None, workdir=None, programs=("pretrain", "finetune"))
+  program = configflags.program(argv)  # which program the config file is for: its PROGRAM, or the file's name
+  if program not in ("pretrain", "finetune"):
+    print(f"stmem plan: the config is for `stmem {program}` (its PROGRAM, or its file's name); plan a pretraining or "
+          f"a fine-tuning config (a file of your own: declare PROGRAM = \"pretrain\" or \"finetune\" in it)",
+          file=sys.stderr)
+    return 2
+  is_pretrain_config = program == "pretrain"
   programs = [p for p in (programs or ("pretrain,embed" if is_pretrain_config else "finetune")).split(",") if p]
   known = ("pretrain", "embed", "finetune") if is_pretrain_config else ("finetune",)
   unknown = sorted(set(programs) - set(known))
@@ -105,7 +112,7 @@ def main(argv: list[str]) -> int:
   if "embed" in programs:
     others.append(plan_lib.embed_report(config, devices, topology=topology, budget_gb=budget_gb))
   if "finetune" in programs:
-    ft, cfg, leads = finetune_settings(config)
+    ft, cfg, leads = finetune_settings(config, program)
     if is_pretrain_config:  # the fine-tuning batch, rounded up to a multiple of the devices it is split over
       n = min(int(ft.num_devices) or len(devices), len(devices))
       ft.batch_size = -(-int(ft.batch_size) // n) * n

@@ -48,18 +48,14 @@ make_train_step, parse_mesh = steps_lib.make_train_step, steps_lib.parse_mesh
 
 
 def build_source(config) -> tuple[data_lib.Source, Contract]:
-  """The training examples and their contract: the built-in simulator, or a prepared dataset (`stmem.data`)."""
-  if config.data.source == "synthetic":
-    # Filtered once when simulated (the contract's "offline" stage) rather than per crop: the simulator's records
-    # are in memory anyway, and per-crop filtering would be most of a tiny model's step.
-    spec = data_lib.DatasetSpec("synthetic", num_synthetic=config.data.num_synthetic, seed=config.seed)
-    pool = data_lib.open_pool(spec, Contract(filter_stage="offline"))
-  elif config.data.source == "prepared":
-    spec = data_lib.DatasetSpec("prepared", path=config.data.data_dir, name=config.data.name,
-                                splits=(config.data.split,))
-    pool = data_lib.open_pool(spec)
-  else:
-    raise ValueError(f"config.data.source must be 'synthetic' or 'prepared', not {config.data.source!r}")
+  """The training examples and their contract: the config's `data` block (`stmem.data.spec_from_config`): the
+  built-in simulator, a prepared dataset or a folder of raw records."""
+  spec = data_lib.spec_from_config(config.data, seed=config.seed)
+  # Simulated records are filtered once when made (the contract's "offline" stage) rather than per crop: they are in
+  # memory anyway, and per-crop filtering would be most of a tiny model's step. Raw records are read as `stmem
+  # prepare` would prepare them (the default contract); a prepared dataset keeps its own.
+  contract = Contract(filter_stage="offline") if spec.source == "synthetic" else None
+  pool = data_lib.open_pool(spec, contract)
   return pool.source, pool.contract
 
 

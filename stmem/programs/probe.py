@@ -1,6 +1,6 @@
 """`stmem probe`: a linear probe of a frozen encoder on one or more tasks, swept over lead sets.
 
-  stmem probe --config configs/probe.py:shared --config.checkpoint=CKPT --workdir DIR   (see configs/probe.py)
+  stmem probe --config configs/probe.py:shared --config.init_from=CKPT --workdir DIR   (see configs/probe.py)
 
 The probe evaluator that pretraining runs (`stmem.evaluators.Probe`), run on a checkpoint: the same data, features,
 heads and metrics, so a checkpoint probed here scores what the evaluator logged at its step. Read top to bottom:
@@ -35,22 +35,22 @@ def main(argv: Sequence[str]) -> int:
   mesh = sharding_lib.make_mesh(parse_mesh(config.mesh), devices=sharding_lib.program_devices(config.num_devices))
 
   # ------------------------------------------------------------------------------------------ encoders
-  if config.checkpoint:
-    main_encoder = features.load_encoder(config.checkpoint)
-    log.info("checkpoint %s (fingerprint %s, %s)", config.checkpoint, main_encoder.fingerprint,
+  if config.init_from:
+    main_encoder = features.load_encoder(config.init_from)
+    log.info("checkpoint %s (fingerprint %s, %s)", config.init_from, main_encoder.fingerprint,
              main_encoder.meta.get("origin", "?"))
     encoders = {"checkpoint": main_encoder}
   else:
-    main_encoder = features.random_encoder(model_config(config.model), seed=int(config.random_seed))
-    log.info("no checkpoint: random-encoder rows only (%s)", config.model)
+    main_encoder = features.random_encoder(model_config(config.model.variant), seed=int(config.random_seed))
+    log.info("no checkpoint: random-encoder rows only (%s)", config.model.variant)
     encoders = {}
   if config.random_baseline or not encoders:
     encoders["random init"] = features.random_encoder(main_encoder, seed=int(config.random_seed))
 
   # ------------------------------------------------------------------------------------------ data
   probe = evaluators.Probe(config, contract=main_encoder.contract, mesh=mesh, log=lambda line: log.info("%s", line))
-  notes = [f"encoder: {config.checkpoint or config.model} (fingerprint {main_encoder.fingerprint}); random init: "
-           f"same architecture, seed {config.random_seed}"]
+  notes = [f"encoder: {config.init_from or config.model.variant} (fingerprint {main_encoder.fingerprint}); "
+           f"random init: same architecture, seed {config.random_seed}"]
   for pool in probe.pools.values():
     if pool.quarantine.get("total"):
       notes.append(f"{pool.name}: {pool.quarantine['total']} records skipped {pool.quarantine['by_reason']}")

@@ -235,7 +235,7 @@ def main(argv: Sequence[str]) -> int:
     probe_dir = workdir / "probes" / f"{method}_seed{seed}"
     t0 = time.time()
     rc = programs.run(["probe", "--config", f"{config_dir / 'probe.py'}:{config.probe.preset}",
-                   "--workdir", str(probe_dir), f"--config.checkpoint={run_dir}",
+                   "--workdir", str(probe_dir), f"--config.init_from={run_dir}",
                    f"--config.random_baseline={seed == seeds[0]}",
                    *overrides({**probe_config, "lead_sets": lead_sets})])
     if rc:
