@@ -73,8 +73,7 @@ def write_code15_folder(tmp_path: pathlib.Path) -> tuple[pathlib.Path, dict[int,
 # to check it.
 
 
-def eval_batches(source: Any, contract: Any, *, lead_set: Any, batch_size: int,
-                 crops: int = 3):
+def eval_batches(source: Any, contract: Any, *, lead_set: Any, batch_size: int, crops: int = 3):
   """The evaluation pipeline (`stmem.data`) over a source: every example once, in order, `crops` crops each."""
   from data_pipelines import transforms
   from stmem import data
@@ -84,8 +83,8 @@ def eval_batches(source: Any, contract: Any, *, lead_set: Any, batch_size: int,
 
 
 def extract_one_process(encoders: Mapping[str, Any], source: Any, contract: Any, *, lead_set: Any = None,
-            batch_size: int = 32, last_blocks: int = 0, crops: int = 3, progress: bool = False
-            ) -> dict[str, Any]:
+                        batch_size: int = 32, last_blocks: int = 0, crops: int = 3
+                        ) -> dict[str, Any]:
   """The oracle of `stmem.features.extract` (the sharded pass): the same features computed in one process, on one
   device, batch by batch in source order, for each encoder (one data pass feeds them all).
 
@@ -100,9 +99,6 @@ def extract_one_process(encoders: Mapping[str, Any], source: Any, contract: Any,
   feats: dict[str, list[np.ndarray]] = {name: [] for name in encoders}
   labels, rids, pids = [], [], []
   it = eval_batches(source, contract, lead_set=lead_set, batch_size=batch_size, crops=crops)
-  if progress:
-    from tqdm import tqdm
-    it = tqdm(it, total=-(-len(source) // batch_size), desc="features", unit="batch")
   for batch in it:
     valid = batch["valid"]
     for name, (graphdef, state) in split.items():
@@ -119,7 +115,8 @@ def extract_one_process(encoders: Mapping[str, Any], source: Any, contract: Any,
 
 def embed_arrays(encoder: Any, signal: np.ndarray, lead_ids: np.ndarray, lead_mask: np.ndarray | None = None,
                  batch_size: int = 32, per_patch: bool = False) -> dict[str, np.ndarray]:
-  """Embeddings of model-ready inputs (a check of the encoder's `features` against the embed program's pass) (signal (N, L, window), already preprocessed), without masking.
+  """Embeddings of model-ready inputs (signal (N, L, window), already preprocessed), without masking, batch by
+  batch on one device: the oracle the embed program's outputs are checked against.
 
   Returns pooled (N, D), per_lead (N, L, D) and, with `per_patch`, per_patch (N, L, patches, D): exactly
   `encoder.features(...)`, computed in batches (the last one padded, the padding dropped).
