@@ -9,8 +9,8 @@ Builds LUDB (200 WFDB records, 500 Hz) once per filter stage, then, over the pre
   `crop` (one random crop per example copied into the batch array), `zscore` (band-pass when the stage is per_crop,
   then one z-score per ECG, for the whole batch), `batch` (the rest of assembling a batch: crop RNGs, ids, masks,
   labels), as wall time and as CPU time. The CPU total gives `samples_per_s_per_core`, and `cores_to_feed` is how
-  many such cores keep up with an accelerator consuming `step_rate` samples/s (the issue's figure for one
-  H100-class GPU on the base step: 4,000-6,000 ECGs/s).
+  many such cores keep up with an accelerator consuming `step_rate` samples/s (about 4,000-6,000
+  ECGs/s for one H100-class GPU on the base step).
 - `pipeline`: the whole grain pipeline (`stmem.data.make_iterator`, training mode) timed end to end with each
   worker count (`auto`: `stmem.data.default_worker_count`, one per core).
 Prints one JSON object with the machine, its load averages at the start and the end (other processes take cores:
@@ -36,7 +36,7 @@ from benchmarks import machine
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_LUDB = ROOT.parent / "shared" / "data" / "ludb"
 TARGET_SAMPLES_PER_S = 4000.0
-STEP_RATE = 5000.0  # samples/s one H100-class GPU consumes on the base pretraining step (issue 13)
+STEP_RATE = 5000.0  # samples/s one H100-class GPU consumes on the base pretraining step (an estimate)
 
 
 def _build(ludb: pathlib.Path, data_dir: str, filter_stage: str) -> dict[str, Any]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import resource
 import statistics
 import time
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -21,18 +20,11 @@ from flax import nnx
 
 from stmem import sharding as sharding_lib
 from stmem import steps as steps_lib
-from stmem.models import layers, model_config
+from stmem.models import model_config
 from stmem.models.config import ModelConfig
 from stmem import metrics
 
 LEADS = 12
-
-
-# -- analytic FLOP counts: stmem.metrics (also behind the MFU that `stmem pretrain` logs) ----------------------
-block_flops_per_token = metrics.block_flops_per_token
-pretrain_forward_flops = metrics.pretrain_forward_flops
-embed_forward_flops = metrics.embed_forward_flops
-pretrain_step_flops = metrics.pretrain_step_flops
 
 
 # -- helpers ------------------------------------------------------------------------------------------------------------
@@ -43,18 +35,13 @@ def xla_flops(lowered_or_compiled) -> float | None:
   return float(ca["flops"]) if ca and "flops" in ca else None
 
 
-def unrolled_xla_flops(lower: Callable[[], Any]) -> float | None:
-  """XLA's FLOP count of a program lowered with the transformer blocks unrolled.
+def unrolled(cfg: ModelConfig) -> ModelConfig:
+  """The same model with its transformer blocks unrolled (`ModelConfig.scan_blocks=False`).
 
-  The timed program runs the blocks as a scan, and XLA's cost analysis counts a loop body once, so the cross-check
-  lowers (without compiling) the same computation with the plain loop instead.
+  The timed program runs the blocks as a scan, and XLA's cost analysis counts a loop body once, so the FLOP
+  cross-check lowers (without compiling) the same computation built from this config instead.
   """
-  previous = layers.SCAN_BLOCKS
-  layers.SCAN_BLOCKS = False
-  try:
-    return xla_flops(lower())
-  finally:
-    layers.SCAN_BLOCKS = previous
+  return cfg.replace(scan_blocks=False)
 
 
 def compiled_memory(compiled) -> dict[str, int] | None:
@@ -166,17 +153,15 @@ def bench_pretrain(variant: str, dtype: str, batch: int, repeats: int,
   times, cpu = _time(one, repeats)
   rss = peak_rss_bytes()  # before the FLOP cross-check below traces a second program
   seconds = statistics.median(times)
-  flops = pretrain_step_flops(cfg, batch)
-
-  def lower():  # a fresh trace of the same step, so that the unrolled blocks are what is lowered
-    config = pretrain_config(variant, dtype, batch)
-    fresh = steps_lib.pretrain_step(config, step.batch_sharding.mesh, cfg)
-    return fresh.jitted.lower(*steps_lib.abstract_args(fresh, batch))
+  flops = metrics.pretrain_step_flops(cfg, batch)
+  # The same step built from the unrolled model, lowered only, for XLA's FLOP count.
+  fresh = steps_lib.pretrain_step(pretrain_config(variant, dtype, batch), step.batch_sharding.mesh, unrolled(cfg))
+  flops_xla = xla_flops(fresh.jitted.lower(*steps_lib.abstract_args(fresh, batch)))
 
   return {"workload": "pretrain", "variant": variant, "dtype": dtype, "batch": batch,
           "compile_seconds": compile_s, "step_seconds": seconds, "times": [round(t, 4) for t in times],
           "cpu_seconds": statistics.median(cpu),
-          "samples_per_s": batch / seconds, "flops_analytic": flops, "flops_xla": unrolled_xla_flops(lower),
+          "samples_per_s": batch / seconds, "flops_analytic": flops, "flops_xla": flops_xla,
           **_rates(flops, seconds, matmul, dtype), "memory": compiled_memory(compiled),
           "peak_rss_bytes": rss}
 
@@ -195,8 +180,9 @@ def bench_embed(variant: str, dtype: str, batch: int, repeats: int,
   times, cpu = _time(lambda: compiled(params, signal, lead_ids, lead_mask).block_until_ready(), repeats)
   rss = peak_rss_bytes()
   seconds = statistics.median(times)
-  flops = batch * embed_forward_flops(cfg)
-  flops_xla = unrolled_xla_flops(lambda: jax.jit(lambda *a: pooled(*a)).lower(params, signal, lead_ids, lead_mask))
+  flops = batch * metrics.embed_forward_flops(cfg)
+  unrolled_graphdef, _ = steps_lib.encoder_graphdef_and_params(unrolled(cfg), abstract=True)
+  flops_xla = xla_flops(jax.jit(steps_lib.embed_forward(unrolled_graphdef)).lower(params, signal, lead_ids, lead_mask))
   return {"workload": "embed", "variant": variant, "dtype": dtype, "batch": batch, "leads": LEADS,
           "compile_seconds": compile_s, "batch_seconds": seconds, "times": [round(t, 4) for t in times],
           "cpu_seconds": statistics.median(cpu),

@@ -1,6 +1,6 @@
 """`stmem demo`: pretrain the tiny ST-MEM on built-in synthetic ECGs, then probe it (no download).
 
-  stmem demo                                  # about 3 minutes on 2 CPU cores; writes workdirs/demo
+  stmem demo                                  # several minutes on 2 CPU cores; writes workdirs/demo
   stmem demo --workdir /tmp/demo --config.total_steps=50 --config.data.num_synthetic=64 --config.no_probe=True
 
 Runs `stmem pretrain --config pretrain:demo` then `stmem probe --config probe:synthetic` on the pretrained and a

@@ -53,8 +53,3 @@ class Quarantine:
   def __exit__(self, *exc: object) -> None:
     self.close()
 
-
-def read_quarantine(path: str | os.PathLike[str]) -> list[dict[str, str]]:
-  """The lines of a quarantine file, for reports and tests."""
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]

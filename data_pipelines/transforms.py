@@ -7,8 +7,6 @@ stays exact. The per-crop functions (`bandpass`, `zscore`,
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import functools
 
 import numpy as np
@@ -125,15 +123,6 @@ def hashed_starts(seed: int, epoch: int, index: np.ndarray, length: np.ndarray, 
   return (key % (length - n + 1).astype(np.uint64)).astype(np.int64)
 
 
-def random_crop(x: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-  """A crop of `n` samples starting uniformly at random (the reference's training crop)."""
-  x = np.asarray(x)
-  if x.shape[-1] < n:
-    raise ValueError(f"cannot crop {n} samples from {x.shape[-1]}")
-  start = int(rng.integers(0, x.shape[-1] - n + 1))
-  return x[..., start:start + n]
-
-
 def eval_starts(record_samples: int, window: int, crops: int = EVAL_CROPS) -> tuple[int, ...]:
   """Crop starts spread evenly over a record: (0, 125, 250) for the reference's 2500-sample records and 2250 window
   (0, 0.5 and 1 s at 250 Hz)."""
@@ -142,31 +131,8 @@ def eval_starts(record_samples: int, window: int, crops: int = EVAL_CROPS) -> tu
   return tuple(int(round(s)) for s in np.linspace(0, record_samples - window, crops))
 
 
-EVAL_STARTS = eval_starts(2500, 2250)  # the reference's three evaluation crops of a 2500-sample record
-
-
-def eval_crops(x: np.ndarray, n: int, starts: Sequence[int] = EVAL_STARTS) -> np.ndarray:
-  """Crops of `n` samples at fixed `starts` (S, ..., n); the reference averages predictions over them."""
-  x = np.asarray(x)
-  if max(starts) + n > x.shape[-1]:
-    raise ValueError(f"crops at {tuple(starts)} of {n} samples do not fit {x.shape[-1]} samples")
-  return np.stack([x[..., s:s + n] for s in starts])
-
-
 def _filter(x: np.ndarray, contract: Contract) -> np.ndarray:
   return bandpass(x, contract.fs, contract.highpass_hz, contract.lowpass_hz, contract.filter_order)
-
-
-def preprocess(x: np.ndarray, fs: float, contract: Contract) -> np.ndarray:
-  """A signal (L, T) at `fs` -> float32 at `contract.fs`, band-passed here only if `filter_stage` is "offline"."""
-  if contract.resample != "fft":
-    raise ValueError(f"unsupported resampling {contract.resample!r}")
-  y = resample(np.asarray(x, np.float64), fs, contract.fs)
-  if contract.filter_stage == "offline":
-    y = _filter(y, contract)
-  elif contract.filter_stage != "per_crop":
-    raise ValueError(f"unknown filter_stage {contract.filter_stage!r}")
-  return y.astype(np.float32)
 
 
 def prepare_record_windows(record: Record, contract: Contract) -> np.ndarray:

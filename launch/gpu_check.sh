@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-GPU check of stmem, in under 8 minutes: install, plan, time the production step, the input pipeline, and a
-# short end-to-end pretraining run. Not yet run on a GPU (README, "Scaling up").
+# short end-to-end pretraining run (benchmarks/README.md, "Memory plans").
 #
 #   bash launch/gpu_check.sh            # from anywhere; works in the repository root
 #

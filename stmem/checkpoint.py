@@ -6,11 +6,14 @@ nothing in a checkpoint is ever unpickled: arrays go through tensorstore, everyt
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import json
 import pathlib
 import re
 import sys
+import time
 from typing import Any
 
 import jax
@@ -67,17 +70,18 @@ def _check_json_item(step_dir: pathlib.Path, item: str) -> None:
                       "use another step") from e
 
 
-def _quiet_abandoned_reads() -> None:
-  """Silence the echoes of a failed restore, and only those.
+@contextlib.contextmanager
+def quiet_abandoned_reads(settle_s: float = 1.0):
+  """Around a restore: silence the echoes of its abandoned reads, and only those, then put the process's hooks back.
 
   When one array of a step cannot be read, orbax's event loop stops while its other reads are still in flight; as
   they finish, Python prints tracebacks after the one-line message that named the step: "Exception ignored" for
   each abandoned read (the same tensorstore error again, through sys.unraisablehook) and "Event loop is closed"
-  from tensorstore's callback thread (through sys.excepthook). Seen in 2 of 8 concurrent runs.
+  from tensorstore's callback thread (through sys.excepthook). Seen in 2 of 8 concurrent runs. The echoes come after
+  the error, so a failed restore waits `settle_s` (collecting garbage, which is when a never-read error is reported)
+  before the hooks are put back; a restore that succeeds puts them back at once. A hook someone else installed
+  meanwhile is left in place.
   """
-  if getattr(sys.unraisablehook, "_stmem_quiet", False):
-    return
-
   def echo(exc: BaseException | None) -> bool:
     text = str(exc)
     return "Event loop is closed" in text or "Encountered error while reading array" in text
@@ -92,8 +96,22 @@ def _quiet_abandoned_reads() -> None:
     if not echo(value):
       excepthook(kind, value, tb)
 
-  quiet_unraisable._stmem_quiet = True
   sys.unraisablehook, sys.excepthook = quiet_unraisable, quiet_excepthook
+  try:
+    yield
+  except Exception:
+    deadline = time.monotonic() + settle_s
+    while True:
+      gc.collect()
+      if time.monotonic() >= deadline:
+        break
+      time.sleep(0.05)
+    raise
+  finally:
+    if sys.unraisablehook is quiet_unraisable:
+      sys.unraisablehook = unraisable
+    if sys.excepthook is quiet_excepthook:
+      sys.excepthook = excepthook
 
 
 def unreadable(step_dir: pathlib.Path, e: BaseException) -> DataError:
@@ -152,9 +170,9 @@ class Checkpointer:
     for name in names:
       _check_json_item(step_dir, name)
     try:
-      return dict(self.manager.restore(step, args=ocp.args.Composite(**items)))
+      with quiet_abandoned_reads():
+        return dict(self.manager.restore(step, args=ocp.args.Composite(**items)))
     except Exception as e:  # noqa: BLE001 - tensorstore raises a bare Exception for truncated or missing files
-      _quiet_abandoned_reads()
       raise unreadable(step_dir, e) from e
 
   def restore_latest_readable(self, log=None, **kwargs) -> tuple[int, dict[str, Any] | None]:

@@ -5,14 +5,18 @@ with sharded shapes (`steps.abstract_args`) and compiled either for the local de
 described by libtpu on any host (`jax.experimental.topologies.get_topology_desc`; the `[tpu]` extra). XLA's
 memory analysis of the compiled program gives each device's argument, output, temporary and total bytes, which are
 held against the chip's memory (or a stated budget). When the step does not fit, `fit` searches the smallest
-gradient-accumulation count, then a stronger rematerialisation, that does. The fine-tuning update
-(`stmem.steps.finetune_step`) and the embedding forward are compiled the same way.
+gradient-accumulation count, then a stronger rematerialisation, that does. The fine-tuning update is compiled
+the same way: `stmem.steps.finetune_step`, the step `stmem finetune` runs. The embedding forward planned is
+`stmem.steps.embed_forward` (one 12-lead crop in, pooled features out, batch-sharded: the forward `stmem bench`
+times), not the program `stmem embed` compiles, which also returns per-lead (and per-patch) features averaged
+over the evaluation crops and replicates its outputs to process 0.
 
 FLOPs per step are analytic (`stmem.metrics`); XLA's own count of the compiled program is shown beside them,
 but it counts a scanned block once, so it reads several times too low for a deep model.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -50,6 +54,25 @@ _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16
                 "f64": 8, "s64": 8, "u64": 8}
 
 
+# What libtpu reads from the environment when it describes a topology, and why the planner sets it: libtpu guards
+# real chips with a lock file, but compiling for an abstract topology touches no chip, and the lock would refuse a
+# second planner on the same host; without worker hostnames libtpu looks for a TPU VM's metadata. A value the user
+# set is kept.
+LIBTPU_ENVIRONMENT = {"ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "TPU_WORKER_HOSTNAMES": "localhost"}
+
+
+@contextlib.contextmanager
+def _libtpu_environment():
+  """LIBTPU_ENVIRONMENT set (where unset) while libtpu describes a topology, and the environment put back after."""
+  added = {k: v for k, v in LIBTPU_ENVIRONMENT.items() if k not in os.environ}
+  os.environ.update(added)
+  try:
+    yield
+  finally:
+    for k in added:
+      os.environ.pop(k, None)
+
+
 def devices_for(topology: str) -> list:
   """'local': this process's devices; otherwise a TPU topology name ('v5e:4x4', 'v4:2x2x1', 'v5p:2x2x1') as
   abstract devices to compile for, from libtpu (`pip install 'stmem[tpu]'`)."""
@@ -59,17 +82,14 @@ def devices_for(topology: str) -> list:
     from jax.experimental import topologies
   except ImportError as e:  # pragma: no cover -- part of jax
     raise RuntimeError(f"this jax has no jax.experimental.topologies: {e}") from e
-  # libtpu guards real chips with a lock file; compiling for an abstract topology touches no chip, and the lock
-  # would refuse a second planner on the same host.
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   try:
-    devices = list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
-    if len({tuple(d.coords) for d in devices}) < len(devices):
-      # Two TensorCores per chip (v4) are two devices by default; jobs run them as one ("megacore"), and
-      # jax.make_mesh wants one device per chip.
-      devices = list(topologies.get_topology_desc(platform="tpu", topology_name=topology,
-                                                  chip_config_name="megacore").devices)
+    with _libtpu_environment():
+      devices = list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
+      if len({tuple(d.coords) for d in devices}) < len(devices):
+        # Two TensorCores per chip (v4) are two devices by default; jobs run them as one ("megacore"), and
+        # jax.make_mesh wants one device per chip.
+        devices = list(topologies.get_topology_desc(platform="tpu", topology_name=topology,
+                                                    chip_config_name="megacore").devices)
     return devices
   except Exception as e:  # noqa: BLE001 -- libtpu missing or the name unknown: say which
     raise ValueError(f"cannot describe TPU topology {topology!r} ({type(e).__name__}: {str(e)[:200]}); install the "
@@ -213,7 +233,8 @@ def pretrain_report(config, devices, *, topology: str = "local", accum_steps: in
 
 
 def embed_report(config, devices, *, topology: str = "local", budget_gb: float = 0.0) -> Report:
-  """Compile the 12-lead embedding forward (unmasked, pooled features) at the config's batch for `devices`."""
+  """Compile the 12-lead embedding forward (`steps.embed_forward`: one crop, unmasked, pooled features) at the
+  config's batch for `devices`."""
   from jax.sharding import NamedSharding, PartitionSpec as P
   mesh = _mesh(config, devices)
   cfg = steps.model_cfg(config)

@@ -1,4 +1,4 @@
-"""Figures for reports: 12-lead ECGs on paper grid, masked reconstructions, lead-set AUROC charts, ROC curves.
+"""Figures for reports: masked reconstructions, lead-set AUROC charts, ROC curves.
 
 Matplotlib with the Agg backend only (no display is assumed: training machines have none). Every function builds
 its own figure, saves it as PNG at a fixed size (figsize x dpi, no tight cropping, so the pixel size is
@@ -19,9 +19,6 @@ from matplotlib.patches import Patch  # noqa: E402
 
 from data_pipelines.leads import LEADS  # noqa: E402
 
-# ECG paper: 25 mm/s and 10 mm/mV; small squares 1 mm (0.04 s, 0.1 mV), large squares 5 mm (0.2 s, 0.5 mV).
-_PAPER_MINOR = "#f6c6c6"
-_PAPER_MAJOR = "#e58f8f"
 _TRACE = "#111111"
 _RECON = "#d62728"
 _MASK = "#9ecae1"
@@ -37,68 +34,6 @@ def _save(fig: plt.Figure, path: str | os.PathLike, dpi: int) -> str:
   finally:
     plt.close(fig)
   return path
-
-
-def _paper_grid(ax: plt.Axes, x0: float, x1: float, y0: float, y1: float) -> None:
-  """Pink ECG-paper grid over [x0, x1] s x [y0, y1] mV, drawn as line collections (fast even for 10 s)."""
-  for step, color, lw in ((0.04, _PAPER_MINOR, 0.35), (0.2, _PAPER_MAJOR, 0.7)):
-    xs = np.arange(np.ceil(x0 / step) * step, x1 + 1e-9, step)
-    ax.vlines(xs, y0, y1, colors=color, linewidth=lw, zorder=0)
-  for step, color, lw in ((0.1, _PAPER_MINOR, 0.35), (0.5, _PAPER_MAJOR, 0.7)):
-    ys = np.arange(np.ceil(y0 / step) * step, y1 + 1e-9, step)
-    ax.hlines(ys, x0, x1, colors=color, linewidth=lw, zorder=0)
-
-
-def plot_ecg_12(signal: np.ndarray, fs: float, path: str | os.PathLike, title: str | None = None, *,
-                lead_names: Sequence[str] = LEADS, dpi: int = 100, figsize: tuple[float, float] = (15.0, 7.8)
-                ) -> str:
-  """A 12-lead ECG as printed by an electrocardiograph: a 3 x 4 grid (I/II/III, aVR/aVL/aVF, V1-V3, V4-V6), each
-  column a quarter of the record, and a lead II rhythm strip across the bottom, at 25 mm/s and 10 mm/mV.
-
-  `signal` is (L, T) in mV. With a lead set other than the standard 12 each lead gets its own full-length row.
-  """
-  signal = np.asarray(signal, dtype=np.float64)
-  if signal.ndim != 2:
-    raise ValueError(f"signal must be (leads, samples), got shape {signal.shape}")
-  names = list(lead_names)[: signal.shape[0]]
-  n_leads, n = signal.shape
-  duration = n / fs
-  t = np.arange(n) / fs
-  row_h = 3.0  # mV between row baselines, enough for typical QRS amplitudes
-
-  # Rows of (lead index, start sample, stop sample).
-  if n_leads == 12 and names == list(LEADS):
-    q = n // 4
-    layout = [[(r + 3 * c, c * q, (c + 1) * q) for c in range(4)] for r in range(3)]
-    layout.append([(1, 0, n)])  # rhythm strip, lead II
-  else:
-    layout = [[(i, 0, n)] for i in range(n_leads)]
-
-  fig = plt.figure(figsize=figsize)
-  ax = fig.add_axes((0.02, 0.03, 0.96, 0.9 if title else 0.94))
-  y_top, y_bot = row_h * 0.5, -row_h * (len(layout) - 0.5)
-  _paper_grid(ax, 0.0, duration, y_bot, y_top)
-  for r, row in enumerate(layout):
-    base = -row_h * r
-    for i, a, b in row:
-      seg = signal[i, a:b]
-      # Lead boundaries: a short vertical tick, as on a printed ECG; the name sits just above the baseline.
-      if a > 0:
-        ax.vlines(t[a], base - 0.4, base + 0.4, colors=_TRACE, linewidth=1.0)
-      ax.plot(t[a:b], np.clip(seg, -row_h * 0.8, row_h * 0.8) + base, color=_TRACE, linewidth=0.8)
-      ax.text(t[a] + 0.05, base + 0.85, names[i], fontsize=10, fontweight="bold", va="bottom")
-  # The scale, stated once: the grid itself is the calibration (one large square = 0.2 s x 0.5 mV).
-  ax.text(duration - 0.02, y_bot + 0.1, "25 mm/s  10 mm/mV", fontsize=8, ha="right", va="bottom", color="#555555")
-  ax.set_xlim(0.0, duration)
-  ax.set_ylim(y_bot, y_top)
-  ax.set_aspect(0.4, adjustable="box")  # 1 mV (10 mm) against 1 s (25 mm)
-  ax.set_xticks([])
-  ax.set_yticks([])
-  for s in ax.spines.values():
-    s.set_visible(False)
-  if title:
-    fig.suptitle(title, fontsize=12)
-  return _save(fig, path, dpi)
 
 
 def plot_reconstruction(signal_patches: np.ndarray, pred_patches: np.ndarray, mask: np.ndarray,

@@ -56,8 +56,10 @@ def task_row(task: str, model: str, lead_set: str, labels: np.ndarray, scores: n
 
   `labels` (N, C) multi-hot or one-hot, `scores` (N, C) probabilities, `predicted` (N, C) bool (F1), `patient_ids`
   (N,) for the bootstrap. The row holds the macro figures, `classes` (one dict per class with its own figures and
-  counts), `positives` {class: n} and `warnings` (too few records, patients or positives for a figure to mean much;
-  worded without the model, so that the rows of several models on one split give one note).
+  counts; a class without a positive or without a negative record among those scored has no figure and is named in
+  a warning instead), `positives` {class: n} and `warnings` (classes without figures; too few records, patients or
+  positives for a figure to mean much). Warnings are worded without the model and the lead set, so that the rows of
+  several models and lead sets on one split give one note of each kind.
   """
   from stmem import scoring
   y = np.atleast_2d(np.asarray(labels, np.float32))
@@ -73,20 +75,27 @@ def task_row(task: str, model: str, lead_set: str, labels: np.ndarray, scores: n
   for m, (point, lo, hi) in ci["macro"].items():
     row.update({m: point, f"{m}_lo": lo, f"{m}_hi": hi})
   row["classes"] = []
-  warnings = []
+  warnings, absent, few = [], [], []
   if n_patients < MIN_PATIENTS:
-    warnings.append(f"{task} ({lead_set}): only {n} records of {n_patients} patients scored; the intervals "
-                    f"cannot describe new patients")
+    warnings.append(f"{task}: only {n} records of {n_patients} patients scored; the intervals cannot describe new "
+                    "patients")
   for k, name in enumerate(names):
     c = {"class": name, "n_positive": int(positives[k]), "n_negative": n - int(positives[k])}
+    if not c["n_positive"] or not c["n_negative"]:  # no figure exists for it: a note, not a row of NaN
+      absent.append(f"{name} ({'no positive' if not c['n_positive'] else 'no negative'})")
+      continue
     for m, (point, lo, hi) in ci["classes"][k].items():
       c.update({m: point, f"{m}_lo": lo, f"{m}_hi": hi})
     row["classes"].append(c)
-    few = min(c["n_positive"], c["n_negative"])
-    if few < MIN_CLASS_RECORDS:
+    if min(c["n_positive"], c["n_negative"]) < MIN_CLASS_RECORDS:
       side = "positive" if c["n_positive"] <= c["n_negative"] else "negative"
-      warnings.append(f"{task} ({lead_set}): class {name} has {few} {side} record(s) scored; its AUROC/AUPRC "
-                      f"(and the macro figure it enters) mean little below {MIN_CLASS_RECORDS}")
+      few.append(f"{name} {min(c['n_positive'], c['n_negative'])} {side}")
+  if absent:
+    warnings.append(f"{task}: no figure for class(es) {', '.join(absent)} among the {n} records scored; the macro "
+                    "figures leave them out")
+  if few:
+    warnings.append(f"{task}: fewer than {MIN_CLASS_RECORDS} positive or negative records scored for class(es) "
+                    f"{', '.join(few)}; their AUROC/AUPRC (and the macro figures they enter) mean little")
   row["warnings"] = warnings
   fpr, tpr = scoring.macro_roc_curve(y, scores)
   return row, (fpr, tpr, row["auroc"])

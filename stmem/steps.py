@@ -118,7 +118,7 @@ def pretrain_step(config, mesh: Mesh, cfg: ModelConfig, accum_steps: int | None 
   check_platform(cfg, mesh)
   accum_steps = int(config.optim.accum_steps if accum_steps is None else accum_steps)
   if accum_steps < 1:
-    raise ValueError("accum_steps must be >= 1 here (0, 'derive from the memory budget', is resolved by stmem.plan)")
+    raise ValueError("accum_steps must be >= 1 here (0, 'derive from the memory budget', is resolved by stmem.memory_plan)")
 
   def init_params(key):
     return nnx.state(pretraining_model(cfg, rngs=nnx.Rngs(key)), nnx.Param).to_pure_dict()

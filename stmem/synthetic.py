@@ -323,6 +323,8 @@ def simulate(label: str, seconds: float = 10.0, fs: float = 500.0, rng: np.rando
   Returns (signal float32 (12, T) in mV, canonical lead order; info) where info holds `heart_rate` (bpm, from the
   simulated RR intervals inside the record), `r_times` (s, R peaks inside the record) and `label`.
   With `noise=False` the output is the clean heart signal, for which the limb-lead laws hold to float precision.
+  Deterministic given `rng`'s state; `rng=None` uses a fixed seed (0) rather than fresh entropy, so that a
+  forgotten generator gives reproducible data instead of silently different data.
   """
   if label not in CLASSES:
     raise ValueError(f"unknown class {label!r}; known classes are {list(CLASSES)}")
@@ -353,16 +355,6 @@ def simulate(label: str, seconds: float = 10.0, fs: float = 500.0, rng: np.rando
   info = {"label": label, "heart_rate": float(60.0 / np.mean(np.diff(inside))) if inside.size > 1 else float(hr),
           "r_times": inside}
   return signal.astype(np.float32), info
-
-
-def synthesize(label: str, seconds: float = 10.0, fs: float = 500.0, rng: np.random.Generator | None = None, *,
-               patient: Patient | None = None, noise: bool = True) -> np.ndarray:
-  """A float32 (12, T) ECG in mV of class `label`, leads in canonical order (I, II, III, aVR, aVL, aVF, V1..V6).
-
-  Deterministic given `rng`'s state; `rng=None` uses a fixed seed (0) rather than fresh entropy, so that a
-  forgotten generator gives reproducible data instead of silently different data.
-  """
-  return simulate(label, seconds, fs, rng, patient=patient, noise=noise)[0]
 
 
 def make_dataset(n: int, seed: int, seconds: float = 10.0, fs: float = 250.0,

@@ -22,6 +22,12 @@ def tiny_checkpoint(path):
   return path
 
 
+def synthesize(label: str, seconds: float = 10.0, fs: float = 500.0, rng=None, **kw) -> np.ndarray:
+  """One simulated 12-lead ECG (12, T) in mV of class `label` (`stmem.synthetic.simulate` without its info)."""
+  from stmem import synthetic
+  return synthetic.simulate(label, seconds, fs, rng, **kw)[0]
+
+
 def ecg_like(leads: int, samples: int, seed: int = 0) -> np.ndarray:
   """A crude but non-flat ECG-like signal (leads, samples) in mV."""
   rng = np.random.default_rng(seed)

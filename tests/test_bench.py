@@ -85,10 +85,21 @@ def test_pretrain_row_times_the_production_step(monkeypatch):
     built.append(accum_steps)
     return real(graphdef, tx, accum_steps)
 
+  scans = []
+  real_step = steps.pretrain_step
+
+  def recording_step(config, mesh, cfg, *args, **kwargs):
+    scans.append(cfg.scan_blocks)
+    return real_step(config, mesh, cfg, *args, **kwargs)
+
   monkeypatch.setattr(steps, "make_train_step", recording)
+  monkeypatch.setattr(steps, "pretrain_step", recording_step)
   monkeypatch.setattr(model_bench, "_COMPILED", {})  # no step compiled earlier in this process
   row = model_bench.bench_pretrain("tiny", "float32", 8, 1)
   assert built and built[0] == 1  # the timed step, then the unrolled one lowered for XLA's FLOP count
+  # The timed step scans its blocks; only the step lowered for the FLOP count is unrolled, by its own model config,
+  # and nothing else in the process changes: the next model still scans.
+  assert scans == [True, False] and model_config("tiny").scan_blocks
   compiled = model_bench._COMPILED[("tiny", "float32", 8)][0]
   # The compiled program takes the lead mask and the mesh's shardings, and donates parameters and optimiser state.
   batch_arg = compiled.input_shardings[0][2]

@@ -1,9 +1,9 @@
-"""Every failure a user can cause is one or two lines and an exit code; data is never silently wrong (issue 15).
+"""Every failure a user can cause is one or two lines and an exit code; data is never silently wrong.
 
 Each case runs the real command (`python -m stmem.cli ...`) as a subprocess and asserts its exit code (2 usage, 1
 data or file), that the message names the option or file, that stderr has no `Traceback`, and that no partial output
 is left. The general-rule cases are independent and run concurrently once per module (each process imports JAX:
-seconds); the defect cases (duplicate leads, export -> convert, re-runs, interrupted --overwrite, NaN weights,
+seconds); the cases that follow (duplicate leads, export -> convert, re-runs, interrupted --overwrite, NaN weights,
 corrupt checkpoints) also look at the data they leave.
 
 Fixtures are written here: WFDB records of a few seconds of sines, and a random tiny checkpoint.
@@ -206,7 +206,7 @@ def _cases(w: dict[str, pathlib.Path]) -> dict[str, tuple[tuple, int, tuple[str,
                             "--out", r / "e2" / "x"), 2, ("'XX'",), (r / "e2" / "x.npz",)),
     "embed/corrupt_checkpoint": (("embed", "--init_from", w["corrupt"], "--records", w["records"], "--out",
                                   r / "e3" / "x"), 1, ("checkpoint step 2",), (r / "e3" / "x.npz",)),
-    # defect 1 + 9: every record skipped (a duplicated lead) -> an error, and nothing written
+    # every record skipped (a duplicated lead) -> an error, and nothing written
     "embed/too_many_num_devices": (("embed", "--init_from", w["ckpt"], "--records", w["records"], "--num_devices",
                                    "99", "--out", r / "e7" / "x"), 2, ("--config.num_devices=99",),
                                   (r / "e7" / "x.npz",)),
@@ -261,7 +261,7 @@ def test_debug_shows_the_traceback(world):
     assert r.rc != 0 and "Traceback" in r.err and "DataError" in r.err and "no record found" in r.err
 
 
-# ------------------------------------------------------------------------------------------------ defect 1
+# ------------------------------------------------------------------------------------------ a bad record is quarantined
 
 
 def test_duplicate_lead_names_quarantine_the_record(world, tmp_path):
@@ -285,7 +285,7 @@ def test_duplicate_lead_names_quarantine_the_record(world, tmp_path):
   assert not (tmp_path / "strict" / "generic" / "1.0.0").exists()
 
 
-# ------------------------------------------------------------------------------------------------ defect 2
+# --------------------------------------------------------------------------------- export and convert keep the contract
 
 
 def test_export_then_convert_keeps_the_contract_and_the_fingerprint(world, tmp_path):
@@ -314,7 +314,7 @@ def test_export_then_convert_keeps_the_contract_and_the_fingerprint(world, tmp_p
   np.testing.assert_array_equal(fa, fb)
 
 
-# ------------------------------------------------------------------------------------------------ defects 3 and 4
+# ---------------------------------------------------------------------------------------------- re-runs and --overwrite
 
 
 def test_rerun_from_other_inputs_is_refused_and_overwrite_never_destroys(world, tmp_path):
@@ -377,7 +377,7 @@ def test_rerun_from_other_inputs_is_refused_and_overwrite_never_destroys(world, 
   assert len((folder / "records.jsonl").read_text().splitlines()) == 4 and not report.exists()
 
 
-# ------------------------------------------------------------------------------------------------ defects 5 and 6
+# ------------------------------------------------------------------------------------------- weights that must not load
 
 
 def test_convert_refuses_pickles_and_nonfinite_weights_without_writing(world, tmp_path):
@@ -412,7 +412,7 @@ class _Payload:
   """Any pickled object that is not a tensor (as training arguments saved beside the weights are)."""
 
 
-# ------------------------------------------------------------------------------------------------ defect 7
+# --------------------------------------------------------------------------------------------- an unreadable checkpoint
 
 
 def test_pretrain_resumes_from_the_newest_readable_checkpoint(tmp_path):
@@ -438,3 +438,31 @@ def test_pretrain_resumes_from_the_newest_readable_checkpoint(tmp_path):
   assert "skipping unreadable checkpoint: checkpoint step 4" in r.err and str(ckpts / "4" / "params") in r.err
   assert "resuming from step 2" in r.err
   assert (ckpts / "6").is_dir() and (ckpts / "4.unreadable").is_dir()  # the bad step kept aside, never deleted
+
+
+def test_a_failed_restore_leaves_the_process_hooks_as_they_were(tmp_path, monkeypatch):
+  """The echoes of a failed restore's abandoned reads are silenced only around that restore: afterwards the
+  process's sys.excepthook and sys.unraisablehook are the ones it had, and other errors always reach them."""
+  import jax.numpy as jnp
+  from data_pipelines.errors import DataError
+  from stmem import checkpoint
+
+  seen = []
+  monkeypatch.setattr(sys, "excepthook", lambda kind, value, tb: seen.append(("except", str(value))))
+  monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(("unraisable", str(u.exc_value))))
+  mine = sys.excepthook, sys.unraisablehook
+
+  with checkpoint.quiet_abandoned_reads():
+    sys.excepthook(RuntimeError, RuntimeError("Event loop is closed"), None)  # an echo: silenced
+    sys.excepthook(ValueError, ValueError("something else"), None)            # anything else: reported
+  assert (sys.excepthook, sys.unraisablehook) == mine and seen == [("except", "something else")]
+
+  params = {"w": jnp.arange(4096.0).reshape(64, 64)}
+  ckpt = checkpoint.Checkpointer(tmp_path / "ckpt", every=1, keep=2, async_save=False)
+  ckpt.save(1, params=params, meta={"step": 1}, force=True)
+  ckpt.wait()
+  truncate_largest_array_file(tmp_path / "ckpt" / "1")
+  with pytest.raises(DataError, match="checkpoint step 1: cannot read"):
+    ckpt.restore(1, params=params, data_state=False)
+  assert (sys.excepthook, sys.unraisablehook) == mine
+  ckpt.close()

@@ -208,6 +208,26 @@ def test_branch_scale_zero_skips_a_block_and_one_changes_nothing():
   assert np.abs(np.asarray(first_only) - np.asarray(plain)).max() > 1e-3
 
 
+def test_unrolled_blocks_compute_what_the_scan_computes():
+  """`scan_blocks=False` (the FLOP count's form) is a setting of one model: the same parameters give the same loss
+  and features as the scanned default, and a model built afterwards still scans."""
+  cfg = model_config("tiny")
+  assert cfg.scan_blocks
+  scanned = StMem(cfg, rngs=nnx.Rngs(0))
+  loop = StMem(cfg.replace(scan_blocks=False), rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 12, cfg.window))
+  ids = jnp.tile(jnp.arange(12), (2, 1))
+  present = jnp.ones((2, 12), bool)
+  noise = jax.random.uniform(jax.random.key(2), (2, 12, cfg.num_patches))
+  np.testing.assert_allclose(float(_loss(loop, x, ids, present, noise)), float(_loss(scanned, x, ids, present, noise)),
+                             rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(_features(loop.encoder, x, ids)), np.asarray(_features(scanned.encoder, x, ids)),
+                             atol=1e-5)
+  text = lambda m: jax.jit(lambda x: m.encoder.features(x, ids)["pooled"]).lower(x).as_text()  # noqa: E731
+  assert "while" in text(scanned) and "while" not in text(loop)  # the loop really is unrolled
+  assert model_config("tiny").scan_blocks
+
+
 def test_a_row_with_no_present_lead_stays_finite():
   # Evaluation pads batches with rows whose every slot is absent; their features are discarded, but a NaN there
   # would still poison batch-wide reductions.

@@ -155,3 +155,19 @@ def test_the_finetuning_step_is_planned_with_finetunes_own_step(tmp_path, monkey
   assert r["flops_analytic"] == metrics.finetune_step_flops(model_config("tiny"), batch, leads=12)
   # A fine-tuning config plans nothing else.
   assert plan_program.main(["--config", "finetune:test", "--programs", "pretrain"]) == 2
+
+
+def test_describing_a_topology_leaves_the_environment_as_it_was(devices, monkeypatch):
+  """libtpu's settings are set only while it describes a topology, for a name it knows or not; a user's value is
+  kept."""
+  import os
+  for name in plan.LIBTPU_ENVIRONMENT:
+    monkeypatch.delenv(name, raising=False)
+  before = dict(os.environ)
+  assert plan.devices_for(TOPOLOGY)
+  with pytest.raises(ValueError, match="cannot describe TPU topology"):
+    plan.devices_for("v5e:nonsense")
+  assert dict(os.environ) == before
+  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "mine")
+  plan.devices_for(TOPOLOGY)
+  assert os.environ["TPU_WORKER_HOSTNAMES"] == "mine" and "ALLOW_MULTIPLE_LIBTPU_LOAD" not in os.environ

@@ -6,7 +6,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from data_pipelines.leads import LEADS
-from stmem import plots, synthetic
+from stmem import plots
+from tests.helpers import synthesize
 
 
 def _check_png(path: str, width: int, height: int) -> np.ndarray:
@@ -17,18 +18,8 @@ def _check_png(path: str, width: int, height: int) -> np.ndarray:
   return img
 
 
-def test_plot_ecg_12(tmp_path):
-  x = synthetic.synthesize("normal", 10.0, 250.0, np.random.default_rng(0))
-  out = plots.plot_ecg_12(x, 250.0, tmp_path / "ecg.png", title="synthetic normal")
-  assert out == str(tmp_path / "ecg.png")
-  _check_png(out, 1500, 780)
-  # Another lead set falls back to one full-length row per lead.
-  out = plots.plot_ecg_12(x[:2], 250.0, tmp_path / "sub" / "two.png", lead_names=("I", "II"), dpi=50)
-  _check_png(out, 750, 390)
-
-
 def test_plot_reconstruction(tmp_path):
-  x = synthetic.synthesize("afib", 9.0, 250.0, np.random.default_rng(1))
+  x = synthesize("afib", 9.0, 250.0, np.random.default_rng(1))
   patches = x.reshape(12, 30, 75)
   rng = np.random.default_rng(2)
   mask = np.zeros((12, 30), np.int32)

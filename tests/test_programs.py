@@ -40,3 +40,45 @@ def test_every_program_runs_from_its_config_file_with_overrides(shared_data, tmp
   assert cli.main(["finetune", "--config", "finetune:test", f"--config.init_from={run}", "--config.total_steps=2",
                    "--config.eval_every=2", "--config.bootstrap=10", "--workdir", str(tmp_path / "ft")]) == 0
   assert json.loads((tmp_path / "ft" / "report.json").read_text())["info"]["best_step"] == 2
+
+
+def test_demo_prints_the_report_once_and_ends_on_its_summary(tmp_path, monkeypatch, capsys):
+  """The probe's report is printed by the probe alone; the demo's last lines are its summary: where things are and
+  the macro AUROC by lead set, pretrained beside random init (the programs themselves are stood in for here)."""
+  from stmem import programs
+  from stmem.programs import demo
+  from stmem.report import markdown
+  rows = [{"task": "synthetic", "model": model, "lead_set": ls, "n_records": 240, "n_patients": 96,
+           "n_positive": "40/40/40/40/40/40", "auroc": a, "auroc_lo": a - 0.01, "auroc_hi": min(a + 0.01, 1.0)}
+          for ls, a in (("12", 0.99), ("I", 0.9)) for model in ("checkpoint", "random init")]
+  calls = []
+
+  def fake_run(argv):
+    calls.append(argv[0])
+    if argv[0] == "pretrain":  # the evaluators' figures, as pretraining logs them
+      (tmp_path / "demo").mkdir()
+      (tmp_path / "demo" / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in [
+        {"step": 50, "loss": 0.99},
+        {"step": 100, "eval/heldout/loss": 0.98, "eval/heldout/seconds": 2.0, "eval/probe/12/auroc": 0.95,
+         "eval/probe/12/auroc_lo": 0.9, "eval/probe/12/auroc_hi": 0.97, "eval/probe/12/random_auroc": 0.94}]) + "\n")
+    if argv[0] == "probe":
+      out = tmp_path / "demo" / "probe"
+      out.mkdir()
+      (out / "report.md").write_text(markdown(rows, "Linear probe"))
+      (out / "report.json").write_text(json.dumps({"rows": rows}))
+      print((out / "report.md").read_text())
+    return 0
+
+  monkeypatch.setattr(programs, "run", fake_run)
+  assert demo.main(["--workdir", str(tmp_path / "demo")]) == 0
+  assert calls == ["pretrain", "probe"]
+  out = capsys.readouterr().out
+  assert out.count("# Linear probe") == 1
+  *before, evals, tail = out.rstrip().split("\n\n")
+  assert "stmem demo finished" in before[-1] and before[-1].splitlines()[-1].startswith("  probe figures")
+  assert evals.splitlines() == ["evaluators during pretraining (metrics.jsonl, TensorBoard):",
+                                "  step 100: heldout/loss 0.980, probe/12/auroc 0.950, probe/12/random_auroc 0.940"]
+  tail = tail.splitlines()
+  assert len(tail) == 4 and tail[0] == "linear probe on synthetic, 240 records of 96 patients, macro AUROC [95 % CI]:"
+  assert tail[1].split() == ["lead", "set", "checkpoint", "random", "init"]
+  assert tail[2].split()[:2] == ["12", "0.990"] and tail[3].split()[:2] == ["I", "0.900"]

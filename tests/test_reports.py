@@ -63,12 +63,33 @@ def test_report_warns_when_a_class_or_split_is_too_small():
   y, s, pids = _multiclass(n=60, rare=4)
   row, _ = report.task_row("cinc2017", "checkpoint", "I", y, s, scoring.predictions(s, None, True), pids,
                            class_names=CLASSES, multiclass=True, protocol="5-fold", n_resamples=50, seed=0)
-  assert len(row["warnings"]) == 1 and "class ~ has 4 positive record(s)" in row["warnings"][0]
+  assert len(row["warnings"]) == 1 and "class(es) ~ 4 positive;" in row["warnings"][0]
   y, s, pids = y[:12], s[:12], pids[:12]  # 6 patients
   row, _ = report.task_row("cinc2017", "checkpoint", "I", y, s, scoring.predictions(s, None, True), pids,
                            class_names=CLASSES, multiclass=True, protocol="5-fold", n_resamples=50, seed=0)
   assert any("of 6 patients scored" in w for w in row["warnings"])
   assert "of 6 patients scored" in report.markdown([row])
+
+
+def test_a_class_without_positives_is_a_note_and_notes_are_said_once():
+  """A class no scored record has gives no per-class row (no NaN anywhere) but one note; small classes are named
+  together in one note, and rows of several models and lead sets on one split repeat no note."""
+  y, s, pids = _multiclass(n=60, rare=4)
+  keep = y[:, 1] == 0  # no record of class A left
+  y, s, pids = y[keep], s[keep], pids[keep]
+  rows = []
+  for lead_set in ("12", "I"):
+    for model in ("checkpoint", "random init"):
+      row, _ = report.task_row("cinc2017", model, lead_set, y, s, scoring.predictions(s, None, True), pids,
+                               class_names=CLASSES, multiclass=True, protocol="5-fold", n_resamples=50, seed=0)
+      rows.append(row)
+  assert [c["class"] for c in rows[0]["classes"]] == ["N", "O", "~"] and np.isfinite(rows[0]["auroc"])
+  md = report.markdown(rows)
+  assert "nan" not in md and "| cinc2017 | checkpoint | I | A |" not in md
+  notes = report.all_notes(rows)
+  assert [n for n in notes if "no figure for class(es) A (no positive)" in n] == [notes[1]]
+  assert len([n for n in notes if "fewer than 10" in n]) == 1 and "~ 4 positive" in notes[2]
+  assert len(notes) == 3  # averaging, the missing class, the small class
 
 
 def test_one_bootstrap_gives_macro_and_class_intervals():
@@ -96,5 +117,5 @@ def test_multilabel_report_gives_per_class_rows_and_thresholded_f1():
                            n_resamples=100, seed=0)
   assert row["positives"] == {"NORM": int(y[:, 0].sum()), "MI": int(y[:, 1].sum()), "HYP": int(y[:, 2].sum())}
   by = {c["class"]: c for c in row["classes"]}
-  assert by["NORM"]["f1"] == evaluation.f1(y[:, 0], pred[:, 0]) and by["NORM"]["auroc"] > by["HYP"]["auroc"]
+  assert by["NORM"]["f1"] == scoring.f1(y[:, 0], pred[:, 0]) and by["NORM"]["auroc"] > by["HYP"]["auroc"]
   assert "| ptbxl | checkpoint | 12 | MI |" in report.markdown([row])

@@ -7,6 +7,7 @@ from scipy import signal as sps
 
 from data_pipelines.leads import LEAD_ID, LEADS
 from stmem import synthetic
+from tests.helpers import synthesize
 
 FS = 250.0
 
@@ -51,9 +52,9 @@ def _st_level(x: np.ndarray, fs: float) -> np.ndarray:
 
 
 def test_shapes_dtype_and_determinism():
-  a = synthetic.synthesize("normal", 10.0, 500.0, np.random.default_rng(7))
-  b = synthetic.synthesize("normal", 10.0, 500.0, np.random.default_rng(7))
-  c = synthetic.synthesize("normal", 10.0, 500.0, np.random.default_rng(8))
+  a = synthesize("normal", 10.0, 500.0, np.random.default_rng(7))
+  b = synthesize("normal", 10.0, 500.0, np.random.default_rng(7))
+  c = synthesize("normal", 10.0, 500.0, np.random.default_rng(8))
   assert a.shape == (12, 5000) and a.dtype == np.float32
   np.testing.assert_array_equal(a, b)
   assert not np.allclose(a, c)
@@ -61,7 +62,7 @@ def test_shapes_dtype_and_determinism():
   # Realistic amplitudes: the largest deflection of a normal ECG is a few mV, not volts or microvolts.
   assert 0.4 < np.abs(a).max() < 6.0
   with pytest.raises(ValueError, match="unknown class"):
-    synthetic.synthesize("nonsense", rng=np.random.default_rng(0))
+    synthesize("nonsense", rng=np.random.default_rng(0))
 
 
 def test_make_dataset_fields_and_patients():
@@ -85,14 +86,14 @@ def test_make_dataset_fields_and_patients():
 def test_einthoven_and_goldberger():
   i, ii, iii, avr, avl, avf = (LEAD_ID[n] for n in ("I", "II", "III", "aVR", "aVL", "aVF"))
   for label in synthetic.CLASSES:
-    clean = synthetic.synthesize(label, 10.0, FS, np.random.default_rng(1), noise=False).astype(np.float64)
+    clean = synthesize(label, 10.0, FS, np.random.default_rng(1), noise=False).astype(np.float64)
     scale = np.abs(clean).max()
     np.testing.assert_allclose(clean[iii], clean[ii] - clean[i], atol=1e-5 * scale)
     np.testing.assert_allclose(clean[avr], -(clean[i] + clean[ii]) / 2, atol=1e-5 * scale)
     np.testing.assert_allclose(clean[avl], clean[i] - clean[ii] / 2, atol=1e-5 * scale)
     np.testing.assert_allclose(clean[avf], clean[ii] - clean[i] / 2, atol=1e-5 * scale)
     # With noise the laws hold up to the small per-channel amplifier noise.
-    noisy = synthetic.synthesize(label, 10.0, FS, np.random.default_rng(1)).astype(np.float64)
+    noisy = synthesize(label, 10.0, FS, np.random.default_rng(1)).astype(np.float64)
     resid = noisy[iii] - (noisy[ii] - noisy[i])
     assert resid.std() < 0.05 * noisy[[i, ii, iii]].std()
 
@@ -100,7 +101,7 @@ def test_einthoven_and_goldberger():
 def test_heart_rate_classes():
   rng = np.random.default_rng(11)
   for _ in range(6):
-    hr = {c: 60.0 / np.mean(_rr(synthetic.synthesize(c, 10.0, FS, rng), FS)) for c in ("normal", "brady", "tachy")}
+    hr = {c: 60.0 / np.mean(_rr(synthesize(c, 10.0, FS, rng), FS)) for c in ("normal", "brady", "tachy")}
     assert hr["brady"] < 60.0 < hr["normal"] < 100.0 < hr["tachy"], hr
 
 
@@ -109,7 +110,7 @@ def test_afib_is_irregularly_irregular_and_has_no_p_waves():
   cv = {c: [] for c in ("normal", "afib")}
   for _ in range(6):
     for c in cv:
-      rr = _rr(synthetic.synthesize(c, 10.0, FS, rng), FS)
+      rr = _rr(synthesize(c, 10.0, FS, rng), FS)
       cv[c].append(rr.std() / rr.mean())
   assert max(cv["normal"]) < 0.08 and min(cv["afib"]) > 0.1, cv
   assert np.median(cv["afib"]) > 3 * np.median(cv["normal"])
@@ -120,7 +121,7 @@ def test_afib_is_irregularly_irregular_and_has_no_p_waves():
   for seed in range(4):
     p_wave, f_wave = {}, {}
     for c in ("normal", "afib"):
-      x = synthetic.synthesize(c, 10.0, FS, np.random.default_rng(seed), noise=False)
+      x = synthesize(c, 10.0, FS, np.random.default_rng(seed), noise=False)
       peaks = [p for p in _r_peaks(x, FS) if p >= int(0.2 * FS)]
       pre = np.stack([x[:, p - int(0.2 * FS):p - int(0.06 * FS)] for p in peaks])  # (beats, leads, samples)
       template = pre.mean(axis=0)
@@ -133,16 +134,16 @@ def test_afib_is_irregularly_irregular_and_has_no_p_waves():
 def test_wide_qrs_is_wider():
   rng = np.random.default_rng(13)
   for _ in range(4):
-    normal = _qrs_width(synthetic.synthesize("normal", 10.0, FS, rng, noise=False), FS)
-    wide = _qrs_width(synthetic.synthesize("wide_qrs", 10.0, FS, rng, noise=False), FS)
+    normal = _qrs_width(synthesize("normal", 10.0, FS, rng, noise=False), FS)
+    wide = _qrs_width(synthesize("wide_qrs", 10.0, FS, rng, noise=False), FS)
     assert normal < 0.12 and wide > 0.14, (normal, wide)  # this measure reads ~10 ms long: Gaussian tails
 
 
 def test_st_elevation_raises_st_in_some_leads():
   rng = np.random.default_rng(14)
   for _ in range(6):
-    normal = _st_level(synthetic.synthesize("normal", 10.0, FS, rng, noise=False), FS)
-    ste = _st_level(synthetic.synthesize("st_elevation", 10.0, FS, rng, noise=False), FS)
+    normal = _st_level(synthesize("normal", 10.0, FS, rng, noise=False), FS)
+    ste = _st_level(synthesize("st_elevation", 10.0, FS, rng, noise=False), FS)
     assert normal.max() < 0.05, dict(zip(LEADS, normal.round(3)))
     assert ste.max() > 0.1, dict(zip(LEADS, ste.round(3)))
     assert (ste > 0.1).sum() >= 2  # a lead group, not a single lead

@@ -17,7 +17,8 @@ def test_reference_preprocessing_parity(reference_fixture):
   raw, expected = reference_fixture["prep/raw_500hz"], reference_fixture["prep/processed_250hz_first2250"]
   contract = Contract()
   for ecg, want in zip(raw, expected):
-    stored = T.preprocess(ecg, 500.0, contract)  # what a prepared dataset stores (float32, unfiltered)
+    record = Record(signal=ecg, fs=500.0, leads=leads_lib.LEADS, record_id="1")
+    stored = T.prepare_record_windows(record, contract)[0]  # what a prepared dataset stores (float32, unfiltered)
     assert stored.shape == (12, 2500) and stored.dtype == np.float32
     got = T.finish_crop(stored[:, :contract.window], contract)
     assert np.abs(got - want).max() <= 1e-4
@@ -80,19 +81,6 @@ def test_windows_drop_nan_and_remainder():
   w = T.windows(x, 200)
   assert w.shape == (4, 2, 200)  # 5 full windows, the second holds NaN; 50 samples left over
   np.testing.assert_array_equal(w[1], x[:, 400:600])
-
-
-def test_crops():
-  x = np.arange(2500.0)[None].repeat(12, 0)
-  crops = T.eval_crops(x, 2250)
-  assert crops.shape == (3, 12, 2250) and [c[0, 0] for c in crops] == [0, 125, 250]
-  rng = np.random.default_rng(0)
-  starts = {int(T.random_crop(x, 2250, rng)[0, 0]) for _ in range(200)}
-  assert min(starts) >= 0 and max(starts) <= 250 and len(starts) > 100
-  with pytest.raises(ValueError):
-    T.eval_crops(x[:, :2400], 2250)
-  with pytest.raises(ValueError):
-    T.random_crop(x[:, :100], 2250, rng)
 
 
 def test_prepare_record_windows_long_short_and_missing_leads():

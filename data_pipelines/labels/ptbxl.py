@@ -10,7 +10,6 @@ import ast
 import csv
 import dataclasses
 import os
-import re
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -148,9 +147,3 @@ def multi_hot(labels: Iterable[str], classes: Sequence[str]) -> np.ndarray:
     if label in index:
       out[index[label]] = 1.0
   return out
-
-
-def cinc_record_to_ecg_id(record_id: str) -> int | None:
-  """PTB-XL records inside the CinC 2020/2021 collection are `HR{ecg_id:05d}`: the key for leakage checks."""
-  m = re.fullmatch(r"HR(\d{5})", str(record_id).strip())
-  return int(m.group(1)) if m else None

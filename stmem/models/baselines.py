@@ -123,7 +123,7 @@ class BaselineEncoder(nnx.Module):
     n = self.cfg.depth
     wanted = [i for i in range(n) if i in capture or i - n in capture]
     h, every = layers.run_stack(self.blocks, h, key_mask, keep_all=bool(wanted), branch_scale=branch_scale,
-                                   remat=self.cfg.remat)
+                                   remat=self.cfg.remat, scan=self.cfg.scan_blocks)
     return h, {i: every[i] for i in wanted}
 
   def present_tokens(self, lead_mask: jax.Array | None, lead_ids: jax.Array) -> jax.Array | None:
@@ -205,7 +205,7 @@ class MaskedAutoencoder(nnx.Module):
     pos = self.decoder_pos_embedding[...]
     seq = jnp.concatenate([y[:, :1] + pos[0], unshuffled + pos[1:]], axis=1)
     seq, _ = layers.run_stack(self.decoder_blocks, seq, None if present is None else
-                              jnp.concatenate([jnp.ones((b, 1), bool), present], axis=1))
+                              jnp.concatenate([jnp.ones((b, 1), bool), present], axis=1), scan=cfg.scan_blocks)
     token_pred = self.decoder_head(self.decoder_norm(seq))[:, 1:]              # (B, M, token_size)
 
     tokens = tokenize(_canonical(signal, lead_ids), cfg)

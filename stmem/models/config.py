@@ -29,6 +29,7 @@ class ModelConfig:
   remat: str = "none"           # recompute blocks in the backward pass: "none", "dots" or "block" (layers.REMAT_POLICIES)
   attention: str = "xla"        # "xla" (any platform) or "cudnn" (cuDNN fused attention, NVIDIA GPUs, bf16 only)
   method: str = "stmem"         # "stmem" (lead x time patches), "mtae" (time tokens), "mlae" (lead tokens): see baselines
+  scan_blocks: bool = True      # run each stack of blocks as one lax.scan; False unrolls it (layers.run_stack)
 
   def __post_init__(self):
     if self.method not in METHODS:

@@ -73,7 +73,7 @@ class Encoder(nnx.Module):
     n = self.cfg.depth
     wanted = [i for i in range(n) if i in capture or i - n in capture]
     h, every = layers.run_stack(self.blocks, h, key_mask, keep_all=bool(wanted), branch_scale=branch_scale,
-                                remat=self.cfg.remat)
+                                remat=self.cfg.remat, scan=self.cfg.scan_blocks)
     captured = {i: every[i].reshape(b, l, s, d) for i in wanted}
     return h.reshape(b, l, s, d), captured
 

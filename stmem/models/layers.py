@@ -298,12 +298,6 @@ def stacked(depth: int, make: Callable[[nnx.Rngs], Block], rngs: nnx.Rngs) -> Bl
   return create(rngs)
 
 
-# Module switch, read at trace time: True runs stacks of blocks as a scan, False as an unrolled Python loop over the
-# rows. Both compute the same function; the loop is kept for FLOP counting (XLA's cost analysis counts a loop body
-# once).
-SCAN_BLOCKS = True
-
-
 # Rematerialisation of each block in the backward pass (`ModelConfig.remat`): what a block keeps from its forward pass.
 #   none:  everything its backward pass reads (fastest; activation memory grows with depth x batch);
 #   dots:  the outputs of its matrix products without batch dimensions (the Linear layers), recomputing the
@@ -317,11 +311,14 @@ REMAT_POLICIES = {
 
 
 def run_stack(blocks: Block, h: jax.Array, key_mask: jax.Array | None = None, *, keep_all: bool = False,
-              branch_scale: jax.Array | None = None, remat: str = "none") -> tuple[jax.Array, jax.Array | None]:
+              branch_scale: jax.Array | None = None, remat: str = "none", scan: bool = True
+              ) -> tuple[jax.Array, jax.Array | None]:
   """Apply stacked blocks (`stacked`) in order to h (B, S, D).
 
   Returns the last block's output and, with keep_all, every block's output stacked on a leading axis.
   branch_scale (depth, B, 2), optional: each block's `Block` branch multipliers. remat: see REMAT_POLICIES.
+  scan=False runs the same function as an unrolled Python loop over the rows (`ModelConfig.scan_blocks`): XLA's
+  cost analysis counts a loop body once, so the benchmark's FLOP cross-check lowers the unrolled form.
 
   Why a scan and not an unrolled loop: unrolled, XLA on CPU does not materialise the residual stream. It fuses the
   elementwise chain h_i = h_0 + (every branch output before block i) into each consumer, and in the backward pass
@@ -338,7 +335,7 @@ def run_stack(blocks: Block, h: jax.Array, key_mask: jax.Array | None = None, *,
   if remat != "none":
     apply = jax.checkpoint(apply, policy=REMAT_POLICIES[remat])
 
-  if not SCAN_BLOCKS:
+  if not scan:
     depth = int(blocks.attn_norm.scale.shape[0])
     scales = branch_scale if branch_scale is not None else [None] * depth
     outputs = []

@@ -71,7 +71,7 @@ class StMem(nnx.Module):
     pos = self.decoder_pos_embedding[...]
     seq = jnp.concatenate([y[:, :, :1] + pos[0], unshuffled + pos[1:n + 1], y[:, :, -1:] + pos[-1]], axis=2)
     seq = seq.reshape(b * l, n + 2, dd)
-    seq, _ = layers.run_stack(self.decoder_blocks, seq, remat=cfg.remat)
+    seq, _ = layers.run_stack(self.decoder_blocks, seq, remat=cfg.remat, scan=cfg.scan_blocks)
     pred = self.decoder_head(self.decoder_norm(seq)).reshape(b, l, n + 2, -1)[:, :, 1:-1]
 
     target = patch_targets(enc.patchify(signal), cfg.norm_pix_loss)

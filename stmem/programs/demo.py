@@ -2,7 +2,8 @@
 
 Pretrains the tiny ST-MEM on synthetic 12-lead ECGs (the `demo` preset of configs/pretrain.py), then runs a linear
 probe of the pretrained encoder on the simulator's six classes across lead sets, beside a randomly initialised
-encoder of the same architecture, and says where the checkpoint, metrics, figures and report are.
+encoder of the same architecture. The probe prints its report once; the demo ends on its summary: where the
+checkpoint, metrics, figures and report are, and the probe's macro AUROC by lead set for both encoders.
 Like a shell script, it runs the `stmem pretrain` and `stmem probe` commands; it imports neither program.
 Configured by configs/demo.py (`stmem demo --help` lists its keys): `stmem demo --workdir DIR --total_steps 50`.
 """
@@ -46,7 +47,45 @@ def main(argv: list[str]) -> int:
     f"  metrics         {workdir / 'metrics.jsonl'} (and TensorBoard: tensorboard --logdir {workdir / 'tensorboard'})",
     f"  reconstruction  {workdir / 'reconstruction.png'}",
     *([f"  probe report    {report}", f"  probe figures   {workdir / 'probe'}/*.png"] if report.exists() else []),
+    *eval_summary(workdir / "metrics.jsonl"),
+    *probe_summary(workdir / "probe" / "report.json"),
   ]))
-  if report.exists():
-    print("\n" + report.read_text())
   return 0
+
+
+def eval_summary(path: pathlib.Path) -> list[str]:
+  """The evaluators' figures by step, as pretraining logged them to metrics.jsonl (`eval/NAME/...`), without their
+  intervals and costs; none when pretraining ran no evaluator."""
+  if not path.exists():
+    return []
+  import json
+  lines = []
+  for text in path.read_text().splitlines():
+    record = json.loads(text)
+    shown = {k[len("eval/"):]: v for k, v in record.items() if k.startswith("eval/")
+             and not k.endswith(("_lo", "_hi", "/seconds")) and isinstance(v, (int, float))}
+    if shown:
+      lines.append(f"  step {record.get('step', '?')}: " + ", ".join(f"{k} {v:.3f}" for k, v in shown.items()))
+  return ["", "evaluators during pretraining (metrics.jsonl, TensorBoard):", *lines] if lines else []
+
+
+def probe_summary(path: pathlib.Path) -> list[str]:
+  """The probe's macro AUROC by lead set, pretrained beside random init, from its report.json (none without one)."""
+  if not path.exists():
+    return []
+  import json
+  rows = json.loads(path.read_text())["rows"]
+  if not rows:
+    return []
+  first = rows[0]
+  models = list(dict.fromkeys(r["model"] for r in rows))
+  by = {(r["lead_set"], r["model"]): r for r in rows}
+  fmt = lambda v: "  -  " if v is None else f"{v:.3f}"  # noqa: E731 -- None: no figure (report.json writes NaN so)
+  lines = ["", f"linear probe on {first['task']}, {first['n_records']} records of {first['n_patients']} patients, "
+               f"macro AUROC [95 % CI]:",
+           "  lead set  " + "".join(f"{m:<24}" for m in models)]
+  for lead_set in dict.fromkeys(r["lead_set"] for r in rows):
+    cells = [by.get((lead_set, m)) for m in models]
+    lines.append(f"  {lead_set:<10}" + "".join(
+      (f"{fmt(r['auroc'])} [{fmt(r['auroc_lo'])}, {fmt(r['auroc_hi'])}]" if r else "").ljust(24) for r in cells))
+  return [line.rstrip() for line in lines]

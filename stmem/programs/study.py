@@ -68,7 +68,7 @@ def reference_losses(method: str, noisy: Sequence[dict], clean: Sequence[np.ndar
   patch_mean: predicting each target token's mean (zero after normalisation): (n - 1) / n for n values per token;
   clean_floor: predicting the noise-free token, normalised the same way. Noise becomes unit-variance target in
   flat tokens, so no model can be expected to go below about this (a model could in principle shrink towards the
-  conditional mean and beat it a little; it is the floor the issue asks for)."""
+  conditional mean and beat it a little; it is the floor a reconstruction loss is read against)."""
   import jax.numpy as jnp
 
   from stmem.models import baselines, model_config
