@@ -92,7 +92,7 @@ def test_probe_defaults_are_the_probe_programs():
   """A probe block names only what it changes: the rest is what `stmem probe` uses by default."""
   import configs.probe as probe_config
   from stmem import evaluators
-  c = probe_config.get_config("synthetic")
+  c = probe_config.get_config(probe_config.PRESETS[0])  # the file's defaults
   for key, value in evaluators.PROBE_DEFAULTS.items():
     if key in ("tasks", "lead_sets"):  # an evaluator probes the simulator's classes on 12 leads unless told
       continue
