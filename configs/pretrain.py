@@ -77,9 +77,36 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.log_every = 50                 # metrics (metrics.jsonl, TensorBoard, console) every N steps
   c.figure_every = 0               # reconstruction figure every N steps (0: only at the end)
   c.log_batches = False            # write the record ids of every step's batch to batches.<process>.jsonl
+  # Evaluators run while pretraining trains (stmem.evaluators): NAME -> its block; `type` "heldout" or "probe"
+  # (default: the name), `every` N steps and at the end; their figures go to metrics.jsonl and TensorBoard as
+  # eval/NAME/... and their cost (seconds) to the log. The tiny and demo presets run both; the others none.
+  c.evals = ml_collections.ConfigDict()
   c.transfer_guard = "allow"       # device-to-host reads between log/checkpoint steps: "allow", "log" or "disallow"
                                    # (the loop makes none; "disallow" turns one into an error, as the tests run)
 
+  if preset in ("tiny", "demo"):
+    c.evals.heldout = ml_collections.ConfigDict()
+    c.evals.heldout.type = "heldout"     # masked reconstruction loss on records pretraining never sees
+    c.evals.heldout.every = 100          # steps between evaluations (and one at the end)
+    c.evals.heldout.data = ml_collections.ConfigDict()
+    c.evals.heldout.data.source = "synthetic"  # the simulator, with the seed below (not the training seed)
+    c.evals.heldout.data.num_synthetic = 64    # held-out records
+    c.evals.heldout.seed = 10_000        # the held-out records' seed (and their crops'); masks are fixed per batch
+    c.evals.heldout.batch_size = 16      # held-out records per batch
+    c.evals.probe = ml_collections.ConfigDict()
+    c.evals.probe.type = "probe"         # linear probe of the encoder (the keys of configs/probe.py)
+    c.evals.probe.every = 100            # steps between probes (and one at the end)
+    c.evals.probe.tasks = "synthetic"    # the simulator's six classes
+    c.evals.probe.data = ml_collections.ConfigDict()
+    c.evals.probe.data.num_synthetic = 60  # simulated records of the probe task
+    c.evals.probe.lead_sets = "12,I"     # lead sets probed, each its own figure (eval/probe/12/auroc, ...)
+    c.evals.probe.use_splits = False     # cross-validate over every record (the simulator's hash split is too small)
+    c.evals.probe.cv_folds = 3           # patient-grouped folds
+    c.evals.probe.l2_grid = (1e-2, 1.0, 100.0)  # L2 penalties tried per head
+    c.evals.probe.lbfgs_steps = 30       # L-BFGS iterations per head
+    c.evals.probe.bootstrap = 100        # patient-level resamples for the intervals
+    c.evals.probe.random_baseline = True  # also eval/probe/LEAD_SET/random_auroc, computed once
+    c.evals.probe.seed = 0               # folds, bootstrap and the probe's simulated records
   if preset == "tiny":
     c.batch_size, c.total_steps, c.warmup_steps = 16, 200, 20
     c.optim.base_lr = 1e-3 * 256 / c.batch_size   # learning rate 1e-3: short runs need a higher rate

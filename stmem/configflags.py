@@ -359,6 +359,7 @@ def parse(argv: Sequence[str], prog: str, default: str | None, *, workdir: str |
     raise SystemExit(0)
   defaults = default_config(module, path, preset)
   rest = _shorthands(rest, defaults)
+  rest, emptied = _emptied_blocks(rest, defaults)
   _check_renamed(rest, defaults, prog)
   fv = flags.FlagValues()
   full = f"{path}:{preset}" if preset is not None else str(path)
@@ -376,6 +377,8 @@ def parse(argv: Sequence[str], prog: str, default: str | None, *, workdir: str |
   if len(unparsed) > 1:
     raise ConfigError(f"unexpected arguments {unparsed[1:]}")
   config = fv.config
+  for key in emptied:
+    _set(config, key, type(_get(config, key))())
   for key, value in flat_items(config):
     if isinstance(value, str) and value and is_path_key(key):
       _set(config, key, expand(value))
@@ -391,6 +394,25 @@ def require(config, prog: str, *keys: str) -> None:
   if missing:
     named = " and ".join(f"--config.{k} (or {_shorthand(k)})" for k in missing)
     raise ConfigError(f"{named} {'is' if len(missing) == 1 else 'are'} required; see `{prog} --help`")
+
+
+# Blocks that a command line may empty (`--config.evals=`: no evaluator; `--config.evals.probe=`: not that one).
+EMPTIABLE = ("evals",)
+
+
+def _emptied_blocks(argv: list[str], config) -> tuple[list[str], list[str]]:
+  """`--config.BLOCK=` (or `=none`) of an `EMPTIABLE` block, or of a block inside one, empties it: returns the
+  command line without those options and the blocks to empty."""
+  rest, emptied = [], []
+  for a in argv:
+    name, eq, value = a.partition("=")
+    key = name.removeprefix("--config.") if name.startswith("--config.") else ""
+    if (key.split(".")[0] in EMPTIABLE and eq and value.strip().lower() in ("", "none")
+        and _is_block(config, key)):
+      emptied.append(key)
+    else:
+      rest.append(a)
+  return rest, emptied
 
 
 def _get(config, dotted: str) -> Any:

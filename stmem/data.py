@@ -216,7 +216,8 @@ class DatasetSpec:
     when it holds several; the `splits` that exist are read (one split alone means cross-validation downstream).
   source "raw": `path` is a folder of records and `name` the builder that knows them (ludb, cinc, ptbxl, code15,
     generic); `options` are that builder's keyword options, as `stmem prepare NAME --key value` takes them.
-  source "synthetic": `num_synthetic` simulated 10 s ECGs (`stmem.synthetic`) from `seed`.
+  source "synthetic": `num_synthetic` simulated 10 s ECGs (`stmem.synthetic`) from `seed`; with the option
+    ("signal", "clean"), the same records without their noise (the reference a reconstruction loss has a floor by).
   """
   source: str
   path: str = ""
@@ -324,10 +325,11 @@ def _synthetic_pool(spec: DatasetSpec, contract: Contract) -> Pool:
   band-passed once here when the contract filters offline (the records are in memory anyway)."""
   from data_pipelines import builder_base
   from stmem import synthetic
+  clean = dict(spec.options).get("signal") == "clean"
   made = synthetic.make_dataset(spec.num_synthetic, spec.seed, seconds=contract.record_samples / contract.fs,
-                                fs=contract.fs)
+                                fs=contract.fs, with_clean=clean)
   rows = [leads_lib.LEAD_ID[leads_lib.canonical_name(n)] for n in contract.leads]
-  signal = made["signal"][:, rows]
+  signal = made["clean_signal" if clean else "signal"][:, rows]
   if contract.filter_stage == "offline":
     signal = transforms.bandpass(signal, contract.fs, contract.highpass_hz, contract.lowpass_hz,
                                  contract.filter_order).astype(np.float32)

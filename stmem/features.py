@@ -1,5 +1,7 @@
-"""Shared by the probe, fine-tune and embed programs: loading an encoder, checking (and adapting) the data's
-preprocessing contract against the checkpoint's, and frozen-encoder features over an evaluation pipeline.
+"""Encoders and the one sharded feature pass: loading an encoder (or its random twin), checking (and adapting) the
+data's preprocessing contract against the checkpoint's, the encoder's feature functions, and the evaluation pass
+that runs them over every record of a source on a mesh. Used by the probe, fine-tune and embed programs and by the
+evaluators that pretraining runs (`stmem.evaluators`).
 
 Where examples come from is not here: programs get them from `stmem.data` (`open_pool`, `task_pools`).
 
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -179,68 +181,112 @@ def feature_fn(last_blocks: int = 0, per_lead: bool = False, per_patch: bool = F
 
   return fn
 
+# ------------------------------------------------------------------------------------------------ the sharded pass
+# Every record once, its evaluation crops on a crop axis, the batch split over every device of every process, the
+# model's outputs replicated and the host-side rows (validity, labels, record and patient ids) gathered, so that any
+# process (process 0 writes) sees the whole global batch.
+#
+# `stmem.data.to_global` builds a global batch as the concatenation of the processes' local batches in process order;
+# `gather` concatenates host arrays the same way, so row i of a replicated model output and row i of the gathered
+# ids describe the same record. Text (bytes/str ids) travels as fixed-width uint8 rows. One process: no copies.
 
-def eval_batches(source: Any, contract: Contract, *, lead_set: Any, batch_size: int,
-                 crops: int = transforms.EVAL_CROPS):
-  """The evaluation pipeline (`stmem.data`) over a source: every example once, in order, `crops` crops each."""
+
+def eval_pass(step: Callable, source: Any, contract: Any, *, batch_size: int, lead_set: Any, starts: Sequence[int],
+              batch_sharding: Any, host_keys: Sequence[str] = ("valid", "record_id", "patient_id")
+              ) -> Iterator[tuple[Any, dict[str, np.ndarray]]]:
+  """(outputs, host rows) for every global batch of `source`: `batch_size` records, rounded up to a multiple of the
+  mesh's devices (the extra rows are padding, like those ending the last batch).
+
+  `step(signal (B, K, L, T), lead_ids, lead_mask)` is jitted with replicated outputs (`crop_mean` averages
+  over the crop axis); padding rows have `valid` False. The rows also carry `index`, the source index of each row
+  (-1 for padding): with several processes the global batch interleaves their shards."""
   from stmem import data
-  starts = transforms.eval_starts(contract.record_samples, contract.window, crops)
-  return data.make_iterator(source, contract, batch_size=batch_size, train=False, lead_set=lead_set,
-                            eval_starts=starts, process_index=0, process_count=1)
+  devices = batch_sharding.mesh.size  # a multiple of the process count: every process brings its devices
+  batch_size = -(-batch_size // devices) * devices
+  processes = jax.process_count()
+  local = batch_size // processes
+  it = data.make_iterator(source, contract, batch_size=local, train=False, lead_set=lead_set,
+                          eval_starts=tuple(starts))
+  for j, batch in enumerate(it):
+    arrays = data.to_global({k: batch[k] for k in ("signal", "lead_ids", "lead_mask")}, batch_sharding)
+    rows = gather({k: batch[k] for k in host_keys})
+    rows["index"] = _global_index(len(source), processes, local, j)
+    yield step(arrays["signal"], arrays["lead_ids"], arrays["lead_mask"]), rows
 
 
-def extract(encoders: Mapping[str, Loaded | Any], source: Any, contract: Contract, *, lead_set: Any = None,
-            batch_size: int = 32, last_blocks: int = 0, crops: int = transforms.EVAL_CROPS, progress: bool = False
-            ) -> dict[str, Any]:
-  """Features of every example of `source`, in source order, for each encoder (one data pass feeds them all).
+def _global_index(n: int, processes: int, local: int, j: int) -> np.ndarray:
+  """Source index of each row of global batch j: process p evaluates examples p, p + P, p + 2P, ... (the layout of
+  `stmem.data.make_dataset`), `local` at a time, and the global batch is the processes' rows in process order."""
+  position = j * local + np.arange(local)  # within each process's shard
+  index = np.arange(processes)[:, None] + processes * position[None, :]
+  return np.where(index < n, index, -1).reshape(-1)
 
-  Returns {"features": {name: (N, D) float32}, "labels": (N, C), "record_id": (N,) str, "patient_id": (N,) str}.
-  Features are averaged over the `crops` evaluation crops of each example.
+
+def extract(encoders: Mapping[str, Any], source: Any, contract: Any, *, mesh: Any, lead_set: Any = None,
+            batch_size: int = 32, last_blocks: int = 0) -> dict[str, Any]:
+  """The pooled features of every example of `source`, in source order, for each encoder (one data pass feeds them
+  all), averaged over the evaluation crops, the batches split over `mesh`.
+
+  `encoders`: {name: Loaded or encoder module}, all of one architecture (one compilation). Returns
+  {"features": {name: (N, D) float32}, "labels": (N, C), "record_id": (N,) str, "patient_id": (N,) str}.
   """
+  from stmem import sharding as sharding_lib
+  batch_sharding, replicated = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
   fn = feature_fn(last_blocks)
-  split = {name: nnx.split(e.encoder if isinstance(e, Loaded) else e) for name, e in encoders.items()}
-  feats: dict[str, list[np.ndarray]] = {name: [] for name in encoders}
-  labels, rids, pids = [], [], []
-  it = eval_batches(source, contract, lead_set=lead_set, batch_size=batch_size, crops=crops)
-  if progress:
-    from tqdm import tqdm
-    it = tqdm(it, total=-(-len(source) // batch_size), desc="features", unit="batch")
-  for batch in it:
-    valid = batch["valid"]
-    for name, (graphdef, state) in split.items():
-      out = fn(graphdef, state, batch["signal"], batch["lead_ids"], batch["lead_mask"])["pooled"]
-      feats[name].append(np.asarray(out)[valid])
-    labels.append(batch["labels"][valid])
-    rids += [r.decode() for r in batch["record_id"][valid]]
-    pids += [p.decode() for p in batch["patient_id"][valid]]
-  n_labels = labels[0].shape[1] if labels else 0
-  return {"features": {k: np.concatenate(v) if v else np.zeros((0, 0), np.float32) for k, v in feats.items()},
-          "labels": np.concatenate(labels) if labels else np.zeros((0, n_labels), np.float32),
-          "record_id": np.asarray(rids, dtype=str), "patient_id": np.asarray(pids, dtype=str)}
+  split = {}
+  for name, e in encoders.items():
+    graphdef, state = nnx.split(e.encoder if isinstance(e, Loaded) else e)
+    split[name] = (graphdef, sharding_lib.place(state, replicated))
+  graphdef = next(iter(split.values()))[0]  # one architecture: one compilation for every encoder
+  forward = jax.jit(lambda state, *b: fn(graphdef, state, *b)["pooled"],
+                    in_shardings=(replicated, batch_sharding, batch_sharding, batch_sharding), out_shardings=replicated)
+  n = len(source)
+  starts = transforms.eval_starts(contract.record_samples, contract.window)
+  feats: dict[str, np.ndarray | None] = {name: None for name in split}
+  labels = rids = pids = None
+  for out, rows in eval_pass(lambda *b: {name: forward(state, *b) for name, (_, state) in split.items()}, source,
+                             contract, batch_size=batch_size, lead_set=lead_set, starts=starts,
+                             batch_sharding=batch_sharding, host_keys=("valid", "labels", "record_id", "patient_id")):
+    keep = rows["valid"] & (rows["index"] >= 0)
+    at = rows["index"][keep]
+    if labels is None:
+      labels = np.zeros((n, rows["labels"].shape[1]), np.float32)
+      rids, pids = np.empty(n, object), np.empty(n, object)
+    for name, v in out.items():
+      v = np.asarray(v)
+      if feats[name] is None:
+        feats[name] = np.zeros((n, v.shape[-1]), np.float32)
+      feats[name][at] = v[keep]
+    labels[at] = rows["labels"][keep]
+    rids[at] = [r.decode() for r in rows["record_id"][keep]]
+    pids[at] = [p.decode() for p in rows["patient_id"][keep]]
+  return {"features": {k: v if v is not None else np.zeros((0, 0), np.float32) for k, v in feats.items()},
+          "labels": labels if labels is not None else np.zeros((0, 0), np.float32),
+          "record_id": np.asarray(rids if rids is not None else [], dtype=str),
+          "patient_id": np.asarray(pids if pids is not None else [], dtype=str)}
 
 
-def embed_arrays(encoder: Any, signal: np.ndarray, lead_ids: np.ndarray, lead_mask: np.ndarray | None = None,
-                 batch_size: int = 32, per_patch: bool = False) -> dict[str, np.ndarray]:
-  """Embeddings of model-ready inputs (signal (N, L, window), already preprocessed), without masking.
+def gather(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """{name: (B_local, ...)} on each process -> {name: (B_global, ...)} on every process."""
+  if jax.process_count() == 1:
+    return {k: np.asarray(v) for k, v in arrays.items()}
+  from jax.experimental import multihost_utils
+  out = {}
+  for key, value in arrays.items():
+    value = np.asarray(value)
+    if value.dtype.kind in ("S", "U", "O"):
+      out[key] = _gather_text(value, multihost_utils)
+    else:
+      out[key] = np.asarray(multihost_utils.process_allgather(value, tiled=True))
+  return out
 
-  Returns pooled (N, D), per_lead (N, L, D) and, with `per_patch`, per_patch (N, L, patches, D): exactly
-  `encoder.features(...)`, computed in batches (the last one padded, the padding dropped).
-  """
-  signal = np.asarray(signal, np.float32)
-  n = signal.shape[0]
-  lead_ids = np.broadcast_to(np.asarray(lead_ids, np.int32), signal.shape[:2])
-  lead_mask = np.ones(signal.shape[:2], bool) if lead_mask is None else np.broadcast_to(lead_mask, signal.shape[:2])
-  fn = feature_fn(per_lead=True, per_patch=per_patch)
-  graphdef, state = nnx.split(encoder.encoder if isinstance(encoder, Loaded) else encoder)
-  parts: dict[str, list[np.ndarray]] = {}
-  for a in range(0, n, batch_size):
-    b = min(a + batch_size, n)
-    pad = batch_size - (b - a)  # one batch shape, one compilation
 
-    def padded(x):
-      return np.concatenate([x[a:b], np.repeat(x[b - 1:b], pad, axis=0)]) if pad else x[a:b]
-
-    out = fn(graphdef, state, padded(signal), padded(lead_ids), padded(lead_mask))
-    for k, v in out.items():
-      parts.setdefault({"tokens": "per_patch"}.get(k, k), []).append(np.asarray(v)[:b - a])
-  return {k: np.concatenate(v) for k, v in parts.items()}
+def _gather_text(value: np.ndarray, multihost_utils) -> np.ndarray:
+  encoded = [v if isinstance(v, bytes) else str(v).encode() for v in value.tolist()]
+  # Every process must send the same shape: agree on the widest id first.
+  width = int(np.max(multihost_utils.process_allgather(np.asarray(max(map(len, encoded), default=0)))))
+  rows = np.zeros((len(encoded), max(width, 1)), np.uint8)
+  for i, v in enumerate(encoded):
+    rows[i, :len(v)] = np.frombuffer(v, np.uint8)
+  rows = np.asarray(multihost_utils.process_allgather(rows, tiled=True))
+  return np.asarray([bytes(r).rstrip(b"\0") for r in rows])

@@ -176,7 +176,10 @@ class Loop:
           if self.flops_per_step and self.peak_flops:
             m["mfu"] = metrics_lib.mfu(self.flops_per_step, 1.0 / steps_per_s, self.peak_flops)
         if hooked:
+          began = time.perf_counter()
           m.update(self.on_sync(step, params) or {})
+          # The hook's time (evaluators, figures) is not training: kept out of the next interval's steps_per_s.
+          last_log = (last_log[0] + time.perf_counter() - began, last_log[1])
         if m:
           writer.write(step, m)
           written = m

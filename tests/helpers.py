@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import csv
 import pathlib
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -81,3 +83,78 @@ def truncate_largest_array_file(step_dir: pathlib.Path) -> pathlib.Path:
   with open(victim, "r+b") as f:
     f.truncate(victim.stat().st_size // 2)
   return victim
+
+
+# Single-process oracles of the library's sharded feature pass (`stmem.features`): simple enough to trust, used only
+# to check it.
+
+
+def eval_batches(source: Any, contract: Any, *, lead_set: Any, batch_size: int, crops: int = 3):
+  """The evaluation pipeline (`stmem.data`) over a source: every example once, in order, `crops` crops each."""
+  from data_pipelines import transforms
+  from stmem import data
+  starts = transforms.eval_starts(contract.record_samples, contract.window, crops)
+  return data.make_iterator(source, contract, batch_size=batch_size, train=False, lead_set=lead_set,
+                            eval_starts=starts, process_index=0, process_count=1)
+
+
+def extract_one_process(encoders: Mapping[str, Any], source: Any, contract: Any, *, lead_set: Any = None,
+                        batch_size: int = 32, last_blocks: int = 0, crops: int = 3
+                        ) -> dict[str, Any]:
+  """The oracle of `stmem.features.extract` (the sharded pass): the same features computed in one process, on one
+  device, batch by batch in source order, for each encoder (one data pass feeds them all).
+
+  Returns {"features": {name: (N, D) float32}, "labels": (N, C), "record_id": (N,) str, "patient_id": (N,) str}.
+  Features are averaged over the `crops` evaluation crops of each example.
+  """
+  from flax import nnx
+
+  from stmem.features import feature_fn
+  fn = feature_fn(last_blocks)
+  split = {name: nnx.split(getattr(e, "encoder", e)) for name, e in encoders.items()}
+  feats: dict[str, list[np.ndarray]] = {name: [] for name in encoders}
+  labels, rids, pids = [], [], []
+  it = eval_batches(source, contract, lead_set=lead_set, batch_size=batch_size, crops=crops)
+  for batch in it:
+    valid = batch["valid"]
+    for name, (graphdef, state) in split.items():
+      out = fn(graphdef, state, batch["signal"], batch["lead_ids"], batch["lead_mask"])["pooled"]
+      feats[name].append(np.asarray(out)[valid])
+    labels.append(batch["labels"][valid])
+    rids += [r.decode() for r in batch["record_id"][valid]]
+    pids += [p.decode() for p in batch["patient_id"][valid]]
+  n_labels = labels[0].shape[1] if labels else 0
+  return {"features": {k: np.concatenate(v) if v else np.zeros((0, 0), np.float32) for k, v in feats.items()},
+          "labels": np.concatenate(labels) if labels else np.zeros((0, n_labels), np.float32),
+          "record_id": np.asarray(rids, dtype=str), "patient_id": np.asarray(pids, dtype=str)}
+
+
+def embed_arrays(encoder: Any, signal: np.ndarray, lead_ids: np.ndarray, lead_mask: np.ndarray | None = None,
+                 batch_size: int = 32, per_patch: bool = False) -> dict[str, np.ndarray]:
+  """Embeddings of model-ready inputs (signal (N, L, window), already preprocessed), without masking, batch by
+  batch on one device: the oracle the embed program's outputs are checked against.
+
+  Returns pooled (N, D), per_lead (N, L, D) and, with `per_patch`, per_patch (N, L, patches, D): exactly
+  `encoder.features(...)`, computed in batches (the last one padded, the padding dropped).
+  """
+  signal = np.asarray(signal, np.float32)
+  n = signal.shape[0]
+  lead_ids = np.broadcast_to(np.asarray(lead_ids, np.int32), signal.shape[:2])
+  lead_mask = np.ones(signal.shape[:2], bool) if lead_mask is None else np.broadcast_to(lead_mask, signal.shape[:2])
+  from flax import nnx
+
+  from stmem.features import feature_fn
+  fn = feature_fn(per_lead=True, per_patch=per_patch)
+  graphdef, state = nnx.split(getattr(encoder, "encoder", encoder))
+  parts: dict[str, list[np.ndarray]] = {}
+  for a in range(0, n, batch_size):
+    b = min(a + batch_size, n)
+    pad = batch_size - (b - a)  # one batch shape, one compilation
+
+    def padded(x):
+      return np.concatenate([x[a:b], np.repeat(x[b - 1:b], pad, axis=0)]) if pad else x[a:b]
+
+    out = fn(graphdef, state, padded(signal), padded(lead_ids), padded(lead_mask))
+    for k, v in out.items():
+      parts.setdefault({"tokens": "per_patch"}.get(k, k), []).append(np.asarray(v)[:b - a])
+  return {k: np.concatenate(v) for k, v in parts.items()}

@@ -99,7 +99,9 @@ def _relative(key: str, blocks: set[str]) -> str:
   parts = key.split(".")
   for i in range(len(parts) - 1, 0, -1):
     prefix = ".".join(parts[:i])
-    if prefix in blocks and any(fnmatch.fnmatchcase(prefix, s) for s in SCOPES):
+    # a scope matches whole names: `evals.*` is `evals.probe`, not `evals.probe.data`
+    if prefix in blocks and any(fnmatch.fnmatchcase(prefix, s) and prefix.count(".") == s.count(".")
+                                for s in SCOPES):
       return ".".join(parts[i:])
   return key
 

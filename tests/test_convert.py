@@ -55,19 +55,13 @@ def _stmem(*argv: str) -> int:
 
 
 def _features(ckpt: pathlib.Path, series: np.ndarray) -> np.ndarray:
-  """Pooled 12-lead features of a checkpoint, through the embed programs' library function `embed_arrays`."""
+  """Pooled 12-lead features of a checkpoint, batch by batch on one device (`tests/helpers.py`'s `embed_arrays`)."""
+  from tests.helpers import embed_arrays
   encoder, _ = checkpoint.load_model(ckpt, encoder_only=True)
   b, l, _ = series.shape
   lead_ids = np.tile(np.arange(l, dtype=np.int32), (b, 1))
   lead_mask = np.ones((b, l), bool)
-  try:
-    from stmem.features import embed_arrays
-  except ImportError:  # a checkout without the downstream programs: the encoder itself
-    # One jitted program (cached across runs) instead of op-by-op dispatch.
-    pooled = nnx.jit(lambda e, s, i, m: e.features(s, i, m)["pooled"])(encoder, series, lead_ids, lead_mask)
-    return np.asarray(pooled)
-  out = embed_arrays(encoder, series, lead_ids, lead_mask, batch_size=2)
-  return np.asarray(out["pooled"] if isinstance(out, dict) else out)
+  return np.asarray(embed_arrays(encoder, series, lead_ids, lead_mask, batch_size=2)["pooled"])
 
 
 def _write_pth(path: pathlib.Path, state: dict[str, np.ndarray]) -> pathlib.Path:

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tests.helpers import tiny_checkpoint
+from tests.helpers import embed_arrays, eval_batches, tiny_checkpoint
 
 
 def test_embed_arrays_equals_model():
@@ -14,11 +14,10 @@ def test_embed_arrays_equals_model():
   from flax import nnx
 
   from stmem.models import Encoder, model_config
-  from stmem import features
   enc = Encoder(model_config("tiny", width=64, depth=1, num_heads=1), rngs=nnx.Rngs(0))
   x = np.asarray(jax.random.normal(jax.random.key(0), (5, 2, 2250)))
   ids = np.array([[7, 0]] * 5, np.int32)
-  out = features.embed_arrays(enc, x, ids, batch_size=2, per_patch=True)
+  out = embed_arrays(enc, x, ids, batch_size=2, per_patch=True)
   direct = enc.features(x, ids, np.ones((5, 2), bool))
   np.testing.assert_allclose(out["pooled"], direct["pooled"], atol=1e-5)
   np.testing.assert_allclose(out["per_lead"], direct["per_lead"], atol=1e-5)
@@ -48,8 +47,8 @@ def test_embed_raw_folder_round_trip(shared_data, tmp_path):
   loaded = features.load_encoder(ckpt)
   prepared = data.open_prepared(tmp_path / "prep", "train")
   order = sorted(range(5), key=lambda i: prepared.source[i]["record_id"])
-  batch = next(features.eval_batches(data.Subset(prepared.source, order), prepared.contract, lead_set="V2+I+aVF",
-                                     batch_size=5, crops=1))
+  batch = next(eval_batches(data.Subset(prepared.source, order), prepared.contract, lead_set="V2+I+aVF",
+                            batch_size=5, crops=1))
   direct = loaded.encoder.features(batch["signal"][:, 0], batch["lead_ids"], batch["lead_mask"])
 
   z = np.load(prefix + ".npz")

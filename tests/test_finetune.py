@@ -10,18 +10,18 @@ from tests.helpers import tiny_checkpoint, truncate_largest_array_file
 
 def test_finetune_writes_report_and_checkpoint(tmp_path, monkeypatch, opened):
   from stmem import checkpoint as ckpt_lib
-  from stmem import sharded_eval
+  from stmem import features
   from stmem.programs import finetune
   ckpt = tiny_checkpoint(tmp_path / "ckpt")
 
   seen = []  # which records each evaluation pass reads
-  original = sharded_eval.run
+  original = features.eval_pass
 
   def spy(step, source, *args, **kwargs):
     seen.append(frozenset(np.asarray(source.indices).tolist()))
     return original(step, source, *args, **kwargs)
 
-  monkeypatch.setattr(sharded_eval, "run", spy)
+  monkeypatch.setattr(features, "eval_pass", spy)
   out = tmp_path / "ft"
   # On the 8 test devices: every batch is split over all of them.
   rc = finetune.main([f"--config={finetune.DEFAULT_CONFIG}:test", f"--config.init_from={ckpt}",

@@ -6,6 +6,7 @@ import pytest
 from flax import nnx
 
 from data_pipelines.contract import Contract
+from tests.helpers import embed_arrays
 from stmem.models import (BaselineEncoder, LeadSetRefused, MaskedAutoencoder, StMem, encoder_model, model_config,
                           pretraining_model)
 
@@ -139,7 +140,7 @@ def test_checkpoint_records_the_method_and_embeds(method, baseline_checkpoints, 
   loaded = features.load_encoder(baseline_checkpoints[method])
   assert isinstance(loaded.encoder, BaselineEncoder)
   assert isinstance(features.random_encoder(loaded).encoder, BaselineEncoder)  # the random twin is the same method
-  out = features.embed_arrays(loaded, ecg, LEADS12[0], batch_size=2)
+  out = embed_arrays(loaded, ecg, LEADS12[0], batch_size=2)
   direct = model.encoder.features(ecg, LEADS12, np.ones((3, 12), bool))
   np.testing.assert_allclose(out["pooled"], direct["pooled"], atol=1e-5)
   np.testing.assert_allclose(out["per_lead"], direct["per_lead"], atol=1e-5)

@@ -53,7 +53,7 @@ def _launch(workdir: pathlib.Path, logs: pathlib.Path) -> list[subprocess.Popen]
   under load (XLA CPU rendezvous timeouts), which would only make this test flaky."""
   port = _free_port()
   logs.mkdir(parents=True, exist_ok=True)
-  flags = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+  flags = [f"--config.{k}={v}" for k, v in OVERRIDES.items()] + ["--config.evals="]  # tests/test_evaluators.py
   procs = []
   for i in range(2):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
@@ -128,6 +128,7 @@ def two_shards(source, contract, *, batch_size, **kwargs):
 if sys.argv[5] == "two_shards":
   pretrain.data_lib.make_iterator = two_shards
 c = pretrain_config.get_config("tiny")
+c.evals = type(c.evals)()
 for key, value in json.loads(sys.argv[3]).items():
   node = c
   *parents, leaf = key.split(".")

@@ -27,6 +27,7 @@ def _config(**overrides):
   c.data.num_synthetic = 24
   c.checkpoint.every, c.checkpoint.async_save = N, True
   c.log_every, c.log_batches = 1, True
+  c.evals = type(c.evals)()  # no evaluators: tests/test_evaluators.py runs them
   # One device: 8 fake CPU devices on 2 cores have deadlocked in XLA:CPU collectives here (intermittently), and
   # sharded steps are tested in test_sharding.py; restoring across meshes in test_convert.py.
   c.mesh, c.num_devices = "data:-1,fsdp:1", 1
@@ -76,7 +77,7 @@ def test_sigterm_saves_and_resumes(tmp_path):
   workdir = tmp_path / "run"
   cmd = [sys.executable, "-m", "stmem.cli", "pretrain", "--config", str(ROOT / "configs" / "pretrain.py") + ":tiny",
          "--workdir", str(workdir), "--config.total_steps=500", "--config.log_every=1", "--config.batch_size=8",
-         "--config.data.num_synthetic=24", "--config.checkpoint.every=1000"]
+         "--config.data.num_synthetic=24", "--config.checkpoint.every=1000", "--config.evals="]
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   metrics = workdir / "metrics.jsonl"
@@ -130,7 +131,7 @@ def test_command_line_overrides_work_in_process(tmp_path, capsys):
   workdir = tmp_path / "run"
   assert cli.main(["pretrain", "--config", str(ROOT / "configs" / "pretrain.py") + ":tiny", "--workdir", str(workdir),
                    "--config.total_steps=2", "--config.batch_size=8", "--config.data.num_synthetic=16",
-                   "--config.mesh=data:-1,fsdp:1", "--config.num_devices=1"]) == 0
+                   "--config.mesh=data:-1,fsdp:1", "--config.num_devices=1", "--config.evals="]) == 0
   assert json.loads(capsys.readouterr().out)["step"] == 2
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
 

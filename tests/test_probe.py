@@ -74,17 +74,19 @@ def synthetic_pool():
 
 
 def test_lead_set_in_any_order_is_fed_by_name(ckpt, synthetic_pool):
-  from stmem import features
+  from stmem import features, sharding
   loaded = features.load_encoder(ckpt)
   pool, _ = synthetic_pool
-  a = features.extract({"m": loaded}, pool.source, pool.contract, lead_set="V2+I+aVF", batch_size=4)
-  b = features.extract({"m": loaded}, pool.source, pool.contract, lead_set="I+aVF+V2", batch_size=4)
-  c = features.extract({"m": loaded}, pool.source, pool.contract, lead_set="I+II+V2", batch_size=4)
+  mesh = sharding.make_mesh([("data", -1)])  # the probe's pass: every batch split over the 8 test devices
+  a = features.extract({"m": loaded}, pool.source, pool.contract, lead_set="V2+I+aVF", batch_size=4, mesh=mesh)
+  b = features.extract({"m": loaded}, pool.source, pool.contract, lead_set="I+aVF+V2", batch_size=4, mesh=mesh)
+  c = features.extract({"m": loaded}, pool.source, pool.contract, lead_set="I+II+V2", batch_size=4, mesh=mesh)
   np.testing.assert_allclose(a["features"]["m"], b["features"]["m"], atol=2e-5)
   assert np.abs(a["features"]["m"] - c["features"]["m"]).max() > 1e-3
   assert list(a["record_id"]) == list(pool.record_id)
   # The last k blocks: k=1 is the usual pooled feature.
-  d = features.extract({"m": loaded}, pool.source, pool.contract, lead_set="I+aVF+V2", batch_size=4, last_blocks=1)
+  d = features.extract({"m": loaded}, pool.source, pool.contract, lead_set="I+aVF+V2", batch_size=4, last_blocks=1,
+                       mesh=mesh)
   np.testing.assert_allclose(d["features"]["m"], b["features"]["m"], atol=2e-5)
 
 

@@ -42,11 +42,13 @@ def test_a_lead_set_in_an_order_the_checkpoint_never_saw_is_fed_by_name(shared_d
   # Real CinC records: V5+aVL+II gives the features of II+aVL+V5 (each slot carries its lead's identity), and
   # differs from another three leads.
   from stmem import data
-  from stmem import features
+  from stmem import features, sharding
   loaded = features.load_encoder(tiny_checkpoint(tmp_path / "ckpt"))
+  mesh = sharding.make_mesh([("data", -1)])
   pool = data.open_pool(data.DatasetSpec("raw", path=str(shared_data / "cinc2021"), name="cinc"), loaded.contract)
   assert len(pool.record_id) == 50
-  got = {s: features.extract({"m": loaded}, pool.source, pool.contract, lead_set=s, batch_size=16)
+  got = {s: features.extract({"m": loaded}, pool.source, pool.contract, lead_set=s, batch_size=16,
+                                mesh=mesh)
          for s in ("V5+aVL+II", "II+aVL+V5", "II+aVL+V4")}
   np.testing.assert_allclose(got["V5+aVL+II"]["features"]["m"], got["II+aVL+V5"]["features"]["m"], atol=2e-5)
   assert np.abs(got["V5+aVL+II"]["features"]["m"] - got["II+aVL+V4"]["features"]["m"]).max() > 1e-3

@@ -97,7 +97,7 @@ def test_pretrain_reads_a_raw_folder_through_open_pool(sources, opened, tmp_path
                        f"--config.data.records={sources['raw']}", "--config.data.name=ludb",
                        "--config.total_steps=2", "--config.warmup_steps=1", "--config.batch_size=8",
                        "--config.checkpoint.every=2", "--config.checkpoint.async_save=False", "--config.log_every=1",
-                       "--workdir", str(workdir)]) == 0
+                       "--config.evals=", "--workdir", str(workdir)]) == 0  # evaluators read data of their own
   assert len(opened) == 1
   (spec,) = opened
   assert (spec.source, spec.name, spec.path) == ("raw", "ludb", str(sources["raw"]))

@@ -1,5 +1,5 @@
 """The sharded evaluation pass: source order recovered from the processes' interleaved shards; the probe's feature
-pass on 8 devices equals the one-device `features.extract`."""
+pass on 8 devices equals the one-process oracle (`tests/helpers.py`)."""
 import numpy as np
 
 
@@ -8,7 +8,7 @@ def test_global_index_follows_the_pipelines_process_layout():
   itself, run as each of 3 processes)."""
   from data_pipelines.contract import Contract
   from stmem import data
-  from stmem import sharded_eval
+  from stmem import features
   n, processes, local = 7, 3, 2
   rng = np.random.default_rng(0)
   source = data.ArraySource({"signal": rng.normal(size=(n, 12, 2500)).astype(np.float32),
@@ -19,7 +19,7 @@ def test_global_index_follows_the_pipelines_process_layout():
   for j in range(len(per_process[0])):
     ids = np.concatenate([per_process[p][j]["record_id"] for p in range(processes)])
     valid = np.concatenate([per_process[p][j]["valid"] for p in range(processes)])
-    index = sharded_eval._global_index(n, processes, local, j)
+    index = features._global_index(n, processes, local, j)
     assert list(index >= 0) == list(valid)
     assert [f"r{i}".encode() for i in index[valid]] == list(ids[valid])
 
@@ -30,15 +30,16 @@ def test_feature_pass_on_8_devices_equals_one_device():
   from data_pipelines.contract import Contract
   from stmem import data, sharding
   from stmem.models import model_config
-  from stmem import features, sharded_eval
+  from stmem import features
+  from tests.helpers import extract_one_process
   rng = np.random.default_rng(1)
   source = data.ArraySource({"signal": rng.normal(size=(11, 12, 2500)).astype(np.float32),
                              "labels": rng.integers(0, 2, (11, 2)).astype(np.float32)})
   a = features.random_encoder(model_config("tiny", width=64, depth=1, num_heads=1), seed=0)
   encoders = {"a": a, "b": features.random_encoder(a, seed=1)}
-  one = features.extract(encoders, source, Contract(), lead_set="I+II", batch_size=4)
+  one = extract_one_process(encoders, source, Contract(), lead_set="I+II", batch_size=4)
   mesh = sharding.make_mesh([("data", -1)], devices=jax.devices()[:8])
-  eight = sharded_eval.extract(encoders, source, Contract(), mesh=mesh, lead_set="I+II", batch_size=4)
+  eight = features.extract(encoders, source, Contract(), mesh=mesh, lead_set="I+II", batch_size=4)
   assert list(eight["record_id"]) == list(one["record_id"]) and len(one["record_id"]) == 11
   np.testing.assert_array_equal(eight["labels"], one["labels"])
   for name in encoders:

@@ -20,5 +20,5 @@ def encoder_model(cfg: ModelConfig, *, rngs: nnx.Rngs) -> Encoder | BaselineEnco
   return Encoder(cfg, rngs=rngs) if cfg.method == "stmem" else BaselineEncoder(cfg, rngs=rngs)
 
 
-__all__ = ["METHODS", "VARIANTS", "ModelConfig", "model_config", "Encoder", "StMem", "BaselineEncoder",
+__all__ = ["METHODS", "VARIANTS", "ModelConfig", "model_config", "Encoder", "StMem", "BaselineEncoder", "Classifier",
            "MaskedAutoencoder", "LeadSetRefused", "pretraining_model", "encoder_model"]

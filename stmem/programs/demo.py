@@ -25,6 +25,8 @@ def run(config, workdir) -> dict:
     pretrain_args.append(f"--config.total_steps={config.total_steps}")
   if config.data.num_synthetic:
     pretrain_args.append(f"--config.data.num_synthetic={config.data.num_synthetic}")
+  if config.no_probe:  # pretraining only: its held-out loss, no probe while it trains either
+    pretrain_args.append("--config.evals.probe=")
   rc = programs.run(pretrain_args)
   if rc:
     raise entry.CommandFailed("pretrain", rc)

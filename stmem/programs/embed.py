@@ -125,7 +125,7 @@ def run(config, workdir=None) -> dict:
   from data_pipelines import transforms
   from data_pipelines.errors import DataError
   from stmem import console, data, sharding as sharding_lib
-  from stmem import features, sharded_eval
+  from stmem import features
 
   log = console.Log("embed")
 
@@ -190,9 +190,9 @@ def run(config, workdir=None) -> dict:
         from tqdm import tqdm
         bar = tqdm(total=capacity, unit="record", desc="embed", file=sys.stderr)
     written = 0
-    for out, rows in sharded_eval.run(lambda *b: forward(state, *b), source, contract, batch_size=config.batch_size,
-                                      lead_set=names, starts=starts, batch_sharding=batch_sharding,
-                                      host_keys=("valid", "record_id", "patient_id", "window", "lead_mask")):
+    for out, rows in features.eval_pass(lambda *b: forward(state, *b), source, contract, batch_size=config.batch_size,
+                                         lead_set=names, starts=starts, batch_sharding=batch_sharding,
+                                         host_keys=("valid", "record_id", "patient_id", "window", "lead_mask")):
       valid = rows["valid"]
       written += int(valid.sum())
       if writer is not None:

@@ -67,7 +67,7 @@ def run(config, workdir: str | pathlib.Path, *, stop_after: int | None = None) -
   save (tests use it to stand in for a crash)."""
   from data_pipelines import transforms
   from stmem import augment, checkpoint as ckpt_lib, console, data, models, scoring, sharding as sharding_lib, steps
-  from stmem import features, report, sharded_eval, train_loop
+  from stmem import features, report, train_loop
   from stmem.models import model_config
 
   workdir = pathlib.Path(workdir).absolute()
@@ -155,9 +155,10 @@ def run(config, workdir: str | pathlib.Path, *, stop_after: int | None = None) -
   def evaluate(params, name: str) -> dict:
     """The split's records, each scored by its class probabilities averaged over its evaluation crops."""
     probs, labels, pids = [], [], []
-    for out, rows in sharded_eval.run(lambda *b: predict(params, *b), subsets[name][1], contract,
-                                      batch_size=config.eval_batch_size, lead_set=config.data.lead_set, starts=starts,
-                                      batch_sharding=batch_sharding, host_keys=("valid", "labels", "patient_id")):
+    for out, rows in features.eval_pass(lambda *b: predict(params, *b), subsets[name][1], contract,
+                                         batch_size=config.eval_batch_size, lead_set=config.data.lead_set,
+                                         starts=starts, batch_sharding=batch_sharding,
+                                         host_keys=("valid", "labels", "patient_id")):
       valid = rows["valid"]
       probs.append(np.asarray(out)[valid])
       labels.append(rows["labels"][valid])

@@ -2,12 +2,13 @@
 
 Reads top to bottom: mesh, input pipeline, model and optimiser created sharded, checkpoint restore, the jitted and
 donated update step (built by `stmem.steps`, compiled ahead and held against the device memory before the first
-step), the train loop (`stmem.train_loop`: metrics, figures, checkpoints, preemption, NaN guard), the report. Running
-the same command again resumes from the latest readable checkpoint in the workdir with exactly the next batch.
+step), the evaluators of `config.evals` (`stmem.evaluators`), the train loop (`stmem.train_loop`: metrics,
+evaluations, figures, checkpoints, preemption, NaN guard), the report. Running the same command again resumes from
+the latest readable checkpoint in the workdir with exactly the next batch.
 
-Between log and checkpoint steps the loop only dispatches: no device-to-host transfer, no cross-process collective,
-so the host runs ahead of the devices (config.transfer_guard="disallow" makes any other transfer an error: the tests
-run so).
+Between log, evaluation and checkpoint steps the loop only dispatches: no device-to-host transfer, no cross-process
+collective, so the host runs ahead of the devices (config.transfer_guard="disallow" makes any other transfer an
+error: the tests run so).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from stmem import checkpoint as ckpt_lib
 from stmem import console
 from stmem import data as data_lib
 from stmem import entry
+from stmem import evaluators as evaluators_lib
 from stmem import memory_plan as plan_lib
 from stmem import metrics as metrics_lib
 from stmem import sharding as sharding_lib
@@ -115,17 +117,31 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, stop_
     global_batch = data_lib.to_global({k: batch[k] for k in ("signal", "lead_ids", "lead_mask")}, batch_sharding)
     return step_fn(params, opt_state, global_batch, jax.random.fold_in(base_key, step), ok)
 
+  # ------------------------------------------------------------------------------------------------ evaluators
+  # Built once (their data read now); run every `every` steps and at the end, at steps where the loop syncs.
+  evals = evaluators_lib.from_config(config.get("evals"), contract=contract, mesh=mesh, model_cfg=cfg,
+                                     lead_set=config.data.lead_set)
+
   # ------------------------------------------------------------------------------------------------ train loop
   figure = {"batch": None}
 
   def keep_figure_batch(batch):  # process 0's first example, on every process: the figure's forward is collective
     figure["batch"] = _from_process_zero({k: np.asarray(batch[k][:1]) for k in ("signal", "lead_ids", "lead_mask")})
 
-  def figures(step, params) -> dict[str, float]:
-    if config.figure_every and step % config.figure_every == 0:
+  def figure_due(step: int) -> bool:
+    return bool(config.figure_every and step % config.figure_every == 0)
+
+  def at_sync(step, params) -> dict[str, float]:
+    """The loop's hook: the evaluators due at this step (their figures, under eval/NAME/, go into its metrics line)
+    and the reconstruction figure."""
+    if figure_due(step):
       _reconstruction_figure(graphdef, params, figure["batch"], cfg, contract,
                              workdir / f"reconstruction_{step:06d}.png", write=is_main)
-    return {}
+    due = evaluators_lib.due(evals, step, config.total_steps)
+    if not due:
+      return {}
+    model = evaluators_lib.Model(graphdef, params, cfg)
+    return evaluators_lib.run(due, model, log=lambda line: log(f"step {step}: {line}"))
 
   loop = train_loop.Loop(
     workdir, checkpointer, log=log, total_steps=config.total_steps, log_every=config.log_every, meta=meta,
@@ -133,7 +149,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, stop_
     # MFU from the analytic FLOP count (XLA's cost analysis counts the scanned blocks once, and costs a compile).
     flops_per_step=metrics_lib.pretrain_step_flops(cfg, config.batch_size, step_lib.leads),
     peak_flops=metrics_lib.device_peak_flops(cfg.dtype, mesh.devices.flat),
-    extra_due=lambda step: bool(config.figure_every and step % config.figure_every == 0), on_sync=figures,
+    extra_due=lambda step: figure_due(step) or bool(evaluators_lib.due(evals, step, config.total_steps)),
+    on_sync=at_sync,
     first_batch=keep_figure_batch, transfer_guard=config.get("transfer_guard", "allow"), stop_after=stop_after,
     log_batches=bool(config.get("log_batches")))
   result = loop.run(update, params, opt_state, data_iter, start_step, ok)

@@ -42,31 +42,24 @@ def overrides(tree, prefix: str = "--config") -> list[str]:
 # ------------------------------------------------------------------------------------------------ held-out ECGs
 
 
-def heldout_batches(config) -> tuple[list[dict], list[np.ndarray]]:
-  """Held-out simulator batches as pretraining sees them (offline band-pass, random crop, z-score), and the clean
-  twin of each batch's signal through the same pipeline (same crops: the crop is a function of seed and index)."""
-  from data_pipelines import transforms
+def heldout(config):
+  """The held-out evaluator (`stmem.evaluators.HeldOut`) of `config.heldout`, on this process's first device (where
+  checkpoints load), and the clean twin of each of its batches' signal: the same records without their noise,
+  through the same pipeline (offline band-pass, the same crops: a crop is a function of seed and index)."""
+  import dataclasses
+
+  import jax
+
   from data_pipelines.contract import Contract
-  from stmem import data, synthetic
+  from stmem import data, evaluators, sharding
   contract = Contract(filter_stage="offline")
-  arrays = synthetic.make_dataset(int(config.heldout.data.num_synthetic), seed=int(config.heldout.seed),
-                                  seconds=contract.record_samples / contract.fs, fs=contract.fs, with_clean=True)
-
-  def source(signal):
-    signal = transforms.bandpass(signal, contract.fs, contract.highpass_hz, contract.lowpass_hz,
-                                 contract.filter_order).astype("float32")
-    return data.ArraySource({"signal": signal, "record_id": arrays["record_id"], "patient_id": arrays["patient_id"]})
-
-  n = int(config.heldout.data.num_synthetic) // int(config.heldout.batch_size)
-
-  def batches(src):
-    it = data.make_iterator(src, contract, batch_size=int(config.heldout.batch_size), train=True,
-                            seed=int(config.heldout.seed), lead_set="12", process_index=0, process_count=1)
-    return [{k: np.asarray(b[k]) for k in ("signal", "lead_ids", "lead_mask")} for _, b in zip(range(n), it)]
-
-  noisy = batches(source(arrays["signal"]))
-  clean = [b["signal"] for b in batches(source(arrays["clean_signal"]))]
-  return noisy, clean
+  mesh = sharding.make_mesh([("data", 1)], devices=jax.local_devices()[:1])
+  evaluator = evaluators.HeldOut(config.heldout, contract=contract, mesh=mesh)
+  clean_pool = data.open_pool(dataclasses.replace(evaluator.spec, options=(("signal", "clean"),)), contract)
+  clean = [b["signal"] for b in evaluators.heldout_batches(clean_pool, batch_size=evaluator.batch_size,
+                                                           seed=evaluator.seed, lead_set="12",
+                                                           num_batches=len(evaluator.batches))]
+  return evaluator, clean
 
 
 def reference_losses(method: str, noisy: Sequence[dict], clean: Sequence[np.ndarray], patch_size: int = 75) -> dict:
@@ -96,32 +89,24 @@ def reference_losses(method: str, noisy: Sequence[dict], clean: Sequence[np.ndar
   return {"patch_mean": float(np.mean(mean)), "clean_floor": float(np.mean(floor))}
 
 
-def heldout_loss(checkpoint: pathlib.Path, noisy: Sequence[dict], cache: dict) -> tuple[float, tuple]:
-  """Mean masked reconstruction loss of a checkpoint over the held-out batches, with a fixed masking key per batch
-  (every checkpoint of every method is scored on the same ECGs and, within a method, the same masks).
-  Returns (loss, (forward, state)), the jitted forward pass for figures."""
-  import jax
+def heldout_loss(checkpoint: pathlib.Path, evaluator) -> tuple[float, tuple]:
+  """The held-out evaluator's loss of a checkpoint (the same ECGs and, within a method, the same masks for every
+  checkpoint of every run). Returns (loss, (forward, state)), the jitted forward pass for figures."""
   from flax import nnx
 
-  from stmem import checkpoint as ckpt_lib
+  from stmem import checkpoint as ckpt_lib, evaluators
   model, _ = ckpt_lib.load_model(checkpoint)
   graphdef, state = nnx.split(model)
-  if graphdef not in cache:  # one compilation per architecture
-    cache[graphdef] = jax.jit(lambda s, sig, ids, present, key: nnx.merge(graphdef, s)(sig, ids, present, key=key))
-  fn = cache[graphdef]
-  losses = [float(fn(state, b["signal"], b["lead_ids"], b["lead_mask"], jax.random.key(i))["loss"])
-            for i, b in enumerate(noisy)]
-  return float(np.mean(losses)), (fn, state)
+  loss = evaluator.run(evaluators.Model(graphdef, state, model.cfg))["loss"]
+  return loss, (evaluator.forward(graphdef), state)
 
 
 def reconstruction_figure(method: str, forward, batch: dict, path: pathlib.Path, loss: float) -> str:
   """The first held-out ECG: its patches, the masked ones shaded, the model's reconstruction over them."""
-  import jax
-
   from data_pipelines import leads as leads_lib
   from stmem import plots
   fn, state = forward
-  out = fn(state, batch["signal"][:1], batch["lead_ids"][:1], batch["lead_mask"][:1], jax.random.key(0))
+  out = fn(state, batch["signal"][:1], batch["lead_ids"][:1], batch["lead_mask"][:1], 0)  # batch 0's mask
   patches = np.asarray(batch["signal"][0]).reshape(batch["signal"].shape[1], -1, 75)
   mean, std = patches.mean(-1, keepdims=True), np.sqrt(patches.var(-1, ddof=1, keepdims=True) + 1e-6)
   pred = np.asarray(out["pred"][0]) * std + mean   # `pred` is in per-patch units for every method
@@ -199,7 +184,8 @@ def run(config, workdir) -> dict:
                      f"and --config.seeds at least one seed (got {config.seeds!r})")
 
   # ------------------------------------------------------------------------------------------ held-out ECGs
-  noisy, clean = heldout_batches(config)
+  evaluator, clean = heldout(config)
+  noisy = evaluator.batches
   refs = {m: reference_losses(m, noisy, clean) for m in methods}
   for m, r in refs.items():
     log(f"{NAMES[m]} held-out references: patch-mean {r['patch_mean']:.4f}, clean-signal floor "
@@ -213,7 +199,7 @@ def run(config, workdir) -> dict:
       t0 = time.time()
       rc = programs.run(["pretrain", "--config", f"{config_dir / 'pretrain.py'}:{config.pretrain_preset}",
                      "--workdir", str(run_dir), f"--config.model.method={method}", f"--config.seed={seed}",
-                     *overrides(config.pretrain)])
+                     "--config.evals=", *overrides(config.pretrain)])  # the held-out loss of every checkpoint below
       if rc:
         log(f"`stmem pretrain` for {method} seed {seed} failed; see {run_dir}")
         raise entry.CommandFailed("pretrain", rc)
@@ -222,14 +208,15 @@ def run(config, workdir) -> dict:
 
   # ------------------------------------------------------------------------------------------ held-out loss
   from stmem import checkpoint as ckpt_lib
-  curves, finals, cache = {}, [], {}
+  curves, finals = {}, []
   for (method, seed), run_dir in runs.items():
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    lines = [x for x in lines if "loss" in x]  # the training metrics (evaluators write lines of their own)
     directory, _ = ckpt_lib.resolve(run_dir)
     steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
     held = []
     for s in steps:
-      loss, forward = heldout_loss(directory / str(s), noisy, cache)
+      loss, forward = heldout_loss(directory / str(s), evaluator)
       held.append(loss)
     curves[method, seed] = {"train_step": [x["step"] for x in lines], "train_loss": [x["loss"] for x in lines],
                             "heldout_step": steps, "heldout_loss": held}
