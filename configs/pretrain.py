@@ -46,6 +46,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.data.lead_set = "12"           # lead slots fed to the model, by name
   c.data.lead_map = ""             # raw: rename file channels to standard leads, e.g. ECG=I (as `stmem prepare`)
   c.data.num_synthetic = 512       # synthetic: number of 10 s records
+  c.data.simulator = 2             # synthetic: simulator version (2; 1 remakes the first simulator's records exactly)
   c.data.worker_count = 0          # grain worker processes (0: in the main process)
 
   c.batch_size = 256               # global batch, over all processes and devices
@@ -91,6 +92,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.evals.heldout.data = ml_collections.ConfigDict()
     c.evals.heldout.data.source = "synthetic"  # the simulator, with the seed below (not the training seed)
     c.evals.heldout.data.num_synthetic = 64    # held-out records
+    c.evals.heldout.data.simulator = 2         # simulator version of the held-out records
     c.evals.heldout.seed = 10_000        # the held-out records' seed (and their crops'); masks are fixed per batch
     c.evals.heldout.batch_size = 16      # held-out records per batch
     c.evals.probe = ml_collections.ConfigDict()
@@ -99,6 +101,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.evals.probe.tasks = "synthetic"    # the simulator's six classes
     c.evals.probe.data = ml_collections.ConfigDict()
     c.evals.probe.data.num_synthetic = 60  # simulated records of the probe task
+    c.evals.probe.data.simulator = 2       # their simulator version
     c.evals.probe.lead_sets = "12,I"     # lead sets probed, each its own figure (eval/probe/12/auroc, ...)
     c.evals.probe.use_splits = False     # cross-validate over every record (the simulator's hash split is too small)
     c.evals.probe.cv_folds = 3           # patient-grouped folds

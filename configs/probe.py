@@ -32,6 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.lead_map = ""          # raw tasks: rename file channels to standard leads, e.g. ECG=I (as `stmem prepare`)
   c.data.data_dir = ""          # prepared dataset for the `prepared` task
   c.data.num_synthetic = 240    # synthetic task: number of simulated records
+  c.data.simulator = 2          # synthetic task: simulator version (2: multi-label rhythm + findings; 1: six classes)
   c.labels = ""                 # comma-separated label names of a prepared dataset ("" = all)
   c.kind = "multilabel"         # prepared task: "multilabel" (sigmoid per class) or "multiclass" (softmax)
   c.lead_sets = "12,limb6,precordial6,I,II,I+II,I+II+V2"  # comma-separated lead sets, each probed separately

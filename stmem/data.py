@@ -50,6 +50,7 @@ from data_pipelines.errors import UsageError
 
 SPLITS = ("train", "validation", "test")
 SOURCES = ("prepared", "raw", "synthetic")
+SIMULATOR_DEFAULT = 2  # the simulator version of `data.simulator` when a config does not say (stmem.synthetic)
 
 
 class Source(Protocol):
@@ -216,7 +217,8 @@ class DatasetSpec:
     when it holds several; the `splits` that exist are read (one split alone means cross-validation downstream).
   source "raw": `path` is a folder of records and `name` the builder that knows them (ludb, cinc, ptbxl, code15,
     generic); `options` are that builder's keyword options, as `stmem prepare NAME --key value` takes them.
-  source "synthetic": `num_synthetic` simulated 10 s ECGs (`stmem.synthetic`) from `seed`; with the option
+  source "synthetic": `num_synthetic` simulated 10 s ECGs (`stmem.synthetic`) from `seed`, by simulator version
+    `simulator` (2, the default; 1 reproduces runs made with the first simulator); with the option
     ("signal", "clean"), the same records without their noise (the reference a reconstruction loss has a floor by).
   """
   source: str
@@ -226,6 +228,7 @@ class DatasetSpec:
   options: tuple[tuple[str, str], ...] = ()
   num_synthetic: int = 240
   seed: int = 0
+  simulator: int = 2
 
 
 COLUMNS = ("record_id", "patient_id", "split", "labels", "sex")
@@ -321,20 +324,22 @@ def _raw_pool(spec: DatasetSpec, contract: Contract) -> Pool:
 
 
 def _synthetic_pool(spec: DatasetSpec, contract: Contract) -> Pool:
-  """Simulated records at the contract's rate and length, in the contract's lead order, labelled one-hot by class;
-  band-passed once here when the contract filters offline (the records are in memory anyway)."""
+  """Simulated records at the contract's rate and length, in the contract's lead order, labelled by class (one-hot
+  with simulator 1, multi-hot with simulator 2: a rhythm and any findings); band-passed once here when the contract
+  filters offline (the records are in memory anyway)."""
   from data_pipelines import builder_base
   from stmem import synthetic
   clean = dict(spec.options).get("signal") == "clean"
   made = synthetic.make_dataset(spec.num_synthetic, spec.seed, seconds=contract.record_samples / contract.fs,
-                                fs=contract.fs, with_clean=clean)
+                                fs=contract.fs, with_clean=clean, version=spec.simulator)
   rows = [leads_lib.LEAD_ID[leads_lib.canonical_name(n)] for n in contract.leads]
   signal = made["clean_signal" if clean else "signal"][:, rows]
   if contract.filter_stage == "offline":
     signal = transforms.bandpass(signal, contract.fs, contract.highpass_hz, contract.lowpass_hz,
                                  contract.filter_order).astype(np.float32)
   names = tuple(str(c) for c in made["label_names"])
-  arrays = {"signal": signal, "labels": np.eye(len(names), dtype=np.float32)[made["labels"]],
+  labels = made["multilabel"] if "multilabel" in made else np.eye(len(names), dtype=np.float32)[made["labels"]]
+  arrays = {"signal": signal, "labels": labels,
             "record_id": made["record_id"], "patient_id": made["patient_id"],
             "split": builder_base.split_names(made["patient_id"])}
   return _pool_from_arrays("synthetic", arrays, contract, names, {})
@@ -376,6 +381,7 @@ def spec_from_config(data_config: Mapping[str, Any], *, seed: int = 0,
   builder that reads `records`, default "generic"), `data_dir` (a `stmem prepare` output), `records` (a folder of raw
   records, or a folder holding them under the builder's folder: `ludb/`, `cinc2021/`), `split` (prepared:
   comma-separated splits to read; "" reads every split there), `num_synthetic` (simulated records, from `seed`),
+  `simulator` (the simulator's version for them: 2, the default, or 1, the first simulator's records bit for bit),
   `lead_map` (raw: channel renames, as `stmem prepare --lead_map`). `options` are further builder options of a raw
   folder (a named task's).
   """
@@ -396,7 +402,10 @@ def spec_from_config(data_config: Mapping[str, Any], *, seed: int = 0,
     count = int(get("num_synthetic", 240))
     if count < 1:
       raise UsageError(f"data.source 'synthetic' needs --config.data.num_synthetic of 1 or more, not {count}")
-    return DatasetSpec("synthetic", num_synthetic=count, seed=int(seed))
+    version = get("simulator", SIMULATOR_DEFAULT) or SIMULATOR_DEFAULT
+    if str(version) not in ("1", "2"):
+      raise UsageError(f"data.simulator must be 1 or 2 (the simulator's version), not {version!r}")
+    return DatasetSpec("synthetic", num_synthetic=count, seed=int(seed), simulator=int(version))
   if source == "prepared":
     if not get("data_dir"):
       raise UsageError("data.source 'prepared' needs --config.data.data_dir (a `stmem prepare` output)")
@@ -426,6 +435,7 @@ def task_pools(task_names: Sequence[str], contract: Contract, data_config: Mappi
   from data_pipelines.labels import tasks as tasks_lib
   get = lambda key, default="": data_config.get(key, default)  # noqa: E731
   pools: dict[str, Pool] = {}
+  pool_specs: dict[str, DatasetSpec] = {}
   out = []
   for name in task_names:
     spec = tasks_lib.task_spec(name, labels=labels, kind=kind)
@@ -437,14 +447,18 @@ def task_pools(task_names: Sequence[str], contract: Contract, data_config: Mappi
                            "output)")
         block = {"source": "prepared", "data_dir": get("data_dir"), "name": get("name")}
       elif spec.dataset == "synthetic":
-        block = {"source": "synthetic", "num_synthetic": get("num_synthetic", 240)}
+        block = {"source": "synthetic", "num_synthetic": get("num_synthetic", 240),
+                 "simulator": get("simulator", SIMULATOR_DEFAULT)}
       else:
         if not get("records"):
           raise UsageError(f"task {name!r} reads raw {spec.dataset} records: set --config.data.records (the folder "
                            f"holding {spec.folder}/)")
         block = {"source": "raw", "records": get("records"), "name": spec.dataset, "lead_map": get("lead_map")}
-      pools[key] = open_pool(spec_from_config(block, seed=seed, options=spec.options), contract)
+      pool_specs[key] = spec_from_config(block, seed=seed, options=spec.options)
+      pools[key] = open_pool(pool_specs[key], contract)
     pool = pools[key]
+    if spec.dataset == "synthetic" and pool_specs[key].simulator >= 2:
+      spec = dataclasses.replace(spec, kind="multilabel")  # simulator 2: a rhythm and any findings per record
     out.append((key, tasks_lib.make_task(spec, pool.label_names, pool.labels, {"sex": pool.sex})))
   return pools, out
 

@@ -36,6 +36,7 @@ VOCABULARY = {
   "a folder of raw records": "data.records",
   "the split read": "data.split",
   "simulated records": "data.num_synthetic",
+  "the simulator version of simulated records": "data.simulator",
   "lead slots fed to the model": "data.lead_set",
   "channel renames of raw records": "data.lead_map",
   "input pipeline workers": "data.worker_count",

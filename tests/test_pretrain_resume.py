@@ -67,10 +67,31 @@ def test_resume_equals_uninterrupted(tmp_path):
   # the checkpoint carries the config and the preprocessing contract
   assert meta["contract"]["fs"] == 250.0 and meta["contract"]["window"] == 2250
   assert meta["config"]["batch_size"] == 8 and meta["model"]["width"] == 128
+  # ... and which simulator made its records, in the checkpoint and in config.json
+  assert meta["config"]["data"]["simulator"] == 2
+  assert json.loads((straight / "config.json").read_text())["data"]["simulator"] == 2
   losses = [json.loads(l)["loss"] for l in (straight / "metrics.jsonl").read_text().splitlines()]
   assert len(losses) == 2 * N and all(np.isfinite(losses))
   assert (straight / "reconstruction.png").stat().st_size > 10_000
   assert any((straight / "tensorboard").iterdir())
+
+
+def test_a_run_records_its_simulator_version():
+  """A config that names no simulator version records the default's; one that does keeps it; data that is not
+  simulated records none."""
+  c = _config()
+  with c.unlocked():
+    del c.data["simulator"]
+  pretrain._record_simulator(c)
+  assert c.data.simulator == 2
+  c = _config(**{"data.simulator": 1})
+  pretrain._record_simulator(c)
+  assert c.data.simulator == 1
+  c = _config(**{"data.source": "prepared", "data.data_dir": "/nowhere"})
+  with c.unlocked():
+    del c.data["simulator"]
+  pretrain._record_simulator(c)
+  assert "simulator" not in c.data
 
 
 def test_sigterm_saves_and_resumes(tmp_path):

@@ -7,7 +7,8 @@ exist once, and a task means the same on raw files read in memory and on the sam
 
 Task names (comma-separated in a program's `tasks`):
   prepared                 every label of a prepared dataset (or the ones chosen by name)
-  synthetic                the simulator's classes (`stmem.synthetic.CLASSES`), one per ECG (multi-class)
+  synthetic                the simulator's classes: version 2's rhythm and findings (`stmem.synthetic.CLASSES_V2`,
+                           multi-label), or version 1's `CLASSES`, one per ECG (multi-class)
   ludb_af, ludb_lvh, ludb_axis, ludb_sex
                            LUDB: AF or flutter vs rest, left ventricular hypertrophy, left axis deviation vs normal
                            axis (other axes left out), male vs female (records of unknown sex left out)

@@ -48,6 +48,15 @@ def build_source(config) -> tuple[data_lib.Source, Contract]:
   return pool.source, pool.contract
 
 
+def _record_simulator(config: ml_collections.ConfigDict) -> None:
+  """A run on simulated records names the simulator version that made them in its config (the default's when the
+  config file did not say), so config.json and the checkpoint's metadata tell which simulator it was trained on."""
+  spec = data_lib.spec_from_config(config.data, seed=config.seed)
+  if spec.source == "synthetic" and config.data.get("simulator") != spec.simulator:
+    with config.unlocked():
+      config.data.simulator = spec.simulator
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, stop_after: int | None = None) -> dict:
   """Pretrain; returns a summary dict. `stop_after` ends the loop early without a final save (tests use it to
   stand in for a crash)."""
@@ -55,6 +64,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, stop_
   log = console.Log("pretrain")
   is_main = jax.process_index() == 0
   workdir.mkdir(parents=True, exist_ok=True)  # every process: each writes its own batches.<process>.jsonl here
+  _record_simulator(config)
   if is_main:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
