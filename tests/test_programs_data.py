@@ -39,12 +39,12 @@ def test_probe_reads_prepared_raw_and_simulated_data_through_open_pool(sources, 
   assert probe.main([f"--config={probe.DEFAULT_CONFIG}:test", f"--config.init_from={sources['ckpt']}",
                      "--config.tasks=synthetic,ludb_sex,prepared", f"--config.data.records={sources['root']}",
                      f"--config.data.data_dir={sources['prepared']}", "--config.labels=sinus_rhythm",
-                     "--config.data.num_synthetic=120", "--config.lead_sets=12", "--config.random_baseline=False",
-                     "--workdir", str(out)]) == 0
+                     "--config.data.num_synthetic=120", "--config.data.simulator=1", "--config.lead_sets=12",
+                     "--config.random_baseline=False", "--workdir", str(out)]) == 0
   assert sorted(s.source for s in opened) == ["prepared", "raw", "synthetic"]
   assert {s.name for s in opened if s.source == "raw"} == {"ludb"}
   rows = {r["task"]: r for r in json.loads((out / "report.json").read_text())["rows"]}
-  assert rows["synthetic"]["n_records"] == 8  # the simulator's patient-hash test split of 120 (fixed splits)
+  assert rows["synthetic"]["n_records"] == 8  # simulator 1's patient-hash test split of 120 (fixed splits)
   # The prepared task's row is named after its dataset (the report names the data, not "prepared").
   (prepared_row,) = [r for name, r in rows.items() if name not in ("synthetic", "ludb_sex")]
   assert rows["ludb_sex"]["n_records"] == N_RECORDS and prepared_row["n_records"] == N_RECORDS  # 5-fold CV
