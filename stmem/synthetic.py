@@ -395,7 +395,9 @@ def make_dataset(n: int, seed: int, seconds: float = 10.0, fs: float = 250.0,
 
   `classes` default to the version's (`classes_of(version)`). Version 2 draws each patient's primary class from
   `classes` as below, sometimes with a second condition (AF with LVH, a bundle branch block with PVCs, ...), and
-  adds `multilabel` float32 (n, C): every class of the record, columns `label_names`; `labels` is the primary class.
+  adds `multilabel` float32 (n, C): every class of the record, columns `label_names` (= `classes`; a condition outside
+  them, e.g. the rhythm of a finding's patient when `classes` names no rhythm, is simulated but not a column);
+  `labels` is the primary class.
 
   A patient keeps its condition across its records (a bundle branch block or a persistent AF does not come and
   go between visits), so a split that is not grouped by `patient_id` leaks morphology; use grouped splits.
@@ -922,7 +924,7 @@ def _draw_condition(primary: str, classes: tuple[str, ...], rng: np.random.Gener
   else:
     rhythm = RHYTHMS[rng.choice(4, p=[0.78, 0.06, 0.06, 0.1])]
     findings = [primary]
-    if not all(frozenset((primary, rhythm)) not in _EXCLUSIVE for _ in (0,)):
+    if frozenset((primary, rhythm)) in _EXCLUSIVE:
       rhythm = "sinus_rhythm"
     extra = rng.random() < 0.25
   if extra:
