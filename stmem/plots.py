@@ -116,7 +116,9 @@ def plot_lead_set_auroc(rows: Sequence[Mapping[str, Any]], path: str | os.PathLi
     a = np.array([float(r["auroc"]) for r in pts])
     lo = np.array([float(r.get("lo", np.nan)) for r in pts])
     hi = np.array([float(r.get("hi", np.nan)) for r in pts])
-    yerr = np.stack([np.nan_to_num(a - lo), np.nan_to_num(hi - a)])
+    # A macro figure can fall outside its percentile interval (resamples that lose a class's positives leave it out
+    # of their mean): the bar then ends at the point rather than pointing backwards.
+    yerr = np.clip(np.stack([np.nan_to_num(a - lo), np.nan_to_num(hi - a)]), 0.0, None)
     if _is_random(kind):
       eb = ax.errorbar(xs, a, yerr=yerr, fmt="s", color="#7f7f7f", mfc="white", mew=1.5, ms=7, capsize=4,
                        elinewidth=1.2, label=kind)

@@ -37,6 +37,9 @@ def test_plot_lead_set_auroc(tmp_path):
     rows.append({"lead_set": ls, "auroc": a - 0.1, "lo": a - 0.13, "hi": a - 0.07, "kind": "random encoder"})
   out = plots.plot_lead_set_auroc(rows, tmp_path / "auroc.png")
   _check_png(out, 900, 500)
+  # a macro point outside its percentile interval (a class lost by some resamples) is drawn, not refused
+  rows.append({"lead_set": "I", "auroc": 0.6, "lo": 0.62, "hi": 0.8, "kind": "pretrained"})
+  _check_png(plots.plot_lead_set_auroc(rows, tmp_path / "outside.png"), 900, 500)
 
 
 def test_plot_roc_curves(tmp_path):
