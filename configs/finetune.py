@@ -36,6 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.records = "../shared/data"  # named tasks: the folder holding the raw datasets (ludb/, cinc2021/, ...)
   c.data.lead_map = ""          # raw tasks: rename file channels to standard leads, e.g. ECG=I (as `stmem prepare`)
   c.data.num_synthetic = 240    # synthetic task: number of simulated records
+  c.data.simulator = 2          # synthetic task: simulator version (2: multi-label rhythm + findings; 1: six classes)
   c.data.lead_set = "12"        # lead slots fed to the encoder, by name
 
   c.batch_size = 32             # global training batch, over all devices and processes (a multiple of the devices)

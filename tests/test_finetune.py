@@ -26,7 +26,7 @@ def test_finetune_writes_report_and_checkpoint(tmp_path, monkeypatch, opened):
   # On the 8 test devices: every batch is split over all of them.
   rc = finetune.main([f"--config={finetune.DEFAULT_CONFIG}:test", f"--config.init_from={ckpt}",
                       "--config.drop_path=0.1", "--config.optim.layer_decay=0.75", "--config.label_smoothing=0.1",
-                      "--config.class_weighting=balanced", "--workdir", str(out)])
+                      "--config.class_weighting=balanced", "--config.data.simulator=1", "--workdir", str(out)])
   assert rc == 0
   assert [s.source for s in opened] == ["synthetic"]  # read through stmem.data.open_pool (tests/test_programs_data.py)
   # Two evaluations on validation during training, validation again for thresholds, then test once, last.
@@ -36,7 +36,7 @@ def test_finetune_writes_report_and_checkpoint(tmp_path, monkeypatch, opened):
   row = json.loads((out / "report.json").read_text())["rows"][0]
   assert row["model"] == "fine-tuned" and row["auroc_lo"] <= row["auroc"] <= row["auroc_hi"]
   encoder, meta = ckpt_lib.load_model(out / "checkpoints", encoder_only=True)
-  assert meta["origin"] == "stmem finetune" and len(meta["head"]["label_names"]) == 6
+  assert meta["origin"] == "stmem finetune" and len(meta["head"]["label_names"]) == 6  # simulator 1's classes
   assert ckpt_lib.read_item(out / "checkpoints", "head")["kernel"].shape == (64, 6)
   assert meta["step"] in (3, 6)
   assert (out / "train_state" / "6" / "opt_state").is_dir() and any((out / "tensorboard").iterdir())
