@@ -3,7 +3,8 @@ report.
 
   stmem probe --config configs/probe.py:shared --config.init_from=CKPT --workdir runs/probe_shared
       LUDB AF/flutter, LVH and electric axis + CinC sinus tachycardia, read raw from ../shared/data, 5-fold
-      patient-grouped cross-validation, 7 lead sets. A tiny model takes about 3 minutes on a 2-core CPU.
+      patient-grouped cross-validation, 7 lead sets, linear and MLP heads. A tiny model takes about 3 minutes on a
+      2-core CPU with the linear head alone (--config.heads=linear); the MLP head adds fits of its own.
   stmem probe --config configs/probe.py:ludb --config.init_from=CKPT --config.data.records=/data --workdir DIR
   stmem probe --config configs/probe.py:prepared --config.init_from=CKPT --config.data.data_dir=PREPARED --workdir DIR
       a prepared dataset (`stmem prepare`): its train/validation/test splits, or cross-validation if it has one split.

@@ -221,6 +221,10 @@ class Probe:
     if unknown or not self.heads or len(set(self.heads)) < len(self.heads):
       raise UsageError(f"{key}.heads={self.config['heads']!r}: give each of the heads {', '.join(HEADS)} at most "
                        f"once, comma-separated")
+    steps, snapshots = int(self.config["mlp_steps"]), int(self.config["mlp_snapshots"])
+    if "mlp" in self.heads and not (1 <= snapshots <= steps and steps % snapshots == 0):
+      raise UsageError(f"{key}.mlp_snapshots={snapshots}: the MLP head keeps its parameters every mlp_steps / "
+                       f"mlp_snapshots steps; give a divisor of {key}.mlp_steps={steps}")
     self.pools, self.tasks = data.task_pools(_csv(self.config["tasks"]), contract, self.data_config,
                                             labels=_csv(self.config["labels"]), kind=self.config["kind"],
                                             seed=int(self.config["seed"]))

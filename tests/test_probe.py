@@ -151,7 +151,7 @@ def test_block_features_are_the_blocks_outputs_pooled(ckpt):
   from stmem import features
   encoder = _deep_encoder()
   rng = np.random.default_rng(0)
-  signal = rng.normal(size=(2, 12, 2250)).astype(np.float32)
+  signal = rng.normal(size=(2, 12, 750)).astype(np.float32)
   lead_ids = np.tile(np.arange(12, dtype=np.int32), (2, 1))
   lead_mask = np.ones((2, 12), bool)
   lead_mask[1, 3:] = False  # the second ECG has leads I, II, III only
@@ -179,6 +179,23 @@ def test_block_features_are_the_blocks_outputs_pooled(ckpt):
   assert np.abs(got["blocks"]["1-3"] - got["pooled"]).max() > 1e-2
 
 
+def test_block_features_of_mtae_and_mlae_are_pooled_as_their_last():
+  """MTAE / MLAE blocks (CLS first, no SEPs) are pooled as their encoders pool the last block: block `depth` is
+  `last`, and an earlier block differs."""
+  from flax import nnx
+
+  from stmem import features
+  from stmem.models import encoder_model, model_config
+  rng = np.random.default_rng(1)
+  signal = rng.normal(size=(2, 12, 2250)).astype(np.float32)
+  lead_ids = np.tile(np.arange(12, dtype=np.int32), (2, 1))
+  for method in ("mtae", "mlae"):
+    encoder = encoder_model(model_config("tiny", width=32, depth=2, num_heads=1, method=method), rngs=nnx.Rngs(0))
+    got = features.feature_fn(("1", "2"))(*nnx.split(encoder), signal, lead_ids, np.ones((2, 12), bool))
+    np.testing.assert_allclose(got["blocks"]["2"], got["pooled"], atol=1e-4, err_msg=method)
+    assert np.abs(got["blocks"]["1"] - got["pooled"]).max() > 1e-2, method
+
+
 def _row(state, i):
   import jax
   return jax.tree.map(lambda leaf: leaf[i], state)
@@ -200,6 +217,9 @@ def test_bad_block_specs_are_one_line_usage_errors(ckpt, tmp_path, capsys):
   assert programs.run(["probe", "--config", "probe:test", f"--config.init_from={ckpt}", "--config.heads=linear,svm",
                        "--workdir", str(tmp_path / "w")]) == 2
   assert "--config.heads='linear,svm'" in capsys.readouterr().err
+  assert programs.run(["probe", "--config", "probe:test", f"--config.init_from={ckpt}", "--config.heads=mlp",
+                       "--config.mlp_snapshots=3", "--workdir", str(tmp_path / "w")]) == 2
+  assert "--config.mlp_snapshots=3" in capsys.readouterr().err
 
 
 def test_mlp_head_beats_linear_on_xor_and_ties_on_a_linear_problem():
