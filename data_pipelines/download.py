@@ -426,7 +426,17 @@ def download(name: str, folder: str, *, sources: str | Sequence[str] | None = No
   folder = os.path.expanduser(folder)
   if os.path.exists(folder) and not os.path.isdir(folder):
     raise UsageError(f"{folder} is a file; give a folder to download into")
+  created = not os.path.exists(folder)
   os.makedirs(folder, exist_ok=True)
+  try:
+    return _download(ds, folder, chosen, mirror, jobs, keep_archives, quiet)
+  finally:
+    if created and not os.listdir(folder):  # a first run that fetched nothing leaves no empty folder behind
+      os.rmdir(folder)
+
+
+def _download(ds: Dataset, folder: str, chosen: tuple[str, ...], mirror: str | None, jobs: int, keep_archives: bool,
+              quiet: bool) -> Result:
   kept = os.path.join(folder, _listing_file(ds))
   if os.path.exists(kept):
     listing = open(kept, encoding="utf-8").read()
@@ -515,7 +525,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--list", action="store_true", help="list the datasets with size, licence and citation")
   p.add_argument("--to", default=None, metavar="DIR",
                  help=f"data root; the dataset goes to DIR/<name>/ (default ${ENV_ROOT} or {DEFAULT_ROOT})")
-  p.add_argument("--sources", default="", help=f"cinc2021 only: comma-separated sources ({', '.join(CINC2021_SOURCES)})")
+  p.add_argument("--sources", default="",
+                 help=f"cinc2021 only: comma-separated sources ({', '.join(CINC2021_SOURCES)})")
   p.add_argument("--mirror", default=None, metavar="URL",
                  help=f"a base URL replacing the publisher's ({PHYSIONET} or {ZENODO}), in the same layout")
   p.add_argument("--jobs", type=int, default=8, help="parallel transfers (default 8)")

@@ -82,7 +82,7 @@ class Server:
 
     self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-    self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+    self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
 
   def count(self, suffix=""):
     return sum(1 for p, _ in self.requests if p.endswith(suffix))
@@ -235,3 +235,46 @@ def test_the_default_data_root_is_overridable_by_environment(monkeypatch):
   assert download.data_root() == "/somewhere"
   assert download.command_for("cinc2021", "/elsewhere") == "stmem download cinc2021 --to /elsewhere"
   assert download.command_for("ludb", "/somewhere") == "stmem download ludb"
+
+
+# ------------------------------------------------------------------------------------------------ presets' data root
+
+
+def test_no_shipped_config_defaults_to_the_shared_folder(monkeypatch):
+  import configs
+  from stmem import configflags
+  monkeypatch.delenv("STMEM_DATA", raising=False)
+  folder = pathlib.Path(configs.__file__).parent
+  for path in sorted(p for p in folder.glob("*.py") if not p.name.startswith("_")):
+    module = configflags.load_module(path)
+    for preset in getattr(module, "PRESETS", (None,)):
+      values = [v for _, v in configflags.flat_items(module.get_config(preset))]
+      assert not any("../shared" in str(v) for v in values), (path.name, preset)
+  from configs import probe
+  assert probe.get_config("ludb").data.records == "~/stmem_data"
+  monkeypatch.setenv("STMEM_DATA", "/data/ecg")
+  assert probe.get_config("ludb").data.records == "/data/ecg"
+
+
+def test_a_missing_data_folder_is_one_line_giving_the_download_command(tmp_path, capsys):
+  missing = tmp_path / "nowhere"
+  assert run(["probe", "--config", "probe:ludb", f"--config.data.records={missing}", "--workdir",
+              str(tmp_path / "w")]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("stmem probe: error: ludb_af:") and len(err.splitlines()) == 1  # before any model is built
+  assert f"stmem download ludb --to {missing}" in err
+  assert not (tmp_path / "w").exists() or not any((tmp_path / "w").iterdir())
+
+
+def test_a_data_root_without_the_tasks_folder_names_the_download(tmp_path):
+  from stmem import data
+  (tmp_path / "ludb").mkdir()
+  (tmp_path / "ludb" / "1.hea").write_text("1 12 500 5000\n")
+  data.require_raw(tmp_path, "ludb")  # present: accepted
+  data.require_raw(tmp_path / "ludb", "ludb")  # LUDB's own folder: accepted
+  with pytest.raises(download.UsageError, match=f"stmem download ptbxl --to {tmp_path}`"):
+    data.require_raw(tmp_path / "ptbxl", "ptbxl")  # the dataset's own folder, missing: downloaded into its parent
+  with pytest.raises(download.UsageError, match=f"stmem download cinc2021 --to {tmp_path}"):
+    data.require_raw(tmp_path, "cinc2021", "cinc_stach")
+  with pytest.raises(download.UsageError, match="stmem download cinc2021 --to"):
+    data.check_raw_tasks(["synthetic", "cinc_stach"], {"records": str(tmp_path)})
