@@ -246,6 +246,10 @@ def check_sources(ds: Dataset, sources: str | Sequence[str] | None) -> tuple[str
 # ------------------------------------------------------------------------------------------------ transfers
 
 
+class _Stopped(Exception):
+  """The download stops (another transfer failed, or the user interrupted): a transfer ends where it is."""
+
+
 class _Cut(Exception):
   """A transfer ended before its last byte (a dropped connection): resumed with a range request."""
 
@@ -467,10 +471,12 @@ def _download(ds: Dataset, folder: str, chosen: tuple[str, ...], mirror: str | N
     from tqdm import tqdm
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=quiet, file=sys.stderr,
                desc=f"{ds.name}: {len(todo)} file(s)")
-    lock = threading.Lock()
+    lock, stop = threading.Lock(), threading.Event()
 
     def progress(n: int) -> None:
       nonlocal fetched_bytes
+      if stop.is_set():  # another file failed, or Ctrl-C: end this transfer now (its part file stays to resume)
+        raise _Stopped
       with lock:
         fetched_bytes += n
         bar.update(n)
@@ -487,6 +493,7 @@ def _download(ds: Dataset, folder: str, chosen: tuple[str, ...], mirror: str | N
       for future in concurrent.futures.as_completed(futures):
         future.result()  # the first failure stops the rest
     finally:
+      stop.set()
       pool.shutdown(wait=True, cancel_futures=True)
       bar.close()
   return Result(folder, len(remotes), len(todo), fetched_bytes)

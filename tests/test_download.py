@@ -153,7 +153,14 @@ def test_a_corrupted_file_is_fetched_twice_then_refused_in_one_line_naming_it(se
   assert len(err.splitlines()) == 1 and "Traceback" not in err
   assert err.startswith("stmem download: error: data/2.dat:") and "checksum" in err
   assert server.count("data/2.dat") == 2
-  assert not (tmp_path / "ludb" / "data" / "2.dat").exists() and not _leftovers(tmp_path / "ludb")
+  data = tmp_path / "ludb" / "data"
+  assert not (data / "2.dat").exists() and not (data / "2.dat.part").exists()  # nothing of it kept
+  # transfers stopped beside it keep their part files to resume, never a final name over unverified bytes
+  for part in _leftovers(tmp_path / "ludb"):
+    body = LUDB_FILES[os.path.relpath(part, tmp_path / "ludb")[:-len(".part")]]
+    assert body.startswith(pathlib.Path(part).read_bytes())
+  for path, body in LUDB_FILES.items():
+    assert not (tmp_path / "ludb" / path).exists() or (tmp_path / "ludb" / path).read_bytes() == body
 
 
 def test_a_file_already_in_place_is_rehashed_not_fetched(server, tmp_path):
