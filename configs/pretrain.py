@@ -11,7 +11,7 @@ r"""ST-MEM pretraining. Presets: tiny, demo, small, base, large.
       --config.data.sources=synthetic=0.7,raw:generic=0.3 --config.data.records=~/my_ecgs
   # a folder of raw WFDB records, read in memory as `stmem prepare` would prepare it (LUDB here):
   stmem pretrain --config pretrain:tiny --workdir /tmp/stmem/ludb \
-      --config.data.source=raw --config.data.records=../shared/data/ludb --config.data.name=ludb
+      --config.data.source=raw --config.data.records=~/stmem_data/ludb --config.data.name=ludb
   # any field can be overridden: --config.optim.base_lr=3e-4 --config.total_steps=1000 --config.model.dtype=bfloat16
   # will it fit? compile ahead of time for a TPU slice or a budget (see `stmem plan --help`):
   stmem plan --config configs/pretrain.py:base --topology v5e:4x4

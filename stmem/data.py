@@ -391,6 +391,44 @@ def find_raw(root: str | os.PathLike[str], folder: str) -> str:
   return candidate if folder and os.path.isdir(candidate) else root
 
 
+def require_raw(root: str | os.PathLike[str], folder: str, task: str = "") -> None:
+  """Refuse (UsageError, one line giving the `stmem download` command) a data root that lacks a dataset's folder.
+
+  `root` is missing or empty, or it is a data root (it holds another downloadable dataset's folder) without
+  `<root>/<folder>`. A root that is the dataset's own folder is accepted (as `find_raw` reads it).
+  """
+  from data_pipelines import download
+  root = os.fspath(root).rstrip("/") or "/"
+  # the dataset's own folder given as the root: the download goes to its parent
+  parent = os.path.dirname(root) if os.path.basename(root) == folder else root
+  command = download.command_for(folder, parent or ".")
+  if command is None:
+    return
+  path = os.path.expanduser(root)
+  where = f"{task}: " if task else ""
+  fix = f"run `{command}`, or set --config.data.records to the folder holding {folder}/"
+  if not os.path.isdir(path):
+    raise UsageError(f"{where}no {folder} records: {root} does not exist; {fix}")
+  if os.path.isdir(os.path.join(path, folder)):
+    return
+  others = [d.folder for d in download.DATASETS.values() if os.path.isdir(os.path.join(path, d.folder))]
+  if others:
+    raise UsageError(f"{where}no {folder}/ under {root} (it holds {', '.join(others)}); {fix}")
+  if not os.listdir(path):
+    raise UsageError(f"{where}no {folder} records: {root} is empty; {fix}")
+
+
+def check_raw_tasks(task_names: Sequence[str], data_config: Mapping[str, Any]) -> None:
+  """`require_raw` for every named task that reads raw records, before any is read (a program running hours of other
+  work first checks its data here)."""
+  from data_pipelines.labels import tasks as tasks_lib
+  records = data_config.get("records", "") if hasattr(data_config, "get") else ""
+  for name in task_names:
+    spec = tasks_lib.task_spec(name)
+    if spec.dataset not in ("prepared", "synthetic") and records:
+      require_raw(records, spec.folder, name)
+
+
 def _raw_folder(builder: str) -> str:
   """The folder a builder's raw files sit in under a data root (`cinc2021/` for cinc), as the named tasks say."""
   from data_pipelines.labels import tasks as tasks_lib
@@ -437,6 +475,7 @@ def spec_from_config(data_config: Mapping[str, Any], *, seed: int = 0,
     if not get("records"):
       raise UsageError("data.source 'raw' needs --config.data.records (a folder of raw records)")
     name = str(get("name")) or "generic"
+    require_raw(get("records"), _raw_folder(name))
     lead_map = str(get("lead_map"))
     options = tuple(options) + ((("lead_map", lead_map),) if lead_map else ())
     return DatasetSpec("raw", path=find_raw(get("records"), _raw_folder(name)), name=name, options=options)
@@ -577,6 +616,7 @@ def task_pools(task_names: Sequence[str], contract: Contract, data_config: Mappi
         if not get("records"):
           raise UsageError(f"task {name!r} reads raw {spec.dataset} records: set --config.data.records (the folder "
                            f"holding {spec.folder}/)")
+        require_raw(get("records"), spec.folder, name)
         block = {"source": "raw", "records": get("records"), "name": spec.dataset, "lead_map": get("lead_map")}
       pools[key] = open_pool(spec_from_config(block, seed=seed, options=spec.options), contract)
     pool = pools[key]
