@@ -1,8 +1,9 @@
 """The report every evaluating program writes into its workdir: tables as Markdown, CSV and JSON, and figures.
 
-A row is one (task, model, lead set) — for probes also one block and one head (`block`, `head`) — : macro AUROC, macro AUPRC and macro F1, each with its 95 % patient-level
-bootstrap interval (`<metric>_lo`, `<metric>_hi`), the record and patient counts, the positives of each class, how
-it was evaluated, and under `classes` the same figures for every class (one-vs-rest), from the same resamples.
+A row is one (task, model, lead set; a probe's rows also one `block` and one `head`): macro AUROC, macro AUPRC and
+macro F1, each with its 95 % patient-level bootstrap interval (`<metric>_lo`, `<metric>_hi`), the record and
+patient counts, the positives of each class, how it was evaluated, and under `classes` the same figures for every
+class (one-vs-rest), from the same resamples.
 `task_row` builds it (probe and fine-tune both call it); warnings about too few records ride along and become
 notes.
 

@@ -209,15 +209,15 @@ def test_bad_block_specs_are_one_line_usage_errors(ckpt, tmp_path, capsys):
   for bad in ("13", "0", "8-4", "4:8", "-2", "first", "2-14"):
     with pytest.raises(UsageError, match=f"bad block spec '{bad}' of a model of depth 12"):
       features.parse_blocks(f"last,{bad}", depth=12)
-  assert programs.run(["probe", "--config", "probe:test", f"--config.init_from={ckpt}", "--config.blocks=last,2",
+  assert programs.run(["probe", "--config", "probe:synthetic", f"--config.init_from={ckpt}", "--config.blocks=last,2",
                        "--workdir", str(tmp_path / "w")]) == 2
   err = capsys.readouterr().err.strip().splitlines()  # the checkpoint's log line, then the error
   assert [line for line in err if "error:" in line] == err[-1:], err
   assert "--config.blocks: bad block spec '2' of a model of depth 1; use last, mid, K or A-B" in err[-1], err
-  assert programs.run(["probe", "--config", "probe:test", f"--config.init_from={ckpt}", "--config.heads=linear,svm",
-                       "--workdir", str(tmp_path / "w")]) == 2
+  assert programs.run(["probe", "--config", "probe:synthetic", f"--config.init_from={ckpt}",
+                       "--config.heads=linear,svm", "--workdir", str(tmp_path / "w")]) == 2
   assert "--config.heads='linear,svm'" in capsys.readouterr().err
-  assert programs.run(["probe", "--config", "probe:test", f"--config.init_from={ckpt}", "--config.heads=mlp",
+  assert programs.run(["probe", "--config", "probe:synthetic", f"--config.init_from={ckpt}", "--config.heads=mlp",
                        "--config.mlp_snapshots=3", "--workdir", str(tmp_path / "w")]) == 2
   assert "--config.mlp_snapshots=3" in capsys.readouterr().err
 
