@@ -7,13 +7,16 @@ JAX fall back to the CPU. The extra is there so that `stmem plan --topology v5e:
 any host, which loads libtpu by itself (`jax.experimental.topologies`) whatever backends JAX may start.
 
 So `settings()` answers, from the environment and the device files alone:
-- the user chose (JAX_PLATFORMS, or JAX_FORCE_TPU_INIT, set to anything, even empty), libtpu is not installed, or
-  this host has TPU chips (a TPU VM: PCI devices of Google's vendor id, /dev/accel*, /dev/vfio/N): nothing;
-- no TPU chips and no GPU device file: JAX_PLATFORMS=cpu (libtpu is never loaded; the start is as fast as without
-  the extra);
-- no TPU chips but a GPU: TPU_STDERR_LOG_LEVEL=3 (JAX still tries libtpu, as it would, and libtpu says nothing).
-`apply()` sets them in this process's environment where unset, and only while JAX is not imported yet (a setting
-read at import would come too late; a process that imported JAX is left as it is).
+- the user chose (JAX_PLATFORMS, JAX_PLATFORM_NAME or JAX_FORCE_TPU_INIT set to anything, even empty), libtpu is not
+  installed, or this host has TPU chips (a TPU VM: PCI devices of Google's vendor id, /dev/accel*, /dev/vfio/N):
+  nothing;
+- no TPU chips and no GPU device file: JAX_PLATFORMS=cpu, the one backend JAX would end up with; libtpu is never
+  loaded and the start is as fast as without the extra;
+- a GPU: nothing either. Naming its platform would turn JAX's fallback to the CPU, when the GPU fails to start, into
+  an error, and libtpu's own settings that quiet it would also reach the TPU topologies `stmem plan` describes; a
+  user silences it with JAX_PLATFORMS=cuda (or rocm).
+`apply()` sets them in this process's environment, and only while JAX is not imported yet (JAX reads JAX_PLATFORMS
+when it is imported; a process that imported JAX is left as it is).
 """
 from __future__ import annotations
 
@@ -61,10 +64,8 @@ def settings(environ: Mapping[str, str] | None = None, *, root: str = "/",
     return {}
   if not (_libtpu_installed() if libtpu_installed is None else libtpu_installed):
     return {}
-  if tpu_chips_visible(root):
+  if tpu_chips_visible(root) or gpu_visible(root):
     return {}
-  if gpu_visible(root):
-    return {} if "TPU_STDERR_LOG_LEVEL" in env else {"TPU_STDERR_LOG_LEVEL": "3"}
   return {"JAX_PLATFORMS": "cpu"}
 
 

@@ -40,11 +40,11 @@ def test_a_tpu_vm_is_left_as_it_is(tmp_path, files, vendor):
   assert platforms.settings({}, root=root, libtpu_installed=True) == {}
 
 
-def test_a_gpu_host_keeps_its_gpu_and_only_silences_libtpu(tmp_path):
-  root = _host(tmp_path, "dev/nvidia0", "dev/vfio/vfio")  # the VFIO control file alone is no TPU
-  assert not platforms.tpu_chips_visible(root)
-  assert platforms.settings({}, root=root, libtpu_installed=True) == {"TPU_STDERR_LOG_LEVEL": "3"}
-  assert platforms.settings({"TPU_STDERR_LOG_LEVEL": "0"}, root=root, libtpu_installed=True) == {}
+@pytest.mark.parametrize("gpu", ["dev/nvidia0", "dev/nvidiactl", "dev/dxg", "dev/kfd"])
+def test_a_gpu_host_is_left_as_it_is(tmp_path, gpu):
+  root = _host(tmp_path, gpu, "dev/vfio/vfio")  # the VFIO control file alone is no TPU
+  assert not platforms.tpu_chips_visible(root) and platforms.gpu_visible(root)
+  assert platforms.settings({}, root=root, libtpu_installed=True) == {}
 
 
 @pytest.mark.parametrize("name,value", [("JAX_PLATFORMS", ""), ("JAX_PLATFORMS", "cuda"), ("JAX_FORCE_TPU_INIT", "1")])
