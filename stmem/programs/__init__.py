@@ -20,6 +20,7 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
   "demo": ("stmem.programs.demo", "pretrain a tiny model on built-in synthetic ECGs, then probe it (no download)"),
+  "download": ("data_pipelines.download", "fetch and verify a public ECG dataset (stmem download --list)"),
   "prepare": ("data_pipelines.prepare", "build a sharded ArrayRecord dataset from downloaded ECG files"),
   "overlap": ("data_pipelines.overlap", "report records shared between two prepared datasets"),
   "pretrain": ("stmem.programs.pretrain", "ST-MEM pretraining (--config configs/pretrain.py:PRESET --workdir DIR)"),
