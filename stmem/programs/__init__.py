@@ -72,6 +72,8 @@ def run(argv: list[str]) -> int:
     print(f"stmem: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
     return 2
   module_name = COMMANDS[name][0]
+  from stmem import platforms
+  platforms.apply()  # before JAX is imported: off a TPU host, libtpu stays unloaded and quiet (stmem/platforms.py)
   try:
     module = importlib.import_module(module_name)
   except ModuleNotFoundError as e:
