@@ -146,13 +146,13 @@ def loss_figure(curves: dict, refs: dict, path: pathlib.Path) -> str:
 
 
 def aggregate(rows: Sequence[dict]) -> list[dict]:
-  """Per (task, model, lead set): the mean over seeds of every metric and of its interval ends, and the seeds'
-  spread (min, max) of the AUROC."""
+  """Per (task, model, lead set, block, head): the mean over seeds of every metric and of its interval ends, and
+  the seeds' spread (min, max) of the AUROC."""
   groups: dict[tuple, list[dict]] = {}
   for r in rows:
-    groups.setdefault((r["task"], r["model"], r["lead_set"]), []).append(r)
+    groups.setdefault((r["task"], r["model"], r["lead_set"], r.get("block"), r.get("head")), []).append(r)
   out = []
-  for (task, model, lead_set), rs in groups.items():
+  for rs in groups.values():
     row = {k: v for k, v in rs[0].items() if not isinstance(v, float)}
     for k in rs[0]:
       if isinstance(rs[0][k], float):
@@ -182,6 +182,10 @@ def run(config, workdir) -> dict:
     from data_pipelines.errors import UsageError
     raise UsageError(f"--config.methods must name some of {list(METHODS)} (got {config.methods!r}) "
                      f"and --config.seeds at least one seed (got {config.seeds!r})")
+
+  # the probes' records, checked now rather than after the pretraining runs
+  from stmem import data as data_lib
+  data_lib.check_raw_tasks(_csv(config.probe.get("tasks", "")), config.probe.get("data") or {})
 
   # ------------------------------------------------------------------------------------------ held-out ECGs
   evaluator, clean = heldout(config)
