@@ -116,13 +116,25 @@ def sosfiltfilt(sos: np.ndarray, zi: np.ndarray, x: np.ndarray) -> np.ndarray:
   return y[:, edge:-edge].reshape(shape)
 
 
+_BANDPASS: dict[tuple[int, str], np.ndarray] = {}
+
+
 def bandpass(x: np.ndarray, preprocessing: dict) -> np.ndarray:
-  """High-pass then low-pass, each zero phase, in float64 (a filter the contract does not have is skipped)."""
-  y = np.asarray(x, np.float64)
-  for name in ("highpass", "lowpass"):
-    if preprocessing.get(name):
-      y = sosfiltfilt(preprocessing[name]["sos"], preprocessing[name]["zi"], y)
-  return y
+  """High-pass then low-pass, each zero phase (`sosfiltfilt`), in float64; a filter the contract lacks is skipped.
+
+  Why a matrix: for a fixed length n the whole band-pass (padding, initial states, both directions, both filters)
+  is linear in the samples, y = x @ R, where row i of R is the band-passed unit impulse at i. R is built once per
+  length with `sosfiltfilt` (about a second for n = 2250); after that a batch costs one matrix product, some 25
+  times faster than running the recursion sample by sample in Python, and equal to it up to float64 rounding."""
+  n = x.shape[-1]
+  key = (n, json.dumps([preprocessing.get("highpass"), preprocessing.get("lowpass")]))
+  if key not in _BANDPASS:
+    r = np.eye(n)
+    for name in ("highpass", "lowpass"):
+      if preprocessing.get(name):
+        r = sosfiltfilt(preprocessing[name]["sos"], preprocessing[name]["zi"], r)
+    _BANDPASS[key] = r
+  return np.asarray(x, np.float64) @ _BANDPASS[key]
 
 
 def zscore(x: np.ndarray, mask: np.ndarray, eps: float = 1e-8) -> np.ndarray:
