@@ -2,7 +2,7 @@
 
   stmem embed --config embed --config.init_from=CKPT --config.data.data_dir=PREPARED --config.data.split=test \
       --config.out=runs/emb/test
-  stmem embed --config embed --config.init_from=CKPT --config.data.records=../shared/data/ludb \
+  stmem embed --config embed --config.init_from=CKPT --config.data.records=~/stmem_data/ludb \
       --config.out=runs/emb/ludb --config.per_patch=True --config.data.lead_set=limb6
   # top-level and data keys also as plain options: stmem embed --init_from CKPT --records DIR --out PREFIX --per_patch
 

@@ -2,6 +2,8 @@
 
   stmem finetune --config finetune:prepared --config.init_from=CKPT --config.data.data_dir=PREPARED --workdir runs/ft
   stmem finetune --config finetune:ludb_af --config.init_from=CKPT --workdir runs/ft_af
+      (LUDB from the data root: `stmem download ludb` puts it in ~/stmem_data, or $STMEM_DATA; or pass
+      --config.data.records=DIR, the folder holding ludb/)
   stmem finetune --config finetune:synthetic --workdir runs/ft_scratch     (from scratch: no init_from)
   # on 8 devices, or several processes (launch/): the batches are split over every device of every process
 
@@ -13,6 +15,8 @@ metrics.jsonl (and TensorBoard), the training state at every evaluation in WORKD
 data iterator, best-so-far model; the same command resumes from it, also after SIGTERM), and the selected model as a
 checkpoint in WORKDIR/checkpoints (encoder + head in its meta).
 """
+import os
+
 import ml_collections
 
 PROGRAM = "finetune"  # the command this file configures
@@ -24,6 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg not in PRESETS:
     raise ValueError(f"unknown preset {arg!r}; choose from {PRESETS}")
   c = ml_collections.ConfigDict()
+  data_root = os.environ.get("STMEM_DATA") or "~/stmem_data"  # where `stmem download` puts datasets
   c.init_from = ""              # the encoder to fine-tune; "" = from scratch (random init of model.variant)
   c.model = ml_collections.ConfigDict()
   c.model.variant = "tiny"      # architecture when training from scratch
@@ -33,7 +38,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.data_dir = ""          # prepared task: a `stmem prepare` output
-  c.data.records = "../shared/data"  # named tasks: the folder holding the raw datasets (ludb/, cinc2021/, ...)
+  c.data.records = data_root    # named tasks: the folder holding ludb/, cinc2021/ (as `stmem download` writes)
   c.data.lead_map = ""          # raw tasks: rename file channels to standard leads, e.g. ECG=I (as `stmem prepare`)
   c.data.num_synthetic = 240    # synthetic task: number of simulated records
   c.data.lead_set = "12"        # lead slots fed to the encoder, by name

@@ -6,9 +6,12 @@ r"""ST-MEM pretraining. Presets: tiny, demo, small, base, large.
   stmem pretrain --config configs/pretrain.py:base --workdir ~/runs/stmem-base \
       --config.data.source=prepared --config.data.data_dir=~/tensorflow_datasets --config.data.name=cinc \
       --config.mesh=data:2,fsdp:4
+  # simulated ECGs and your own unlabeled recordings, 7 to 3 (each source reshuffled on its own epochs):
+  stmem pretrain --config pretrain:tiny --workdir /tmp/stmem/mix \
+      --config.data.sources=synthetic=0.7,raw:generic=0.3 --config.data.records=~/my_ecgs
   # a folder of raw WFDB records, read in memory as `stmem prepare` would prepare it (LUDB here):
   stmem pretrain --config pretrain:tiny --workdir /tmp/stmem/ludb \
-      --config.data.source=raw --config.data.records=../shared/data/ludb --config.data.name=ludb
+      --config.data.source=raw --config.data.records=~/stmem_data/ludb --config.data.name=ludb
   # any field can be overridden: --config.optim.base_lr=3e-4 --config.total_steps=1000 --config.model.dtype=bfloat16
   # will it fit? compile ahead of time for a TPU slice or a budget (see `stmem plan --help`):
   stmem plan --config configs/pretrain.py:base --topology v5e:4x4
@@ -47,6 +50,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.data.lead_map = ""             # raw: rename file channels to standard leads, e.g. ECG=I (as `stmem prepare`)
   c.data.num_synthetic = 512       # synthetic: number of 10 s records
   c.data.worker_count = 0          # grain worker processes (0: in the main process)
+  c.data.sources = ""              # a weighted mix, KIND[:NAME][=WEIGHT],...: e.g. synthetic=0.7,raw:generic=0.3 with
+                                   # data.records=~/my_ecgs (each kind takes its keys above; "" = data.source alone)
+  c.data.allow_overlap = False     # True: let evaluators score records pretraining trains on (refused otherwise)
 
   c.batch_size = 256               # global batch, over all processes and devices
   c.total_steps = 100_000          # optimiser steps of the whole run (the schedule ends here)
@@ -106,7 +112,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.evals.probe.lbfgs_steps = 30       # L-BFGS iterations per head
     c.evals.probe.bootstrap = 100        # patient-level resamples for the intervals
     c.evals.probe.random_baseline = True  # also eval/probe/LEAD_SET/random_auroc, computed once
-    c.evals.probe.seed = 0               # folds, bootstrap and the probe's simulated records
+    c.evals.probe.seed = 20_000          # folds, bootstrap and the probe's simulated records (not pretraining's seed:
+                                         # its records would be ones pretraining trains on)
   if preset == "tiny":
     c.batch_size, c.total_steps, c.warmup_steps = 16, 200, 20
     c.optim.base_lr = 1e-3 * 256 / c.batch_size   # learning rate 1e-3: short runs need a higher rate

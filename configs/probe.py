@@ -1,9 +1,12 @@
 """Linear probe of a frozen ST-MEM encoder, swept over lead sets, with a random-encoder baseline in every report.
 
+  stmem download ludb && stmem download cinc2021 --sources georgia    (once: into ~/stmem_data, or $STMEM_DATA)
   stmem probe --config configs/probe.py:shared --config.init_from=CKPT --workdir runs/probe_shared
-      LUDB AF/flutter, LVH and electric axis + CinC sinus tachycardia, read raw from ../shared/data, 5-fold
-      patient-grouped cross-validation, 7 lead sets. A tiny model takes about 3 minutes on a 2-core CPU.
-  stmem probe --config configs/probe.py:ludb --config.init_from=CKPT --config.data.records=/data --workdir DIR
+      LUDB AF/flutter, LVH and electric axis + CinC sinus tachycardia, read raw from the data root (~/stmem_data,
+      $STMEM_DATA, or --config.data.records=DIR: the folder holding ludb/ and cinc2021/), 5-fold patient-grouped
+      cross-validation, 7 lead sets. A tiny model on LUDB and 50 CinC records took about 3 minutes on a 2-core CPU;
+      the time grows with the records downloaded.
+  stmem probe --config configs/probe.py:ludb --config.init_from=CKPT --workdir DIR      (after `stmem download ludb`)
   stmem probe --config configs/probe.py:prepared --config.init_from=CKPT --config.data.data_dir=PREPARED --workdir DIR
       a prepared dataset (`stmem prepare`): its train/validation/test splits, or cross-validation if it has one split.
   stmem probe --config configs/probe.py:synthetic --workdir DIR     (no init_from: random-encoder rows only)
@@ -12,6 +15,8 @@ Lead sets: named (12, limb6, precordial6, limb3, I, II, V1, I+II, I+II+V2) or an
 any order (`--config.lead_sets=12,V2+I+aVF`); each slot is fed by lead name, never by position.
 Writes report.md / report.csv / report.json, auroc_<task>.png and roc_<task>.png into the workdir.
 """
+import os
+
 import ml_collections
 
 PROGRAM = "probe"  # the command this file configures
@@ -23,12 +28,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg not in PRESETS:
     raise ValueError(f"unknown preset {arg!r}; choose from {PRESETS}")
   c = ml_collections.ConfigDict()
+  data_root = os.environ.get("STMEM_DATA") or "~/stmem_data"  # where `stmem download` puts datasets
   c.init_from = ""              # a stmem checkpoint (workdir, checkpoints/ folder or step folder); "" = random only
   c.model = ml_collections.ConfigDict()
   c.model.variant = "tiny"      # architecture of the random encoder when there is no init_from
   c.tasks = "ludb_af,ludb_lvh,ludb_axis,cinc_stach"  # comma-separated task names
   c.data = ml_collections.ConfigDict()
-  c.data.records = "../shared/data"  # raw tasks (ludb_*, cinc_*): the folder holding ludb/, cinc2021/, ...
+  c.data.records = data_root    # raw tasks (ludb_*, cinc_*): the folder holding ludb/, cinc2021/ (stmem download)
   c.data.lead_map = ""          # raw tasks: rename file channels to standard leads, e.g. ECG=I (as `stmem prepare`)
   c.data.data_dir = ""          # prepared dataset for the `prepared` task
   c.data.num_synthetic = 240    # synthetic task: number of simulated records

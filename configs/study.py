@@ -1,5 +1,6 @@
 r"""Does pretraining learn? ST-MEM, MTAE and MLAE pretrained alike, then probed beside random encoders.
 
+  stmem download ludb && stmem download cinc2021 --sources georgia    # once: the probes' records (~/stmem_data)
   stmem study --config configs/study.py:cpu --workdir /tmp/study      # the committed study (docs/study/)
   stmem study --config configs/study.py:smoke --workdir /tmp/smoke    # CI: a few steps, one seed, synthetic probe
   # any field: --config.seeds=0 --config.pretrain.total_steps=500 --config.probe.lead_sets=12,I
@@ -22,6 +23,8 @@ Measured (docs/study/README.md): the same preset for 5,000 steps takes ST-MEM to
 5,000: the 1,500-step budget, not the schedule, leaves it at 0.84. Cost: `cpu` took 88 min wall on a 2-core AMD EPYC
 shared with another run (about 40 min idle, from 488 s per 1,500-step ST-MEM run alone); `smoke` for CI.
 """
+import os
+
 import ml_collections
 
 PROGRAM = "study"  # the command this file configures
@@ -33,6 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg not in PRESETS:
     raise ValueError(f"unknown preset {arg!r}; choose from {PRESETS}")
   c = ml_collections.ConfigDict()
+  data_root = os.environ.get("STMEM_DATA") or "~/stmem_data"  # where `stmem download` puts datasets
   c.methods = "stmem,mtae,mlae"   # comma-separated model.method values
   c.seeds = "0,1,2"               # pretraining seeds per method (the spread is reported)
   c.pretrain_preset = "tiny"      # the configs/pretrain.py preset the overrides below apply to
@@ -60,11 +64,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # The probe of every checkpoint (and, once per method, of its random-initialised twin).
   c.probe = ml_collections.ConfigDict()
-  c.probe.preset = "shared"                     # LUDB AF / LVH / axis and CinC sinus tachycardia, raw from ../shared
+  c.probe.preset = "shared"                     # LUDB AF / LVH / axis and CinC sinus tachycardia, raw records
   c.probe.tasks = "ludb_af,ludb_lvh,ludb_axis,cinc_stach,ludb_sex"  # every task the shared recordings support
   c.probe.lead_sets = "12,limb6,I+II,I"         # MTAE / MLAE are probed on '12' only (they need all 12 leads)
   c.probe.data = ml_collections.ConfigDict()
-  c.probe.data.records = "../shared/data"
+  c.probe.data.records = data_root             # the folder holding ludb/ and cinc2021/ (`stmem download`)
   c.probe.use_splits = False                   # patient-grouped CV over every record, even where the data has splits
   c.probe.cv_folds = 5
   c.probe.bootstrap = 1000

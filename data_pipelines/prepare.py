@@ -1,6 +1,7 @@
 """`stmem prepare NAME --manual_dir DIR --data_dir OUT`: build one dataset into ArrayRecord shards + contract.json.
 
   stmem prepare ludb --manual_dir ~/data/ludb --data_dir ~/prepared
+  stmem prepare ludb --download --data_dir ~/prepared     (fetches LUDB into ~/stmem_data/ludb first)
   stmem prepare cinc --manual_dir ~/data/challenge-2021 --data_dir ~/prepared --sources georgia,ptb-xl
   stmem prepare ptbxl --manual_dir ~/data/ptb-xl --data_dir ~/prepared --task superdiagnostic \
       --check_overlap ~/prepared/cinc
@@ -64,7 +65,13 @@ def _parser(name: str | None = None) -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog=_datasets_help() if name is None else None)
   p.add_argument("name", help=f"dataset: {', '.join(BUILDERS)}")
-  p.add_argument("--manual_dir", required=True, help="the folder you downloaded the dataset into")
+  p.add_argument("--manual_dir", default=None,
+                 help="the folder you downloaded the dataset into (with --download: where to download it; default "
+                      "<data root>/<dataset folder>, the data root being $STMEM_DATA or ~/stmem_data)")
+  p.add_argument("--download", action="store_true",
+                 help="first fetch and verify the dataset into --manual_dir (as `stmem download`; resumes, and "
+                      "fetches nothing already verified)")
+  p.add_argument("--mirror", default=None, metavar="URL", help="with --download: a mirror of the publisher")
   p.add_argument("--data_dir", required=True, help="where prepared datasets go (<data_dir>/<name>/<version>/)")
   p.add_argument("--strict", action="store_true", help="fail on the first bad record instead of quarantining it")
   p.add_argument("--filter_stage", choices=("per_crop", "offline"), default="offline",
@@ -209,12 +216,16 @@ def main(argv: list[str] | None = None) -> int:
   options = {k[len("builder__"):]: v for k, v in vars(args).items() if k.startswith("builder__")}
   options.update(_builder_options(extra))
   contract = contract_from_args(args)
-  manual = errors.require_dir(args.manual_dir, "--manual_dir")
   data_dir = errors.require_dir(args.data_dir, "--data_dir", must_exist=False)
   for other in args.check_overlap:
     errors.require_dir(other, "--check_overlap")
   cls = builder_class(args.name)
   all_options = check_builder_options(args.name, cls, options)
+  if args.download:
+    args.manual_dir = _download(args.name, args.manual_dir, options.get("sources"), args.mirror, args.quiet)
+  elif args.manual_dir is None:
+    raise UsageError("give --manual_dir (the folder the dataset was downloaded into), or --download to fetch it")
+  manual = errors.require_dir(args.manual_dir, "--manual_dir")
   fingerprint = inputs.fingerprint(args.name, manual, all_options, data_dir)
 
   import tensorflow_datasets as tfds
@@ -268,6 +279,20 @@ def main(argv: list[str] | None = None) -> int:
   stats = json.loads(open(os.path.join(folder, "summary.json")).read())
   print("\n".join(summary_lines(args.name, folder, stats)))
   return _overlaps(folder, args.check_overlap)
+
+
+def _download(name: str, manual_dir: str | None, sources: str | None, mirror: str | None, quiet: bool) -> str:
+  """`--download`: fetch and verify builder `name`'s dataset into `manual_dir` (default: its folder under the data
+  root); returns that folder."""
+  from data_pipelines import download
+  found = next((d for d in download.DATASETS.values() if d.prepare == name), None)
+  if found is None:
+    raise UsageError(f"stmem prepare {name} --download: {name} reads your own files; there is nothing to download "
+                     f"(downloadable: {', '.join(d.prepare for d in download.DATASETS.values() if d.prepare)})")
+  folder = manual_dir or os.path.join(os.path.expanduser(download.data_root()), found.folder)
+  result = download.download(found.name, folder, sources=sources, mirror=mirror, quiet=quiet)
+  print(f"{found.name}: {result.files} file(s) verified in {result.folder} ({result.fetched} fetched)")
+  return folder
 
 
 def _main_thread() -> bool:

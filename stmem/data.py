@@ -151,6 +151,34 @@ class ConcatSource:
     return out
 
 
+class MixedSource(ConcatSource):
+  """Several sources trained on in fixed proportions (`data.sources`): read as one `ConcatSource`, drawn by
+  `make_dataset` from each in proportion to its weight, each reshuffled on its own epochs (a small source repeats
+  more often than a large one). `names` label the components in messages and summaries."""
+
+  def __init__(self, sources: Sequence[Source], weights: Sequence[float], names: Sequence[str]):
+    if not (len(sources) == len(weights) == len(names)) or not sources:
+      raise ValueError("MixedSource needs one weight and one name per source")
+    bad = [f"{n}={w}" for n, w in zip(names, weights) if not float(w) > 0]
+    if bad:
+      raise UsageError(f"data.sources: every weight must be positive; got {', '.join(bad)}")
+    empty = [n for n, s in zip(names, sources) if len(s) == 0]
+    if empty:
+      raise UsageError(f"data.sources: {', '.join(empty)} has no examples")
+    super().__init__(sources)
+    total = float(sum(weights))
+    self.weights = [float(w) / total for w in weights]
+    self.names = list(names)
+
+  def parts(self) -> list[tuple[int, int, float]]:
+    """(offset, length, weight) of each component."""
+    return [(int(self.offsets[k]), len(s), self.weights[k]) for k, s in enumerate(self.sources)]
+
+  def __repr__(self) -> str:
+    return "MixedSource(" + ", ".join(f"{n}: {len(s)} x {w:.3g}" for n, s, w in
+                                      zip(self.names, self.sources, self.weights)) + ")"
+
+
 class Subset:
   """Examples `indices` of a source, with `labels` (len(indices), C) in place of its own when given."""
 
@@ -247,6 +275,8 @@ class Pool:
   label_names: tuple[str, ...]
   load_columns: Any = dataclasses.field(repr=False, compare=False)  # () -> {column: array}
   quarantine: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  folder: str = ""  # a prepared dataset's folder ("" for raw and simulated pools, which live in memory)
+  splits_read: tuple[str, ...] = ()  # a prepared dataset's splits this pool holds
 
   @functools.cached_property
   def columns(self) -> dict[str, np.ndarray]:
@@ -306,7 +336,8 @@ def _prepared_pool(spec: DatasetSpec) -> Pool:
             "sex": np.asarray(got["sex"], np.int32)}
 
   source = opened[0].source if len(opened) == 1 else ConcatSource([p.source for p in opened])
-  return Pool("prepared", source, opened[0].contract, opened[0].label_names, load_columns)
+  return Pool("prepared", source, opened[0].contract, opened[0].label_names, load_columns, folder=opened[0].folder,
+              splits_read=tuple(p.split for p in opened))
 
 
 def _raw_pool(spec: DatasetSpec, contract: Contract) -> Pool:
@@ -360,6 +391,44 @@ def find_raw(root: str | os.PathLike[str], folder: str) -> str:
   return candidate if folder and os.path.isdir(candidate) else root
 
 
+def require_raw(root: str | os.PathLike[str], folder: str, task: str = "") -> None:
+  """Refuse (UsageError, one line giving the `stmem download` command) a data root that lacks a dataset's folder.
+
+  `root` is missing or empty, or it is a data root (it holds another downloadable dataset's folder) without
+  `<root>/<folder>`. A root that is the dataset's own folder is accepted (as `find_raw` reads it).
+  """
+  from data_pipelines import download
+  root = os.fspath(root).rstrip("/") or "/"
+  # the dataset's own folder given as the root: the download goes to its parent
+  parent = os.path.dirname(root) if os.path.basename(root) == folder else root
+  command = download.command_for(folder, parent or ".")
+  if command is None:
+    return
+  path = os.path.expanduser(root)
+  where = f"{task}: " if task else ""
+  fix = f"run `{command}`, or set --config.data.records to the folder holding {folder}/"
+  if not os.path.isdir(path):
+    raise UsageError(f"{where}no {folder} records: {root} does not exist; {fix}")
+  if os.path.isdir(os.path.join(path, folder)):
+    return
+  others = [d.folder for d in download.DATASETS.values() if os.path.isdir(os.path.join(path, d.folder))]
+  if others:
+    raise UsageError(f"{where}no {folder}/ under {root} (it holds {', '.join(others)}); {fix}")
+  if not os.listdir(path):
+    raise UsageError(f"{where}no {folder} records: {root} is empty; {fix}")
+
+
+def check_raw_tasks(task_names: Sequence[str], data_config: Mapping[str, Any]) -> None:
+  """`require_raw` for every named task that reads raw records, before any is read (a program running hours of other
+  work first checks its data here)."""
+  from data_pipelines.labels import tasks as tasks_lib
+  records = data_config.get("records", "") if hasattr(data_config, "get") else ""
+  for name in task_names:
+    spec = tasks_lib.task_spec(name)
+    if spec.dataset not in ("prepared", "synthetic") and records:
+      require_raw(records, spec.folder, name)
+
+
 def _raw_folder(builder: str) -> str:
   """The folder a builder's raw files sit in under a data root (`cinc2021/` for cinc), as the named tasks say."""
   from data_pipelines.labels import tasks as tasks_lib
@@ -406,10 +475,115 @@ def spec_from_config(data_config: Mapping[str, Any], *, seed: int = 0,
     if not get("records"):
       raise UsageError("data.source 'raw' needs --config.data.records (a folder of raw records)")
     name = str(get("name")) or "generic"
+    require_raw(get("records"), _raw_folder(name))
     lead_map = str(get("lead_map"))
     options = tuple(options) + ((("lead_map", lead_map),) if lead_map else ())
     return DatasetSpec("raw", path=find_raw(get("records"), _raw_folder(name)), name=name, options=options)
   raise UsageError(f"data.source must be one of {', '.join(SOURCES)}, not {source!r}")
+
+
+def source_specs(data_config: Mapping[str, Any], *, seed: int = 0) -> list[tuple[str, DatasetSpec, float]]:
+  """(label, spec, weight) of every source a `data` block trains on.
+
+  `data.sources` names a mixture: comma-separated `KIND[:NAME][=WEIGHT]` items, KIND one of synthetic, prepared,
+  raw, NAME the dataset or builder (default: `data.name`), WEIGHT a positive number (default 1; weights are
+  normalised). Each item takes the rest of its settings from the block: `num_synthetic` for synthetic, `data_dir`
+  and `split` for prepared, `records` and `lead_map` for raw. E.g. `synthetic=0.7,raw:generic=0.3` with
+  `data.records=~/my_ecgs` trains on simulated ECGs and the user's unlabeled recordings, 7 to 3. Without
+  `data.sources`, the block's one source (`spec_from_config`) with weight 1.
+  """
+  text = str(data_config.get("sources", "") or "") if hasattr(data_config, "get") else ""
+  if not text.strip():
+    spec = spec_from_config(data_config, seed=seed)
+    return [(spec.source if not spec.name else f"{spec.source}:{spec.name}", spec, 1.0)]
+  out = []
+  for item in (x.strip() for x in text.split(",")):
+    if not item:
+      continue
+    head, _, weight_text = item.partition("=")
+    kind, _, name = head.strip().partition(":")
+    if kind not in SOURCES:
+      raise UsageError(f"--config.data.sources: {item!r} names the source {kind!r}; a source is one of "
+                       f"{', '.join(SOURCES)} (KIND[:NAME][=WEIGHT], e.g. synthetic=0.7,raw:generic=0.3)")
+    try:
+      weight = float(weight_text) if weight_text.strip() else 1.0
+    except ValueError:
+      raise UsageError(f"--config.data.sources: {item!r} has the weight {weight_text!r}, which is not a number")
+    if not weight > 0:
+      raise UsageError(f"--config.data.sources: {item!r} has the weight {weight:g}; weights must be positive")
+    block = {k: data_config.get(k) for k in data_config.keys()} if hasattr(data_config, "keys") else {}
+    block.update(source=kind, name=name or block.get("name", ""))
+    label = f"{kind}:{name}" if name else kind
+    if label in (x[0] for x in out):
+      raise UsageError(f"--config.data.sources names {label!r} twice")
+    out.append((label, spec_from_config(block, seed=seed), weight))
+  if not out:
+    raise UsageError(f"--config.data.sources={text!r} names no source")
+  return out
+
+
+def training_pools(data_config: Mapping[str, Any], *, seed: int = 0) -> tuple[Source, Contract, list[Pool]]:
+  """(source, contract, pools) of the examples a `data` block trains on (`source_specs`): one pool's source, or a
+  `MixedSource` over several; the contract the examples are stored under.
+
+  One contract for all: a prepared dataset keeps its own (two prepared datasets must agree), and raw or simulated
+  examples are made to it. Without a prepared one, raw examples are made as `stmem prepare` would (the default
+  contract) and simulated ones too, unless the simulator is the only source: then they are filtered once when made
+  (the "offline" stage) rather than per crop, since per-crop filtering would be most of a tiny model's step.
+  """
+  specs = source_specs(data_config, seed=seed)
+  opened: dict[str, Pool] = {}
+  contract: Contract | None = None
+  for label, spec, _ in specs:
+    if spec.source != "prepared":
+      continue
+    pool = open_pool(spec)
+    if contract is not None and pool.contract != contract:
+      from data_pipelines import contract as contract_lib
+      differ = contract_lib.compare(contract, pool.contract)
+      raise UsageError(f"data.sources: {label} was prepared under another contract than the first prepared source "
+                       f"({'; '.join(differ[0] + differ[1])}); prepare both alike")
+    contract = contract or pool.contract
+    opened[label] = pool
+  if contract is None:
+    only_simulated = all(spec.source == "synthetic" for _, spec, _ in specs)
+    contract = Contract(filter_stage="offline") if only_simulated else Contract()
+  for label, spec, _ in specs:
+    if label not in opened:
+      opened[label] = open_pool(spec, contract)
+  pools = [opened[label] for label, _, _ in specs]
+  if len(pools) == 1:
+    return pools[0].source, contract, pools
+  return MixedSource([p.source for p in pools], [w for _, _, w in specs], [label for label, _, _ in specs]), \
+    contract, pools
+
+
+def record_identities(pool: Pool) -> dict[str, str]:
+  """{identity: record id} of a pool's records, an identity being what makes two records the same recording: the
+  content hash of its samples (`builder_base.content_hash`, read by raw folders and kept by prepared datasets) or,
+  for simulated records, the simulator's own record id (seed, patient and record)."""
+  arrays = getattr(pool.source, "arrays", None)
+  if arrays is not None and "content_hash" in arrays:
+    return dict(zip(np.asarray(arrays["content_hash"]).astype(str), np.asarray(arrays["record_id"]).astype(str)))
+  if arrays is not None and pool.name == "synthetic":
+    ids = np.asarray(arrays["record_id"]).astype(str)
+    return {f"simulated:{r}": r for r in ids}
+  if pool.folder:  # a prepared dataset: its records.jsonl index (or a scan), the splits this pool read
+    from data_pipelines import overlap
+    return {r["content_hash"]: r["record_id"] for r in overlap.record_index(pool.folder)
+            if r["split"] in pool.splits_read}
+  return {}
+
+
+def shared_records(train: Sequence[Pool], held_out: Sequence[Pool]) -> list[str]:
+  """Record ids of `held_out` pools whose recordings are also in `train` pools (by `record_identities`)."""
+  seen: set[str] = set()
+  for pool in train:
+    seen.update(record_identities(pool))
+  out: list[str] = []
+  for pool in held_out:
+    out += [rid for key, rid in record_identities(pool).items() if key in seen]
+  return sorted(set(out))
 
 
 def task_pools(task_names: Sequence[str], contract: Contract, data_config: Mapping[str, Any], *,
@@ -442,6 +616,7 @@ def task_pools(task_names: Sequence[str], contract: Contract, data_config: Mappi
         if not get("records"):
           raise UsageError(f"task {name!r} reads raw {spec.dataset} records: set --config.data.records (the folder "
                            f"holding {spec.folder}/)")
+        require_raw(get("records"), spec.folder, name)
         block = {"source": "raw", "records": get("records"), "name": spec.dataset, "lead_map": get("lead_map")}
       pools[key] = open_pool(spec_from_config(block, seed=seed, options=spec.options), contract)
     pool = pools[key]
@@ -530,43 +705,44 @@ def _finish(crops: np.ndarray, masks: np.ndarray, contract: Contract) -> np.ndar
 
 
 class _Order:
-  """position in this process's stream -> (position, source index): the shard, permuted afresh each epoch.
+  """position in one source's stream -> (epoch, source index): its shard, permuted afresh each epoch.
 
-  The permutation of epoch e is `default_rng((seed, e)).permutation(len(shard))`: a pure function of (seed, epoch),
+  The permutation of epoch e is `default_rng((*seed, e)).permutation(len(shard))`: a pure function of (seed, epoch),
   so any position can be computed without replaying the ones before it (exact resume). One numpy permutation per
-  epoch instead of grain's per-element index shuffle, which cost about 0.3 ms an element here.
+  epoch instead of grain's per-element index shuffle, which cost about 0.3 ms an element here. `seed` is a tuple:
+  (run seed,) for a single source, (run seed, k) for the k-th source of a mixture.
   """
 
-  def __init__(self, shard: Sequence[int], seed: int, shuffle: bool):
+  def __init__(self, shard: Sequence[int], seed: tuple[int, ...], shuffle: bool):
     self.shard = np.asarray(shard, np.int64)
-    self.seed, self.shuffle = seed, shuffle
+    self.seed, self.shuffle = tuple(int(x) for x in seed), shuffle
     self._epoch, self._perm = -1, self.shard
 
   def __call__(self, position: int, _: Any) -> np.ndarray:
     epoch, k = divmod(int(position), len(self.shard))
     if self.shuffle and epoch != self._epoch:
       self._epoch = epoch
-      self._perm = self.shard[np.random.default_rng((self.seed, epoch)).permutation(len(self.shard))]
-    return np.asarray([position, self._perm[k]], np.int64)
+      self._perm = self.shard[np.random.default_rng((*self.seed, epoch)).permutation(len(self.shard))]
+    return np.asarray([epoch, self._perm[k]], np.int64)
 
 
 class _TrainBatch:
-  """(B, 2) [position, source index] -> a training batch with one random crop per example.
+  """(B, 2) [epoch, source index] -> a training batch with one random crop per example.
 
   A class, not a closure, so grain workers can pickle it. Each crop's start is a hash of (seed, epoch, index)
   (`transforms.hashed_starts`): the same record gets the same crop in the same epoch, whatever the batch, process
   or worker it lands in.
   """
 
-  def __init__(self, source: Source, contract: Contract, lead_set: Any, seed: int, shard_len: int, num_labels: int):
-    self.source, self.contract, self.seed, self.shard_len = source, contract, seed, shard_len
+  def __init__(self, source: Source, contract: Contract, lead_set: Any, seed: int, num_labels: int):
+    self.source, self.contract, self.seed = source, contract, seed
     self.rows, self.ids = lead_selection(lead_set, contract)
     self.num_labels = num_labels
 
   def __call__(self, order: np.ndarray) -> dict[str, np.ndarray]:
     examples = read_many(self.source, order[:, 1])
     window = self.contract.window
-    epochs = order[:, 0] // self.shard_len
+    epochs = order[:, 0]
     lengths = np.asarray([usable_samples(ex) for ex in examples], np.int64)  # padding (pad_short) left out
     starts = np.empty((len(order), 1), np.int64)
     for epoch in np.unique(epochs):  # one epoch per batch, or two across an epoch boundary
@@ -660,6 +836,28 @@ def default_worker_count(source: Source) -> int:
   return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else max(1, os.cpu_count() or 1)
 
 
+def _training_order(source: Source, p: int, count: int, seed: int, num_epochs: int | None) -> grain.MapDataset:
+  """[epoch, source index] of every position of this process's training stream.
+
+  One source: its shard (every count-th example from p), reshuffled each epoch. A `MixedSource`: each component's
+  shard reshuffled on its own epochs, interleaved by grain's `MapDataset.mix` in proportion to the weights. Both are
+  random access by position, so the iterator's state (a position) resumes exactly.
+  """
+  parts = source.parts() if isinstance(source, MixedSource) else [(0, len(source), 1.0)]
+  streams = []
+  for k, (offset, length, _) in enumerate(parts):
+    shard = list(range(offset + p, offset + length, count))
+    if not shard:
+      where = f"source {source.names[k]!r} ({length} examples)" if isinstance(source, MixedSource) else \
+        f"a source of {length}"
+      raise ValueError(f"process {p} of {count} gets no examples from {where}")
+    order = _Order(shard, (seed,) if len(parts) == 1 else (seed, k), shuffle=True)
+    streams.append(grain.MapDataset.range(len(shard)).repeat(num_epochs).map_with_index(order))
+  if len(streams) == 1:
+    return streams[0]
+  return grain.MapDataset.mix(streams, [w for _, _, w in parts])
+
+
 def make_dataset(source: Source, contract: Contract, *, batch_size: int, train: bool, seed: int = 0,
                  lead_set: str | Sequence[str] | None = None, num_epochs: int | None = None,
                  eval_starts: Sequence[int] | None = None, process_index: int | None = None,
@@ -683,13 +881,10 @@ def make_dataset(source: Source, contract: Contract, *, batch_size: int, train: 
   n = len(source)
   lead_selection(lead_set, contract)  # refuse a bad lead set here, not inside a worker
   shard = list(range(p, n, count))
-  num_labels = _num_labels(source)
+  num_labels = 0 if isinstance(source, MixedSource) else _num_labels(source)  # a mixture's labels do not line up
   if train:
-    if not shard:
-      raise ValueError(f"process {p} of {count} gets no examples from a source of {n}")
-    ds = grain.MapDataset.range(len(shard)).repeat(num_epochs)
-    ds = ds.map_with_index(_Order(shard, seed, shuffle=True)).batch(batch_size, drop_remainder=True)
-    ds = ds.map(_TrainBatch(source, contract, lead_set, seed, len(shard), num_labels))
+    ds = _training_order(source, p, count, seed, num_epochs).batch(batch_size, drop_remainder=True)
+    ds = ds.map(_TrainBatch(source, contract, lead_set, seed, num_labels))
   else:
     if eval_starts is None:
       eval_starts = transforms.eval_starts(contract.record_samples, contract.window)

@@ -98,7 +98,7 @@ _fit_folds = jax.jit(jax.vmap(_fit_grid, in_axes=(None, None, 0, None, None, Non
 
 def fit_folds(x: np.ndarray, y: np.ndarray, weights: np.ndarray, l2s: Sequence[float] = L2_GRID,
               kind: str = "multilabel", steps: int = 100) -> list[list[Head]]:
-  """heads[k][g]: the head for fold k (training rows = weights[k] > 0) and L2 strength l2s[g]."""
+  """`heads[k][g]`: the head for fold k (training rows = `weights[k] > 0`) and L2 strength `l2s[g]`."""
   if kind not in KINDS:
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
   x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)

@@ -21,6 +21,8 @@ import dataclasses
 import math
 import os
 import re
+import sys
+import tempfile
 import time
 from typing import Any
 
@@ -79,6 +81,31 @@ def _libtpu_environment():
       os.environ.pop(k, None)
 
 
+# What libtpu prints on stderr when it describes a topology on a host that is no TPU VM: it looks for this host's own
+# chips first, says it found none, and goes on to describe the topology asked for, which these lines do not concern.
+LIBTPU_HOST_NOISE = ("Failed to find host bounds for accelerator type", "could not determine TPU accelerator type")
+
+
+@contextlib.contextmanager
+def _without_libtpu_host_noise():
+  """stderr (the file descriptor, which libtpu writes to) passed on when the block ends, less LIBTPU_HOST_NOISE."""
+  sys.stderr.flush()
+  with tempfile.TemporaryFile() as held:
+    saved = os.dup(2)
+    os.dup2(held.fileno(), 2)
+    try:
+      yield
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+      held.seek(0)
+      text = held.read().decode(errors="replace")
+      kept = [line for line in text.splitlines(keepends=True) if not any(n in line for n in LIBTPU_HOST_NOISE)]
+      if kept:
+        sys.stderr.write("".join(kept))
+        sys.stderr.flush()
+
+
 def devices_for(topology: str) -> list:
   """'local': this process's devices; otherwise a TPU topology name ('v5e:4x4', 'v4:2x2x1', 'v5p:2x2x1') as
   abstract devices to compile for, from libtpu (`pip install 'stmem[tpu]'`)."""
@@ -89,7 +116,7 @@ def devices_for(topology: str) -> list:
   except ImportError as e:  # pragma: no cover -- part of jax
     raise RuntimeError(f"this jax has no jax.experimental.topologies: {e}") from e
   try:
-    with _libtpu_environment():
+    with _libtpu_environment(), _without_libtpu_host_noise():
       devices = list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
       if len({tuple(d.coords) for d in devices}) < len(devices):
         # Two TensorCores per chip (v4) are two devices by default; jobs run them as one ("megacore"), and

@@ -39,6 +39,8 @@ VOCABULARY = {
   "lead slots fed to the model": "data.lead_set",
   "channel renames of raw records": "data.lead_map",
   "input pipeline workers": "data.worker_count",
+  "a weighted mix of sources": "data.sources",
+  "evaluators scoring training records": "data.allow_overlap",
   "lead sets swept": "lead_sets",
   "an evaluator's cadence (in its evals.NAME block)": "every",
   "seed": "seed",

@@ -3,8 +3,8 @@
 The folder is written here from real LUDB samples (lead I, resampled to 300 Hz) and carries each quirk of the
 PhysioNet/CinC 2017 AliveCor download: a record line with a base date wfdb rejects (the date first, ISO style),
 CRLF line ends, one channel named `ECG`, MATLAB v4 `.mat` signals (`16+24` format), a headerless `REFERENCE.csv` of
-`record,label`, and lengths from 9 to 61 s. Nothing is converted by hand: `README_COMMAND` (the README's "Preparing
-data" command) prepares it, and probe and embed read the prepared folder.
+`record,label`, and lengths from 9 to 61 s. Nothing is converted by hand: `README_COMMAND` (the command of the data
+page's "Files as published", docs/data.md) prepares it, and probe and embed read the prepared folder.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ FS = 300
 # Seconds per record: the 9 s one is padded (--pad_short), the long ones give every full 10 s window.
 LENGTHS = (9, 10, 12, 61, 10, 15, 20, 10, 30, 10, 11, 45, 10, 9.5, 25, 10)
 CLASSES = ("N", "A", "O", "~")
-# The README's command, with DIR / OUT filled in by the test.
+# The documented command (docs/data.md), with DIR / OUT filled in by the test.
 README_COMMAND = ("prepare generic --manual_dir {raw} --data_dir {out} --lead_map ECG=I --labels_csv REFERENCE.csv "
                   "--pad_short true --source cinc2017 --quiet")
 
@@ -68,9 +68,9 @@ def cinc2017(shared_data, tmp_path_factory) -> dict:
   return {"raw": root / "training2017", "out": out, "labels": labels, "command": command}
 
 
-def test_readme_shows_the_command():
-  readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-  assert "--lead_map ECG=I --labels_csv REFERENCE.csv --pad_short true" in readme
+def test_the_data_page_shows_the_command():
+  page = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text()
+  assert "--lead_map ECG=I --labels_csv REFERENCE.csv --pad_short true" in page
 
 
 def test_prepare_cinc2017_folder_with_one_command(cinc2017, capsys):

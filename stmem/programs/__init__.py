@@ -20,6 +20,7 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
   "demo": ("stmem.programs.demo", "pretrain a tiny model on built-in synthetic ECGs, then probe it (no download)"),
+  "download": ("data_pipelines.download", "fetch and verify a public ECG dataset (stmem download --list)"),
   "prepare": ("data_pipelines.prepare", "build a sharded ArrayRecord dataset from downloaded ECG files"),
   "overlap": ("data_pipelines.overlap", "report records shared between two prepared datasets"),
   "pretrain": ("stmem.programs.pretrain", "ST-MEM pretraining (--config configs/pretrain.py:PRESET --workdir DIR)"),
@@ -71,6 +72,8 @@ def run(argv: list[str]) -> int:
     print(f"stmem: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
     return 2
   module_name = COMMANDS[name][0]
+  from stmem import platforms
+  platforms.apply()  # before JAX is imported: off a TPU host, libtpu stays unloaded and quiet (stmem/platforms.py)
   try:
     module = importlib.import_module(module_name)
   except ModuleNotFoundError as e:

@@ -23,6 +23,7 @@ from flax import nnx
 
 from data_pipelines import leads as leads_lib
 from data_pipelines.contract import Contract
+from data_pipelines.errors import UsageError
 from stmem import checkpoint as ckpt_lib
 from stmem import console
 from stmem import data as data_lib
@@ -36,16 +37,29 @@ from stmem import train_loop
 from stmem.memory_plan import DoesNotFit
 
 
-def build_source(config) -> tuple[data_lib.Source, Contract]:
-  """The training examples and their contract: the config's `data` block (`stmem.data.spec_from_config`): the
-  built-in simulator, a prepared dataset or a folder of raw records."""
-  spec = data_lib.spec_from_config(config.data, seed=config.seed)
-  # Simulated records are filtered once when made (the contract's "offline" stage) rather than per crop: they are in
-  # memory anyway, and per-crop filtering would be most of a tiny model's step. Raw records are read as `stmem
-  # prepare` would prepare them (the default contract); a prepared dataset keeps its own.
-  contract = Contract(filter_stage="offline") if spec.source == "synthetic" else None
-  pool = data_lib.open_pool(spec, contract)
-  return pool.source, pool.contract
+def build_source(config) -> tuple[data_lib.Source, Contract, list[data_lib.Pool]]:
+  """The training examples, the contract they are stored under and their pools: the config's `data` block
+  (`stmem.data.training_pools`): the built-in simulator, a prepared dataset, a folder of raw records, or a weighted
+  mix of them (`data.sources`)."""
+  return data_lib.training_pools(config.data, seed=config.seed)
+
+
+def refuse_overlap(train_pools, evals, allow: bool, log) -> None:
+  """An evaluator that scores records pretraining trains on measures memory, not transfer: refuse it, naming the
+  records, unless `data.allow_overlap` asks for it (then say so)."""
+  held_out = []
+  for name, _, evaluator in evals:
+    pools = list(getattr(evaluator, "pools", {}).values()) or [getattr(evaluator, "pool", None)]
+    held_out += [(name, pool) for pool in pools if pool is not None]
+  for name, pool in held_out:
+    shared = data_lib.shared_records(train_pools, [pool])
+    if not shared:
+      continue
+    shown = ", ".join(shared[:5]) + (f" and {len(shared) - 5} more" if len(shared) > 5 else "")
+    if not allow:
+      raise UsageError(f"evaluator {name!r} scores {len(shared)} record(s) that pretraining trains on ({shown}): "
+                       f"exclude them from the training data, or pass --config.data.allow_overlap=true")
+    log(f"evaluator {name!r} scores {len(shared)} record(s) pretraining trains on (data.allow_overlap)")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, stop_after: int | None = None) -> dict:
@@ -63,17 +77,28 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, stop_
   num_processes = jax.process_count()
 
   # ---------------------------------------------------------------------------------------------------- data
-  source, contract = build_source(config)
-  # The checkpoint's contract names the leads the model was trained on.
-  contract = Contract.from_dict({**contract.to_dict(), "leads": list(leads_lib.parse_lead_set(config.data.lead_set))})
+  source, data_contract, train_pools = build_source(config)
+  if isinstance(source, data_lib.MixedSource):
+    log(f"training on {source!r}")
+  # The checkpoint's contract names the leads the model was trained on; the examples keep theirs (the stored rows,
+  # from which the lead set's slots are picked by name).
+  contract = Contract.from_dict({**data_contract.to_dict(),
+                                 "leads": list(leads_lib.parse_lead_set(config.data.lead_set))})
 
   def make_iter(state=None):
-    return data_lib.make_iterator(source, contract, state=state, batch_size=config.batch_size // num_processes,
+    return data_lib.make_iterator(source, data_contract, state=state, batch_size=config.batch_size // num_processes,
                                   train=True, seed=config.seed, lead_set=config.data.lead_set,
                                   worker_count=config.data.worker_count)
 
   # ------------------------------------------------------------------------------------ model and optimiser
   cfg = steps_lib.model_cfg(config, contract)
+
+  # ------------------------------------------------------------------------------------------------ evaluators
+  # Built once, before anything is compiled (their data read now, and checked against the training records); run
+  # every `every` steps and at the end, at steps where the loop syncs.
+  evals = evaluators_lib.from_config(config.get("evals"), contract=contract, mesh=mesh, model_cfg=cfg,
+                                     lead_set=config.data.lead_set)
+  refuse_overlap(train_pools, evals, bool(config.data.get("allow_overlap", False)), log)
   budget = plan_lib.device_memory(mesh.devices.flat, config.get("memory_budget_gb", 0.0))
   accum_steps = int(config.optim.accum_steps)
   if accum_steps == 0:  # derive: the smallest count that fits the budget (none known, e.g. on CPU: no accumulation)
@@ -116,11 +141,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, stop_
   def update(params, opt_state, batch, step, ok):
     global_batch = data_lib.to_global({k: batch[k] for k in ("signal", "lead_ids", "lead_mask")}, batch_sharding)
     return step_fn(params, opt_state, global_batch, jax.random.fold_in(base_key, step), ok)
-
-  # ------------------------------------------------------------------------------------------------ evaluators
-  # Built once (their data read now); run every `every` steps and at the end, at steps where the loop syncs.
-  evals = evaluators_lib.from_config(config.get("evals"), contract=contract, mesh=mesh, model_cfg=cfg,
-                                     lead_set=config.data.lead_set)
 
   # ------------------------------------------------------------------------------------------------ train loop
   figure = {"batch": None}

@@ -21,10 +21,13 @@ DEFAULT_CONFIG = "probe"  # configs/probe.py, found by name from any directory (
 def run(config, workdir) -> dict:
   """Probe the configured encoders on every task and lead set; writes the report in `workdir`, returns a summary."""
   from stmem import console, evaluators, features, report
+  from stmem import data as data_lib
   from stmem import sharding as sharding_lib
   from stmem.models import model_config
   log = console.Log("probe")
   start = time.time()
+  # a data folder not downloaded yet is said before any model is built
+  data_lib.check_raw_tasks([t.strip() for t in str(config.tasks).split(",") if t.strip()], config.data)
 
   # ------------------------------------------------------------------------------------------ mesh
   # The feature pass splits every batch over the devices of every process; the heads are fitted on the host.

@@ -183,6 +183,10 @@ def run(config, workdir) -> dict:
     raise UsageError(f"--config.methods must name some of {list(METHODS)} (got {config.methods!r}) "
                      f"and --config.seeds at least one seed (got {config.seeds!r})")
 
+  # the probes' records, checked now rather than after the pretraining runs
+  from stmem import data as data_lib
+  data_lib.check_raw_tasks(_csv(config.probe.get("tasks", "")), config.probe.get("data") or {})
+
   # ------------------------------------------------------------------------------------------ held-out ECGs
   evaluator, clean = heldout(config)
   noisy = evaluator.batches

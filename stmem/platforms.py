@@ -1,0 +1,80 @@
+"""Which accelerator backends a `stmem` process lets JAX try, decided from the host before JAX is imported.
+
+Why: with the TPU compiler installed (the `tpu` extra, libtpu) JAX tries the TPU backend first in every process. On a
+host without TPU chips libtpu then loads (about 0.7 GB), prints its initialisation errors on stderr ("could not
+determine TPU accelerator type", "unexpected worker hostname", a source-location trace) and fails, and only then does
+JAX fall back to the CPU. The extra is there so that `stmem plan --topology v5e:4x4` can compile for a TPU slice from
+any host, which loads libtpu by itself (`jax.experimental.topologies`) whatever backends JAX may start.
+
+So `settings()` answers, from the environment and the device files alone:
+- the user chose (JAX_PLATFORMS, JAX_PLATFORM_NAME or JAX_FORCE_TPU_INIT set to anything, even empty), libtpu is not
+  installed, or this host has TPU chips (a TPU VM: PCI devices of Google's vendor id, /dev/accel*, /dev/vfio/N):
+  nothing;
+- no TPU chips and no GPU device file: JAX_PLATFORMS=cpu, the one backend JAX would end up with; libtpu is never
+  loaded and the start is as fast as without the extra;
+- a GPU: nothing either. Naming its platform would turn JAX's fallback to the CPU, when the GPU fails to start, into
+  an error, and libtpu's own settings that quiet it would also reach the TPU topologies `stmem plan` describes; a
+  user silences it with JAX_PLATFORMS=cuda (or rocm).
+`apply()` sets them in this process's environment, and only while JAX is not imported yet (JAX reads JAX_PLATFORMS
+when it is imported; a process that imported JAX is left as it is).
+"""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import pathlib
+import sys
+from collections.abc import Mapping, MutableMapping
+
+GOOGLE_PCI_VENDOR = "0x1ae0"  # how JAX itself counts TPU chips (jax._src.hardware_utils)
+# NVIDIA (jax._src.hardware_utils), WSL2, AMD (the KFD driver ROCm uses)
+GPU_DEVICE_FILES = ("dev/nvidia0", "dev/nvidiactl", "dev/dxg", "dev/kfd")
+USER_CHOICES = ("JAX_PLATFORMS", "JAX_PLATFORM_NAME", "JAX_FORCE_TPU_INIT")
+
+
+def _libtpu_installed() -> bool:
+  try:
+    return importlib.util.find_spec("libtpu") is not None
+  except (ImportError, ValueError):  # a parent package or sys.modules entry that hides it
+    return False
+
+
+def tpu_chips_visible(root: str = "/") -> bool:
+  """Whether this host has TPU chips: a PCI device of Google's vendor id, or the device files TPU VMs have."""
+  base = pathlib.Path(root)
+  for vendor in glob.glob(str(base / "sys/bus/pci/devices/*/vendor")):
+    try:
+      if pathlib.Path(vendor).read_text().strip() == GOOGLE_PCI_VENDOR:
+        return True
+    except OSError:
+      continue
+  return bool(glob.glob(str(base / "dev/accel*")) or glob.glob(str(base / "dev/vfio/[0-9]*")))
+
+
+def gpu_visible(root: str = "/") -> bool:
+  return any((pathlib.Path(root) / f).exists() for f in GPU_DEVICE_FILES)
+
+
+def settings(environ: Mapping[str, str] | None = None, *, root: str = "/",
+             libtpu_installed: bool | None = None) -> dict[str, str]:
+  """The variables to set for this host (see the module's docstring); empty when nothing should change."""
+  env = os.environ if environ is None else environ
+  if any(name in env for name in USER_CHOICES):
+    return {}
+  if not (_libtpu_installed() if libtpu_installed is None else libtpu_installed):
+    return {}
+  if tpu_chips_visible(root) or gpu_visible(root):
+    return {}
+  return {"JAX_PLATFORMS": "cpu"}
+
+
+def apply(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
+  """Set `settings()` in the environment (os.environ by default) unless JAX is already imported; returns what was
+  set."""
+  if "jax" in sys.modules:
+    return {}
+  env = os.environ if environ is None else environ
+  chosen = settings(env)
+  env.update(chosen)
+  return chosen
