@@ -122,6 +122,8 @@ def metadata(encoder: Any, contract: Contract, meta: dict, fingerprint: str, sou
   """The description every graph carries (ONNX metadata_props, the StableHLO sidecar, config.json)."""
   cfg = encoder.cfg
   lead_dim = "leads" if cfg.method == "stmem" else leads_lib.NUM_LEADS
+  # ST-MEM's tokens are (leads, patches); MTAE's time tokens span every lead, MLAE's lead tokens all of time.
+  tokens = {"stmem": [lead_dim, cfg.num_patches], "mtae": [1, cfg.num_patches], "mlae": [leads_lib.NUM_LEADS, 1]}
   return {
     "format": FORMAT,
     "producer": "stmem export",
@@ -141,7 +143,7 @@ def metadata(encoder: Any, contract: Contract, meta: dict, fingerprint: str, sou
        "meaning": "mean of the present leads' patch tokens after the last block, then the final LayerNorm"},
       {"name": "per_lead", "dtype": "float32", "shape": ["batch", lead_dim, cfg.width],
        "meaning": "each slot's patch tokens averaged, then the final LayerNorm (meaningless for absent slots)"},
-      {"name": "per_patch", "dtype": "float32", "shape": ["batch", lead_dim, cfg.num_patches, cfg.width],
+      {"name": "per_patch", "dtype": "float32", "shape": ["batch", *tokens[cfg.method], cfg.width],
        "meaning": "every patch token after the final LayerNorm"}],
     "lead_ids": dict(leads_lib.LEAD_ID),
     "preprocessing": preprocessing(contract),

@@ -114,6 +114,7 @@ def test_onnx_metadata_and_dynamic_batch(world, embedded):
   assert meta["fingerprint"] == str(want["fingerprint"])
   assert meta["contract"] == json.loads(str(want["contract"]))
   assert meta["lead_ids"] == {n: i for i, n in enumerate(LEADS)}
+  assert [o["shape"] for o in meta["outputs"]] == [["batch", 64], ["batch", "leads", 64], ["batch", "leads", 30, 64]]
   props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
   assert json.loads(props["stmem_fingerprint"]) == meta["fingerprint"]
   config = json.loads((path.parent / "config.json").read_text())
