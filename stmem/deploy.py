@@ -104,8 +104,9 @@ def preprocessing(contract: Contract) -> dict[str, Any]:
     return {"sos": sos.tolist(), "zi": scipy.signal.sosfilt_zi(sos).tolist()}
 
   return {
-    "steps": ["cut each record into windows of record_samples / fs seconds at its own rate (a window holding NaN is "
-              "dropped)", "FFT-resample each window to record_samples (scipy.signal.resample)",
+    "steps": ["skip a record holding NaN or inf; a constant lead is absent",
+              "cut each record into windows of record_samples / fs seconds at its own rate",
+              "FFT-resample each window to record_samples (scipy.signal.resample)",
               "band-pass once per window if filter_stage is 'offline'", "put leads in slots; absent slots are zeros",
               "cut crops of `window` samples at crop_starts ([0] alone: the first crop)",
               "band-pass each crop if filter_stage is 'per_crop' (float64: high-pass then low-pass, each zero phase "
