@@ -70,6 +70,7 @@ RENAMED: dict[str, tuple[str, ...]] = {
   "layer_decay": ("optim.layer_decay",),
   "keep": ("checkpoint.keep",),
   "async_save": ("checkpoint.async_save",),
+  "last_blocks": ("blocks",),             # the probe's mean of the last k blocks: now any block specs (blocks=10-12)
 }
 
 

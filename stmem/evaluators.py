@@ -8,10 +8,11 @@ returns {metric: value}, which the trainer writes under `eval/NAME/` (`eval/prob
 - `heldout` (`HeldOut`): the masked reconstruction loss on records pretraining never sees (the simulator with
   another seed, or a prepared split), with a fixed masking key per batch: every run scores the same ECGs under the
   same masks. `stmem study`'s held-out loss is this evaluator.
-- `probe` (`Probe`): a linear probe of the encoder on a task, swept over lead sets: the sharded feature pass
-  (`stmem.features.extract`), logistic-regression heads fitted per fold (`stmem.linear_heads`), the metrics with
-  their patient-bootstrap intervals (`stmem.report` / `stmem.scoring`); optionally the same architecture randomly
-  initialised beside it. `stmem probe` is this evaluator run on a checkpoint.
+- `probe` (`Probe`): a probe of the frozen encoder on a task, swept over lead sets, blocks and heads: the sharded
+  feature pass (`stmem.features.extract`, every block asked for from one forward pass), heads fitted per fold
+  (logistic regression, `stmem.linear_heads`; a one-hidden-layer MLP, `stmem.mlp_head`), each chosen on validation,
+  the metrics with their patient-bootstrap intervals (`stmem.report` / `stmem.scoring`); optionally the same
+  architecture randomly initialised beside it. `stmem probe` is this evaluator run on a checkpoint.
 
 Evaluators read from the devices; the trainer runs them only at steps where it syncs anyway.
 """
@@ -29,6 +30,7 @@ from flax import nnx
 from data_pipelines.errors import UsageError
 
 TYPES = ("heldout", "probe")
+HEADS = ("linear", "mlp")  # the probe's heads: logistic regression (stmem.linear_heads), MLP (stmem.mlp_head)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,10 +121,14 @@ class HeldOut:
 # a probe block in another config names only what it changes.
 PROBE_DEFAULTS = {
   "tasks": "synthetic", "labels": "", "kind": "multilabel", "lead_sets": "12", "use_splits": True, "cv_folds": 5,
-  "last_blocks": 0, "l2_grid": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0),
-  "lbfgs_steps": 100, "select_on": "auroc", "random_baseline": True, "random_seed": 1234, "bootstrap": 1000,
-  "batch_size": 32, "seed": 0,
+  "blocks": "last", "heads": "linear",
+  "l2_grid": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0), "lbfgs_steps": 100,
+  "mlp_hidden": 256, "mlp_l2_grid": (1e-3, 1e-2, 0.1), "mlp_steps": 200, "mlp_snapshots": 4, "mlp_lr": 1e-2,
+  "select_on": "auroc", "random_baseline": True, "random_seed": 1234, "bootstrap": 1000, "batch_size": 32, "seed": 0,
 }
+# Metric names leave out a block or a head that is the default, so that a probe of the last block with the linear
+# head logs what it always did (eval/probe/12/auroc); eval/probe/12/6/mlp/auroc is block 6's MLP head.
+DEFAULT_BLOCK, DEFAULT_HEAD = "last", "linear"
 
 
 def evaluation_folds(task, pool, config) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
@@ -146,47 +152,79 @@ def evaluation_folds(task, pool, config) -> tuple[np.ndarray, np.ndarray, np.nda
   return train, val, test, f"{k}-fold patient-grouped cross-validation"
 
 
-def probe_task(x: np.ndarray, task, weights, config) -> dict:
-  """Out-of-fold test scores, binary predictions and chosen L2s of a task on features x (N_pool, D)."""
+def fit_heads(x: np.ndarray, task, train: np.ndarray, config, head: str = "linear") -> list[list]:
+  """Candidate heads per fold (heads[k]) of one kind on features x (N_pool, D), for `linear_heads.select`."""
+  from stmem import linear_heads, mlp_head
+  if head == "linear":
+    return linear_heads.fit_folds(x, task.labels, train, tuple(config["l2_grid"]), task.kind,
+                                  int(config["lbfgs_steps"]))
+  if head == "mlp":
+    return mlp_head.fit_folds(x, task.labels, train, tuple(config["mlp_l2_grid"]), task.kind,
+                              hidden=int(config["mlp_hidden"]), steps=int(config["mlp_steps"]),
+                              snapshots=int(config["mlp_snapshots"]), lr=float(config["mlp_lr"]),
+                              seed=int(config["seed"]))
+  raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+
+
+def probe_task(x: np.ndarray, task, weights, config, head: str = "linear") -> dict:
+  """Out-of-fold test scores, binary predictions and chosen L2s (and, for the MLP, training steps) of a task on
+  features x (N_pool, D) with heads of kind `head`, each chosen on its fold's validation rows."""
   from stmem import linear_heads, scoring
   train, val, test = weights
   multiclass = task.kind == "multiclass"
-  heads = linear_heads.fit_folds(x, task.labels, train, tuple(config["l2_grid"]), task.kind,
-                                 int(config["lbfgs_steps"]))
+  heads = fit_heads(x, task, train, config, head)
   scores = np.full(task.labels.shape, np.nan, np.float32)
   predicted = np.zeros(task.labels.shape, bool)
-  l2s = []
+  l2s, steps = [], []
   for k, fold_heads in enumerate(heads):
     v, t = val[k], test[k]
-    head, _ = linear_heads.select(fold_heads, x[v], task.labels[v], on=config["select_on"])
-    thresholds = None if multiclass else scoring.thresholds_for(task.labels[v], head.predict(x[v]))
-    s = head.predict(x[t])
+    chosen, _ = linear_heads.select(fold_heads, x[v], task.labels[v], on=config["select_on"])
+    thresholds = None if multiclass else scoring.thresholds_for(task.labels[v], chosen.predict(x[v]))
+    s = chosen.predict(x[t])
     scores[t] = s
     predicted[t] = scoring.predictions(s, thresholds, multiclass)
-    l2s.append(head.l2)
+    l2s.append(chosen.l2)
+    steps.append(getattr(chosen, "steps", 0))
   tested = test.any(axis=0)
-  return {"rows": tested, "scores": scores[tested], "predicted": predicted[tested], "l2": l2s}
+  return {"rows": tested, "scores": scores[tested], "predicted": predicted[tested], "l2": l2s, "steps": steps}
 
 
 class Probe:
-  """A linear probe of the encoder on one or more tasks, swept over lead sets (keys: `PROBE_DEFAULTS`, and a `data`
-  block saying where the tasks' records are: `num_synthetic`, `records`, `data_dir`, `lead_map`).
+  """A probe of the frozen encoder on one or more tasks, swept over lead sets, blocks and heads (keys:
+  `PROBE_DEFAULTS`, and a `data` block saying where the tasks' records are: `num_synthetic`, `records`, `data_dir`,
+  `lead_map`).
 
   `rows(encoders)` gives the report rows and ROC curves of any encoders (`stmem probe` writes them);
   `run(model)` probes a pretraining model's encoder, the random-encoder rows computed once beside it, and returns
   {"LEAD_SET/auroc", "LEAD_SET/auroc_lo", "LEAD_SET/auroc_hi", "LEAD_SET/random_auroc"} (each name led by
-  "TASK/" when it probes several tasks).
+  "TASK/" when it probes several tasks, and followed by "/BLOCK" and "/HEAD" for a block other than `last` and a
+  head other than `linear`).
+
+  `depth`, the encoder's number of blocks, checks the block specs now (else at the first `run`); `key` is how a
+  usage error names this probe's keys (`--config` for `stmem probe`, `--config.evals.NAME` for an evaluator).
   """
 
-  def __init__(self, config: Any, *, contract: Any, mesh: Any, log: Callable[[str], None] | None = None):
+  def __init__(self, config: Any, *, contract: Any, mesh: Any, log: Callable[[str], None] | None = None,
+               depth: int | None = None, key: str = "--config"):
     from data_pipelines import leads as leads_lib
-    from stmem import data
+    from stmem import data, features
     self.config = {k: _get(config, k, v) for k, v in PROBE_DEFAULTS.items()}
     self.data_config = _get(config, "data", {})
-    self.mesh, self.contract, self.log = mesh, contract, log or (lambda _: None)
+    self.mesh, self.contract, self.log, self.key = mesh, contract, log or (lambda _: None), key
     self.lead_sets = _csv(self.config["lead_sets"])
     for ls in self.lead_sets:
       leads_lib.parse_lead_set(ls)  # refuse a bad lead set before any data is read
+    self.blocks = features.parse_blocks(str(self.config["blocks"]), depth, key=f"{key}.blocks")
+    self.depth = depth
+    self.heads = _csv(self.config["heads"])
+    unknown = [h for h in self.heads if h not in HEADS]
+    if unknown or not self.heads or len(set(self.heads)) < len(self.heads):
+      raise UsageError(f"{key}.heads={self.config['heads']!r}: give each of the heads {', '.join(HEADS)} at most "
+                       f"once, comma-separated")
+    steps, snapshots = int(self.config["mlp_steps"]), int(self.config["mlp_snapshots"])
+    if "mlp" in self.heads and not (1 <= snapshots <= steps and steps % snapshots == 0):
+      raise UsageError(f"{key}.mlp_snapshots={snapshots}: the MLP head keeps its parameters every mlp_steps / "
+                       f"mlp_snapshots steps; give a divisor of {key}.mlp_steps={steps}")
     self.pools, self.tasks = data.task_pools(_csv(self.config["tasks"]), contract, self.data_config,
                                             labels=_csv(self.config["labels"]), kind=self.config["kind"],
                                             seed=int(self.config["seed"]))
@@ -194,16 +232,27 @@ class Probe:
     self.notes: list[str] = []
     self._random_metrics: dict[str, float] | None = None
 
+  def check_depth(self, depth: int) -> None:
+    """Refuse a block spec the encoder's depth does not have (one line naming the spec and the depth)."""
+    from stmem import features
+    if self.depth != depth:
+      features.parse_blocks(self.blocks, depth, key=f"{self.key}.blocks")
+      self.depth = depth
+
   def title(self, task) -> str:
     from stmem import report
     return report.task_title(task.name, {"data": self.data_config})
 
   def rows(self, encoders: Mapping[str, Any]) -> tuple[list[dict], dict]:
-    """Report rows (macro and per-class metrics with patient-bootstrap intervals) of every encoder on every task
-    and lead set, and their ROC curves {task: {"LEAD_SET (MODEL)": curve}}. One feature pass per pool and lead set
-    feeds every encoder."""
+    """Report rows (macro and per-class metrics with patient-bootstrap intervals) of every encoder on every task,
+    lead set, block and head, and their ROC curves {task: {"LEAD_SET (MODEL[, block B, HEAD])": curve}}. One
+    feature pass per pool and lead set feeds every encoder and every block."""
     from stmem import features, report
+    first = self.encoder_depth(encoders)
+    if first is not None:
+      self.check_depth(first)
     rows, curves = [], {}
+    default = (self.blocks[0], self.heads[0])
     for pool_name, pool in self.pools.items():
       pool_tasks = [t for key, t in self.tasks if key == pool_name]
       for lead_set in self.lead_sets:
@@ -212,35 +261,53 @@ class Probe:
                        self.notes]
         t0 = time.time()
         feats = features.extract(encoders, source, contract, mesh=self.mesh, lead_set=lead_set,
-                                 batch_size=int(self.config["batch_size"]),
-                                 last_blocks=int(self.config["last_blocks"]))
+                                 batch_size=int(self.config["batch_size"]), blocks=self.blocks)
         if not np.array_equal(feats["record_id"], pool.record_id):
           raise RuntimeError(f"{pool.name}: the feature pass returned records in another order than the pool")
         self.log(f"{pool.name}, lead set {lead_set}: features of {len(pool.record_id)} examples in "
                  f"{time.time() - t0:.1f} s")
         for task in pool_tasks:
           train, val, test, protocol = self.protocols[task.name]
-          for model, x in feats["features"].items():
-            out = probe_task(x, task, (train, val, test), self.config)
-            row, curve = report.task_row(
-              self.title(task), model, lead_set, task.labels[out["rows"]], out["scores"], out["predicted"],
-              pool.patient_id[out["rows"]], class_names=task.label_names, multiclass=task.kind == "multiclass",
-              protocol=protocol, n_resamples=int(self.config["bootstrap"]), seed=int(self.config["seed"]),
-              l2=float(np.median(out["l2"])))
-            rows.append(row)
-            if model == "checkpoint" or len(encoders) == 1 or lead_set == self.lead_sets[0]:
-              curves.setdefault(row["task"], {})[f"{lead_set} ({model})"] = curve
-            self.log(f"{row['task']:<12} {model:<12} {lead_set:<10} AUROC {row['auroc']:.3f} "
-                     f"[{row['auroc_lo']:.3f}, {row['auroc_hi']:.3f}]")
+          for block in self.blocks:
+            for head in self.heads:
+              for model, x in feats["blocks"][block].items():
+                out = probe_task(x, task, (train, val, test), self.config, head)
+                extra = {"steps": int(np.median(out["steps"]))} if head == "mlp" else {}
+                row, curve = report.task_row(
+                  self.title(task), model, lead_set, task.labels[out["rows"]], out["scores"], out["predicted"],
+                  pool.patient_id[out["rows"]], class_names=task.label_names, multiclass=task.kind == "multiclass",
+                  protocol=protocol, n_resamples=int(self.config["bootstrap"]), seed=int(self.config["seed"]),
+                  block=block, head=head, l2=float(np.median(out["l2"])), **extra)
+                rows.append(row)
+                shown = model == "checkpoint" or len(encoders) == 1
+                if (block, head) == default and (shown or lead_set == self.lead_sets[0]):
+                  curves.setdefault(row["task"], {})[f"{lead_set} ({model})"] = curve
+                elif shown and lead_set == self.lead_sets[0]:
+                  curves.setdefault(row["task"], {})[f"{lead_set} ({model}, block {block}, {head})"] = curve
+                self.log(f"{row['task']:<12} {model:<12} {lead_set:<10} {block:<6} {head:<6} AUROC "
+                         f"{row['auroc']:.3f} [{row['auroc_lo']:.3f}, {row['auroc_hi']:.3f}]")
     return rows, curves
 
+  @staticmethod
+  def encoder_depth(encoders: Mapping[str, Any]) -> int | None:
+    for e in encoders.values():
+      cfg = getattr(getattr(e, "encoder", e), "cfg", None)
+      if cfg is not None:
+        return int(cfg.depth)
+    return None
+
   def metrics(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """{"[TASK/]LEAD_SET/auroc": macro AUROC, "..._lo", "..._hi": its interval} of the "checkpoint" rows and
-    {"[TASK/]LEAD_SET/random_auroc"} of the "random init" rows."""
+    """{"[TASK/]LEAD_SET[/BLOCK][/HEAD]/auroc": macro AUROC, "..._lo", "..._hi": its interval} of the
+    "checkpoint" rows and {"[TASK/]LEAD_SET[/BLOCK][/HEAD]/random_auroc"} of the "random init" rows; the block and
+    the head are named unless they are `last` and `linear`."""
     several = len(self.tasks) > 1
     out = {}
     for r in rows:
       name = f"{r['task']}/{r['lead_set']}" if several else r["lead_set"]
+      if r.get("block", DEFAULT_BLOCK) != DEFAULT_BLOCK:
+        name += f"/{r['block']}"
+      if r.get("head", DEFAULT_HEAD) != DEFAULT_HEAD:
+        name += f"/{r['head']}"
       if r["model"] == "random init":
         out[f"{name}/random_auroc"] = float(r["auroc"])
       else:
@@ -252,6 +319,7 @@ class Probe:
     from stmem.models import encoder_model
     # The encoder as a checkpoint of this model restores it (stmem.checkpoint.make_meta): same graph, same features.
     cfg = model.cfg.replace(remat="none", attention="xla")
+    self.check_depth(int(cfg.depth))
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: encoder_model(cfg, rngs=nnx.Rngs(0))))
     params = model.params["encoder"]
     params = jax.jit(lambda p: p, out_shardings=sharding_lib.replicated(self.mesh))(
@@ -293,7 +361,8 @@ def from_config(evals: Any, *, contract: Any, mesh: Any, model_cfg: Any = None, 
       if method != "stmem" and refused:  # MTAE's and MLAE's tokens need all 12 leads
         raise UsageError(f"--config.evals.{name}.lead_sets: {method} takes the 12 leads only, not {refused}; "
                          f"set --config.evals.{name}.lead_sets=12")
-      evaluator = Probe(block, contract=contract, mesh=mesh, log=log)
+      evaluator = Probe(block, contract=contract, mesh=mesh, log=log, key=f"--config.evals.{name}",
+                        depth=getattr(model_cfg, "depth", None))
     built.append((name, every, evaluator))
   return built
 

@@ -7,9 +7,12 @@ Where examples come from is not here: programs get them from `stmem.data` (`open
 
 Features of an example are the encoder's pooled features averaged over its evaluation crops (the reference averages
 predictions over 3 crops at 0, 0.5 and 1 s; averaging the features is the linear-probe equivalent); evaluation
-batches carry the crop axis (B, K, L, T) and `crop_mean` averages over it. With `last_blocks=k` they are instead
-the mean over the last k blocks of each block's pooled patch tokens, each put through the final LayerNorm (k=1 is
-exactly the usual pooled feature).
+batches carry the crop axis (B, K, L, T) and `crop_mean` averages over it.
+
+Features of other blocks (`blocks`, block specs, see `BLOCK_SPECS`): a block's output pooled as the encoder pools its
+last one (mean over the patch tokens of present leads; MTAE/MLAE: over the present tokens, CLS excluded), then put
+through the final LayerNorm; a range of blocks is the mean of its blocks' pooled features. One forward pass yields
+every block asked for (the encoder keeps its blocks' outputs when asked).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from data_pipelines import contract as contract_lib
 from data_pipelines import leads as leads_lib
 from data_pipelines import transforms
 from data_pipelines.contract import Contract
+from data_pipelines.errors import UsageError
 
 
 # ------------------------------------------------------------------------------------------------ encoders
@@ -128,12 +132,59 @@ def adapt(checkpoint: Contract, data: Contract, source: Any, lead_set: str | Seq
 # ------------------------------------------------------------------------------------------------ features
 
 
-def _pool_tokens(encoder, tokens: jax.Array, lead_mask: jax.Array) -> jax.Array:
-  """(B, L, S, D) block output (SEPs included) -> (B, D): mean over present leads' patch tokens, final LayerNorm."""
-  patch = tokens[:, :, 1:-1].astype(jnp.float32)
-  present = lead_mask.astype(jnp.float32)
-  summed = jnp.einsum("blnd,bl->bd", patch, present)
-  return encoder.norm(summed / (jnp.maximum(present.sum(axis=1, keepdims=True), 1.0) * patch.shape[2]))
+BLOCK_SPECS = ("last: the encoder's own pooled features (after its last block); K: after block K, numbered 1 to the "
+               "depth; A-B: the mean of blocks A to B, both included; mid: the middle block, (depth + 1) // 2")
+
+
+def parse_blocks(text: str | Sequence[str], depth: int | None = None, key: str = "--config.blocks") -> list[str]:
+  """Comma-separated block specs (`BLOCK_SPECS`) -> their list, each checked; with `depth`, also against the
+  model's depth. A bad spec is a one-line usage error naming it (and the depth when known)."""
+  specs = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if str(t).strip()]
+  if not specs:
+    raise UsageError(f"{key}: give at least one block spec ({BLOCK_SPECS})")
+  for spec in specs:
+    block_numbers(spec, depth, key)
+  if len(set(specs)) < len(specs):
+    raise UsageError(f"{key}={','.join(specs)}: a block spec is given twice")
+  return specs
+
+
+def block_numbers(spec: str, depth: int | None, key: str = "--config.blocks") -> tuple[int, ...] | None:
+  """The 1-based blocks a spec averages (None for `last`, the encoder's pooled output). Without `depth` only the
+  grammar is checked (and None returned for every spec)."""
+  where = f" of a model of depth {depth}" if depth is not None else ""
+  numbered = f"1 to {depth}" if depth is not None else "from 1"
+  bad = UsageError(f"{key}: bad block spec {spec!r}{where}; use last, mid, K or A-B (the mean of blocks A to B), "
+                   f"blocks numbered {numbered}")
+  if spec == "last":
+    return None
+  if spec == "mid":
+    return None if depth is None else ((depth + 1) // 2,)
+  a, dash, b = spec.partition("-")
+  if not (a.isdigit() and (not dash or b.isdigit())):
+    raise bad
+  first, last = int(a), int(b) if dash else int(a)
+  if first < 1 or last < first or (depth is not None and last > depth):
+    raise bad
+  return None if depth is None else tuple(range(first, last + 1))
+
+
+def _pool_block(encoder, tokens: jax.Array, lead_ids: jax.Array, lead_mask: jax.Array) -> jax.Array:
+  """A block's output -> (B, D), pooled as `encoder.features` pools its last block, then the final LayerNorm.
+
+  ST-MEM: tokens (B, L, S, D) with SEPs at both ends of each lead, mean over the present leads' patch tokens.
+  MTAE / MLAE: tokens (B, 1 + M, D) with CLS first, mean over the present tokens (CLS excluded).
+  """
+  if tokens.ndim == 4:
+    patch = tokens[:, :, 1:-1].astype(jnp.float32)
+    present = lead_mask.astype(jnp.float32)
+    summed = jnp.einsum("blnd,bl->bd", patch, present)
+    return encoder.norm(summed / jnp.maximum(present.sum(axis=1, keepdims=True) * patch.shape[2], 1.0))
+  patch = tokens[:, 1:].astype(jnp.float32)
+  present = encoder.present_tokens(lead_mask, lead_ids)
+  weight = jnp.ones(patch.shape[:2], jnp.float32) if present is None else present.astype(jnp.float32)
+  summed = jnp.einsum("bmd,bm->bd", patch, weight)
+  return encoder.norm(summed / jnp.maximum(weight.sum(axis=1, keepdims=True), 1.0))
 
 
 def crop_mean(fn):
@@ -152,25 +203,31 @@ def crop_mean(fn):
   return over_crops
 
 
-def feature_fn(last_blocks: int = 0, per_lead: bool = False, per_patch: bool = False):
+def feature_fn(blocks: Sequence[str] = (), per_lead: bool = False, per_patch: bool = False):
   """A jitted pure function (graphdef, state, signal, lead_ids, lead_mask) -> dict of features.
 
+  Always "pooled" (B, D); with `blocks` (block specs, `BLOCK_SPECS`) also "blocks" {spec: (B, D)}, every spec from
+  the one forward pass; with `per_lead` "per_lead" (B, L, D), with `per_patch` "tokens" (B, L, N, D).
   signal (B, L, T) gives features per ECG; an evaluation batch's (B, K, L, T) gives them averaged over the K crops.
   Parameters are an argument, not a constant: encoders of one architecture (a checkpoint and its random twin)
   share one compilation.
   """
-  blocks = tuple(range(-last_blocks, 0)) if last_blocks > 0 else ()
+  specs = tuple(blocks)
 
   @jax.jit
   def fn(graphdef, state, signal, lead_ids, lead_mask):
     encoder = nnx.merge(graphdef, state)
+    depth = encoder.cfg.depth
+    numbers = {spec: block_numbers(spec, depth) for spec in specs}
+    captured = tuple(sorted({n - 1 for ns in numbers.values() if ns for n in ns}))  # 0-based, each block once
 
     def features(signal, lead_ids, lead_mask):
-      f = encoder.features(signal, lead_ids, lead_mask, blocks=blocks)
+      f = encoder.features(signal, lead_ids, lead_mask, blocks=captured)
       out = {"pooled": f["pooled"]}
-      if blocks:
-        out["pooled"] = jnp.mean(jnp.stack([_pool_tokens(encoder, t, lead_mask) for t in f["blocks"].values()]),
-                                 axis=0)
+      if specs:
+        pooled = {i: _pool_block(encoder, t, lead_ids, lead_mask) for i, t in f["blocks"].items()}
+        out["blocks"] = {spec: f["pooled"] if ns is None else jnp.mean(jnp.stack([pooled[n - 1] for n in ns]), axis=0)
+                         for spec, ns in numbers.items()}
       if per_lead:
         out["per_lead"] = f["per_lead"]
       if per_patch:
@@ -223,26 +280,33 @@ def _global_index(n: int, processes: int, local: int, j: int) -> np.ndarray:
 
 
 def extract(encoders: Mapping[str, Any], source: Any, contract: Any, *, mesh: Any, lead_set: Any = None,
-            batch_size: int = 32, last_blocks: int = 0) -> dict[str, Any]:
+            batch_size: int = 32, blocks: Sequence[str] = ()) -> dict[str, Any]:
   """The pooled features of every example of `source`, in source order, for each encoder (one data pass feeds them
   all), averaged over the evaluation crops, the batches split over `mesh`.
 
   `encoders`: {name: Loaded or encoder module}, all of one architecture (one compilation). Returns
-  {"features": {name: (N, D) float32}, "labels": (N, C), "record_id": (N,) str, "patient_id": (N,) str}.
+  {"features": {name: (N, D) float32}, "labels": (N, C), "record_id": (N,) str, "patient_id": (N,) str} and, with
+  `blocks` (block specs, `BLOCK_SPECS`), "blocks": {spec: {name: (N, D) float32}}, all from the same forward passes.
   """
   from stmem import sharding as sharding_lib
   batch_sharding, replicated = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
-  fn = feature_fn(last_blocks)
+  specs = tuple(blocks)
+  fn = feature_fn(specs)
   split = {}
   for name, e in encoders.items():
     graphdef, state = nnx.split(e.encoder if isinstance(e, Loaded) else e)
     split[name] = (graphdef, sharding_lib.place(state, replicated))
   graphdef = next(iter(split.values()))[0]  # one architecture: one compilation for every encoder
-  forward = jax.jit(lambda state, *b: fn(graphdef, state, *b)["pooled"],
-                    in_shardings=(replicated, batch_sharding, batch_sharding, batch_sharding), out_shardings=replicated)
+
+  def outputs(state, *b):
+    f = fn(graphdef, state, *b)
+    return {"pooled": f["pooled"], **{f"block {spec}": v for spec, v in f.get("blocks", {}).items()}}
+
+  forward = jax.jit(outputs, in_shardings=(replicated, batch_sharding, batch_sharding, batch_sharding),
+                    out_shardings=replicated)
   n = len(source)
   starts = transforms.eval_starts(contract.record_samples, contract.window)
-  feats: dict[str, np.ndarray | None] = {name: None for name in split}
+  feats: dict[tuple[str, str], np.ndarray] = {}  # (encoder, "pooled" or "block SPEC") -> (N, D)
   labels = rids = pids = None
   for out, rows in eval_pass(lambda *b: {name: forward(state, *b) for name, (_, state) in split.items()}, source,
                              contract, batch_size=batch_size, lead_set=lead_set, starts=starts,
@@ -252,18 +316,23 @@ def extract(encoders: Mapping[str, Any], source: Any, contract: Any, *, mesh: An
     if labels is None:
       labels = np.zeros((n, rows["labels"].shape[1]), np.float32)
       rids, pids = np.empty(n, object), np.empty(n, object)
-    for name, v in out.items():
-      v = np.asarray(v)
-      if feats[name] is None:
-        feats[name] = np.zeros((n, v.shape[-1]), np.float32)
-      feats[name][at] = v[keep]
+    for name, values in out.items():
+      for what, v in values.items():
+        v = np.asarray(v)
+        if (name, what) not in feats:
+          feats[name, what] = np.zeros((n, v.shape[-1]), np.float32)
+        feats[name, what][at] = v[keep]
     labels[at] = rows["labels"][keep]
     rids[at] = [r.decode() for r in rows["record_id"][keep]]
     pids[at] = [p.decode() for p in rows["patient_id"][keep]]
-  return {"features": {k: v if v is not None else np.zeros((0, 0), np.float32) for k, v in feats.items()},
-          "labels": labels if labels is not None else np.zeros((0, 0), np.float32),
-          "record_id": np.asarray(rids if rids is not None else [], dtype=str),
-          "patient_id": np.asarray(pids if pids is not None else [], dtype=str)}
+  empty = np.zeros((0, 0), np.float32)
+  out = {"features": {name: feats.get((name, "pooled"), empty) for name in split},
+         "labels": labels if labels is not None else empty,
+         "record_id": np.asarray(rids if rids is not None else [], dtype=str),
+         "patient_id": np.asarray(pids if pids is not None else [], dtype=str)}
+  if specs:
+    out["blocks"] = {spec: {name: feats.get((name, f"block {spec}"), empty) for name in split} for spec in specs}
+  return out
 
 
 def gather(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,16 +38,16 @@ class Head:
     return z @ self.w + self.b
 
   def predict(self, x: np.ndarray) -> np.ndarray:
-    return np.asarray(_link(jnp.asarray(self.logits(x)), self.kind))
+    return np.asarray(link(jnp.asarray(self.logits(x)), self.kind))
 
 
-def _link(logits: jax.Array, kind: str) -> jax.Array:
+def link(logits: jax.Array, kind: str) -> jax.Array:
+  """Probabilities of logits: softmax (multiclass) or a sigmoid per class (multilabel)."""
   return jax.nn.softmax(logits, axis=-1) if kind == "multiclass" else jax.nn.sigmoid(logits)
 
 
-def _data_loss(w, b, z, y, kind: str, weight=None):
-  """Mean log-loss over records (weighted: records of weight 0 do not count)."""
-  logits = z @ w + b
+def logit_loss(logits: jax.Array, y: jax.Array, kind: str, weight=None):
+  """Mean log-loss over records of their logits (weighted: records of weight 0 do not count)."""
   per = (optax.softmax_cross_entropy(logits, y) if kind == "multiclass"
          else optax.sigmoid_binary_cross_entropy(logits, y).sum(axis=-1))
   if weight is None:
@@ -54,7 +55,11 @@ def _data_loss(w, b, z, y, kind: str, weight=None):
   return jnp.sum(per * weight) / jnp.maximum(jnp.sum(weight), 1.0)
 
 
-def _standardiser(x: jax.Array, weight: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _data_loss(w, b, z, y, kind: str, weight=None):
+  return logit_loss(z @ w + b, y, kind, weight)
+
+
+def standardiser(x: jax.Array, weight: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Weighted mean and std of the training rows; a constant feature gets std 1 (it standardises to 0, not NaN)."""
   total = jnp.maximum(weight.sum(), 1.0)
   mean = (x * weight[:, None]).sum(axis=0) / total
@@ -66,7 +71,7 @@ def _standardiser(x: jax.Array, weight: jax.Array) -> tuple[jax.Array, jax.Array
 def _fit_grid(x: jax.Array, y: jax.Array, weight: jax.Array, l2s: jax.Array, kind: str, steps: int):
   """Heads for every L2 of the grid on the rows of weight 1: (w (G, D, C), b (G, C), mean (D,), std (D,))."""
   d, c = x.shape[1], y.shape[1]
-  mean, std = _standardiser(x, weight)
+  mean, std = standardiser(x, weight)
   z = (x - mean) / std
 
   def fit_one(l2):
@@ -122,11 +127,12 @@ def log_loss(head: Head, x: np.ndarray, y: np.ndarray) -> float:
                           head.kind))
 
 
-def select(heads: Sequence[Head], x_val: np.ndarray, y_val: np.ndarray, on: str = "auroc") -> tuple[Head, list[float]]:
+def select(heads: Sequence, x_val: np.ndarray, y_val: np.ndarray, on: str = "auroc") -> tuple[Any, list[float]]:
   """The head with the best validation score, and every head's score (higher is better).
 
-  on "auroc": macro AUROC (ties, common on small sets, go to the stronger penalty, the simpler model);
-  on "loss": the negated validation log-loss.
+  on "auroc": macro AUROC (ties, common on small sets, go to the stronger penalty, the simpler model, and between
+  equal penalties to the first head given); on "loss": the negated validation log-loss.
+  Any head with `predict(x)`, `logits(x)`, `kind` and `l2` is chosen the same way (`stmem.mlp_head` heads too).
   """
   from stmem import scoring
   scores = []
@@ -135,7 +141,8 @@ def select(heads: Sequence[Head], x_val: np.ndarray, y_val: np.ndarray, on: str 
       s = scoring.macro_metrics(y_val, h.predict(x_val))["auroc"]
       scores.append(-np.inf if not np.isfinite(s) else s)
     elif on == "loss":
-      scores.append(-log_loss(h, x_val, y_val))
+      scores.append(-log_loss(h, x_val, y_val) if isinstance(h, Head) else
+                    -float(logit_loss(jnp.asarray(h.logits(x_val)), jnp.asarray(y_val, jnp.float32), h.kind)))
     else:
       raise ValueError(f"select on 'auroc' or 'loss', not {on!r}")
   best = max(range(len(heads)), key=lambda i: (round(scores[i], 6), heads[i].l2))

@@ -101,47 +101,70 @@ def plot_lead_set_auroc(rows: Sequence[Mapping[str, Any]], path: str | os.PathLi
                         dpi: int = 100, figsize: tuple[float, float] = (9.0, 5.0)) -> str:
   """AUROC per lead set with 95 % intervals, one marker per `kind` (e.g. pretrained / random encoder).
 
-  `rows` are dicts with `lead_set`, `auroc`, `lo`, `hi`, `kind`. Kinds whose name contains "random" are drawn with
-  hollow grey markers and dashed error bars, so the random-encoder baseline is never mistaken for a result.
+  `rows` are dicts with `lead_set`, `auroc`, `lo`, `hi`, `kind`, and optionally `facet`: rows of several facets
+  (a probe's blocks and heads) are drawn in one panel per facet, stacked, on one AUROC scale. Kinds whose name
+  contains "random" are drawn with hollow grey markers and dashed error bars, so the random-encoder baseline is
+  never mistaken for a result.
   """
   lead_sets = list(dict.fromkeys(str(r["lead_set"]) for r in rows))
   kinds = list(dict.fromkeys(str(r["kind"]) for r in rows))
+  facets = list(dict.fromkeys(str(r.get("facet", "")) for r in rows))
+  lows = [float(r.get("lo", r["auroc"])) for r in rows] or [0.5]
+  ylim = (max(0.0, min(min(lows), 0.5) - 0.03), 1.0)
+  n = len(facets)
+  fig, axes = plt.subplots(n, 1, figsize=(figsize[0], figsize[1] if n == 1 else 1.0 + 3.2 * n), sharex=True,
+                           squeeze=False)
+  for i, (facet, ax) in enumerate(zip(facets, axes[:, 0])):
+    _auroc_panel(ax, [r for r in rows if str(r.get("facet", "")) == facet], lead_sets, kinds, ylim)
+    if n > 1:
+      ax.set_title(facet, fontsize=10, loc="left")
+    if i == n - 1:
+      ax.set_xlabel("lead set")
+    if i == 0:
+      ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)  # never over an interval
+  if title:
+    if n == 1:
+      axes[0, 0].set_title(title)
+    else:
+      fig.suptitle(title)
+  fig.tight_layout()
+  return _save(fig, path, dpi)
+
+
+def _auroc_panel(ax, rows: Sequence[Mapping[str, Any]], lead_sets: Sequence[str], kinds: Sequence[str],
+                 ylim: tuple[float, float]) -> None:
+  """One panel of `plot_lead_set_auroc`: every kind's markers at its lead sets (a kind keeps its colour)."""
   colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-  fig, ax = plt.subplots(figsize=figsize)
   width = 0.7 / max(len(kinds), 1)
   real_i = 0
   for k, kind in enumerate(kinds):
     pts = [r for r in rows if str(r["kind"]) == kind]
+    random = _is_random(kind)
+    color = "#7f7f7f" if random else colors[real_i % len(colors)]
+    real_i += 0 if random else 1
+    if not pts:
+      continue
     xs = np.array([lead_sets.index(str(r["lead_set"])) for r in pts]) + (k - (len(kinds) - 1) / 2) * width
     a = np.array([float(r["auroc"]) for r in pts])
     lo = np.array([float(r.get("lo", np.nan)) for r in pts])
     hi = np.array([float(r.get("hi", np.nan)) for r in pts])
     yerr = np.stack([np.nan_to_num(a - lo), np.nan_to_num(hi - a)])
-    if _is_random(kind):
-      eb = ax.errorbar(xs, a, yerr=yerr, fmt="s", color="#7f7f7f", mfc="white", mew=1.5, ms=7, capsize=4,
+    if random:
+      eb = ax.errorbar(xs, a, yerr=yerr, fmt="s", color=color, mfc="white", mew=1.5, ms=7, capsize=4,
                        elinewidth=1.2, label=kind)
       eb[-1][0].set_linestyle("--")
     else:
-      ax.errorbar(xs, a, yerr=yerr, fmt="o", color=colors[real_i % len(colors)], ms=7, capsize=4, elinewidth=1.5,
-                  label=kind)
-      real_i += 1
+      ax.errorbar(xs, a, yerr=yerr, fmt="o", color=color, ms=7, capsize=4, elinewidth=1.5, label=kind)
     for x_, a_ in zip(xs, a):
       ax.annotate(f"{a_:.3f}", (x_, a_), xytext=(6, 0), textcoords="offset points", fontsize=7, va="center")
   ax.axhline(0.5, color="#bbbbbb", linestyle=":", linewidth=1.0, zorder=0)
   ax.set_xticks(range(len(lead_sets)))
   ax.set_xticklabels(lead_sets)
   ax.set_xlim(-0.6, len(lead_sets) - 0.4)
-  lows = [float(r.get("lo", r["auroc"])) for r in rows] or [0.5]
-  ax.set_ylim(max(0.0, min(min(lows), 0.5) - 0.03), 1.0)
-  ax.set_xlabel("lead set")
+  ax.set_ylim(*ylim)
   ax.set_ylabel("AUROC (95 % CI)")
   ax.grid(axis="y", color="#eeeeee")
   ax.set_axisbelow(True)
-  ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)  # never over an interval
-  if title:
-    ax.set_title(title)
-  fig.tight_layout()
-  return _save(fig, path, dpi)
 
 
 def plot_roc_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray, float]], path: str | os.PathLike, *,

@@ -1,14 +1,16 @@
 """The report every evaluating program writes into its workdir: tables as Markdown, CSV and JSON, and figures.
 
-A row is one (task, model, lead set): macro AUROC, macro AUPRC and macro F1, each with its 95 % patient-level
-bootstrap interval (`<metric>_lo`, `<metric>_hi`), the record and patient counts, the positives of each class, how
-it was evaluated, and under `classes` the same figures for every class (one-vs-rest), from the same resamples.
+A row is one (task, model, lead set; a probe's rows also one `block` and one `head`): macro AUROC, macro AUPRC and
+macro F1, each with its 95 % patient-level bootstrap interval (`<metric>_lo`, `<metric>_hi`), the record and
+patient counts, the positives of each class, how it was evaluated, and under `classes` the same figures for every
+class (one-vs-rest), from the same resamples.
 `task_row` builds it (probe and fine-tune both call it); warnings about too few records ride along and become
 notes.
 
 Files: report.md (macro table, then a per-class table for tasks with several classes, then notes), report.csv (one
 line per row and class: `class` is `macro` or the class name), report.json (rows + provenance),
-auroc_<task>.png (AUROC per lead set with intervals, one marker per model) and roc_<task>.png (ROC curves).
+auroc_<task>.png (AUROC per lead set with intervals, one marker per model; with several blocks or heads one panel per
+(block, head), the random encoder's markers in each) and roc_<task>.png (ROC curves).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from typing import Any
 import numpy as np
 
 METRICS = ("auroc", "auprc", "f1")
-COLUMNS = ("task", "model", "lead_set", "class", "n_records", "n_patients", "n_positive", "protocol",
+COLUMNS = ("task", "model", "lead_set", "block", "head", "class", "n_records", "n_patients", "n_positive", "protocol",
            *(f"{m}{s}" for m in METRICS for s in ("", "_lo", "_hi")), "l2")
 # Below these a figure is reported but flagged: with 10 positives AUROC's standard error is already ~0.05-0.09
 # (Hanley & McNeil 1982), and a patient bootstrap over fewer than 10 patients cannot describe a population.
@@ -101,6 +103,36 @@ def task_row(task: str, model: str, lead_set: str, labels: np.ndarray, scores: n
   return row, (fpr, tpr, row["auroc"])
 
 
+def probe_notes(blocks: Sequence[str], heads: Sequence[str], *, depth: int | None = None,
+                mlp: Mapping[str, Any] | None = None) -> list[str]:
+  """What a probe report's `block` and `head` columns mean (the blocks resolved against the encoder's depth)."""
+  from stmem import features
+  named = []
+  for b in blocks:
+    numbers = features.block_numbers(b, depth) if depth is not None else None
+    if b == "last":
+      named.append("last = the encoder's pooled output (after its last block)")
+    elif numbers is not None and (b == "mid" or len(numbers) > 1):
+      named.append(f"{b} = " + (f"block {numbers[0]}" if len(numbers) == 1 else
+                                f"mean of blocks {numbers[0]} to {numbers[-1]}"))
+  out = []
+  if list(blocks) != ["last"]:
+    out.append(f"blocks (numbered 1 to {depth if depth is not None else 'the depth'}; each pooled and put through "
+               f"the final LayerNorm): " + "; ".join(named or [f"block {b}" for b in blocks]))
+  if "mlp" in heads:
+    m = dict(mlp or {})
+    out.append(f"head mlp: one hidden layer of {m.get('hidden', '?')} GELU units on standardised features, "
+               f"full-batch Adam for up to {m.get('steps', '?')} steps; its L2 and its length of training (one of "
+               f"{m.get('snapshots', '?')} step counts) chosen on validation, as the linear head's L2; the `steps` "
+               f"field of report.json is the median over folds")
+  return out
+
+
+def _columns(rows: Sequence[Mapping[str, Any]]) -> tuple[str, ...]:
+  """The row-identifying keys shown: task, model, lead set, and block and head where any row has them."""
+  return ("task", "model", "lead_set", *(k for k in ("block", "head") if any(k in r for r in rows)))
+
+
 def _fmt(v: Any) -> str:
   if isinstance(v, float):
     return "nan" if not np.isfinite(v) else f"{v:.3f}"
@@ -127,22 +159,23 @@ def all_notes(rows: Sequence[Mapping[str, Any]], notes: Sequence[str] = ()) -> l
 
 def markdown(rows: Sequence[Mapping[str, Any]], title: str = "", notes: Sequence[str] = ()) -> str:
   lines = [f"# {title}", ""] if title else []
-  head = ["task", "model", "lead set", "records (patients)", "positives", "macro AUROC [95 % CI]",
-          "macro AUPRC [95 % CI]", "macro F1 [95 % CI]"]
+  keys = _columns(rows)
+  names = [k.replace("_", " ") for k in keys]
+  head = [*names, "records (patients)", "positives", "macro AUROC [95 % CI]", "macro AUPRC [95 % CI]",
+          "macro F1 [95 % CI]"]
   lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
-    cells = [r["task"], r["model"], r["lead_set"], f"{r['n_records']} ({r['n_patients']})", _positives(r)]
+    cells = [*(r.get(k, "") for k in keys), f"{r['n_records']} ({r['n_patients']})", _positives(r)]
     cells += [_ci(r, m) for m in METRICS]
     lines.append("| " + " | ".join(str(c) for c in cells) + " |")
   several = [r for r in rows if len(r.get("classes", ())) > 1]
   if several:
-    head = ["task", "model", "lead set", "class", "positives / negatives", "AUROC [95 % CI]", "AUPRC [95 % CI]",
-            "F1 [95 % CI]"]
+    head = [*names, "class", "positives / negatives", "AUROC [95 % CI]", "AUPRC [95 % CI]", "F1 [95 % CI]"]
     lines += ["", "Per class (one-vs-rest, same bootstrap resamples as the macro figures):", "",
               "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in several:
       for c in r["classes"]:
-        cells = [r["task"], r["model"], r["lead_set"], c["class"], f"{c['n_positive']} / {c['n_negative']}"]
+        cells = [*(r.get(k, "") for k in keys), c["class"], f"{c['n_positive']} / {c['n_negative']}"]
         cells += [_ci(c, m) for m in METRICS]
         lines.append("| " + " | ".join(str(x) for x in cells) + " |")
   lines += [""] + [f"- {n}" for n in all_notes(rows, notes)]
@@ -150,13 +183,15 @@ def markdown(rows: Sequence[Mapping[str, Any]], title: str = "", notes: Sequence
 
 
 def _csv_lines(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-  """The macro row, then one line per class when there are several (with the row's task, model, lead set)."""
+  """The macro row, then one line per class when there are several (with the row's task, model, lead set, block
+  and head)."""
   out = []
   for r in rows:
     out.append({k: v for k, v in r.items() if k not in ("classes", "positives", "warnings")})
     if len(r.get("classes", ())) > 1:
       for c in r["classes"]:
-        out.append({"task": r["task"], "model": r["model"], "lead_set": r["lead_set"], "n_records": r["n_records"],
+        out.append({**{k: r[k] for k in ("task", "model", "lead_set", "block", "head") if k in r},
+                    "n_records": r["n_records"],
                     "n_patients": r["n_patients"], "protocol": r.get("protocol", ""), **c})
   return out
 
@@ -188,8 +223,10 @@ def write(workdir: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]], *,
                                        "notes": all_notes(rows, notes),
                                        "info": dict(info or {})}, indent=2, default=str))
   for task in dict.fromkeys(r["task"] for r in rows):
+    # Several blocks or heads: one panel per (block, head), each as the single-panel figure (every lead set, the
+    # checkpoint beside the random encoder), rather than 2 x blocks x heads markers crowding each lead set.
     pts = [{"lead_set": r["lead_set"], "auroc": r["auroc"], "lo": r["auroc_lo"], "hi": r["auroc_hi"],
-            "kind": r["model"]} for r in rows if r["task"] == task and np.isfinite(r["auroc"])]
+            "kind": r["model"], "facet": _facet(r)} for r in rows if r["task"] == task and np.isfinite(r["auroc"])]
     if pts:
       paths[f"auroc_{task}"] = pathlib.Path(plots.plot_lead_set_auroc(
         pts, out / f"auroc_{_safe(task)}.png", title=f"{task}: macro AUROC by lead set (95 % patient bootstrap)"))
@@ -199,6 +236,12 @@ def write(workdir: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]], *,
         curves[task], out / f"roc_{_safe(task)}.png",
         title=f"{task}: ROC (test predictions" + ("; macro-average over classes)" if several else ")")))
   return {k: os.fspath(v) for k, v in paths.items()}
+
+
+def _facet(r: Mapping[str, Any]) -> str:
+  if "block" not in r and "head" not in r:
+    return ""
+  return f"block {r.get('block', 'last')}, {r.get('head', 'linear')} head"
 
 
 def _safe(name: str) -> str:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import csv
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -99,34 +99,41 @@ def eval_batches(source: Any, contract: Any, *, lead_set: Any, batch_size: int, 
 
 
 def extract_one_process(encoders: Mapping[str, Any], source: Any, contract: Any, *, lead_set: Any = None,
-                        batch_size: int = 32, last_blocks: int = 0, crops: int = 3
+                        batch_size: int = 32, blocks: Sequence[str] = (), crops: int = 3
                         ) -> dict[str, Any]:
   """The oracle of `stmem.features.extract` (the sharded pass): the same features computed in one process, on one
   device, batch by batch in source order, for each encoder (one data pass feeds them all).
 
-  Returns {"features": {name: (N, D) float32}, "labels": (N, C), "record_id": (N,) str, "patient_id": (N,) str}.
-  Features are averaged over the `crops` evaluation crops of each example.
+  Returns {"features": {name: (N, D) float32}, "labels": (N, C), "record_id": (N,) str, "patient_id": (N,) str}
+  and, with `blocks`, "blocks": {spec: {name: (N, D)}}. Features are averaged over the `crops` evaluation crops of
+  each example.
   """
   from flax import nnx
 
   from stmem.features import feature_fn
-  fn = feature_fn(last_blocks)
+  fn = feature_fn(tuple(blocks))
   split = {name: nnx.split(getattr(e, "encoder", e)) for name, e in encoders.items()}
   feats: dict[str, list[np.ndarray]] = {name: [] for name in encoders}
+  by_block: dict[str, dict[str, list[np.ndarray]]] = {spec: {name: [] for name in encoders} for spec in blocks}
   labels, rids, pids = [], [], []
   it = eval_batches(source, contract, lead_set=lead_set, batch_size=batch_size, crops=crops)
   for batch in it:
     valid = batch["valid"]
     for name, (graphdef, state) in split.items():
-      out = fn(graphdef, state, batch["signal"], batch["lead_ids"], batch["lead_mask"])["pooled"]
-      feats[name].append(np.asarray(out)[valid])
+      out = fn(graphdef, state, batch["signal"], batch["lead_ids"], batch["lead_mask"])
+      feats[name].append(np.asarray(out["pooled"])[valid])
+      for spec in blocks:
+        by_block[spec][name].append(np.asarray(out["blocks"][spec])[valid])
     labels.append(batch["labels"][valid])
     rids += [r.decode() for r in batch["record_id"][valid]]
     pids += [p.decode() for p in batch["patient_id"][valid]]
   n_labels = labels[0].shape[1] if labels else 0
-  return {"features": {k: np.concatenate(v) if v else np.zeros((0, 0), np.float32) for k, v in feats.items()},
-          "labels": np.concatenate(labels) if labels else np.zeros((0, n_labels), np.float32),
-          "record_id": np.asarray(rids, dtype=str), "patient_id": np.asarray(pids, dtype=str)}
+  out = {"features": {k: np.concatenate(v) if v else np.zeros((0, 0), np.float32) for k, v in feats.items()},
+         "labels": np.concatenate(labels) if labels else np.zeros((0, n_labels), np.float32),
+         "record_id": np.asarray(rids, dtype=str), "patient_id": np.asarray(pids, dtype=str)}
+  if blocks:
+    out["blocks"] = {spec: {k: np.concatenate(v) for k, v in f.items()} for spec, f in by_block.items()}
+  return out
 
 
 def embed_arrays(encoder: Any, signal: np.ndarray, lead_ids: np.ndarray, lead_mask: np.ndarray | None = None,

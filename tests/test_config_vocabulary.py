@@ -42,6 +42,8 @@ VOCABULARY = {
   "a weighted mix of sources": "data.sources",
   "evaluators scoring training records": "data.allow_overlap",
   "lead sets swept": "lead_sets",
+  "encoder blocks probed (probe)": "blocks",
+  "heads probed (probe)": "heads",
   "an evaluator's cadence (in its evals.NAME block)": "every",
   "seed": "seed",
   "global batch": "batch_size",
@@ -76,6 +78,7 @@ RETIRED = {
   "layer_decay": "optim.layer_decay",
   "keep": "checkpoint.keep",
   "async_save": "checkpoint.async_save",
+  "last_blocks": "blocks",
 }
 
 # Blocks that configure a program or a part of one on their own: their keys are read relative to the block.
@@ -180,6 +183,7 @@ def test_the_command_line_table_of_renamed_keys_agrees_with_this_one():
   (["probe", "--config", "probe:test", "--config.synthetic_n=40"], "--config.data.num_synthetic"),
   (["probe", "--config", "probe:test", "--config.data_root=/data"], "--config.data.records"),
   (["probe", "--config", "probe:test", "--config.data_dir=/data"], "--config.data.data_dir"),
+  (["probe", "--config", "probe:test", "--config.last_blocks=2"], "--config.blocks"),
   (["pretrain", "--config", "pretrain:tiny", "--config.model=base"], "--config.model.variant"),
   (["study", "--config", "study:smoke", "--config.probe.data_root=/data"], "--config.probe.data.records"),
   (["embed", "--checkpoint", "CKPT", "--records", "DIR", "--out", "F"], "--init_from"),

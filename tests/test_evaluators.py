@@ -5,8 +5,12 @@ import json
 import pytest
 
 # The probe's settings, as `stmem probe` options and as the pretraining evaluator's: small enough for CI.
+# Block 1 of the tiny model's 2 beside the last, the MLP head beside the linear one.
 PROBE = {"data.num_synthetic": 60, "lead_sets": "12,I", "use_splits": False, "cv_folds": 3, "l2_grid": "(0.01,1.0,100.0)", "lbfgs_steps": 20,
-         "bootstrap": 50, "seed": 3}
+         "bootstrap": 50, "seed": 3, "blocks": "last,1", "heads": "linear,mlp", "mlp_hidden": 32, "mlp_steps": 40,
+         "mlp_snapshots": 2}
+# The metrics' names: a block other than `last` and a head other than `linear` are named, the defaults are not.
+NAMES = [f"{ls}{b}{h}" for ls in ("12", "I") for b in ("", "/1") for h in ("", "/mlp")]
 
 
 def _lines(workdir):
@@ -28,19 +32,21 @@ def test_pretraining_logs_evaluators_and_stmem_probe_agrees(tmp_path):
   assert sorted(lines) == [2, 3, 4]
   assert {k for k in lines[2] if k.startswith("eval/")} == {"eval/heldout/loss", "eval/heldout/seconds"}
   assert {k for k in lines[3] if k.startswith("eval/")} == {
-    "eval/probe/seconds", *(f"eval/probe/{ls}/{m}" for ls in ("12", "I") for m in ("auroc", "auroc_lo", "auroc_hi"))}
+    "eval/probe/seconds", *(f"eval/probe/{n}/{m}" for n in NAMES for m in ("auroc", "auroc_lo", "auroc_hi"))}
   assert "eval/heldout/loss" in lines[4] and "eval/probe/12/auroc" in lines[4] and "loss" in lines[4]
   assert "loss" not in lines[2] and "loss" not in lines[3]  # training metrics only at log steps
   assert lines[4]["eval/heldout/loss"] != lines[2]["eval/heldout/loss"]  # the live parameters, not a copy
-  assert all(0 <= lines[s][f"eval/probe/{ls}/auroc"] <= 1 for s in (3, 4) for ls in ("12", "I"))
+  assert all(0 <= lines[s][f"eval/probe/{n}/auroc"] <= 1 for s in (3, 4) for n in NAMES)
 
   out = tmp_path / "probe"
   assert programs.run(["probe", "--config", "probe:synthetic", f"--config.init_from={run}", "--workdir", str(out),
                        "--config.random_baseline=False", *(f"--config.{k}={v}" for k, v in PROBE.items())]) == 0
   rows = json.loads((out / "report.json").read_text())["rows"]
-  assert {r["lead_set"] for r in rows} == {"12", "I"}
+  assert {r["lead_set"] for r in rows} == {"12", "I"} and len(rows) == len(NAMES)
+  assert {(r["block"], r["head"]) for r in rows} == {(b, h) for b in ("last", "1") for h in ("linear", "mlp")}
   for r in rows:
-    assert abs(r["auroc"] - lines[4][f"eval/probe/{r['lead_set']}/auroc"]) < 1e-6, r["lead_set"]
+    name = r["lead_set"] + ("/1" if r["block"] == "1" else "") + ("/mlp" if r["head"] == "mlp" else "")
+    assert abs(r["auroc"] - lines[4][f"eval/probe/{name}/auroc"]) < 1e-6, name
 
 
 def test_evaluators_turn_off_and_refuse_bad_blocks(tmp_path):
@@ -95,5 +101,8 @@ def test_probe_defaults_are_the_probe_programs():
   c = probe_config.get_config(probe_config.PRESETS[0])  # the file's defaults
   for key, value in evaluators.PROBE_DEFAULTS.items():
     if key in ("tasks", "lead_sets"):  # an evaluator probes the simulator's classes on 12 leads unless told
+      continue
+    if key == "heads":  # the shared preset (the first) fits both heads; the file's default, and an evaluator's, is
+      assert c[key] == "linear,mlp" and probe_config.get_config("test")[key] == value  # the linear one
       continue
     assert c[key] == value, key

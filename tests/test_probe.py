@@ -84,10 +84,11 @@ def test_lead_set_in_any_order_is_fed_by_name(ckpt, synthetic_pool):
   np.testing.assert_allclose(a["features"]["m"], b["features"]["m"], atol=2e-5)
   assert np.abs(a["features"]["m"] - c["features"]["m"]).max() > 1e-3
   assert list(a["record_id"]) == list(pool.record_id)
-  # The last k blocks: k=1 is the usual pooled feature.
-  d = features.extract({"m": loaded}, pool.source, pool.contract, lead_set="I+aVF+V2", batch_size=4, last_blocks=1,
-                       mesh=mesh)
-  np.testing.assert_allclose(d["features"]["m"], b["features"]["m"], atol=2e-5)
+  # Block 1 of this one-block encoder is its last: the usual pooled feature, from the same pass.
+  d = features.extract({"m": loaded}, pool.source, pool.contract, lead_set="I+aVF+V2", batch_size=4,
+                       blocks=("1", "last"), mesh=mesh)
+  np.testing.assert_allclose(d["blocks"]["1"]["m"], b["features"]["m"], atol=2e-5)
+  np.testing.assert_array_equal(d["blocks"]["last"]["m"], d["features"]["m"])
 
 
 def test_contract_mismatch_refused_or_adapted(synthetic_pool):
@@ -132,3 +133,118 @@ def test_probe_program_on_synthetic(ckpt, tmp_path):
   assert all(r["auroc_lo"] <= r["auroc"] <= r["auroc_hi"] for r in rows)
   for name in ("report.md", "report.csv", "auroc_synthetic.png", "roc_synthetic.png"):
     assert (out / name).stat().st_size > 0
+
+
+def _deep_encoder():
+  from flax import nnx
+
+  from stmem.models import Encoder, model_config
+  return Encoder(model_config("tiny", width=32, depth=3, num_heads=1), rngs=nnx.Rngs(0))
+
+
+def test_block_features_are_the_blocks_outputs_pooled(ckpt):
+  """Features of block 2 and of blocks 1-3 (one forward pass) equal the same pooling applied to the outputs of
+  the encoder's blocks run one by one, and differ from the last block's."""
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from stmem import features
+  encoder = _deep_encoder()
+  rng = np.random.default_rng(0)
+  signal = rng.normal(size=(2, 12, 750)).astype(np.float32)
+  lead_ids = np.tile(np.arange(12, dtype=np.int32), (2, 1))
+  lead_mask = np.ones((2, 12), bool)
+  lead_mask[1, 3:] = False  # the second ECG has leads I, II, III only
+  fn = features.feature_fn(("last", "2", "1-3", "mid"))
+  got = fn(*nnx.split(encoder), signal, lead_ids, lead_mask)
+
+  # By hand: the tokens through block 1, 2, 3 in turn (row i of the stacked parameters is block i + 1).
+  x = encoder.add_sep_and_leads(encoder.embed_patches(jnp.asarray(signal)), jnp.asarray(lead_ids))
+  b, l, s, d = x.shape
+  h = x.reshape(b, l * s, d)
+  key_mask = jnp.repeat(jnp.asarray(lead_mask), s, axis=1)
+  graphdef, stacked = nnx.split(encoder.blocks)
+  pooled = []
+  for i in range(3):
+    h = nnx.merge(graphdef, _row(stacked, i))(h, key_mask, None)
+    patch = np.asarray(h).reshape(b, l, s, d)[:, :, 1:-1]
+    mean = (patch * lead_mask[:, :, None, None]).sum(axis=(1, 2)) / (lead_mask.sum(1)[:, None] * patch.shape[2])
+    pooled.append(np.asarray(encoder.norm(jnp.asarray(mean))))
+  np.testing.assert_allclose(got["blocks"]["2"], pooled[1], atol=1e-4)
+  np.testing.assert_allclose(got["blocks"]["mid"], pooled[1], atol=1e-4)  # (3 + 1) // 2
+  np.testing.assert_allclose(got["blocks"]["1-3"], np.mean(pooled, axis=0), atol=1e-4)
+  np.testing.assert_allclose(got["blocks"]["last"], pooled[2], atol=1e-4)
+  np.testing.assert_array_equal(got["blocks"]["last"], got["pooled"])
+  assert np.abs(got["blocks"]["2"] - got["pooled"]).max() > 1e-2
+  assert np.abs(got["blocks"]["1-3"] - got["pooled"]).max() > 1e-2
+
+
+def test_block_features_of_mtae_and_mlae_are_pooled_as_their_last():
+  """MTAE / MLAE blocks (CLS first, no SEPs) are pooled as their encoders pool the last block: block `depth` is
+  `last`, and an earlier block differs."""
+  from flax import nnx
+
+  from stmem import features
+  from stmem.models import encoder_model, model_config
+  rng = np.random.default_rng(1)
+  signal = rng.normal(size=(2, 12, 2250)).astype(np.float32)
+  lead_ids = np.tile(np.arange(12, dtype=np.int32), (2, 1))
+  for method in ("mtae", "mlae"):
+    encoder = encoder_model(model_config("tiny", width=32, depth=2, num_heads=1, method=method), rngs=nnx.Rngs(0))
+    got = features.feature_fn(("1", "2"))(*nnx.split(encoder), signal, lead_ids, np.ones((2, 12), bool))
+    np.testing.assert_allclose(got["blocks"]["2"], got["pooled"], atol=1e-4, err_msg=method)
+    assert np.abs(got["blocks"]["1"] - got["pooled"]).max() > 1e-2, method
+
+
+def _row(state, i):
+  import jax
+  return jax.tree.map(lambda leaf: leaf[i], state)
+
+
+def test_bad_block_specs_are_one_line_usage_errors(ckpt, tmp_path, capsys):
+  from data_pipelines.errors import UsageError
+  from stmem import features, programs
+  assert features.parse_blocks("last, mid,4-8,12", depth=12) == ["last", "mid", "4-8", "12"]
+  assert features.block_numbers("mid", 12) == (6,) and features.block_numbers("4-8", 12) == (4, 5, 6, 7, 8)
+  for bad in ("13", "0", "8-4", "4:8", "-2", "first", "2-14"):
+    with pytest.raises(UsageError, match=f"bad block spec '{bad}' of a model of depth 12"):
+      features.parse_blocks(f"last,{bad}", depth=12)
+  assert programs.run(["probe", "--config", "probe:synthetic", f"--config.init_from={ckpt}", "--config.blocks=last,2",
+                       "--workdir", str(tmp_path / "w")]) == 2
+  err = capsys.readouterr().err.strip().splitlines()  # the checkpoint's log line, then the error
+  assert [line for line in err if "error:" in line] == err[-1:], err
+  assert "--config.blocks: bad block spec '2' of a model of depth 1; use last, mid, K or A-B" in err[-1], err
+  assert programs.run(["probe", "--config", "probe:synthetic", f"--config.init_from={ckpt}",
+                       "--config.heads=linear,svm", "--workdir", str(tmp_path / "w")]) == 2
+  assert "--config.heads='linear,svm'" in capsys.readouterr().err
+  assert programs.run(["probe", "--config", "probe:synthetic", f"--config.init_from={ckpt}", "--config.heads=mlp",
+                       "--config.mlp_snapshots=3", "--workdir", str(tmp_path / "w")]) == 2
+  assert "--config.mlp_snapshots=3" in capsys.readouterr().err
+
+
+def test_mlp_head_beats_linear_on_xor_and_ties_on_a_linear_problem():
+  from stmem import mlp_head
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=(400, 6))
+  tr, va, te = slice(0, 200), slice(200, 300), slice(300, 400)
+
+  def scored(y, fit):
+    head, _ = linear_heads.select(fit(x[tr], y[tr]), x[va], y[va])
+    return scoring.auroc(y[te, 0], head.predict(x[te])[:, 0]), head
+
+  linear = lambda x, y: linear_heads.fit(x, y, l2s=(1e-2, 1.0), steps=30)  # noqa: E731
+  mlp = lambda x, y: mlp_head.fit(x, y, seed=0, hidden=64, steps=160)  # noqa: E731
+  xor = ((x[:, 0] > 0) ^ (x[:, 1] > 0)).astype(np.float32)[:, None]
+  lin_xor, _ = scored(xor, linear)
+  mlp_xor, head = scored(xor, mlp)
+  assert lin_xor < 0.65 and mlp_xor > 0.9, (lin_xor, mlp_xor)
+  assert head.steps in (40, 80, 120, 160) and head.l2 in mlp_head.L2_GRID  # chosen among the snapshots and grid
+  w = rng.normal(size=(6, 1))
+  plane = (x @ w + 0.5 * rng.normal(size=(400, 1)) > 0).astype(np.float32)
+  lin_plane, _ = scored(plane, linear)
+  mlp_plane, _ = scored(plane, mlp)
+  assert lin_plane > 0.9 and abs(mlp_plane - lin_plane) < 0.03, (lin_plane, mlp_plane)
+  # deterministic from the seed; another seed, another initialisation
+  again = mlp_head.fit(x[tr], xor[tr], seed=0, hidden=64, steps=160)
+  np.testing.assert_array_equal(again[0].w1, mlp(x[tr], xor[tr])[0].w1)
+  assert not np.array_equal(mlp_head.fit(x[tr], xor[tr], seed=1, hidden=64, steps=160)[0].w1, again[0].w1)

@@ -119,3 +119,35 @@ def test_multilabel_report_gives_per_class_rows_and_thresholded_f1():
   by = {c["class"]: c for c in row["classes"]}
   assert by["NORM"]["f1"] == scoring.f1(y[:, 0], pred[:, 0]) and by["NORM"]["auroc"] > by["HYP"]["auroc"]
   assert "| ptbxl | checkpoint | 12 | MI |" in report.markdown([row])
+
+
+def test_probe_report_has_block_and_head_axes(tmp_path):
+  """Rows of several blocks and heads: block and head columns in report.md (both tables), .csv and .json, and the
+  AUROC figure drawn with one panel per (block, head)."""
+  y, s, pids = _multiclass(n=80)
+  pred = scoring.predictions(s, None, True)
+  rows = []
+  for block in ("last", "4-8"):
+    for head in ("linear", "mlp"):
+      for model in ("checkpoint", "random init"):
+        row, _ = report.task_row("cinc2017", model, "I", y, s, pred, pids, class_names=CLASSES, multiclass=True,
+                                 protocol="5-fold", n_resamples=20, seed=0, block=block, head=head)
+        rows.append(row)
+  notes = report.probe_notes(["last", "4-8"], ["linear", "mlp"], depth=12,
+                             mlp={"hidden": 256, "steps": 200, "snapshots": 4})
+  paths = report.write(tmp_path, rows, title="Frozen-encoder probe", notes=notes)
+  md = (tmp_path / "report.md").read_text()
+  assert "| task | model | lead set | block | head | records (patients) |" in md
+  assert "| cinc2017 | random init | I | 4-8 | mlp | 80 (40) |" in md
+  assert "| cinc2017 | checkpoint | I | 4-8 | mlp | ~ |" in md  # the per-class table too
+  assert "4-8 = mean of blocks 4 to 8" in md and "head mlp: one hidden layer of 256 GELU units" in md
+  lines = list(csv.DictReader(open(paths["csv"])))
+  macro = [(r["block"], r["head"], r["model"]) for r in lines if r["class"] == "macro"]
+  assert macro == [(b, h, m) for b in ("last", "4-8") for h in ("linear", "mlp") for m in ("checkpoint", "random init")]
+  assert {(r["block"], r["head"]) for r in lines if r["class"] == "~"} == {(b, h) for b in ("last", "4-8")
+                                                                          for h in ("linear", "mlp")}
+  saved = json.loads((tmp_path / "report.json").read_text())["rows"]
+  assert [(r["block"], r["head"]) for r in saved] == [(r["block"], r["head"]) for r in rows]
+  assert (tmp_path / "auroc_cinc2017.png").stat().st_size > 0
+  # A report without the axes (fine-tuning's) keeps its columns.
+  assert "| block |" not in report.markdown([{k: v for k, v in rows[0].items() if k not in ("block", "head")}])

@@ -37,11 +37,12 @@ def test_feature_pass_on_8_devices_equals_one_device():
                              "labels": rng.integers(0, 2, (11, 2)).astype(np.float32)})
   a = features.random_encoder(model_config("tiny", width=64, depth=1, num_heads=1), seed=0)
   encoders = {"a": a, "b": features.random_encoder(a, seed=1)}
-  one = extract_one_process(encoders, source, Contract(), lead_set="I+II", batch_size=4)
+  one = extract_one_process(encoders, source, Contract(), lead_set="I+II", batch_size=4, blocks=("1",))
   mesh = sharding.make_mesh([("data", -1)], devices=jax.devices()[:8])
-  eight = features.extract(encoders, source, Contract(), mesh=mesh, lead_set="I+II", batch_size=4)
+  eight = features.extract(encoders, source, Contract(), mesh=mesh, lead_set="I+II", batch_size=4, blocks=("1",))
   assert list(eight["record_id"]) == list(one["record_id"]) and len(one["record_id"]) == 11
   np.testing.assert_array_equal(eight["labels"], one["labels"])
   for name in encoders:
     np.testing.assert_allclose(eight["features"][name], one["features"][name], atol=1e-5)
+    np.testing.assert_allclose(eight["blocks"]["1"][name], one["blocks"]["1"][name], atol=1e-5)
   assert not np.allclose(eight["features"]["a"], eight["features"]["b"])  # two encoders, not one twice

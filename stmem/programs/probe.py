@@ -1,13 +1,14 @@
-"""`stmem probe`: a linear probe of a frozen encoder on one or more tasks, swept over lead sets.
+"""`stmem probe`: probes of a frozen encoder on one or more tasks, swept over lead sets, blocks and heads.
 
   stmem probe --config configs/probe.py:shared --config.init_from=CKPT --workdir DIR   (see configs/probe.py)
 
 The probe evaluator that pretraining runs (`stmem.evaluators.Probe`), run on a checkpoint: the same data, features,
 heads and metrics, so a checkpoint probed here scores what the evaluator logged at its step. Read top to bottom:
 encoders (the checkpoint and a randomly initialised twin), the probe (pools of records and tasks over them), then for
-every pool and lead set one feature pass feeding every encoder and for every task a logistic regression per fold (L2
-chosen on validation, F1 thresholds chosen on validation, the test rows scored once), then the report with 95 %
-patient-level bootstrap intervals.
+every pool and lead set one feature pass feeding every encoder and every block asked for, and for every task, block
+and head a head per fold (a logistic regression with its L2 chosen on validation, or an MLP with its L2 and length
+of training chosen on validation; F1 thresholds chosen on validation, the test rows scored once), then the report
+with 95 % patient-level bootstrap intervals.
 """
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ def run(config, workdir) -> dict:
     encoders["random init"] = features.random_encoder(main_encoder, seed=int(config.random_seed))
 
   # ------------------------------------------------------------------------------------------ data
-  probe = evaluators.Probe(config, contract=main_encoder.contract, mesh=mesh, log=log)
+  probe = evaluators.Probe(config, contract=main_encoder.contract, mesh=mesh, log=log,
+                           depth=main_encoder.encoder.cfg.depth)
   notes = [f"encoder: {config.init_from or config.model.variant} (fingerprint {main_encoder.fingerprint}); "
            f"random init: same architecture, seed {config.random_seed}"]
   for pool in probe.pools.values():
@@ -62,13 +64,19 @@ def run(config, workdir) -> dict:
   notes += [f"{probe.title(t)}: {probe.protocols[t.name][3]}" for _, t in probe.tasks]
   notes.append(f"intervals: 95 % percentile bootstrap over patients ({config.bootstrap} resamples); F1 thresholds "
                f"chosen on validation; L2 chosen on validation {config.select_on}")
-  paths = report.write(workdir, rows, title="Linear probe", curves=curves, notes=notes,
+  notes += report.probe_notes(probe.blocks, probe.heads, depth=main_encoder.encoder.cfg.depth,
+                              mlp={k: config.get(f"mlp_{k}") for k in ("hidden", "steps", "snapshots")})
+  title = "Linear probe" if probe.heads == ["linear"] else "Frozen-encoder probe"
+  paths = report.write(workdir, rows, title=title, curves=curves, notes=notes,
                        info={"config": config.to_dict(), "fingerprint": main_encoder.fingerprint,
                              "contract": main_encoder.contract.to_dict(), "seconds": round(time.time() - start, 1)})
   log.text(pathlib.Path(paths["markdown"]).read_text())
   log(f"report in {workdir} ({time.time() - start:.0f} s)")
   return {"workdir": str(workdir), "report": str(paths["markdown"]),
-          "auroc": {f"{r['task']} / {r['model']} / {r['lead_set']}": r["auroc"] for r in rows}}
+          "auroc": {" / ".join([r["task"], r["model"], r["lead_set"],
+                                *([r["block"]] if r["block"] != evaluators.DEFAULT_BLOCK else []),
+                                *([r["head"]] if r["head"] != evaluators.DEFAULT_HEAD else [])]): r["auroc"]
+                    for r in rows}}
 
 
 def main(argv: Sequence[str]) -> int:

@@ -146,13 +146,13 @@ def loss_figure(curves: dict, refs: dict, path: pathlib.Path) -> str:
 
 
 def aggregate(rows: Sequence[dict]) -> list[dict]:
-  """Per (task, model, lead set): the mean over seeds of every metric and of its interval ends, and the seeds'
-  spread (min, max) of the AUROC."""
+  """Per (task, model, lead set, block, head): the mean over seeds of every metric and of its interval ends, and
+  the seeds' spread (min, max) of the AUROC."""
   groups: dict[tuple, list[dict]] = {}
   for r in rows:
-    groups.setdefault((r["task"], r["model"], r["lead_set"]), []).append(r)
+    groups.setdefault((r["task"], r["model"], r["lead_set"], r.get("block"), r.get("head")), []).append(r)
   out = []
-  for (task, model, lead_set), rs in groups.items():
+  for rs in groups.values():
     row = {k: v for k, v in rs[0].items() if not isinstance(v, float)}
     for k in rs[0]:
       if isinstance(rs[0][k], float):
