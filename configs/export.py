@@ -1,10 +1,14 @@
-"""`stmem export`: an encoder as a plain tensor file, a JSON config and a Markdown model card.
+"""`stmem export`: an encoder as a plain tensor file, a JSON config and a Markdown model card, or as an ONNX or
+StableHLO graph that runs without JAX.
 
   stmem export --config export --config.init_from=runs/base --config.out=exported/base
   stmem export --init_from runs/base --out exported/base --format npz     (top-level keys as plain options)
+  stmem export --init_from runs/base --out exported/base-onnx --format onnx     (needs the `deploy` extra)
 
-Writes OUT/model.safetensors (or OUT/model.npz), OUT/config.json and OUT/README.md, under the ST-MEM authors'
-encoder-only tensor names in PyTorch layout; `stmem convert` reads the file back.
+safetensors / npz: OUT/model.safetensors (or OUT/model.npz), OUT/config.json and OUT/README.md, under the ST-MEM
+authors' encoder-only tensor names in PyTorch layout; `stmem convert` reads the file back.
+onnx / stablehlo: OUT/model.onnx (or OUT/model.stablehlo) and OUT/config.json: the encoder's feature function
+(signal, lead_ids, lead_mask -> pooled, per_lead, per_patch) with a dynamic batch; see docs/export.md.
 """
 import ml_collections
 
@@ -18,5 +22,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.init_from = ""           # a stmem checkpoint: a workdir, its checkpoints/ folder, or a step folder
   c.out = ""                 # folder to write the model file, config.json and README.md into
-  c.format = "safetensors"   # "safetensors" or "npz"
+  c.format = "safetensors"   # "safetensors", "npz", "onnx" or "stablehlo"
   return c

@@ -28,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
   "finetune": ("stmem.programs.finetune", "fine-tune an encoder with a classification head"),
   "embed": ("stmem.programs.embed", "export pooled / per-lead / per-patch embeddings"),
   "convert": ("stmem.programs.convert", "import reference ST-MEM weights (.pth / .npz) into a stmem checkpoint"),
-  "export": ("stmem.programs.export", "export an encoder to safetensors with a model card"),
+  "export": ("stmem.programs.export", "export an encoder: safetensors with a model card, or an ONNX / StableHLO graph"),
   "plan": ("stmem.programs.plan", "compile a pretraining config ahead of time (TPU topology or local): memory, FLOPs, fit"),
   "bench": ("benchmarks.suite", "speed and memory benchmarks, printed as JSON"),
   "study": ("stmem.programs.study", "pretrain ST-MEM, MTAE and MLAE alike, then probe them beside random encoders"),

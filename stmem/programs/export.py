@@ -1,12 +1,18 @@
-"""`stmem export`: an encoder as a plain tensor file, a JSON config and a Markdown model card.
+"""`stmem export`: an encoder as a plain tensor file, a JSON config and a Markdown model card, or as a graph that
+runs without JAX.
 
   stmem export --config export --config.init_from=WORKDIR_OR_CHECKPOINT --config.out=DIR [--config.format=npz]
-  stmem export --init_from WORKDIR_OR_CHECKPOINT --out DIR [--format safetensors|npz]   (the same, shorter)
+  stmem export --init_from WORKDIR_OR_CHECKPOINT --out DIR [--format safetensors|npz|onnx|stablehlo]   (the same)
 
-writes `DIR/model.safetensors` (or `DIR/model.npz`), `DIR/config.json` and `DIR/README.md`. Tensor names are the ST-MEM
-authors' encoder-only names in PyTorch layout (`stmem.reference_weights.to_reference(..., encoder_only=True)`), so the file
-loads into their code as a state dict and back into stmem with `stmem convert`. Only the encoder is exported: the
-pretraining decoder and any fine-tuned head stay in the checkpoint.
+safetensors / npz write `DIR/model.safetensors` (or `DIR/model.npz`), `DIR/config.json` and `DIR/README.md`. Tensor
+names are the ST-MEM authors' encoder-only names in PyTorch layout (`stmem.reference_weights.to_reference(...,
+encoder_only=True)`), so the file loads into their code as a state dict and back into stmem with `stmem convert`.
+
+onnx / stablehlo write `DIR/model.onnx` (jax2onnx; the `deploy` extra) or `DIR/model.stablehlo` (`jax.export`,
+serialized), and `DIR/config.json`: the encoder's feature function as `stmem embed` runs it, its weights inside,
+with a dynamic batch (`stmem.deploy`: inputs, outputs and the metadata that travels with them).
+
+Only the encoder is exported: the pretraining decoder and any fine-tuned head stay in the checkpoint.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import numpy as np
 from data_pipelines.errors import UsageError
 
 FORMATS = {"safetensors": "model.safetensors", "npz": "model.npz"}
+GRAPH_FORMATS = {"onnx": "model.onnx", "stablehlo": "model.stablehlo"}
 
 
 def encoder_reference_names(encoder) -> dict[str, np.ndarray]:
@@ -47,22 +54,30 @@ def _sha256(path: pathlib.Path) -> str:
 
 def export(checkpoint_path: str | pathlib.Path, out: str | pathlib.Path, *, fmt: str = "safetensors") -> dict:
   """Write the export; returns the config written to `config.json`."""
+  import jax
   from flax import nnx
 
   from stmem import checkpoint, model_card
 
-  if fmt not in FORMATS:
-    raise UsageError(f"--format {fmt!r}: choose from {sorted(FORMATS)}")
+  if fmt not in FORMATS and fmt not in GRAPH_FORMATS:
+    raise UsageError(f"--format {fmt!r}: choose from {sorted(FORMATS) + sorted(GRAPH_FORMATS)}")
   out = pathlib.Path(out).expanduser()
   if out.exists() and not out.is_dir():
     raise UsageError(f"--out {out} is a file; give a folder for the model file, config.json and README.md")
   encoder, meta = checkpoint.load_model(checkpoint_path, encoder_only=True)
-  names = encoder_reference_names(encoder)
   enc_params = {"encoder": nnx.to_pure_dict(nnx.state(encoder, nnx.Param))}
   fp = checkpoint.fingerprint(enc_params)
-  count = int(sum(v.size for v in names.values()))
 
+  _, directory, step = checkpoint.read_meta(checkpoint_path)
+  # Folder names only: an export is shared, the machine's paths are not.
+  source = {"checkpoint": directory.parent.name if directory.name == checkpoint.CHECKPOINT_DIR else directory.name,
+            "step": step, "origin": meta.get("origin"), "encoder_only_checkpoint": meta.get("encoder_only", False)}
   out.mkdir(parents=True, exist_ok=True)
+  if fmt in GRAPH_FORMATS:
+    count = int(sum(np.size(v) for v in jax.tree.leaves(enc_params)))
+    return _export_graph(fmt, encoder, meta, fp, count, source, out)
+  names = encoder_reference_names(encoder)
+  count = int(sum(v.size for v in names.values()))
   weights = out / FORMATS[fmt]
   if fmt == "safetensors":
     from safetensors.numpy import save_file
@@ -76,7 +91,6 @@ def export(checkpoint_path: str | pathlib.Path, out: str | pathlib.Path, *, fmt:
     np.savez(weights, **names)
   digest = _sha256(weights)
 
-  _, directory, step = checkpoint.read_meta(checkpoint_path)
   config = {
     "format": "stmem-export-1",
     "weights": {"file": weights.name, "format": fmt, "sha256": digest,
@@ -85,9 +99,7 @@ def export(checkpoint_path: str | pathlib.Path, out: str | pathlib.Path, *, fmt:
     "contract": meta["contract"],
     "parameter_count": count,
     "fingerprint": fp,
-    # Folder names only: an export is shared, the machine's paths are not.
-    "source": {"checkpoint": directory.parent.name if directory.name == checkpoint.CHECKPOINT_DIR else directory.name,
-               "step": step, "origin": meta.get("origin"), "encoder_only_checkpoint": meta.get("encoder_only", False)},
+    "source": source,
     "training": {"step": meta.get("step"), "config": meta.get("config", {})},
     "license": model_card.LICENSE_PLACEHOLDER,
   }
@@ -98,13 +110,33 @@ def export(checkpoint_path: str | pathlib.Path, out: str | pathlib.Path, *, fmt:
   return config
 
 
+def _export_graph(fmt: str, encoder, meta: dict, fp: str, count: int, source: dict, out: pathlib.Path) -> dict:
+  """The encoder as a graph file (`stmem.deploy`) and config.json, which carries the graph's metadata (for ONNX it is
+  also inside the file, as metadata_props)."""
+  from stmem import checkpoint, deploy, model_card
+  contract = checkpoint.contract_from_meta(meta)
+  graph_meta = deploy.metadata(encoder, contract, meta, fp, source)
+  path = deploy.write_graph(fmt, encoder, contract, out, graph_meta)
+  config = {
+    "format": "stmem-export-1",
+    "weights": {"file": path.name, "format": fmt, "sha256": _sha256(path),
+                "names": "inside the graph (constants); inputs and outputs below"},
+    "parameter_count": count,
+    "training": {"step": meta.get("step"), "config": meta.get("config", {})},
+    "license": model_card.LICENSE_PLACEHOLDER,
+    **{k: v for k, v in graph_meta.items() if k not in ("format", "producer")},
+  }
+  (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+  return config
+
+
 def run(config, workdir=None) -> dict:
   """`config` (configs/export.py): the export of `config.init_from` into `config.out`; returns a summary."""
   from stmem import console
   result = export(config.init_from, config.out, fmt=config.format)
+  also = "config.json" if config.format in GRAPH_FORMATS else "config.json, README.md"
   console.Log("export")(f"{config.init_from} -> {config.out}/{result['weights']['file']} "
-                        f"({result['parameter_count']:,} parameters, fingerprint {result['fingerprint']}), "
-                        f"config.json, README.md")
+                        f"({result['parameter_count']:,} parameters, fingerprint {result['fingerprint']}), {also}")
   return {"out": str(config.out), "weights": result["weights"]["file"], "parameter_count": result["parameter_count"],
           "fingerprint": result["fingerprint"]}
 
