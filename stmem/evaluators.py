@@ -297,9 +297,9 @@ class Probe:
     return None
 
   def metrics(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """{"[TASK/]LEAD_SET[/BLOCK][/HEAD]/auroc": macro AUROC, "..._lo", "..._hi": its interval} of the
-    "checkpoint" rows and {"[TASK/]LEAD_SET[/BLOCK][/HEAD]/random_auroc"} of the "random init" rows; the block and
-    the head are named unless they are `last` and `linear`."""
+    """`{"TASK/LEAD_SET/BLOCK/HEAD/auroc": macro AUROC, "..._lo", "..._hi": its interval}` of the "checkpoint" rows
+    and `{"TASK/LEAD_SET/BLOCK/HEAD/random_auroc"}` of the "random init" rows; `TASK/` only when the probe has
+    several tasks, `BLOCK/` and `HEAD/` only when they are not `last` and `linear`."""
     several = len(self.tasks) > 1
     out = {}
     for r in rows:
