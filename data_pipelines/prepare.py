@@ -194,7 +194,12 @@ def summary_lines(name: str, folder: str, stats: dict[str, Any]) -> list[str]:
                  "(each in records.jsonl)")
   if stats.get("label_counts"):
     kind = f" ({stats['label_kind']})" if stats.get("label_kind") else ""
-    lines.append(f"  labels{kind}: " + ", ".join(f"{k} {v}" for k, v in stats["label_counts"].items()))
+    present = {k: v for k, v in stats["label_counts"].items() if v}
+    absent = [k for k, v in stats["label_counts"].items() if not v]
+    lines.append(f"  labels{kind}: " + (", ".join(f"{k} {v}" for k, v in present.items()) or "no record has one"))
+    if absent:  # a label column no record carries: named once, not listed as a count of 0
+      shown = ", ".join(absent[:8]) + (f" and {len(absent) - 8} more" if len(absent) > 8 else "")
+      lines.append(f"  labels without a record: {len(absent)} ({shown}); their columns stay, all zero")
   lines += [f"  note: {n}" for n in stats.get("notes", ())]
   dup = stats.get("duplicate_records", 0)
   lines.append(f"  duplicates:        {dup} record(s) repeat the samples of another (by content hash)"

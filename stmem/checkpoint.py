@@ -50,8 +50,85 @@ def resolve(path: str | pathlib.Path) -> tuple[pathlib.Path, int | None]:
     return path.parent, int(path.name)
   if path.is_dir() and any(p.name.isdigit() for p in path.iterdir()):
     return path, None
+  weights = sorted(p.name for p in path.glob("*") if p.suffix in (".pth", ".pt", ".safetensors", ".npz", ".onnx",
+                                                                      ".stablehlo")) if path.is_dir() else []
+  hint = ""
+  if any(w.endswith((".onnx", ".stablehlo")) for w in weights):
+    hint = "; a graph export runs without stmem (onnxruntime, jax.export): export with --format hub to load it here"
+  elif weights:
+    hint = f"; for a weights file ({weights[0]}) run `stmem convert --reference {path / weights[0]} --out DIR`"
   raise FileNotFoundError(f"{path}: no stmem checkpoint here (expected a workdir, its {CHECKPOINT_DIR}/ folder, "
-                          f"or a step folder)")
+                          f"a step folder or an `stmem export --format hub` folder){hint}")
+
+
+EXPORT_FORMAT = "stmem-export-1"
+EXPORT_WEIGHTS = (".safetensors", ".npz")  # the exports stmem loads as checkpoints (graphs run without it)
+
+
+def export_config(path: str | pathlib.Path) -> dict | None:
+  """The `config.json` of a folder written by `stmem export` with a weights file stmem reads (safetensors or npz),
+  or None for anything else. Such a folder is a checkpoint holding an encoder only: `stmem probe`, `embed`,
+  `export` and `convert` take it as one."""
+  path = pathlib.Path(path).expanduser()
+  file = path / "config.json"
+  if not path.is_dir() or not file.is_file():
+    return None
+  try:
+    config = json.loads(file.read_text())
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise DataError(f"{file}: not readable JSON ({e}); restore it from where the export came from") from e
+  if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT:
+    return None
+  weights = (config.get("weights") or {}).get("file", "")
+  if pathlib.Path(weights).suffix not in EXPORT_WEIGHTS:
+    return None
+  if pathlib.Path(weights).name != weights or not (path / weights).is_file():  # the file stays inside the folder
+    raise DataError(f"{file} names the weights file {weights!r}, which is not in {path}")
+  missing = [k for k in ("model", "contract", "fingerprint") if k not in config]
+  if missing:
+    raise DataError(f"{file}: an stmem export's config without {', '.join(missing)}")
+  return config
+
+
+def _export_meta(path: pathlib.Path, config: dict) -> dict:
+  training = config.get("training") or {}
+  return {"model": config["model"], "contract": config["contract"], "encoder_only": True,
+          "step": training.get("step") or 0, "config": training.get("config") or {},
+          "origin": f"stmem export:{path.name}", "fingerprint": config["fingerprint"]}
+
+
+def _load_export(path: pathlib.Path, config: dict, dtype: str | None):
+  """The encoder of an export folder and its meta; the weights must give the fingerprint config.json records."""
+  from flax import nnx
+
+  from stmem import reference_weights
+  from stmem.models import pretraining_model
+
+  meta = _export_meta(path, config)
+  weights = path / config["weights"]["file"]
+  if weights.suffix == ".safetensors":
+    from safetensors.numpy import load_file
+    try:
+      state = load_file(str(weights))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError (and OSError) for bad files
+      raise DataError(f"{weights}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+  else:
+    state = reference_weights.load_reference_file(weights)
+  errors.check_finite(state, str(weights))
+  cfg = model_config_from_meta(meta)
+  if dtype is not None:
+    cfg = cfg.replace(dtype=dtype)
+  encoder = pretraining_model(cfg, rngs=nnx.Rngs(0)).encoder
+  conversion = reference_weights.from_reference({k: np.asarray(v, np.float32) for k, v in state.items()})
+  try:
+    reference_weights.apply(encoder, conversion)
+  except ValueError as e:
+    raise DataError(f"{weights}: does not fit the model config.json describes ({e})") from None
+  got = fingerprint({"encoder": nnx.to_pure_dict(nnx.state(encoder, nnx.Param))})
+  if got != config["fingerprint"]:
+    raise DataError(f"{weights}: its weights have the fingerprint {got}, not the {config['fingerprint']} that "
+                    f"config.json records: the file was changed or belongs to another export")
+  return encoder, meta
 
 
 def _check_json_item(step_dir: pathlib.Path, item: str) -> None:
@@ -227,7 +304,13 @@ def _step(path: str | pathlib.Path) -> tuple[pathlib.Path, int]:
 
 
 def read_meta(path: str | pathlib.Path) -> tuple[dict, pathlib.Path, int]:
-  """The JSON meta of a model checkpoint (latest step unless the path names one), its folder and step."""
+  """The JSON meta of a model checkpoint (latest step unless the path names one), its folder and step. An `stmem
+  export` folder (`export_config`) reads as an encoder-only checkpoint at the step it was exported from."""
+  exported = export_config(path)
+  if exported is not None:
+    folder = pathlib.Path(path).expanduser().absolute()
+    meta = _export_meta(folder, exported)
+    return meta, folder, int(meta["step"])
   directory, step = _step(path)
   meta_dir = directory / str(step) / "meta"
   _check_json_item(directory / str(step), "meta")
@@ -279,6 +362,18 @@ def load_model(path: str | pathlib.Path, *, encoder_only: bool = False, sharding
 
   from stmem.models import pretraining_model
 
+  exported = export_config(path)
+  if exported is not None:
+    if not encoder_only:
+      raise ValueError(f"{path}: an stmem export holds an encoder only; load it with encoder_only=True")
+    encoder, meta = _load_export(pathlib.Path(path).expanduser().absolute(), exported, dtype)
+    if shardings is not None:
+      state = nnx.state(encoder, nnx.Param)
+      placed = jax.device_put(nnx.to_pure_dict(state), shardings.get("encoder", shardings)
+                              if isinstance(shardings, dict) else shardings)
+      nnx.replace_by_pure_dict(state, placed)
+      nnx.update(encoder, state)
+    return encoder, meta
   meta, directory, step = read_meta(path)
   cfg = model_config_from_meta(meta)
   if dtype is not None:

@@ -48,9 +48,32 @@ def _training_lines(meta: dict[str, Any]) -> list[str]:
   return lines
 
 
+def _evaluation_lines(evaluations: dict[str, float]) -> list[str]:
+  """The evaluators' figures pretraining logged (`eval/NAME/...`), as a table; what the run did not measure is
+  said, not guessed."""
+  if not evaluations:
+    return ["Not recorded: the run logged no evaluator figures for this step (pretraining's `evals` blocks, or "
+            "`stmem probe` on these weights, measure them)."]
+  step = evaluations.get("step")
+  rows = sorted((k, v) for k, v in evaluations.items() if k != "step" and not k.endswith("/seconds"))
+  lines = [f"Logged by the pretraining run's evaluators at step {step} (`eval/NAME/...` in its metrics.jsonl; "
+           "`probe` rows are macro AUROC with their bootstrap interval ends `_lo` / `_hi`, `heldout` the masked "
+           "reconstruction loss on records the run never trained on):", "", "| figure | value |", "|---|---|"]
+  lines += [f"| `{k.removeprefix('eval/')}` | {v:.4g} |" for k, v in rows]
+  return lines
+
+
+def _front_matter(variant: str | None) -> list[str]:
+  """The metadata block a model hub reads from the top of README.md (its card): library, tags, no licence claimed."""
+  tags = ["ecg", "electrocardiogram", "self-supervised", "masked-autoencoder", "st-mem", "feature-extraction"]
+  return ["---", "library_name: stmem", "pipeline_tag: feature-extraction", "tags:",
+          *[f"- {t}" for t in tags + ([f"st-mem-{variant}"] if variant else [])],
+          "license: other  # the weights' owner states it under License below", "---", ""]
+
+
 def render(meta: dict[str, Any], *, parameter_count: int, fingerprint: str, weights_file: str, weights_sha256: str,
-           weights_format: str) -> str:
-  """The model card (Markdown) of an exported encoder."""
+           weights_format: str, evaluations: dict[str, float] | None = None, hub: bool = False) -> str:
+  """The model card (Markdown) of an exported encoder; `hub` opens it with a model hub's metadata block."""
   model, contract = meta["model"], meta["contract"]
   variant = variant_name(model)
   title = f"ST-MEM encoder ({variant})" if variant else "ST-MEM encoder"
@@ -59,6 +82,7 @@ def render(meta: dict[str, Any], *, parameter_count: int, fingerprint: str, weig
   filters = (f"Butterworth order {contract.get('filter_order')}, high-pass {contract.get('highpass_hz')} Hz then "
              f"low-pass {contract.get('lowpass_hz')} Hz, zero phase, applied {contract.get('filter_stage')}")
   lines = [
+    *(_front_matter(variant) if hub else []),
     f"# {title}",
     "",
     "Exported by `stmem export` (the stmem toolkit, a clean-room JAX implementation of ST-MEM: Na et al., "
@@ -84,7 +108,8 @@ def render(meta: dict[str, Any], *, parameter_count: int, fingerprint: str, weig
     "ST-MEM authors' encoder-only checkpoint (PyTorch layout: Linear weights are (out, in); `pos_embedding` is "
     "(1, rows, width); `lead_embeddings.{i}` one vector per lead), so the file loads into their code as a state dict.",
     "- `config.json`: model configuration and preprocessing contract, machine-readable.",
-    "- Into stmem: `stmem convert --reference " + weights_file + " --out CHECKPOINT_DIR`.",
+    "- Into stmem: this folder is a checkpoint to `stmem probe`, `embed` and `export` (`--init_from FOLDER`); "
+    "`stmem convert --reference FOLDER --out CHECKPOINT_DIR` makes an orbax checkpoint of it.",
     "",
     "## Input contract",
     "",
@@ -103,6 +128,10 @@ def render(meta: dict[str, Any], *, parameter_count: int, fingerprint: str, weig
     "## Training",
     "",
     *_training_lines(meta),
+    "",
+    "## Evaluation",
+    "",
+    *_evaluation_lines(evaluations or {}),
     "",
     "## Intended use and limitations",
     "",

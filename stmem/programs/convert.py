@@ -68,7 +68,8 @@ def exported_description(path: str | pathlib.Path) -> dict | None:
     with safe_open(str(path), framework="np") as f:
       meta = f.metadata() or {}
     if "stmem_contract" in meta:
-      return {"contract": json.loads(meta["stmem_contract"]), "model": json.loads(meta.get("stmem_model", "{}"))}
+      return {"contract": json.loads(meta["stmem_contract"]), "model": json.loads(meta.get("stmem_model", "{}")),
+              "fingerprint": meta.get("stmem_fingerprint")}
   beside = path.parent / "config.json"
   if beside.is_file():
     try:
@@ -76,7 +77,8 @@ def exported_description(path: str | pathlib.Path) -> dict | None:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
       raise DataError(f"{beside}: not readable JSON ({e}); it describes {path.name}: restore or delete it") from e
     if config.get("format") == "stmem-export-1" and config.get("weights", {}).get("file") == path.name:
-      return {"contract": config["contract"], "model": config.get("model", {})}
+      return {"contract": config["contract"], "model": config.get("model", {}),
+              "fingerprint": config.get("fingerprint")}
   return None
 
 
@@ -159,6 +161,7 @@ class Converted:
   encoder_only: bool
   head: dict[str, np.ndarray]     # Flax layout: kernel (D, C), bias (C,); empty when the file has no head
   aliases: list[str]
+  fingerprint: str = ""           # the encoder's (`stmem.checkpoint.fingerprint`), once saved
 
 
 def convert_state(state: dict[str, np.ndarray], *, variant: str = "auto", head_dim: int = HEAD_DIM) -> Converted:
@@ -201,7 +204,10 @@ def convert_file(reference: str | pathlib.Path, out: str | pathlib.Path, *, vari
   """
   from stmem import checkpoint
 
-  reference = pathlib.Path(reference)
+  reference = pathlib.Path(reference).expanduser()
+  exported_folder = checkpoint.export_config(reference)
+  if exported_folder is not None:  # an `stmem export` folder: its weights file, read with the config beside it
+    reference = reference / exported_folder["weights"]["file"]
   state = read_reference(reference)
   errors.check_finite(state, str(reference))
   exported = exported_description(reference)
@@ -220,7 +226,10 @@ def convert_file(reference: str | pathlib.Path, out: str | pathlib.Path, *, vari
   meta = checkpoint.make_meta(result.cfg, contract, encoder_only=result.encoder_only,
                               origin=origin, config={"reference_file": reference.name},
                               extra=extra)
-  meta["fingerprint"] = checkpoint.fingerprint(result.params)
+  meta["fingerprint"] = result.fingerprint = checkpoint.fingerprint(result.params)
+  if exported is not None and exported.get("fingerprint") not in (None, result.fingerprint):
+    raise DataError(f"{reference}: its weights have the fingerprint {result.fingerprint}, not the "
+                    f"{exported['fingerprint']} its export recorded: the file was changed or belongs to another export")
   step_dir = checkpoint.save_params(out, result.params, meta, extra_items={"head": result.head} if result.head else None)
   return step_dir, result
 
@@ -253,7 +262,7 @@ def run(args, workdir=None) -> dict:
   step_dir, result = convert_file(args.reference, out, variant=args.model.variant, head_dim=args.head_dim)
   cfg = result.cfg
   kind = "encoder only" if result.encoder_only else "encoder + decoder (pretraining model)"
-  log(f"{args.reference} -> {step_dir}")
+  log(f"{args.reference} -> {step_dir} (fingerprint {result.fingerprint})")
   log(f"{kind}: width {cfg.width}, depth {cfg.depth}, heads {cfg.num_heads}, patch {cfg.patch_size}, "
       f"{cfg.num_patches} patches, {cfg.num_lead_ids} leads"
       + ("" if result.encoder_only else f"; decoder width {cfg.decoder_width}, depth {cfg.decoder_depth}, "
@@ -263,7 +272,8 @@ def run(args, workdir=None) -> dict:
   if result.head:
     log(f"fine-tuned head found ({result.head['kernel'].shape[1]} classes): saved as checkpoint item 'head' "
         f"(kernel {result.head['kernel'].shape}, bias {result.head['bias'].shape}); not part of the encoder")
-  return {"checkpoint": str(step_dir), "encoder_only": result.encoder_only, "model": dataclasses.asdict(cfg),
+  return {"checkpoint": str(step_dir), "fingerprint": result.fingerprint, "encoder_only": result.encoder_only,
+          "model": dataclasses.asdict(cfg),
           "head_classes": int(result.head["kernel"].shape[1]) if result.head else 0}
 
 

@@ -7,6 +7,9 @@ runs without JAX.
 safetensors / npz write `DIR/model.safetensors` (or `DIR/model.npz`), `DIR/config.json` and `DIR/README.md`. Tensor
 names are the ST-MEM authors' encoder-only names in PyTorch layout (`stmem.reference_weights.to_reference(...,
 encoder_only=True)`), so the file loads into their code as a state dict and back into stmem with `stmem convert`.
+hub writes the same three files as a model hub takes them (the card opens with the hub's metadata block and shows the
+evaluators' figures of the run, when it logged any). `stmem probe`, `embed`, `export` and `convert` take any such
+folder (safetensors or npz) as a checkpoint holding an encoder.
 
 onnx / stablehlo write `DIR/model.onnx` (jax2onnx; the `deploy` extra) or `DIR/model.stablehlo` (`jax.export`,
 serialized), and `DIR/config.json`: the encoder's feature function as `stmem embed` runs it, its weights inside,
@@ -24,7 +27,7 @@ import numpy as np
 
 from data_pipelines.errors import UsageError
 
-FORMATS = {"safetensors": "model.safetensors", "npz": "model.npz"}
+FORMATS = {"safetensors": "model.safetensors", "hub": "model.safetensors", "npz": "model.npz"}
 GRAPH_FORMATS = {"onnx": "model.onnx", "stablehlo": "model.stablehlo"}
 
 
@@ -79,7 +82,7 @@ def export(checkpoint_path: str | pathlib.Path, out: str | pathlib.Path, *, fmt:
   names = encoder_reference_names(encoder)
   count = int(sum(v.size for v in names.values()))
   weights = out / FORMATS[fmt]
-  if fmt == "safetensors":
+  if fmt in ("safetensors", "hub"):
     from safetensors.numpy import save_file
     # "format: pt" tells loaders the names and layouts are PyTorch's.
     # The contract and model config travel inside the file too, so that `stmem convert` of the file alone restores
@@ -89,6 +92,7 @@ def export(checkpoint_path: str | pathlib.Path, out: str | pathlib.Path, *, fmt:
                                              "stmem_model": json.dumps(meta["model"], sort_keys=True)})
   else:
     np.savez(weights, **names)
+  _follow_umask(weights)
   digest = _sha256(weights)
 
   config = {
@@ -105,9 +109,39 @@ def export(checkpoint_path: str | pathlib.Path, out: str | pathlib.Path, *, fmt:
   }
   (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
   card = model_card.render(meta, parameter_count=count, fingerprint=fp, weights_file=weights.name,
-                           weights_sha256=digest, weights_format=fmt)
+                           weights_sha256=digest, weights_format="safetensors" if fmt == "hub" else fmt,
+                           evaluations=_evaluations(directory, step), hub=fmt == "hub")
   (out / "README.md").write_text(card)
   return config
+
+
+def _follow_umask(path: pathlib.Path) -> None:
+  """The weights file gets the permissions of every other file written (the umask's): the safetensors writer
+  creates it through a temporary file, readable by its owner only, which a shared export must not be."""
+  import os
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(path, 0o666 & ~umask)
+
+
+def _evaluations(directory: pathlib.Path, step: int) -> dict[str, float]:
+  """The evaluators' figures (`eval/...`) that pretraining logged at the exported step, or at the last step before
+  it, from the run's metrics.jsonl ({} when the run logged none, or the checkpoint is not in a run's workdir)."""
+  from stmem import metrics as metrics_lib
+  file = directory.parent / metrics_lib.METRICS_FILE if directory.name == "checkpoints" else None
+  if file is None or not file.is_file():
+    return {}
+  best: tuple[int, dict[str, float]] = (-1, {})
+  for line in file.read_text().splitlines():
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue  # a line cut by a crash: the others still count
+    at = int(row.get("step", -1))
+    figures = {k: float(v) for k, v in row.items() if k.startswith("eval/") and isinstance(v, (int, float))}
+    if figures and best[0] <= at <= step:
+      best = (at, {**(best[1] if at == best[0] else {}), **figures})
+  return {"step": best[0], **best[1]} if best[1] else {}
 
 
 def _export_graph(fmt: str, encoder, meta: dict, fp: str, count: int, source: dict, out: pathlib.Path) -> dict:
@@ -117,6 +151,7 @@ def _export_graph(fmt: str, encoder, meta: dict, fp: str, count: int, source: di
   contract = checkpoint.contract_from_meta(meta)
   graph_meta = deploy.metadata(encoder, contract, meta, fp, source)
   path = deploy.write_graph(fmt, encoder, contract, out, graph_meta)
+  _follow_umask(path)
   config = {
     "format": "stmem-export-1",
     "weights": {"file": path.name, "format": fmt, "sha256": _sha256(path),
