@@ -52,7 +52,7 @@ def world(tmp_path_factory):
   npz_dir.mkdir()
   rng = np.random.default_rng(0)
   for i, (name, leads, seconds, fs) in enumerate(RECORDS):
-    full = synthesize(("normal", "afib", "tachy")[i % 3], seconds=seconds, fs=fs, rng=rng)
+    full = synthesize(("sinus_rhythm", "afib", "sinus_tachy")[i % 3], seconds=seconds, fs=fs, rng=rng)
     signal = full[[LEADS.index(n) for n in leads]].astype(np.float64)
     wfdb.wrsamp(name, fs=fs, units=["mV"] * len(leads), sig_name=list(leads), p_signal=signal.T,
                 fmt=["16"] * len(leads), write_dir=str(wfdb_dir))
