@@ -59,8 +59,9 @@ def batch_of_ecgs(batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
   from stmem import synthetic
   contract = Contract()
   rng = np.random.default_rng(seed)
-  raw = np.stack([synthetic.simulate(synthetic.CLASSES[i % len(synthetic.CLASSES)], contract.record_samples / contract.fs,
-                                     contract.fs, rng)[0][:, :contract.window] for i in range(batch)])
+  rhythms = synthetic.RHYTHMS
+  raw = np.stack([synthetic.simulate(rhythms[i % len(rhythms)], contract.record_samples / contract.fs, contract.fs,
+                                     rng)[0][:, :contract.window] for i in range(batch)])
   return transforms.finish_crop(raw.astype(np.float32), contract), raw.astype(np.float32)
 
 
@@ -186,6 +187,8 @@ def run(variants=("tiny", "base"), batch: int = 8, repeats: int = 5, reference_r
 
 
 def main(argv=None) -> int:
+  from stmem import platforms
+  platforms.apply()  # as `stmem` does: on a host without TPU chips, JAX on the CPU without loading libtpu
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--variants", default="tiny,base", help="comma-separated model variants (tiny, small, base)")
   parser.add_argument("--batch", type=int, default=8, help="ECGs per forward pass")
