@@ -148,15 +148,15 @@ def _check_json_item(step_dir: pathlib.Path, item: str) -> None:
 
 
 @contextlib.contextmanager
-def quiet_abandoned_reads(settle_s: float = 1.0):
+def quiet_abandoned_reads(settle_s: float = 3.0):
   """Around a restore: silence the echoes of its abandoned reads, and only those, then put the process's hooks back.
 
   When one array of a step cannot be read, orbax's event loop stops while its other reads are still in flight; as
   they finish, Python prints tracebacks after the one-line message that named the step: "Exception ignored" for
   each abandoned read (the same tensorstore error again, through sys.unraisablehook) and "Event loop is closed"
-  from tensorstore's callback thread (through sys.excepthook). Seen in 2 of 8 concurrent runs. The echoes come after
-  the error, so a failed restore waits `settle_s` (collecting garbage, which is when a never-read error is reported)
-  before the hooks are put back; a restore that succeeds puts them back at once. A hook someone else installed
+  from tensorstore's callback thread (through sys.excepthook). Seen in 2 of 8 concurrent runs, and once still after
+  a 1 s wait on a busy 2-core machine. The echoes come after the error, so a failed restore waits `settle_s`
+  (collecting garbage, which is when a never-read error is reported) before the hooks are put back; a restore that succeeds puts them back at once. A hook someone else installed
   meanwhile is left in place.
   """
   def echo(exc: BaseException | None) -> bool:
