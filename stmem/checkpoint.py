@@ -156,8 +156,8 @@ def quiet_abandoned_reads(settle_s: float = 3.0):
   each abandoned read (the same tensorstore error again, through sys.unraisablehook) and "Event loop is closed"
   from tensorstore's callback thread (through sys.excepthook). Seen in 2 of 8 concurrent runs, and once still after
   a 1 s wait on a busy 2-core machine. The echoes come after the error, so a failed restore waits `settle_s`
-  (collecting garbage, which is when a never-read error is reported) before the hooks are put back; a restore that succeeds puts them back at once. A hook someone else installed
-  meanwhile is left in place.
+  (collecting garbage, which is when a never-read error is reported) before the hooks are put back; a restore that
+  succeeds puts them back at once. A hook someone else installed meanwhile is left in place.
   """
   def echo(exc: BaseException | None) -> bool:
     text = str(exc)
