@@ -584,15 +584,10 @@ def record_identities(pool: Pool) -> dict[str, str]:
   return {}
 
 
-def shared_records(train: Sequence[Pool], held_out: Sequence[Pool]) -> list[str]:
-  """Record ids of `held_out` pools whose recordings are also in `train` pools (by `record_identities`)."""
-  seen: set[str] = set()
-  for pool in train:
-    seen.update(record_identities(pool))
-  out: list[str] = []
-  for pool in held_out:
-    out += [rid for key, rid in record_identities(pool).items() if key in seen]
-  return sorted(set(out))
+def shared_records(trained: set[str], held_out: Pool) -> list[str]:
+  """Record ids of `held_out` whose recordings are among `trained` (identities from `record_identities` of the
+  training pools, gathered once by the caller)."""
+  return sorted({rid for key, rid in record_identities(held_out).items() if key in trained})
 
 
 def task_pools(task_names: Sequence[str], contract: Contract, data_config: Mapping[str, Any], *,

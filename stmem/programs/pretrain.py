@@ -51,8 +51,11 @@ def refuse_overlap(train_pools, evals, allow: bool, log) -> None:
   for name, _, evaluator in evals:
     pools = list(getattr(evaluator, "pools", {}).values()) or [getattr(evaluator, "pool", None)]
     held_out += [(name, pool) for pool in pools if pool is not None]
+  if not held_out:
+    return
+  trained = set().union(*(data_lib.record_identities(pool) for pool in train_pools))  # read once, not per evaluator
   for name, pool in held_out:
-    shared = data_lib.shared_records(train_pools, [pool])
+    shared = data_lib.shared_records(trained, pool)
     if not shared:
       continue
     shown = ", ".join(shared[:5]) + (f" and {len(shared) - 5} more" if len(shared) > 5 else "")
