@@ -69,14 +69,14 @@ def _stages(folder: str, *, batch_size: int, batches: int, step_rate: float) -> 
   from stmem import data
   prepared = data.open_prepared(folder, "train")
   source, contract = prepared.source, prepared.contract
-  make = data._TrainBatch(source, contract, None, 0, len(source), data._num_labels(source))  # noqa: SLF001
+  make = data._TrainBatch(source, contract, None, 0, data._num_labels(source))  # noqa: SLF001
   rng = np.random.default_rng(0)
   names = ("read", "decode", "crop", "zscore", "total")
   wall: dict[str, list[float]] = {k: [] for k in names}
   cpu: dict[str, list[float]] = {k: [] for k in names}
   for b in range(batches + 1):
     indices = rng.permutation(len(source))[:batch_size]
-    order = np.stack([np.arange(b * batch_size, (b + 1) * batch_size), indices], axis=1)
+    order = np.stack([np.zeros_like(indices), indices], axis=1)  # [epoch, source index]
     starts = rng.integers(0, contract.record_samples - contract.window + 1, (batch_size, 1))
     marks = [(time.perf_counter(), time.process_time())]
     raw = source.tfds_source.data_source.__getitems__([int(i) for i in indices])
