@@ -5,6 +5,7 @@ aVF, V1-V6, and that is the one place this project trusts a position.
 """
 from __future__ import annotations
 
+import io
 import os
 import pathlib
 from collections.abc import Mapping
@@ -26,7 +27,11 @@ def read_cpsc_mat(path: str | os.PathLike[str], source: str = "CPSC2018", checks
   """One CPSC2018 `.mat` record in mV, validated. Raises `RecordError` naming the file."""
   path = os.fspath(path)
   try:
-    mat = scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False)
+    # From memory, not the file: scipy reads each element with file.read(claimed size), and a file object allocates
+    # the whole claim up front (a damaged tag claiming gigabytes would); an in-memory stream returns what there is.
+    with open(path, "rb") as f:
+      stream = io.BytesIO(f.read())
+    mat = scipy.io.loadmat(stream, squeeze_me=True, struct_as_record=False)
   except Exception as e:
     raise RecordError(path, common.UNREADABLE, f"{type(e).__name__}: {e}") from None
   ecg = mat.get("ECG")
