@@ -42,6 +42,10 @@ def _abstract(tree, shardings=None):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+class NotACheckpoint(DataError, FileNotFoundError):
+  """A path holding no stmem checkpoint: a DataError (one line, exit code 1), still the FileNotFoundError it was."""
+
+
 def resolve(path: str | pathlib.Path) -> tuple[pathlib.Path, int | None]:
   """A workdir, its `checkpoints/` folder, or one step folder -> (checkpoints folder, step or None for latest)."""
   path = pathlib.Path(path).expanduser().absolute()
@@ -58,7 +62,7 @@ def resolve(path: str | pathlib.Path) -> tuple[pathlib.Path, int | None]:
     hint = "; a graph export runs without stmem (onnxruntime, jax.export): export with --format hub to load it here"
   elif weights:
     hint = f"; for a weights file ({weights[0]}) run `stmem convert --reference {path / weights[0]} --out DIR`"
-  raise FileNotFoundError(f"{path}: no stmem checkpoint here (expected a workdir, its {CHECKPOINT_DIR}/ folder, "
+  raise NotACheckpoint(f"{path}: no stmem checkpoint here (expected a workdir, its {CHECKPOINT_DIR}/ folder, "
                           f"a step folder or an `stmem export --format hub` folder){hint}")
 
 
@@ -336,7 +340,7 @@ def _step(path: str | pathlib.Path) -> tuple[pathlib.Path, int]:
   if step is None:
     steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / "meta").exists())
     if not steps:
-      raise FileNotFoundError(f"{directory}: no finished checkpoint")
+      raise NotACheckpoint(f"{directory}: no finished checkpoint")
     step = steps[-1]
   return directory, step
 

@@ -236,3 +236,16 @@ def test_checkpoint_meta_that_cannot_be_a_model_is_refused_naming_it(tmp_path, e
   with pytest.raises(DataError, match=says) as info:
     checkpoint.read_meta(tmp_path / "checkpoints" / "5")
   assert str(tmp_path / "checkpoints" / "5" / "meta" / "metadata") in str(info.value)
+
+
+def test_wfdb_lenient_reading_links_no_signal_file_outside_its_temporary_folder(tmp_path):
+  import tempfile
+  import uuid
+  name = f"stmem-escape-{uuid.uuid4().hex}.dat"
+  (tmp_path / name).write_bytes(b"\x00" * 4000)
+  (tmp_path / "sub").mkdir()
+  hea = tmp_path / "sub" / "r.hea"
+  hea.write_text(f"r 1 500 1000 2016-06-05 09:01:00\n../{name} 16 200/mV 16 0 0 0 0 I\n")  # a date wfdb refuses
+  with pytest.raises(RecordError):
+    read_wfdb(hea)
+  assert not os.path.lexists(os.path.join(tempfile.gettempdir(), name))

@@ -207,7 +207,8 @@ def _decode_leniently(base: str, hea: str, first: RecordError) -> tuple[Any, Any
     folder = pathlib.Path(base).parent
     for line in text.split("\n")[(_record_line(text.split("\n")) or 0) + 1:]:
       fields = line.split()
-      if fields and not fields[0].startswith("#") and (folder / fields[0]).is_file():
+      inside = fields and not os.path.isabs(fields[0]) and ".." not in pathlib.PurePath(fields[0]).parts
+      if inside and not fields[0].startswith("#") and (folder / fields[0]).is_file():  # links stay in `tmp`
         target = pathlib.Path(tmp, fields[0])
         target.parent.mkdir(parents=True, exist_ok=True)  # a signal file in a subfolder of the record's
         if not target.exists():
