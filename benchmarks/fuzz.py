@@ -563,11 +563,18 @@ def run_case(target: Target, folder: pathlib.Path, files: Files, time_limit: flo
   signal.setitimer(signal.ITIMER_REAL, 15 * time_limit)  # a hung read is stopped, and fails
   start, cpu_start = time.perf_counter(), time.process_time()
   kind, detail = "read", ""
+  paths = [str(folder / n) for n in files] + [str(folder)]
   try:
-    target.read(folder)
+    result = target.read(folder)
+    if isinstance(result, list):  # a folder reader: each item a record, or a DataError refusing one
+      refusals = [r for r in result if isinstance(r, DataError)]
+      unnamed = [r for r in refusals if not any(p in str(r) for p in paths)]
+      if unnamed:
+        kind, detail = "unnamed", f"DataError not naming the file: {unnamed[0]}"
+      elif result and len(refusals) == len(result):
+        kind = "refused"
   except DataError as e:
     kind = "refused"
-    paths = [str(folder / n) for n in files] + [str(folder)]
     if not any(p in str(e) for p in paths):
       kind, detail = "unnamed", f"DataError not naming the file: {e}"
   except _Timeout:
