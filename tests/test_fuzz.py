@@ -249,3 +249,12 @@ def test_wfdb_lenient_reading_links_no_signal_file_outside_its_temporary_folder(
   with pytest.raises(RecordError):
     read_wfdb(hea)
   assert not os.path.lexists(os.path.join(tempfile.gettempdir(), name))
+
+
+def test_wfdb_signal_file_name_too_long_for_the_file_system(tmp_path):
+  hea = _wfdb_record(tmp_path)
+  text = hea.read_text().replace("r.dat", "r." + "9" * 5000, 1)
+  hea.write_text(text.replace("\n", " 2016-06-05\n", 1))  # a base date wfdb refuses: the lenient path links files
+  with pytest.raises(RecordError) as info:
+    read_wfdb(hea)
+  assert str(hea) in str(info.value)

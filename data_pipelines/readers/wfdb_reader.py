@@ -172,9 +172,11 @@ def check_claims(base: str, hea: str) -> None:
 
 
 def _size(path: str) -> int | None:
+  """The size of the file at `path`; None when there is no file there, or the name is one the file system refuses
+  (too long, a NUL byte): not for the reader to fail on, wfdb reports the signal file missing."""
   try:
-    return os.path.getsize(path)
-  except (OSError, ValueError):  # missing (wfdb says so), or a name the file system refuses
+    return os.path.getsize(path) if os.path.isfile(path) else None
+  except (OSError, ValueError):
     return None
 
 
@@ -208,7 +210,7 @@ def _decode_leniently(base: str, hea: str, first: RecordError) -> tuple[Any, Any
     for line in text.split("\n")[(_record_line(text.split("\n")) or 0) + 1:]:
       fields = line.split()
       inside = fields and not os.path.isabs(fields[0]) and ".." not in pathlib.PurePath(fields[0]).parts
-      if inside and not fields[0].startswith("#") and (folder / fields[0]).is_file():  # links stay in `tmp`
+      if inside and not fields[0].startswith("#") and _size(str(folder / fields[0])) is not None:  # links stay in tmp
         target = pathlib.Path(tmp, fields[0])
         target.parent.mkdir(parents=True, exist_ok=True)  # a signal file in a subfolder of the record's
         if not target.exists():
