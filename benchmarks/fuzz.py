@@ -528,6 +528,10 @@ class _Timeout(BaseException):
   pass
 
 
+class _OutOfTime(Exception):
+  """Raised by the next input once a reader's `--budget_s` is spent: hypothesis stops generating."""
+
+
 def _alarm(signum, frame):
   raise _Timeout()
 
@@ -627,9 +631,12 @@ def fuzz(target: Target, n: int, keep_failures: pathlib.Path | None = None,
     @given(target.inputs())
     def one(files: Files) -> None:
       if budget_s is not None and time.time() - start > budget_s:
-        return
+        raise _OutOfTime()
       out = run_case(target, folder, files)
       counts[out.kind] += 1
+      if sum(counts.values()) % 250 == 0:  # progress, so that a run stopped early still leaves figures
+        print(json.dumps({"reader": target.name, "inputs": sum(counts.values()), **counts,
+                          "slowest_cpu_s": round(worst["seconds"], 4)}), file=sys.stderr, flush=True)
       worst["seconds"] = max(worst["seconds"], out.seconds)
       worst["wall"] = max(worst["wall"], out.wall)
       worst["peak_bytes"] = max(worst["peak_bytes"], out.peak_bytes)
@@ -643,7 +650,10 @@ def fuzz(target: Target, n: int, keep_failures: pathlib.Path | None = None,
 
     tracemalloc.start()
     try:
-      one()
+      with contextlib.redirect_stdout(sys.stderr):  # hypothesis reports the stopping input on stdout: not ours
+        one()
+    except _OutOfTime:
+      pass
     finally:
       tracemalloc.stop()
   tried = sum(counts.values())
