@@ -482,6 +482,12 @@ def main(argv: list[str] | None = None) -> int:
   for workload in args.workloads:
     for dtype in args.dtypes:
       out["results"].append(compare(args, workload, dtype, fields))
+      row = out["results"][-1]
+      # Each comparison as it ends (a base run takes many minutes): on stderr, and in --output so far.
+      print(f"{workload}/{dtype}: stmem {row['stmem']['seconds']:.3f} s, reference {row['reference']['seconds']:.3f} s,"
+            f" stmem / reference {row['stmem_over_reference']:.3f}", file=sys.stderr, flush=True)
+      if args.output:
+        pathlib.Path(args.output).write_text(json.dumps(out, indent=2) + "\n")
   out["machine"]["loadavg_end"] = list(os.getloadavg())
   out["summary"] = {f"{r['workload']}/{r['dtype']}": {
     "reference_seconds": round(r["reference"]["seconds"], 4), "stmem_seconds": round(r["stmem"]["seconds"], 4),
