@@ -240,7 +240,7 @@ _COMP = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
 _LAYOUT_OPS = {"copy", "transpose", "convert", "bitcast", "bitcast-convert", "reshape", "broadcast", "slice",
                "dynamic-slice", "dynamic-update-slice", "concatenate", "pad", "parameter", "constant", "tuple",
                "get-tuple-element", "iota"}
-_NORM_GELU_FUNCS = ("_layer_norm", "LayerNorm", "gelu", "_gelu")
+_NORM_GELU_FUNCS = ("_layer_norm", "LayerNorm", "gelu", "_gelu", "Mlp.__call__")  # the MLP's elementwise work: GELU
 _ATTENTION_FUNCS = ("softmax", "_softmax", "attention")
 
 
@@ -272,7 +272,7 @@ def _hlo_tables(text: str):
       continue
     section = None
     m = _COMP.match(line)
-    if m and "=" not in line.split("{")[0]:
+    if m and not line[0].isspace() and not line.startswith("HloModule"):
       current = m.group(1)
       comps[current] = []
       continue
@@ -318,7 +318,10 @@ def xla_class(name: str, comps, instrs, frame_fn) -> str | None:
     return "optimizer"
   if any(fn.startswith(_ATTENTION_FUNCS[:2]) for fn in fns) or fns & {"attention"}:
     return "attention"
-  if any(fn.startswith(_NORM_GELU_FUNCS) for fn in fns) or any(op in ("erf", "rsqrt") for op, _ in ops):
+  # XLA:CPU expands erf into a polynomial before fusing; the JAX name of each piece still ends in erf / erfc.
+  names = {n.rsplit("/", 1)[-1] for _, l in ops for n in re.findall(r'op_name="([^"]*)"', l)}
+  if (any(fn.startswith(_NORM_GELU_FUNCS) for fn in fns) or any(op in ("erf", "rsqrt") for op, _ in ops)
+      or names & {"erf", "erfc", "rsqrt"}):
     return "norm_gelu"
   if all(op in _LAYOUT_OPS for op, _ in ops):
     return "layout"
