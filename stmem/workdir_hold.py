@@ -357,7 +357,7 @@ def holding(workdir: str | pathlib.Path, program: str, *, log: Callable[[str], N
     try:
       hold = take(workdir, program, log=log, processes=jax.process_count())
       claim(workdir, program)
-    except UsageError as e:
+    except Exception as e:  # noqa: BLE001 - raised below, after the other processes have heard of it
       error = e
       if hold is not None:
         hold.release()
