@@ -272,24 +272,28 @@ class Checkpointer:
     steps = sorted(self.manager.all_steps(), reverse=True)
     problems = []
     for step in steps:
-      try:
-        return step, self.restore(step, **kwargs)
-      except DataError as e:
-        differences = self.mismatch(step, meta, **kwargs)
-        if differences:
-          raise UsageError(f"{self.directory / str(step)} holds another model than this config's "
-                           f"({'; '.join(differences)}); nothing was moved: resume with the config it was written "
-                           f"with, or pass another --workdir") from e
-        problems.append(str(e))
-        if log is not None:
-          log(f"skipping unreadable checkpoint: {e.message.split('; use another step')[0]}; moved aside as "
-              f"{self.directory / f'{step}.unreadable'}, trying the step before")
-        if jax.process_index() == 0:
-          (self.directory / str(step)).rename(self.directory / f"{step}.unreadable")
-        if jax.process_count() > 1:
-          from jax.experimental import multihost_utils
-          multihost_utils.sync_global_devices(f"stmem checkpoint {step} moved aside")
-        self.manager.reload()
+      # The parameters' shapes first (metadata only): another model is refused before any array read fails.
+      differences = self.mismatch(step, meta, params=kwargs["params"])
+      if not differences:
+        try:
+          return step, self.restore(step, **kwargs)
+        except DataError as e:
+          differences = self.mismatch(step, meta, **kwargs)
+          error = e
+      if differences:
+        raise UsageError(f"{self.directory / str(step)} holds another model than this config's "
+                         f"({'; '.join(differences)}); nothing was moved: resume with the config it was written "
+                         f"with, or pass another --workdir")
+      problems.append(str(error))
+      if log is not None:
+        log(f"skipping unreadable checkpoint: {error.message.split('; use another step')[0]}; moved aside as "
+            f"{self.directory / f'{step}.unreadable'}, trying the step before")
+      if jax.process_index() == 0:
+        (self.directory / str(step)).rename(self.directory / f"{step}.unreadable")
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(f"stmem checkpoint {step} moved aside")
+      self.manager.reload()
     if problems:
       raise DataError(f"{self.directory}: no readable checkpoint among steps {steps} (first: {problems[0]}); move "
                       "the folder away to start afresh")
