@@ -21,9 +21,10 @@ How kill instants are chosen (one phase drawn per kill, uniformly, then an insta
   restore. (The first kill of a trial that drew `restore` is a `step` kill after the first checkpoint.)
 - `prepare`: `write` is a delay uniform in [0, 0.9 x the calibration's staging lifetime] after the staging folder
   (`.NAME.building-*`) appears; `swap` kills as soon as the staging folder disappears or the old dataset is moved
-  aside (`*.replaced-*`), the instants of `builder_base.swap_into_place`. After every kill the dataset already at
-  the output (an uninterrupted prepare's, made before the trial) is opened with `stmem.data.open_prepared` and every
-  example of every split read and compared with the reference.
+  aside (`*.replaced-*`), the instants of `builder_base.swap_into_place`, or within 10 ms of the build being
+  complete inside the staging folder (its `dataset_info.json` there), just before the swap. After every kill the
+  dataset already at the output (an uninterrupted prepare's, made before the trial) is opened with
+  `stmem.data.open_prepared` and every example of every split read and compared with the reference.
 The phase a kill really hit is recorded from what was seen at that instant (a temporary folder present, the
 "resuming from step" line printed or not) and counted in `kills_by_phase`.
 
@@ -311,6 +312,10 @@ class FolderTrigger(Trigger):
       self.staging = staging[0]
     if replaced or (self.staging is not None and self.staging not in staging):
       return 0.0
+    if self.staging is not None:  # the build is complete in the staging folder: the swap comes next
+      built = self.data_dir / self.staging / self.name
+      if any((built / v / "dataset_info.json").exists() for v in _listdir(built) if "incomplete" not in v):
+        return self.rng.uniform(0, 0.01)
     return None
 
 
@@ -385,10 +390,11 @@ def _observed_phase(trigger: Trigger, log: pathlib.Path, watch: list[pathlib.Pat
 class Training:
   """What differs between pretraining and fine-tuning: the command, where its checkpoints go, what is compared."""
 
-  def __init__(self, program: str, root: pathlib.Path, steps: int, every: int, zygote: Zygote):
+  def __init__(self, program: str, root: pathlib.Path, steps: int, every: int, zygote: Zygote,
+               base: pathlib.Path | None = None):
     self.program, self.root, self.steps, self.every = program, root, steps, every
-    self.base = None
-    if program == "finetune":  # a tiny pretrained checkpoint to start from, made once
+    self.base = base
+    if program == "finetune" and base is None:  # a tiny pretrained checkpoint to start from, made once
       self.base = root / "base"
       if not (self.base / "checkpoints").is_dir():
         r = run_once(zygote, self._pretrain_argv(self.base, 2, 2), root / "base.log")
@@ -481,7 +487,8 @@ def calibrate(zygote: Zygote, training: Training) -> dict:
 
 def _trigger(rng, phase, training: Training, workdir: pathlib.Path, cal: dict, restore_ok: bool) -> Trigger:
   dirs = training.checkpoint_dirs(workdir)
-  saves = max(training.steps // training.every, 1) + 1  # every `every` steps, and the final one of a fine-tuning
+  # every `every` steps and at the end; fine-tuning then saves its selected model too
+  saves = -(-training.steps // training.every) + (training.program == "finetune")
   metrics = workdir / "metrics.jsonl"
   logged = training.steps if training.program == "pretrain" else training.steps // training.every
   if phase == "restore" and restore_ok:
@@ -685,8 +692,9 @@ def summarise(program: str, trials: list[dict], extra: dict | None = None) -> di
 
 def run_program(program: str, trials: int, root: pathlib.Path, zygote: Zygote, *, seed: int = 0, steps: int = 12,
                 every: int = 3, max_kills: int = 2, atol: float = 1e-6, records: int = 24,
-                progress=None) -> dict:
-  """`trials` trials of one program under `root`; returns its row of the table."""
+                base: pathlib.Path | None = None, progress=None) -> dict:
+  """`trials` trials of one program under `root`; returns its row of the table. `base`: the pretrained checkpoint
+  fine-tuning starts from (default: a 2-step pretraining made under `root`)."""
   root.mkdir(parents=True, exist_ok=True)
   rng = random.Random(f"{seed}:{program}")
   began = time.monotonic()
@@ -700,7 +708,7 @@ def run_program(program: str, trials: int, root: pathlib.Path, zygote: Zygote, *
         progress(program, results)
     extra = {"uninterrupted_s": round(cal["seconds"], 1), "staging_lifetime_s": round(cal["staging_lifetime_s"], 3)}
   else:
-    training = Training(program, root, steps, every, zygote)
+    training = Training(program, root, steps, every, zygote, base=base)
     cal = calibrate(zygote, training)
     for i in range(trials):
       results.append(training_trial(zygote, training, cal, i, rng, max_kills, atol))
@@ -749,8 +757,10 @@ def main(argv: list[str] | None = None) -> int:
   try:
     with Zygote() as zygote:
       for program in programs:
+        base = root / "pretrain" / "reference" if "pretrain" in programs[:programs.index(program)] else None
         rows.append(run_program(program, args.trials, root / program, zygote, seed=args.seed, steps=args.steps,
-                                every=args.every, max_kills=args.max_kills, atol=args.atol, progress=progress))
+                                every=args.every, max_kills=args.max_kills, atol=args.atol, base=base,
+                                progress=progress))
   finally:
     if not args.keep and args.workdir is None:
       shutil.rmtree(root, ignore_errors=True)

@@ -23,14 +23,22 @@ def _clean(row):
   assert row["kills"] >= 1  # at least one trial was really interrupted
 
 
-def test_pretrain_killed_anywhere_resumes_exactly(tmp_path, zygote):
-  row = faults.run_program("pretrain", 3, tmp_path, zygote, seed=1, steps=6, every=2, max_kills=2)
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, zygote):
+  root = tmp_path_factory.mktemp("pretrain")
+  return root, faults.run_program("pretrain", 3, root, zygote, seed=1, steps=6, every=2, max_kills=2)
+
+
+def test_pretrain_killed_anywhere_resumes_exactly(pretrained):
+  _, row = pretrained
   _clean(row)
   assert row["max_abs_diff"] <= 1e-6 and row["max_steps_recomputed"] >= 0
 
 
-def test_finetune_killed_anywhere_resumes_exactly(tmp_path, zygote):
-  row = faults.run_program("finetune", 3, tmp_path, zygote, seed=1, steps=4, every=2, max_kills=2)
+def test_finetune_killed_anywhere_resumes_exactly(tmp_path, zygote, pretrained):
+  root, _ = pretrained  # fine-tuning starts from the uninterrupted pretraining's checkpoint
+  row = faults.run_program("finetune", 3, tmp_path, zygote, seed=1, steps=4, every=2, max_kills=2,
+                           base=root / "reference")
   _clean(row)
   assert row["max_abs_diff"] <= 1e-6
 
