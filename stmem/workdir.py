@@ -4,11 +4,12 @@ A program turns its `--workdir` into a path here, once. A local folder stays a `
 `gs://` URL becomes an `etils.epath.Path`, the path type orbax writes checkpoints through (its files go through
 gcsfs, its arrays through tensorstore's gcs driver; no TensorFlow). Both have the same methods (`/`, `exists`,
 `read_text`, `write_text`, `open`, `iterdir`, `glob`), so the code after this boundary does not ask which it has.
-The few things an object store does not do as a disk does are here too: appending to a file (`Appender`), and
-files that libraries write only to local paths, figures and reports (`local_dir`).
+The few things an object store does not do as a disk does are here too: appending to a file (`Appender`), files
+that libraries write only to local paths, figures and reports (`local_dir`), and files a library keeps open and
+appends to, TensorBoard's (`Mirror`).
 
 Credentials are Google's application-default ones (`gcloud auth application-default login`, a service account on
-the VM). Another endpoint, an emulator: `STORAGE_EMULATOR_HOST` for the file layer and TensorBoard, and
+the VM). Another endpoint, an emulator: `STORAGE_EMULATOR_HOST` for the file layer (gcsfs) and
 `TENSORSTORE_GCS_HTTP_URL` for the checkpoint arrays (docs/cloud.md).
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import contextlib
 import os
 import pathlib
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from typing import Union
@@ -94,6 +96,33 @@ class Appender:
     else:
       with self.path.open("a") as f:
         f.write(text)
+
+
+class Mirror:
+  """A local folder mirrored into a folder of a bucket: for a writer that keeps a file open and appends to it
+  (TensorBoard's event files), which can write neither into a bucket nor to it through its own client without
+  uploading again at interpreter exit. `sync` uploads each file that changed since the last one (an upload
+  replaces the object whole); `close` syncs and removes the local folder."""
+
+  def __init__(self, remote: Path):
+    self.remote = remote
+    self.path = pathlib.Path(tempfile.mkdtemp(prefix="stmem-mirror-"))
+    self._sent: dict[str, tuple[int, int]] = {}
+
+  def sync(self) -> None:
+    for f in sorted(self.path.rglob("*")):
+      if not f.is_file():
+        continue
+      name, stat = f.relative_to(self.path).as_posix(), f.stat()
+      if self._sent.get(name) != (stat.st_size, stat.st_mtime_ns):
+        (self.remote / name).write_bytes(f.read_bytes())
+        self._sent[name] = (stat.st_size, stat.st_mtime_ns)
+
+  def close(self) -> None:
+    try:
+      self.sync()
+    finally:
+      shutil.rmtree(self.path, ignore_errors=True)
 
 
 @contextlib.contextmanager
