@@ -5,8 +5,9 @@ A program turns its `--workdir` into a path here, once. A local folder stays a `
 gcsfs, its arrays through tensorstore's gcs driver; no TensorFlow). Both have the same methods (`/`, `exists`,
 `read_text`, `write_text`, `open`, `iterdir`, `glob`), so the code after this boundary does not ask which it has.
 The few things an object store does not do as a disk does are here too: appending to a file (`Appender`), files
-that libraries write only to local paths, figures and reports (`local_dir`), and files a library keeps open and
-appends to, TensorBoard's (`Mirror`).
+that libraries write only to local paths, figures and reports (`local_dir`), files a library keeps open and
+appends to, TensorBoard's (`Mirror`), and creating a file only if it is absent, for the workdir's hold
+(`GcsStore`, `stmem.workdir_hold`).
 
 Credentials are Google's application-default ones (`gcloud auth application-default login`, a service account on
 the VM). Another endpoint, an emulator: `STORAGE_EMULATOR_HOST` for the file layer (gcsfs) and
@@ -139,3 +140,43 @@ def local_dir(folder: Path) -> Iterator[pathlib.Path]:
     for f in sorted(pathlib.Path(tmp).rglob("*")):
       if f.is_file():
         (folder / f.relative_to(tmp).as_posix()).write_bytes(f.read_bytes())
+
+
+class GcsStore:
+  """The files of a workdir's hold (`stmem.workdir_hold`) in a bucket. A file is created exclusively with GCS's
+  precondition `ifGenerationMatch=0`: the upload is refused when the object exists, so of two runs started at the
+  same instant exactly one creates it. A write is one upload, which replaces the object whole."""
+
+  def __init__(self, workdir: str | os.PathLike[str]):
+    self.folder = resolve(workdir)
+    prepare(self.folder)  # a missing bucket said in one line here, where a run first touches it
+    import fsspec
+    self.fs = fsspec.filesystem("gcs")
+
+  def _key(self, name: str) -> str:
+    return os.fspath(self.folder / name)
+
+  def create_exclusive(self, name: str, data: bytes) -> bool:
+    try:
+      self.fs.pipe_file(self._key(name), data, mode="create")
+    except FileExistsError:  # gcsfs's word for GCS's 412, the precondition failed
+      return False
+    return True
+
+  def read(self, name: str) -> bytes | None:
+    try:
+      return self.fs.cat_file(self._key(name))
+    except FileNotFoundError:
+      return None
+
+  def write(self, name: str, data: bytes) -> None:
+    self.fs.pipe_file(self._key(name), data)
+
+  def remove(self, name: str) -> None:
+    try:
+      self.fs.rm_file(self._key(name))
+    except FileNotFoundError:
+      pass
+
+  def where(self, name: str) -> str:
+    return self._key(name)

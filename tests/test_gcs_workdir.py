@@ -1,7 +1,8 @@
 """A Google Cloud Storage bucket as the workdir (`--workdir gs://bucket/run`), against an in-memory GCS emulator
 (gcp-storage-emulator) started here on 127.0.0.1: pretraining writes its checkpoints, metrics, TensorBoard events,
 figure and config.json into the bucket, saves there when a SIGTERM arrives, and the same run resumes from the bucket
-exactly; fine-tuning reads its encoder from the bucket and writes into it; a missing bucket is a one-line error.
+exactly; fine-tuning reads its encoder from the bucket and writes into it; the workdir's hold lives in the bucket
+(one writer per workdir); a missing bucket is a one-line error.
 
 The emulator's endpoint reaches the libraries as they read it: STORAGE_EMULATOR_HOST (gcsfs: config, metrics,
 TensorBoard, figures, reports, orbax's metadata files) and TENSORSTORE_GCS_HTTP_URL (tensorstore's gcs driver: the
@@ -10,14 +11,18 @@ application-default credentials.
 """
 import json
 import logging
+import os
 import pathlib
 import signal
 import sys
+import threading
+from http import HTTPStatus
 
 import jax
 import numpy as np
 import pytest
 from gcp_storage_emulator import server as emulator_server  # the `test` extra
+from gcp_storage_emulator.exceptions import NotFound
 
 from configs import finetune as finetune_config
 from configs import pretrain as pretrain_config
@@ -40,6 +45,23 @@ def _download_with_generation(download):
   return wrapped
 
 
+def _only_if_absent(upload):
+  """The emulator's upload, honouring the precondition `ifGenerationMatch=0` as GCS does (412 when the object
+  exists), which the emulator ignores: the workdir's hold is created with it."""
+  def wrapped(request, response, storage, *args, **kwargs):
+    if request.query.get("ifGenerationMatch") == ["0"]:
+      name = request.query["name"][0] if "name" in request.query else request.data["meta"].get("name")
+      try:
+        storage.get_file_obj(request.params["bucket_name"], name)
+      except NotFound:
+        pass
+      else:
+        response.status = HTTPStatus.PRECONDITION_FAILED
+        return None
+    return upload(request, response, storage, *args, **kwargs)
+  return wrapped
+
+
 def _quiet_disconnects(handle_error):
   """The emulator's error report, less the tracebacks of clients that hung up before reading a whole response (a
   ranged or abandoned read): they are no error of the run."""
@@ -56,6 +78,8 @@ def bucket():
   from gcp_storage_emulator.handlers import objects
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(objects, "download", _download_with_generation(objects.download))
+    mp.setattr(objects, "_media_upload", _only_if_absent(objects._media_upload))
+    mp.setattr(objects, "_multipart_upload", _only_if_absent(objects._multipart_upload))
     server = emulator_server.create_server("127.0.0.1", 0, in_memory=True, default_bucket=BUCKET)
     server.start()
     httpd = server._api._httpd
@@ -181,10 +205,50 @@ def test_finetune_reads_its_encoder_from_the_bucket_and_writes_into_it(bucket):
   assert meta["origin"] == "stmem finetune" and meta["step"] == 3
 
 
+def test_the_hold_of_a_bucket_workdir(bucket, straight):
+  """One writer per workdir on a bucket: a finished run leaves no hold and names its program; a run on a workdir
+  that another run holds stops in one line naming the holder; fine-tuning in a pretraining workdir is refused; of
+  runs creating the hold at the same instant exactly one does (GCS's ifGenerationMatch=0)."""
+  from stmem import workdir as workdir_lib
+  from stmem import workdir_hold
+  from stmem.programs import finetune, pretrain
+  assert not bucket.exists(f"{BUCKET}/straight/{workdir_hold.HOLD_FILE}")
+  assert json.loads(bucket.cat(f"{BUCKET}/straight/{workdir_hold.PROGRAM_FILE}"))["program"] == "pretrain"
+  held = f"gs://{BUCKET}/held"
+  hold = workdir_hold.take(held, "pretrain", log=lambda line: None)
+  try:
+    assert json.loads(bucket.cat(f"{BUCKET}/held/{workdir_hold.HOLD_FILE}"))["pid"] == os.getpid()
+    with pytest.raises(UsageError, match=f"workdir {held} is held by `stmem pretrain` \\(host "):
+      pretrain.run(_config(), held)
+  finally:
+    hold.release()
+  assert not bucket.exists(f"{BUCKET}/held/{workdir_hold.HOLD_FILE}")
+  with pytest.raises(UsageError, match=f"workdir gs://{BUCKET}/straight belongs to `stmem pretrain`"):
+    finetune.run(finetune_config.get_config("test"), f"gs://{BUCKET}/straight")
+
+  stores = [workdir_lib.GcsStore(f"gs://{BUCKET}/race") for _ in range(4)]
+  start, won = threading.Barrier(len(stores)), []
+
+  def create(store, i):
+    start.wait()
+    if store.create_exclusive(workdir_hold.HOLD_FILE, f"{i}".encode()):
+      won.append(i)
+
+  threads = [threading.Thread(target=create, args=(store, i)) for i, store in enumerate(stores)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert len(won) == 1 and bucket.cat(f"{BUCKET}/race/{workdir_hold.HOLD_FILE}") == f"{won[0]}".encode()
+
+
 def test_a_missing_bucket_or_another_scheme_is_a_one_line_error(bucket):
+  from stmem import workdir as workdir_lib
   from stmem.programs import pretrain
   with pytest.raises(UsageError, match="the bucket gs://no-such-bucket does not exist"):
     pretrain.run(_config(), "gs://no-such-bucket/run")
-  with pytest.raises(UsageError, match="local folders and to Google Cloud Storage"):
+  with pytest.raises(UsageError, match="s3://bucket/run: .*not supported"):
     pretrain.run(_config(), "s3://bucket/run")
+  with pytest.raises(UsageError, match="local folders and to Google Cloud Storage"):
+    workdir_lib.resolve("s3://bucket/run")  # where a path meets stmem without a hold (a checkpoint to read)
   assert not bucket.exists("no-such-bucket")
