@@ -54,7 +54,7 @@ def resolve(path: str | os.PathLike[str]) -> Path:
 
 def _configure_gcsfs() -> None:
   """gcsfs installed (the `gcs` extra), and its directory listings not cached: checkpoint arrays are written by
-  tensorstore and event files by TensorBoard's own client, past gcsfs, so a cached listing would not show them."""
+  tensorstore, past gcsfs, so a cached listing would not show them."""
   try:
     import fsspec
     import gcsfs  # noqa: F401
@@ -100,9 +100,9 @@ class Appender:
 
 
 class Mirror:
-  """A local folder mirrored into a folder of a bucket: for a writer that keeps a file open and appends to it
-  (TensorBoard's event files), which can write neither into a bucket nor to it through its own client without
-  uploading again at interpreter exit. `sync` uploads each file that changed since the last one (an upload
+  """A local folder mirrored into a folder of a bucket, for a writer that keeps a file open and appends to it
+  (TensorBoard's event files; tensorboardX's own bucket writer uploads its file again at interpreter exit, and waits
+  minutes there when the endpoint is gone). `sync` uploads each file that changed since the last one (an upload
   replaces the object whole); `close` syncs and removes the local folder."""
 
   def __init__(self, remote: Path):
