@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 from data_pipelines import errors
 from data_pipelines.contract import Contract
 from data_pipelines.errors import DataError, UsageError
+from stmem import workdir as workdir_lib
 from stmem.models.config import ModelConfig
 
 CHECKPOINT_DIR = "checkpoints"
@@ -42,8 +43,9 @@ def _abstract(tree, shardings=None):
 
 
 def resolve(path: str | pathlib.Path) -> tuple[pathlib.Path, int | None]:
-  """A workdir, its `checkpoints/` folder, or one step folder -> (checkpoints folder, step or None for latest)."""
-  path = pathlib.Path(path).expanduser().absolute()
+  """A workdir, its `checkpoints/` folder, or one step folder -> (checkpoints folder, step or None for latest).
+  Local, or on a bucket (gs://, `stmem.workdir`)."""
+  path = workdir_lib.resolve(path)
   if (path / CHECKPOINT_DIR).is_dir():
     return path / CHECKPOINT_DIR, None
   if path.name.isdigit() and (path / "meta").exists():
@@ -69,7 +71,7 @@ def export_config(path: str | pathlib.Path) -> dict | None:
   """The `config.json` of a folder written by `stmem export` with a weights file stmem reads (safetensors or npz),
   or None for anything else. Such a folder is a checkpoint holding an encoder only: `stmem probe`, `embed`,
   `export` and `convert` take it as one."""
-  path = pathlib.Path(path).expanduser()
+  path = workdir_lib.resolve(path)
   file = path / "config.json"
   if not path.is_dir() or not file.is_file():
     return None
@@ -206,7 +208,7 @@ class Checkpointer:
   """Thin wrapper over ocp.CheckpointManager: asynchronous saves every `every` steps, keep the last `keep`."""
 
   def __init__(self, directory: str | pathlib.Path, *, every: int = 1000, keep: int = 3, async_save: bool = True):
-    self.directory = pathlib.Path(directory).absolute()
+    self.directory = workdir_lib.resolve(directory)  # orbax writes a gs:// one through tensorstore's gcs driver
     self.every = every
     self.manager = ocp.CheckpointManager(
       self.directory,
@@ -394,7 +396,7 @@ def read_meta(path: str | pathlib.Path) -> tuple[dict, pathlib.Path, int]:
   export` folder (`export_config`) reads as an encoder-only checkpoint at the step it was exported from."""
   exported = export_config(path)
   if exported is not None:
-    folder = pathlib.Path(path).expanduser().absolute()
+    folder = workdir_lib.resolve(path)
     meta = _export_meta(folder, exported)
     return meta, folder, int(meta["step"])
   directory, step = _step(path)
@@ -452,7 +454,7 @@ def load_model(path: str | pathlib.Path, *, encoder_only: bool = False, sharding
   if exported is not None:
     if not encoder_only:
       raise ValueError(f"{path}: an stmem export holds an encoder only; load it with encoder_only=True")
-    encoder, meta = _load_export(pathlib.Path(path).expanduser().absolute(), exported, dtype)
+    encoder, meta = _load_export(workdir_lib.resolve(path), exported, dtype)
     if shardings is not None:
       state = nnx.state(encoder, nnx.Param)
       placed = jax.device_put(nnx.to_pure_dict(state), shardings.get("encoder", shardings)
@@ -513,7 +515,7 @@ def save_params(directory: str | pathlib.Path, params, meta: dict, step: int = 0
   ckpt = Checkpointer(directory, every=1, keep=1000, async_save=False)
   ckpt.save(step, params=params, meta=meta, force=True, extra_items=extra_items)
   ckpt.close()
-  return pathlib.Path(directory).absolute() / str(step)
+  return ckpt.directory / str(step)
 
 
 def read_item(path: str | pathlib.Path, name: str) -> dict:

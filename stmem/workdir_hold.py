@@ -23,8 +23,8 @@ Several processes of one multi-process run share one hold: process 0 takes it (a
 others whether it did; when it could not, every process stops with a usage error.
 
 The hold's file operations go through a `Store` (create-exclusive, read, write, remove); `LocalStore` is the local
-filesystem's. Another kind of workdir plugs its own in with `register_store("scheme", factory)` (an object store
-creates exclusively with a precondition such as GCS's `ifGenerationMatch=0`).
+filesystem's, `stmem.workdir.GcsStore` a `gs://` bucket's (it creates exclusively with GCS's precondition
+`ifGenerationMatch=0`). Another kind of workdir plugs its own in with `register_store("scheme", factory)`.
 """
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from data_pipelines.errors import UsageError
+from stmem import workdir as workdir_lib
 
 HOLD_FILE = "hold.json"
 TAKEOVER_FILE = "hold.json.takeover"
@@ -135,6 +136,9 @@ _STORES: dict[str, Callable[[str], Store]] = {}
 def register_store(scheme: str, factory: Callable[[str], Store]) -> None:
   """Workdirs written `SCHEME://...` get their hold's files through `factory(workdir)`."""
   _STORES[scheme] = factory
+
+
+register_store("gs", workdir_lib.GcsStore)  # a bucket workdir: create-if-absent by GCS's ifGenerationMatch=0
 
 
 def store_for(workdir: str | pathlib.Path) -> Store:

@@ -70,11 +70,11 @@ def run(config, workdir: str | pathlib.Path, *, stop_after: int | None = None) -
   save (tests use it to stand in for a crash)."""
   from data_pipelines import transforms
   from stmem import augment, checkpoint as ckpt_lib, console, data, models, scoring, sharding as sharding_lib, steps
-  from stmem import features, report, train_loop
+  from stmem import features, report, train_loop, workdir as workdir_lib
   from stmem.models import model_config
 
-  workdir = pathlib.Path(workdir).absolute()
-  workdir.mkdir(parents=True, exist_ok=True)
+  workdir = workdir_lib.resolve(workdir)  # a local folder, or a gs:// URL (stmem.workdir)
+  workdir_lib.prepare(workdir)
   is_main = jax.process_index() == 0
   log = console.Log("finetune")
   start = time.time()
@@ -218,9 +218,10 @@ def run(config, workdir: str | pathlib.Path, *, stop_after: int | None = None) -
            "test split scored once, with the selected model; F1 thresholds chosen on validation",
            f"intervals: 95 % percentile bootstrap over patients ({config.bootstrap} resamples)"]
   if is_main:
-    paths = report.write(workdir, [row], title="Fine-tuning", curves={row["task"]: {f"{config.data.lead_set}": curve}},
-                         notes=notes, info={"config": config.to_dict(), "best_step": best_step})
-    log.text(pathlib.Path(paths["markdown"]).read_text())
+    with workdir_lib.local_dir(workdir) as out:  # the report's figures are written locally; a bucket gets them uploaded
+      paths = report.write(out, [row], title="Fine-tuning", curves={row["task"]: {f"{config.data.lead_set}": curve}},
+                           notes=notes, info={"config": config.to_dict(), "best_step": best_step})
+      log.text(pathlib.Path(paths["markdown"]).read_text())
 
   # -------------------------------------------------------------------------------------------- the selected model
   # An encoder-only checkpoint (every program loads it) with the head as its own item (`checkpoint.read_item`).
