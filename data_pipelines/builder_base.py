@@ -40,6 +40,7 @@ from etils import epath
 from data_pipelines.quarantine import Quarantine
 from data_pipelines.readers import common
 from data_pipelines.record import Record, RecordError
+from data_pipelines import contract as contract_lib
 from data_pipelines.contract import Contract
 
 VERSION = "1.0.0"
@@ -687,7 +688,8 @@ def _try_prepared(p: epath.Path) -> epath.Path | None:
 
 
 def load_contract(folder: str | os.PathLike[str]) -> Contract:
-  return Contract.from_json((prepared_dir(folder) / "contract.json").read_text())
+  path = prepared_dir(folder) / "contract.json"
+  return contract_lib.from_bytes(path.read_bytes(), str(path))
 
 
 def load_label_names(folder: str | os.PathLike[str]) -> list[str]:

@@ -14,6 +14,8 @@ import json
 import os
 from typing import Any
 
+from data_pipelines.errors import DataError
+
 INPUTS_FILE = "inputs.json"
 
 
@@ -62,11 +64,36 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def read(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
+  """The fingerprint recorded in `folder` (None when it has no inputs.json); DataError naming the file when it is
+  not one that `fingerprint` writes (damaged or edited by hand)."""
   path = os.path.join(os.fspath(folder), INPUTS_FILE)
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  with open(path, "rb") as f:
+    if os.fstat(f.fileno()).st_size > _MAX_BYTES:
+      raise _damaged(path, f"more than {_MAX_BYTES} bytes")
+    raw = f.read()
+  try:
+    recorded = json.loads(raw.decode("utf-8"))
+  except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    raise _damaged(path, f"not readable JSON ({type(e).__name__}: {str(e)[:200]})") from None
+  if not isinstance(recorded, dict):
+    raise _damaged(path, f"a JSON {type(recorded).__name__}, not an object")
+  for key, kind in _FIELDS.items():
+    if not isinstance(recorded.get(key), kind) or isinstance(recorded.get(key), bool):
+      raise _damaged(path, f"field {key!r} is missing or not {kind.__name__}")
+  if not all(isinstance(k, str) and isinstance(v, str) for k, v in recorded["options"].items()):
+    raise _damaged(path, "its options are not all text")
+  return recorded
+
+
+_MAX_BYTES = 1 << 20  # a fingerprint is a few hundred bytes
+_FIELDS = {"dataset": str, "options": dict, "manual_dir": str, "files_sha1": str, "files": int, "bytes": int}
+
+
+def _damaged(path: str, why: str) -> DataError:
+  return DataError(f"{path}: {why}; it records what the dataset beside it was built from: pass --overwrite to "
+                   "rebuild the dataset (and this file)")
 
 
 def write(folder: str | os.PathLike[str], inputs: dict[str, Any]) -> None:

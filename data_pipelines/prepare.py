@@ -29,6 +29,7 @@ import sys
 import tempfile
 from typing import Any
 
+from data_pipelines import contract as contract_lib
 from data_pipelines import errors, inputs
 from data_pipelines.contract import Contract
 from data_pipelines.errors import DataError, UsageError
@@ -332,7 +333,7 @@ def _keep_report(folder: str, builder: Any) -> str | None:
 def _same_inputs(name: str, folder: str, contract: Contract, fingerprint: dict[str, Any]) -> None:
   """Refuse (UsageError) a re-run whose contract or inputs differ from those the existing dataset was built from."""
   existing = os.path.join(folder, "contract.json")
-  old = Contract.from_json(open(existing).read()) if os.path.exists(existing) else None
+  old = contract_lib.read(existing) if os.path.exists(existing) else None
   diffs = []
   if old is None:
     diffs.append("it has no contract.json")

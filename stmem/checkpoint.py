@@ -10,6 +10,7 @@ import contextlib
 import gc
 import hashlib
 import json
+import os
 import pathlib
 import re
 import sys
@@ -42,6 +43,10 @@ def _abstract(tree, shardings=None):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+class NotACheckpoint(DataError, FileNotFoundError):
+  """A path holding no stmem checkpoint: a DataError (one line, exit code 1), still the FileNotFoundError it was."""
+
+
 def resolve(path: str | pathlib.Path) -> tuple[pathlib.Path, int | None]:
   """A workdir, its `checkpoints/` folder, or one step folder -> (checkpoints folder, step or None for latest).
   Local, or on a bucket (gs://, `stmem.workdir`)."""
@@ -59,7 +64,7 @@ def resolve(path: str | pathlib.Path) -> tuple[pathlib.Path, int | None]:
     hint = "; a graph export runs without stmem (onnxruntime, jax.export): export with --format hub to load it here"
   elif weights:
     hint = f"; for a weights file ({weights[0]}) run `stmem convert --reference {path / weights[0]} --out DIR`"
-  raise FileNotFoundError(f"{path}: no stmem checkpoint here (expected a workdir, its {CHECKPOINT_DIR}/ folder, "
+  raise NotACheckpoint(f"{path}: no stmem checkpoint here (expected a workdir, its {CHECKPOINT_DIR}/ folder, "
                           f"a step folder or an `stmem export --format hub` folder){hint}")
 
 
@@ -76,20 +81,57 @@ def export_config(path: str | pathlib.Path) -> dict | None:
   if not path.is_dir() or not file.is_file():
     return None
   try:
-    config = json.loads(file.read_text())
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise DataError(f"{file}: not readable JSON ({e}); restore it from where the export came from") from e
+    config = _json(file)
+  except ValueError as e:
+    raise DataError(f"{file}: not readable JSON ({e}); restore it from where the export came from") from None
   if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT:
     return None
-  weights = (config.get("weights") or {}).get("file", "")
-  if pathlib.Path(weights).suffix not in EXPORT_WEIGHTS:
+  weights = config.get("weights")
+  weights = weights.get("file", "") if isinstance(weights, dict) else ""
+  if not isinstance(weights, str) or pathlib.Path(weights).suffix not in EXPORT_WEIGHTS:
     return None
   if pathlib.Path(weights).name != weights or not (path / weights).is_file():  # the file stays inside the folder
     raise DataError(f"{file} names the weights file {weights!r}, which is not in {path}")
   missing = [k for k in ("model", "contract", "fingerprint") if k not in config]
   if missing:
     raise DataError(f"{file}: an stmem export's config without {', '.join(missing)}")
+  training = config.get("training")
+  if training is not None and not (isinstance(training, dict) and isinstance(training.get("config") or {}, dict)):
+    raise DataError(f"{file}: its `training` entry is not an object holding a config")
+  _check_meta(_export_meta(path, config), file)
   return config
+
+
+_MAX_JSON_BYTES = 64 << 20  # a meta or export config is kilobytes; a larger file is not one
+
+
+def _json(file: pathlib.Path) -> Any:
+  """The JSON value in `file`; ValueError (with the reason) when it is not UTF-8 JSON a reader should trust: also
+  nesting too deep for the parser and integers beyond Python's digit limit, which json raises as other types."""
+  with open(file, "rb") as f:
+    if os.fstat(f.fileno()).st_size > _MAX_JSON_BYTES:
+      raise ValueError(f"more than {_MAX_JSON_BYTES} bytes")
+    raw = f.read()
+  try:
+    return json.loads(raw.decode("utf-8"))
+  except RecursionError:
+    raise ValueError("nested too deeply") from None
+
+
+def _check_meta(meta: dict, file: pathlib.Path) -> None:
+  """Refuse (DataError naming `file`) a meta whose model config, contract or step cannot be what it says: the model
+  config must build a ModelConfig, the contract a Contract; found here rather than as a TypeError in a program."""
+  if not isinstance(meta.get("model"), dict):
+    raise DataError(f"{file}: its model config is not an object")
+  try:
+    ModelConfig(**meta["model"])
+  except Exception as e:  # noqa: BLE001 - any failure to build the config from these values is the file's
+    raise DataError(f"{file}: its model config is not one this stmem builds ({type(e).__name__}: "
+                    f"{str(e)[:200]})") from None
+  Contract.from_dict(meta.get("contract"), where=str(file))
+  step = meta.get("step", 0)
+  if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+    raise DataError(f"{file}: its step {step!r} is not a whole number >= 0")
 
 
 def _export_meta(path: pathlib.Path, config: dict) -> dict:
@@ -143,10 +185,10 @@ def _check_json_item(step_dir: pathlib.Path, item: str) -> None:
     raise DataError(f"checkpoint step {step_dir.name}: {folder} is missing or empty; resume from another step")
   for f in files:
     try:
-      json.loads(f.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      _json(f)
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
       raise DataError(f"checkpoint step {step_dir.name}: {f} is not readable JSON ({e}); the step is corrupt: "
-                      "use another step") from e
+                      "use another step") from None
 
 
 @contextlib.contextmanager
@@ -386,7 +428,7 @@ def _step(path: str | pathlib.Path) -> tuple[pathlib.Path, int]:
   if step is None:
     steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / "meta").exists())
     if not steps:
-      raise FileNotFoundError(f"{directory}: no finished checkpoint")
+      raise NotACheckpoint(f"{directory}: no finished checkpoint")
     step = steps[-1]
   return directory, step
 
@@ -404,9 +446,10 @@ def read_meta(path: str | pathlib.Path) -> tuple[dict, pathlib.Path, int]:
   _check_json_item(directory / str(step), "meta")
   for f in sorted(meta_dir.glob("*")):
     if f.is_file() and f.name != "commit_success.txt":
-      meta = json.loads(f.read_text())
+      meta = _json(f)
       if not isinstance(meta, dict) or "model" not in meta or "contract" not in meta:
         raise DataError(f"checkpoint step {step}: {f} is not an stmem checkpoint's meta (no model or contract)")
+      _check_meta(meta, f)
       return meta, directory, step
   raise DataError(f"checkpoint step {step}: {meta_dir} holds no meta file")
 

@@ -14,14 +14,13 @@ hash-splits by patient id (default: everything in `train`).
 """
 from __future__ import annotations
 
-import csv
 import os
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_pipelines import builder_base
+from data_pipelines import builder_base, tables
 from data_pipelines.generic import labels_csv as labels_csv_lib
 from data_pipelines.labels import snomed
 from data_pipelines.readers import iter_numpy, read_wfdb
@@ -74,9 +73,7 @@ class Builder(builder_base.StmemBuilder):
       self.fs, self.leads, self.layout, self.units_scale = float(source_fs), leads, layout, float(units_scale)
       columns = _split_list(label_columns)
       if columns is None:
-        with open(self.metadata_csv, newline="") as f:
-          header = next(csv.reader(f))
-        columns = [c for c in header if c not in _KNOWN_COLUMNS]
+        columns = [c for c in tables.read_dicts(self.metadata_csv)[0] if c not in _KNOWN_COLUMNS]
       self.label_columns = columns
       self.label_names = tuple(columns)
     else:

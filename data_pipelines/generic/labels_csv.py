@@ -12,13 +12,13 @@ Records the CSV does not name are quarantined (`no_label`), never written with a
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from data_pipelines import tables
 from data_pipelines.errors import DataError, UsageError
 from data_pipelines.readers.common import NO_LABEL
 from data_pipelines.record import RecordError
@@ -67,8 +67,7 @@ def load(path: str | os.PathLike[str], id_column: str | None = None,
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise UsageError(f"--labels_csv {path}: no such file")
-  with open(path, newline="", encoding="utf-8-sig") as f:
-    rows = [[c.strip() for c in r] for r in csv.reader(f) if any(c.strip() for c in r)]
+  rows = [[c.strip() for c in r] for r in tables.read_rows(path) if any(c.strip() for c in r)]
   if not rows:
     raise DataError(f"--labels_csv {path}: the file is empty")
   first = [c.lower() for c in rows[0]]

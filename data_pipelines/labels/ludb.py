@@ -5,9 +5,10 @@ normal-vs-left axis task).
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import os
+
+from data_pipelines import tables
 
 _AXIS_PREFIX = "electric axis of the heart:"
 
@@ -43,25 +44,31 @@ def _age(text: str) -> float | None:
 def load_ludb(path: str | os.PathLike[str]) -> dict[str, LudbLabels]:
   """`ludb.csv` -> {record id ("1".."200"): LudbLabels}."""
   out = {}
-  with open(path, newline="") as f:
-    for row in csv.DictReader(f):
-      record_id = row["ID"].strip()
-      axis_lines = _lines(row.get("Electric axis of the heart"))
-      axis = None
-      if axis_lines:
-        axis = axis_lines[0]
-        if axis.lower().startswith(_AXIS_PREFIX):
-          axis = axis[len(_AXIS_PREFIX):].strip()
-        axis = axis.lower()
-      sex = (row.get("Sex") or "").strip().upper()
-      out[record_id] = LudbLabels(
-        record_id=record_id, sex=sex if sex in ("M", "F") else None, age=_age(row.get("Age") or ""),
-        rhythms=_lines(row.get("Rhythms")), axis=axis, conduction=_lines(row.get("Conduction abnormalities")),
-        extrasystoles=_lines(row.get("Extrasystolies")), hypertrophies=_lines(row.get("Hypertrophies")),
-        pacing=_lines(row.get("Cardiac pacing")), ischemia=_lines(row.get("Ischemia")),
-        repolarization=_lines(row.get("Non-specific repolarization abnormalities")),
-        other=_lines(row.get("Other states")))
+  for i, row in enumerate(tables.read_dicts(path)[1]):
+    try:
+      out.update(_row(row))
+    except tables.ROW_ERRORS as e:
+      raise tables.row_error(path, i, e) from None
   return out
+
+
+def _row(row: dict[str, str]) -> dict[str, LudbLabels]:
+  record_id = row["ID"].strip()
+  axis_lines = _lines(row.get("Electric axis of the heart"))
+  axis = None
+  if axis_lines:
+    axis = axis_lines[0]
+    if axis.lower().startswith(_AXIS_PREFIX):
+      axis = axis[len(_AXIS_PREFIX):].strip()
+    axis = axis.lower()
+  sex = (row.get("Sex") or "").strip().upper()
+  return {record_id: LudbLabels(
+    record_id=record_id, sex=sex if sex in ("M", "F") else None, age=_age(row.get("Age") or ""),
+    rhythms=_lines(row.get("Rhythms")), axis=axis, conduction=_lines(row.get("Conduction abnormalities")),
+    extrasystoles=_lines(row.get("Extrasystolies")), hypertrophies=_lines(row.get("Hypertrophies")),
+    pacing=_lines(row.get("Cardiac pacing")), ischemia=_lines(row.get("Ischemia")),
+    repolarization=_lines(row.get("Non-specific repolarization abnormalities")),
+    other=_lines(row.get("Other states")))}
 
 
 def af_or_flutter(labels: LudbLabels) -> int:

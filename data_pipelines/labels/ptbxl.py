@@ -7,12 +7,13 @@ statement in `scp_codes` counts whatever its likelihood. Folds 1-8 train, 9 vali
 from __future__ import annotations
 
 import ast
-import csv
 import dataclasses
 import os
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+
+from data_pipelines import tables
 
 TASKS = ("all", "diagnostic", "subdiagnostic", "superdiagnostic", "form", "rhythm")
 VAL_FOLD, TEST_FOLD = 9, 10
@@ -74,28 +75,32 @@ def parse_scp_codes(text: str) -> dict[str, float]:
 def load_statements(path: str | os.PathLike[str]) -> dict[str, Statement]:
   """`scp_statements.csv` -> {code: Statement}; the code is the unnamed first column."""
   out = {}
-  with open(path, newline="") as f:
-    for row in csv.DictReader(f):
+  for i, row in enumerate(tables.read_dicts(path)[1]):
+    try:
       code = row.get("") or row.get("Unnamed: 0") or next(iter(row.values()))
       diagnostic = _flag(row["diagnostic"])
       out[code] = Statement(code=code, description=row["description"], diagnostic=diagnostic,
                             form=_flag(row["form"]), rhythm=_flag(row["rhythm"]),
                             diagnostic_class=(row["diagnostic_class"] or None) if diagnostic else None,
                             diagnostic_subclass=(row["diagnostic_subclass"] or None) if diagnostic else None)
+    except (*tables.ROW_ERRORS, StopIteration) as e:
+      raise tables.row_error(path, i, e) from None
   return out
 
 
 def load_database(path: str | os.PathLike[str]) -> dict[int, PtbxlRow]:
   """`ptbxl_database.csv` (or an excerpt with the same columns) -> {ecg_id: PtbxlRow}."""
   out = {}
-  with open(path, newline="") as f:
-    for row in csv.DictReader(f):
+  for i, row in enumerate(tables.read_dicts(path)[1]):
+    try:
       ecg_id = int(float(row["ecg_id"]))
       age = row.get("age", "").strip()
       out[ecg_id] = PtbxlRow(ecg_id=ecg_id, patient_id=_id(row["patient_id"]), age=float(age) if age else None,
                              sex=PTBXL_SEX.get(_id(row.get("sex", ""))), scp_codes=parse_scp_codes(row["scp_codes"]),
                              strat_fold=int(float(row["strat_fold"])), filename_lr=row.get("filename_lr", ""),
                              filename_hr=row.get("filename_hr", ""))
+    except tables.ROW_ERRORS as e:
+      raise tables.row_error(path, i, e) from None
   return out
 
 

@@ -1,12 +1,13 @@
 """SNOMED-CT labels of the PhysioNet/CinC 2020/2021 collection: `# Dx:` codes -> multi-hot over a code list."""
 from __future__ import annotations
 
-import csv
 import dataclasses
 import os
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+
+from data_pipelines import tables
 
 # Codes the Challenge scored as one class (its published scoring rule): each maps to the first code of its pair.
 EQUIVALENT_CODES = {
@@ -34,11 +35,13 @@ def parse_dx(text: str | Iterable[str]) -> list[str]:
 def load_dx_mapping(path: str | os.PathLike[str]) -> dict[str, Dx]:
   """`dx_mapping.csv` (snomed_code, dx_name, abbreviation, scored) -> {code: Dx}."""
   out = {}
-  with open(path, newline="") as f:
-    for row in csv.DictReader(f):
+  for i, row in enumerate(tables.read_dicts(path)[1]):
+    try:
       code = str(row["snomed_code"]).strip()
       out[code] = Dx(code=code, name=row["dx_name"].strip(), abbreviation=row["abbreviation"].strip(),
                      scored=str(row.get("scored", "0")).strip() in ("1", "1.0", "True", "true"))
+    except tables.ROW_ERRORS as e:
+      raise tables.row_error(path, i, e) from None
   return out
 
 

@@ -11,7 +11,6 @@ anything amplitude-based (thresholds, plots) is not.
 """
 from __future__ import annotations
 
-import csv
 import os
 import pathlib
 import re
@@ -21,6 +20,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from data_pipelines import tables
 from data_pipelines.readers import common
 from data_pipelines.record import Record, RecordError
 
@@ -29,6 +29,39 @@ CODE15_LEADS = ("DI", "DII", "DIII", "AVR", "AVL", "AVF", "V1", "V2", "V3", "V4"
 CODE15_LABELS = ("1dAVb", "RBBB", "LBBB", "SB", "AF", "ST")
 _PART = re.compile(r"exams_part(\d+)\.hdf5$")
 _CHUNK = 256  # exams read from HDF5 at once: bounded memory, few reads
+_BLOCK_BYTES = 32 << 20  # ... and at most this many bytes of them
+_MAX_SAMPLES = 1 << 16   # per exam (CODE-15 stores 4096); longer tracings are not this dataset's
+_MAX_COMPRESSION = 1100  # deflate expands at most ~1032-fold: a dataset claiming more than that is not believed
+
+
+def _real(dtype: np.dtype) -> bool:
+  return bool(np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.bool_))
+
+
+def _layout_problem(f: h5py.File, part: pathlib.Path) -> str | None:
+  """Why a part file's datasets are not CODE-15's (None when they are): names, kinds, shapes, dtypes, and sizes its
+  bytes can hold. Why the sizes: an HDF5 dataset's shape is a claim; chunks never written cost nothing on disk, so
+  a tiny file can claim 10^12 exams that reading would allocate or loop over."""
+  tracings, exam_ids = f.get("tracings"), f.get("exam_id")
+  if not isinstance(tracings, h5py.Dataset) or not isinstance(exam_ids, h5py.Dataset):
+    return f"entries {sorted(f)}; need datasets tracings and exam_id"
+  if tracings.ndim != 3 or tracings.shape[2] != len(CODE15_LEADS) or exam_ids.shape != (tracings.shape[0],):
+    return f"tracings {tracings.shape} and exam_id {exam_ids.shape} do not match (N, T, 12) / (N,)"
+  if not _real(tracings.dtype) or not _real(exam_ids.dtype):
+    return f"tracings of {tracings.dtype} and exam_id of {exam_ids.dtype}; need real numbers"
+  if tracings.shape[1] > _MAX_SAMPLES:
+    return f"tracings of {tracings.shape[1]} samples per exam; CODE-15 stores 4096"
+  size = os.path.getsize(part)
+  for name, ds in (("tracings", tracings), ("exam_id", exam_ids)):
+    claimed = ds.size * ds.dtype.itemsize
+    try:
+      stored = ds.id.get_storage_size()
+      filtered = ds.id.get_create_plist().get_nfilters() > 0
+    except Exception:  # noqa: BLE001 - h5py raises assorted types for damaged metadata
+      return f"{name}: its storage cannot be read"
+    if stored > size or claimed > stored * (_MAX_COMPRESSION if filtered else 1) + 4096:
+      return f"{name} claims {ds.shape} ({claimed} bytes) but {stored} bytes are stored in a {size}-byte file"
+  return None
 
 
 def strip_zero_padding(tracing: np.ndarray) -> np.ndarray:
@@ -40,9 +73,14 @@ def strip_zero_padding(tracing: np.ndarray) -> np.ndarray:
 
 
 def load_exams_csv(path: str | os.PathLike[str]) -> dict[int, dict[str, str]]:
-  """exams.csv rows keyed by integer exam_id."""
-  with open(path, newline="") as f:
-    return {int(float(row["exam_id"])): row for row in csv.DictReader(f)}
+  """exams.csv rows keyed by integer exam_id; DataError naming the file and row when it is not such a table."""
+  out = {}
+  for i, row in enumerate(tables.read_dicts(path)[1]):
+    try:
+      out[int(float(row["exam_id"]))] = row
+    except tables.ROW_ERRORS as e:
+      raise tables.row_error(path, i, e) from None
+  return out
 
 
 def _metadata(row: dict[str, str] | None) -> tuple[str | None, dict[str, Any]]:
@@ -95,25 +133,32 @@ def iter_code15(folder: str | os.PathLike[str], exams_csv: str | os.PathLike[str
       yield err
       continue
     with f:
-      if "tracings" not in f or "exam_id" not in f:
-        yield RecordError(str(part), common.BAD_HEADER, f"datasets {sorted(f)}; need tracings and exam_id")
+      try:
+        problem = _layout_problem(f, part)
+        tracings, exam_id_data = (None, None) if problem else (f["tracings"], f["exam_id"])
+      except Exception as e:  # noqa: BLE001 - h5py raises assorted types for damaged metadata
+        yield RecordError(str(part), common.UNREADABLE, f"{type(e).__name__}: {e}")
         continue
-      tracings, exam_ids = f["tracings"], np.asarray(f["exam_id"])
-      if tracings.ndim != 3 or tracings.shape[2] != len(CODE15_LEADS) or tracings.shape[0] != exam_ids.shape[0]:
-        yield RecordError(str(part), common.BAD_HEADER,
-                          f"tracings {tracings.shape} and exam_id {exam_ids.shape} do not match (N, T, 12) / (N,)")
+      if problem:
+        yield RecordError(str(part), common.BAD_HEADER, problem)
         continue
-      for start in range(0, tracings.shape[0], _CHUNK):
+      exam_bytes = max(1, tracings.shape[1] * tracings.shape[2] * tracings.dtype.itemsize)
+      per_block = max(1, min(_CHUNK, _BLOCK_BYTES // exam_bytes))
+      for start in range(0, tracings.shape[0], per_block):
         try:
-          block = np.asarray(tracings[start:start + _CHUNK])
+          block = np.asarray(tracings[start:start + per_block])
+          exam_ids = np.asarray(exam_id_data[start:start + per_block])
         except Exception as e:
-          yield RecordError(f"{part}[{start}:{start + _CHUNK}]", common.UNREADABLE, f"{type(e).__name__}: {e}")
+          yield RecordError(f"{part}[{start}:{start + per_block}]", common.UNREADABLE, f"{type(e).__name__}: {e}")
           continue
         for offset, tracing in enumerate(block):
-          exam_id = int(exam_ids[start + offset])
+          path = f"{part}[{start + offset}]"
+          if not np.isfinite(exam_ids[offset]):
+            yield RecordError(path, common.BAD_HEADER, f"exam_id {exam_ids[offset]}")
+            continue
+          exam_id = int(exam_ids[offset])
           if exam_id == 0:
             continue
-          path = f"{part}[{start + offset}]"
           patient, meta = _metadata(rows.get(exam_id))
           meta["units"] = "mV"
           meta["units_scale"] = units_scale

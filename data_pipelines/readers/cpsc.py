@@ -5,8 +5,11 @@ aVF, V1-V6, and that is the one place this project trusts a position.
 """
 from __future__ import annotations
 
+import io
 import os
 import pathlib
+import struct
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,12 +24,84 @@ CPSC_FS = 500.0
 CPSC_LEADS = leads_lib.LEADS  # as documented by the challenge
 
 
+_MI_MATRIX, _MI_COMPRESSED = 14, 15
+_MAX_INFLATE = 256 << 20  # a CPSC record is about 1 MB uncompressed
+
+
+def mat5_problem(raw: bytes) -> str | None:
+  """Why a MATLAB v5 file's elements claim more than its bytes hold (None when they do not, or it is not v5).
+
+  Why: scipy allocates what each element's tag claims (bytes, and arrays of the dimensions it states) before it
+  finds the data short; a damaged tag claims gigabytes. Every element, nested and compressed ones included, must fit
+  its parent, and an array's dimensions must not outnumber its bytes.
+  """
+  if len(raw) < 128 or 0 in raw[:4] or raw[126:128] not in (b"IM", b"MI"):
+    return None  # MATLAB v4 or not MATLAB: scipy's own checks, from memory
+  order = "<" if raw[126:128] == b"IM" else ">"
+  return _elements(raw, 128, len(raw), order, top=True)
+
+
+def _elements(buf: bytes, pos: int, end: int, order: str, top: bool = False, depth: int = 0) -> str | None:
+  if depth > 32:
+    return "elements nested more than 32 deep"
+  while pos + 8 <= end:
+    kind, size = struct.unpack_from(order + "II", buf, pos)
+    if kind >> 16:  # a small element: type and size in the first 4 bytes, the data in the next 4
+      if kind >> 16 > 4:
+        return f"a small element claiming {kind >> 16} bytes at byte {pos}"
+      pos += 8
+      continue
+    if size > end - pos - 8:
+      return f"an element at byte {pos} claims {size} bytes where {end - pos - 8} remain"
+    body = pos + 8
+    if kind == _MI_COMPRESSED:
+      inflate = zlib.decompressobj()
+      try:
+        data = inflate.decompress(buf[body:body + size], _MAX_INFLATE)
+      except zlib.error as e:
+        return f"a compressed element at byte {pos} does not inflate ({e})"
+      if inflate.unconsumed_tail:
+        return f"a compressed element at byte {pos} inflates beyond {_MAX_INFLATE} bytes"
+      problem = _elements(data, 0, len(data), order, depth=depth + 1)
+    elif kind == _MI_MATRIX:
+      problem = _matrix(buf, body, body + size, order, depth)
+    else:
+      problem = None
+    if problem:
+      return problem
+    pos = body + size + (0 if top and kind == _MI_COMPRESSED else -size % 8)
+  return None
+
+
+def _matrix(buf: bytes, pos: int, end: int, order: str, depth: int) -> str | None:
+  """A miMATRIX body: flags, dimensions, name, data; the dimensions must not claim more entries than bytes."""
+  if end - pos >= 16:
+    kind, size = struct.unpack_from(order + "II", buf, pos + 16 if end - pos >= 24 else pos)
+    if end - pos >= 24 and not kind >> 16 and 0 < size <= end - pos - 24 and size % 4 == 0:
+      dims = struct.unpack_from(order + f"{size // 4}i", buf, pos + 24)
+      count = 1
+      for d in dims:
+        if d < 0:
+          return f"an array with a negative dimension {d}"
+        count *= d
+      if count > end - pos:
+        return f"an array claiming {count} entries in {end - pos} bytes"
+  return _elements(buf, pos, end, order, depth=depth + 1)
+
+
 def read_cpsc_mat(path: str | os.PathLike[str], source: str = "CPSC2018", checks: common.Checks | None = None,
                   lead_map: Mapping[str, str] | None = None, **overrides: Any) -> Record:
   """One CPSC2018 `.mat` record in mV, validated. Raises `RecordError` naming the file."""
   path = os.fspath(path)
   try:
-    mat = scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False)
+    # From memory, not the file: scipy reads each element with file.read(claimed size), and a file object allocates
+    # the whole claim up front (a damaged tag claiming gigabytes would); an in-memory stream returns what there is.
+    with open(path, "rb") as f:
+      raw = f.read()
+    problem = mat5_problem(raw)
+    if problem:
+      raise RecordError(path, common.UNREADABLE, problem)
+    mat = scipy.io.loadmat(io.BytesIO(raw), squeeze_me=True, struct_as_record=False)
   except Exception as e:
     raise RecordError(path, common.UNREADABLE, f"{type(e).__name__}: {e}") from None
   ecg = mat.get("ECG")

@@ -5,7 +5,6 @@ ECG i of the array; lead names come from the caller, because an array cannot car
 """
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from data_pipelines import leads as leads_lib
+from data_pipelines import tables
 from data_pipelines.readers import common
 from data_pipelines.record import Record, RecordError
 
@@ -57,15 +57,15 @@ def iter_numpy(array_path: str | os.PathLike[str], metadata_csv: str | os.PathLi
     array = np.load(array_path, mmap_mode="r", allow_pickle=False)
   except Exception as e:
     raise RecordError(array_path, common.UNREADABLE, f"{type(e).__name__}: {e}") from None
+  if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
+          or np.issubdtype(array.dtype, np.bool_)):
+    raise RecordError(array_path, common.BAD_HEADER, f"array dtype {array.dtype} is not real numbers")
   names = _lead_names(leads)
   lead_axis = 1 if layout == "NLT" else 2
   if array.ndim != 3 or array.shape[lead_axis] != len(names):
     raise RecordError(array_path, common.BAD_HEADER,
                       f"array shape {array.shape} ({layout}) does not fit {len(names)} lead names {names}")
-  with open(metadata_csv, newline="") as f:
-    reader = csv.DictReader(f)
-    rows = list(reader)
-    columns = list(reader.fieldnames or [])
+  columns, rows = tables.read_dicts(metadata_csv)
   if "record_id" not in columns:
     raise RecordError(os.fspath(metadata_csv), common.BAD_HEADER, f"no record_id column (columns: {columns})")
   if len(rows) != array.shape[0]:

@@ -5,6 +5,7 @@ leads by name, and turns header comments (`# Age:`, `# Sex:`, `# Dx:`, LUDB's `#
 """
 from __future__ import annotations
 
+import math
 import os
 import pathlib
 import re
@@ -92,8 +93,96 @@ def lenient_header(text: str) -> tuple[str, str]:
   return "\n".join(lines), " ".join(fields[4:])
 
 
+# Bytes one sample takes in each fixed-size WFDB format; 0 is a null signal (no file).
+_BYTES_PER_SAMPLE = {"8": 1, "16": 2, "61": 2, "80": 1, "160": 2, "212": 1.5, "310": 4 / 3, "311": 4 / 3, "24": 3,
+                     "32": 4}
+_FLAC_FORMATS = ("508", "516", "524")
+_FLAC_SAMPLES_PER_BYTE = 64  # ECGs compress to a few bits per sample; a header claiming more is not believed
+_MAX_HEADER_BYTES = 1 << 20  # headers are a few kB; comments included
+_MAX_NULL_SAMPLES = 10 ** 7   # a null (format 0) signal has no file to measure its claimed length against
+
+
+def _int(text: str, hea: str, what: str) -> int:
+  try:
+    return int(text)
+  except ValueError:  # beyond Python's 4300-digit limit for int()
+    raise RecordError(hea, common.BAD_HEADER, f"{what} {text[:20]}... is not a usable number") from None
+
+
+def check_claims(base: str, hea: str) -> None:
+  """Refuse a header whose signal count or length its own lines and signal files cannot hold, before wfdb reads it.
+
+  Why: wfdb believes the header; one that claims 10^12 samples, a million signals or a billion samples per frame
+  makes it allocate (or loop over) that much before it finds the file is short. Checked with wfdb's own syntax: the
+  signal lines a header has must cover the signals it counts, and each signal file must hold the bytes that the
+  sample count, samples per frame, byte offset and formats add up to (FLAC files at most 64 samples per byte).
+  Anything this check cannot parse is left to wfdb, which refuses it.
+  """
+  from wfdb.io.header import rx_record, rx_signal
+  with open(hea, "rb") as f:
+    raw = f.read(_MAX_HEADER_BYTES + 1)
+  if len(raw) > _MAX_HEADER_BYTES:
+    raise RecordError(hea, common.BAD_HEADER, f"more than {_MAX_HEADER_BYTES} bytes: not a WFDB header")
+  lines = [line for line in raw.decode("latin-1").replace("\r\n", "\n").replace("\r", "\n").split("\n")
+           if line.strip() and not line.lstrip().startswith("#")]
+  record = rx_record.match(lines[0]) if lines else None
+  if record is None:
+    return
+  counted = _int(record["n_seg"] or record["n_sig"], hea, "signal count")
+  if counted > len(lines) - 1:
+    what = "segments" if record["n_seg"] else "signals"
+    raise RecordError(hea, common.BAD_HEADER, f"the record line counts {counted} {what} but {len(lines) - 1} lines "
+                                              "follow it")
+  if record["n_seg"] or not record["sig_len"]:
+    return  # segments are headers of their own; without a length wfdb measures the file
+  sig_len = _int(record["sig_len"], hea, "sample count")
+  need: dict[str, list[float]] = {}  # file -> [byte offset, bytes per sample (all signals of the file)]
+  flac: dict[str, int] = {}          # FLAC file -> samples claimed
+  folder = os.path.dirname(base)
+  for line in lines[1:1 + counted]:
+    sig = rx_signal.match(line)
+    if sig is None:
+      return
+    spf = _int(sig["samps_per_frame"] or "1", hea, "samples per frame")
+    skew = _int(sig["skew"] or "0", hea, "skew")
+    offset = _int(sig["byte_offset"] or "0", hea, "byte offset")
+    if skew > sig_len:
+      raise RecordError(hea, common.BAD_HEADER, f"signal skew {skew} is longer than the record ({sig_len} samples)")
+    fmt, name = sig["fmt"], sig["file_name"]
+    if fmt == "0" or name == "~":
+      if sig_len * spf > _MAX_NULL_SAMPLES:
+        raise RecordError(hea, common.BAD_HEADER, f"a null signal of {sig_len * spf} samples")
+    elif fmt in _FLAC_FORMATS:
+      flac[name] = flac.get(name, 0) + sig_len * spf
+    elif fmt in _BYTES_PER_SAMPLE:
+      entry = need.setdefault(name, [offset, 0.0])
+      entry[0] = max(entry[0], offset)
+      entry[1] += _BYTES_PER_SAMPLE[fmt] * spf
+  for name, (offset, per_sample) in need.items():
+    size = _size(os.path.join(folder, name))
+    wanted = offset + math.ceil(sig_len * per_sample)
+    if size is not None and wanted > size + 4:
+      raise RecordError(hea, common.UNREADABLE, f"the header claims {sig_len} samples, {wanted} bytes of {name}, "
+                                                f"which holds {size} bytes")
+  for name, samples in flac.items():
+    size = _size(os.path.join(folder, name))
+    if size is not None and samples > _FLAC_SAMPLES_PER_BYTE * max(size, 1):
+      raise RecordError(hea, common.UNREADABLE, f"the header claims {samples} samples in {name}, a FLAC file of "
+                                                f"{size} bytes")
+
+
+def _size(path: str) -> int | None:
+  """The size of the file at `path`; None when there is no file there, or the name is one the file system refuses
+  (too long, a NUL byte): not for the reader to fail on, wfdb reports the signal file missing."""
+  try:
+    return os.path.getsize(path) if os.path.isfile(path) else None
+  except (OSError, ValueError):
+    return None
+
+
 def _decode(base: str, hea: str) -> tuple[Any, Any]:
   """(header, record) from wfdb; RecordError `bad_header` / `unreadable` naming `hea`."""
+  check_claims(base, hea)
   try:
     header = wfdb.rdheader(base)
   except Exception as e:  # wfdb raises assorted types for malformed text
@@ -120,7 +209,8 @@ def _decode_leniently(base: str, hea: str, first: RecordError) -> tuple[Any, Any
     folder = pathlib.Path(base).parent
     for line in text.split("\n")[(_record_line(text.split("\n")) or 0) + 1:]:
       fields = line.split()
-      if fields and not fields[0].startswith("#") and (folder / fields[0]).is_file():
+      inside = fields and not os.path.isabs(fields[0]) and ".." not in pathlib.PurePath(fields[0]).parts
+      if inside and not fields[0].startswith("#") and _size(str(folder / fields[0])) is not None:  # links stay in tmp
         target = pathlib.Path(tmp, fields[0])
         target.parent.mkdir(parents=True, exist_ok=True)  # a signal file in a subfolder of the record's
         if not target.exists():
