@@ -81,29 +81,30 @@ def require_dir(path: str | os.PathLike[str], option: str, *, must_exist: bool =
   return p
 
 
-def require_output(path: str | os.PathLike[str], option: str, *, folder: bool = False) -> str:
+def require_output(path: str | os.PathLike[str], option: str, *, folder: bool = False, exit_code: int = USAGE) -> str:
   """`path` (with `~` expanded) as a place a command can write its output, checked before any work; else a
   UsageError naming `option` and the path, in one line.
 
-  `folder=True`: the output is a folder (created if missing, a file in its place refused); otherwise `path` is a file
-  or a file prefix (`OUT` of OUT.npz) whose parent folder is created if missing. Either way every existing folder on
-  the way must be a folder, not a file, and the nearest existing one writable. A URL (`gs://...`) is not checked.
+  `folder=True`: the output is a folder (created if missing, a file in its place refused); otherwise `path` is a
+  file or a file prefix (`OUT` of OUT.npz and OUT.parquet) whose parent folder is created if missing. Either way every
+  existing folder on the way must be a folder, not a file, and the nearest existing one writable. A URL
+  (`gs://...`) is not checked. `exit_code`: the refusal's (a usage error by default).
   """
-  p = os.path.abspath(os.path.expanduser(os.fspath(path)))
   if "://" in os.fspath(path):
     return os.fspath(path)
+  p = os.path.abspath(os.path.expanduser(os.fspath(path)))
   if folder and os.path.exists(p) and not os.path.isdir(p):
-    raise UsageError(f"{option} {p}: a file is in the way; give a folder")
-  if not folder and os.path.isdir(p):
-    raise UsageError(f"{option} {p} is a folder; give a file name (or prefix) inside it")
+    raise UsageError(f"{option} {p}: a file is in the way; give a folder", exit_code=exit_code)
   parent = p if folder else os.path.dirname(p)
   existing = parent
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)
   if not os.path.isdir(existing):
-    raise UsageError(f"{option} {p}: {existing} is a file, not a folder; give a path under a folder")
+    raise UsageError(f"{option} {p}: {existing} is a file, not a folder; give a path under a folder",
+                     exit_code=exit_code)
   if not os.access(existing, os.W_OK | os.X_OK):
-    raise UsageError(f"{option} {p}: cannot write in {existing} (permission denied); give a writable place")
+    raise UsageError(f"{option} {p}: cannot write in {existing} (permission denied); give a writable place",
+                     exit_code=exit_code)
   return p
 
 

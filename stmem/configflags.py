@@ -386,9 +386,11 @@ def parse(argv: Sequence[str], prog: str, default: str | None, *, workdir: str |
   wd = fv.workdir if workdir is not None else None
   if workdir == "required" and not wd:
     raise ConfigError("--workdir is required (the folder where its outputs go)")
-  if wd:  # a file in the way, or a folder nobody may write in: said now, not after the work
+  if wd:
+    # A file in the way, or a folder nobody may write in: said now, not after the work (exit code 1, the file error
+    # it was when only the making of the folder found it).
     from data_pipelines import errors
-    errors.require_output(expand(wd), "--workdir", folder=True)
+    errors.require_output(expand(wd), "--workdir", folder=True, exit_code=errors.DATA)
   return config, (expand(wd) if wd else wd)
 
 

@@ -164,7 +164,9 @@ class Loop:
         raise errors.Interrupted("SIGINT")
       stop["signal"] = stop["signal"] or signum
 
-    previous_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)} \
+    # (a SIGINT ignored on purpose, as in a script's background job, stays ignored)
+    previous_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
+                         if sig != signal.SIGINT or signal.getsignal(sig) is not signal.SIG_IGN} \
       if preemption.main_thread() else {}
     batch_log = (self.workdir / f"batches.{jax.process_index()}.jsonl").open("a") if self.log_batches else None
     step, last_good, last_log = start_step, start_step, (time.perf_counter(), start_step)
@@ -201,8 +203,9 @@ class Loop:
           step += 1
           if stop["signal"] and not stop["said"] and not single:  # the processes agree at the next sync step
             stop["said"] = True
+            again = " (Ctrl-C again: stop now, without saving)" if stop["signal"] == signal.SIGINT else ""
             self.log(f"{signal.Signals(stop['signal']).name} received: saving and stopping at the next log or "
-                     f"checkpoint step{' (Ctrl-C again: stop now, without saving)' if stop['signal'] == 2 else ''}")
+                     f"checkpoint step{again}")
           if not self.sync_due(step) and not (single and stop["signal"]):  # one process: stop at once
             continue
         logged, hooked = self.log_due(step), self.hook_due(step)

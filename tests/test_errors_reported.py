@@ -245,17 +245,18 @@ def test_output_places_are_checked_before_anything_is_loaded(tmp_path, capsys):
   a_file = tmp_path / "a_file"
   a_file.write_text("not a folder\n")
   missing = tmp_path / "no_such_checkpoint"  # loading it would fail: the output place must be refused first
-  cases = [
-    (["embed", "--init_from", missing, "--num_synthetic", "4", "--out", a_file / "x"], "--out"),
-    (["export", "--init_from", missing, "--out", a_file / "x"], "--out"),
-    (["convert", "--reference", missing, "--out", a_file / "x" / "y"], "--out"),
-    (["probe", "--config", "probe:synthetic", f"--config.init_from={missing}", "--workdir", a_file / "x"], "--workdir"),
-    (PRETRAIN + ["--workdir", a_file / "x"], "--workdir"),
+  cases = [  # (a workdir in the way is a file error, exit 1, as it was when found making the folder)
+    (["embed", "--init_from", missing, "--num_synthetic", "4", "--out", a_file / "x"], "--out", 2),
+    (["export", "--init_from", missing, "--out", a_file / "x"], "--out", 2),
+    (["convert", "--reference", missing, "--out", a_file / "x" / "y"], "--out", 2),
+    (["probe", "--config", "probe:synthetic", f"--config.init_from={missing}", "--workdir", a_file / "x"],
+     "--workdir", 1),
+    (PRETRAIN + ["--workdir", a_file / "x"], "--workdir", 1),
   ]
-  for argv, option in cases:
+  for argv, option, code in cases:
     rc, out, err = run(capsys, *argv)
     line = error_line(err)
-    assert rc == 2 and option in line and f"{a_file} is a file" in line, (argv[0], err[-2000:])
+    assert rc == code and option in line and f"{a_file} is a file" in line, (argv[0], err[-2000:])
     assert str(missing) not in line
   rc, out, err = run(capsys, "export", "--init_from", missing, "--out", a_file)
   assert rc == 2 and "a file is in the way" in error_line(err)
