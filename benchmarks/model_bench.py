@@ -136,11 +136,11 @@ def _device_batch(step, signal, lead_ids, lead_mask) -> dict[str, jax.Array]:
 
 
 # -- workloads ----------------------------------------------------------------------------------------------------------
-def bench_pretrain(variant: str, dtype: str, batch: int, repeats: int,
-                   matmul: dict[str, Any] | None = None) -> dict[str, Any]:
+def pretrain_runner(variant: str, dtype: str, batch: int):
+  """(one, compiled, compile seconds, step): `one()` runs one production pretraining update (a fresh key each call,
+  parameters and optimiser state donated and carried over) and waits for it."""
   compiled, compile_s, step, params, opt_state = production_step(variant, dtype, batch)
-  cfg = step.cfg
-  data = _device_batch(step, *_inputs(cfg, batch))
+  data = _device_batch(step, *_inputs(step.cfg, batch))
   ok = jax.device_put(jnp.asarray(True), step.replicated)
   state = {"params": params, "opt": opt_state, "ok": ok, "i": 0}
 
@@ -150,6 +150,27 @@ def bench_pretrain(variant: str, dtype: str, batch: int, repeats: int,
     state["params"], state["opt"], m, state["ok"] = compiled(state["params"], state["opt"], data, key, state["ok"])
     jax.block_until_ready((state["params"], m["loss"]))
 
+  return one, compiled, compile_s, step
+
+
+def embed_runner(variant: str, dtype: str, batch: int):
+  """(one, compiled, compile seconds, (cfg, params, signal, lead_ids, lead_mask)): `one()` computes the pooled
+  12-lead features of one batch (`steps.embed_forward`, what `stmem embed` jits) and waits for them."""
+  cfg = model_config(variant, dtype=dtype)
+  graphdef, params = steps_lib.encoder_graphdef_and_params(cfg)
+  embed = jax.jit(steps_lib.embed_forward(graphdef))
+  signal, lead_ids, lead_mask = (jnp.asarray(a) for a in _inputs(cfg, batch))
+  start = time.perf_counter()
+  compiled = embed.lower(params, signal, lead_ids, lead_mask).compile()
+  compile_s = time.perf_counter() - start
+  return (lambda: compiled(params, signal, lead_ids, lead_mask).block_until_ready(), compiled, compile_s,
+          (cfg, params, signal, lead_ids, lead_mask))
+
+
+def bench_pretrain(variant: str, dtype: str, batch: int, repeats: int,
+                   matmul: dict[str, Any] | None = None) -> dict[str, Any]:
+  one, compiled, compile_s, step = pretrain_runner(variant, dtype, batch)
+  cfg = step.cfg
   times, cpu = _time(one, repeats)
   rss = peak_rss_bytes()  # before the FLOP cross-check below traces a second program
   seconds = statistics.median(times)
@@ -168,16 +189,8 @@ def bench_pretrain(variant: str, dtype: str, batch: int, repeats: int,
 
 def bench_embed(variant: str, dtype: str, batch: int, repeats: int,
                 matmul: dict[str, Any] | None = None) -> dict[str, Any]:
-  cfg = model_config(variant, dtype=dtype)
-  graphdef, params = steps_lib.encoder_graphdef_and_params(cfg)
-  pooled = steps_lib.embed_forward(graphdef)
-  embed = jax.jit(pooled)
-
-  signal, lead_ids, lead_mask = (jnp.asarray(a) for a in _inputs(cfg, batch))
-  start = time.perf_counter()
-  compiled = embed.lower(params, signal, lead_ids, lead_mask).compile()
-  compile_s = time.perf_counter() - start
-  times, cpu = _time(lambda: compiled(params, signal, lead_ids, lead_mask).block_until_ready(), repeats)
+  one, compiled, compile_s, (cfg, params, signal, lead_ids, lead_mask) = embed_runner(variant, dtype, batch)
+  times, cpu = _time(one, repeats)
   rss = peak_rss_bytes()
   seconds = statistics.median(times)
   flops = batch * metrics.embed_forward_flops(cfg)

@@ -34,12 +34,9 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import machine
+from benchmarks import machine, reference
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-HOW_TO_GET_REFERENCE = ("pass --reference_repo DIR, a checkout of the ST-MEM authors' code (git clone "
-                        "https://github.com/bakqui/ST-MEM; CC BY-NC 4.0, not part of stmem), with torch "
-                        "(pip install 'stmem[torch]') and einops installed")
 
 
 def _median_time(fn, repeats: int) -> tuple[float, list[float]]:
@@ -122,19 +119,16 @@ def _onnxruntime(encoder, signal, ids, mask, repeats, folder):
 
 def _reference(encoder, signal, repeats, repo: str | None):
   if not repo:
-    return {"missing": HOW_TO_GET_REFERENCE}, None
-  if not (pathlib.Path(repo) / "models" / "encoder" / "st_mem_vit.py").is_file():
-    return {"missing": f"{repo} holds no models/encoder/st_mem_vit.py; {HOW_TO_GET_REFERENCE}"}, None
+    return {"missing": reference.HOW_TO_GET}, None
+  why = reference.problem(repo)
+  if why:
+    return {"missing": why}, None
   try:
     import torch
-    sys.path.insert(0, str(pathlib.Path(repo).resolve()))
-    from models.encoder.st_mem_vit import ST_MEM_ViT
+    model = reference.encoder(encoder.cfg, repo)
   except ImportError as e:
-    return {"missing": f"cannot import the reference ({e}); {HOW_TO_GET_REFERENCE}"}, None
+    return {"missing": f"cannot import the reference ({e}); {reference.HOW_TO_GET}"}, None
   from stmem.programs.export import encoder_reference_names
-  cfg = encoder.cfg
-  model = ST_MEM_ViT(seq_len=cfg.window, patch_size=cfg.patch_size, num_leads=12, width=cfg.width, depth=cfg.depth,
-                     mlp_dim=cfg.mlp_ratio * cfg.width, heads=cfg.num_heads, dim_head=cfg.width // cfg.num_heads)
   model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in encoder_reference_names(encoder).items()}, strict=True)
   model.eval()
   x = torch.from_numpy(signal)

@@ -29,6 +29,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import socket
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -562,17 +563,72 @@ def write_failed_report(dataset_folder: str | os.PathLike[str], stats: BuildStat
   return os.fspath(folder / FAILED_REPORT)
 
 
+def staging_prefix(name: str) -> str:
+  """The prefix of the hidden folder `stmem prepare` builds dataset `name` in: it names this host and process, so
+  that a later build can tell the folder of a killed build (`clear_interrupted`) from that of a running one."""
+  return f".{name}.building-{socket.gethostname()}-{os.getpid()}-"
+
+
+def _aside(final: str) -> str:
+  return f"{final}.replaced-{socket.gethostname()}-{os.getpid()}"
+
+
+def _ended(host: str, pid: str) -> bool:
+  """Whether process `pid` of `host` has ended; a process of another host is never judged (False)."""
+  if host != socket.gethostname():
+    return False
+  try:
+    os.kill(int(pid), 0)
+  except ProcessLookupError:
+    return True
+  except (PermissionError, ValueError, OverflowError):
+    return False
+  return False
+
+
+def clear_interrupted(data_dir: str | os.PathLike[str], name: str) -> list[str]:
+  """Undo what a killed `stmem prepare NAME` (SIGKILL, a lost node: no `finally` ran) left in `data_dir`; returns
+  one line per thing done. Its staging folder is deleted; a dataset it had moved aside (`swap_into_place`) is put
+  back when the new one never moved in, and deleted when it had. Only folders of this host's processes that have
+  ended are touched: a build running beside this one keeps its own."""
+  import re
+  import shutil
+  data_dir = os.fspath(data_dir)
+  done = []
+  staging = re.compile(rf"\.{re.escape(name)}\.building-(.+)-(\d+)-[^-]*")
+  for entry in sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else []:
+    m = staging.fullmatch(entry)
+    if m and _ended(m[1], m[2]):
+      shutil.rmtree(os.path.join(data_dir, entry), ignore_errors=True)
+      done.append(f"removed {os.path.join(data_dir, entry)}, the staging folder of an interrupted build")
+  dataset = os.path.join(data_dir, name)
+  for entry in sorted(os.listdir(dataset)) if os.path.isdir(dataset) else []:
+    m = re.fullmatch(r"(.+)\.replaced-(.+)-(\d+)", entry)
+    if not (m and _ended(m[2], m[3])):
+      continue
+    aside, final = os.path.join(dataset, entry), os.path.join(dataset, m[1])
+    if os.path.exists(final):
+      shutil.rmtree(aside, ignore_errors=True)
+      done.append(f"removed {aside}, a dataset an interrupted build had replaced")
+    else:
+      os.rename(aside, final)
+      done.append(f"put {final} back: an interrupted build had moved it aside")
+  return done
+
+
 def swap_into_place(built: str | os.PathLike[str], final: str | os.PathLike[str]) -> None:
   """Move a finished dataset folder to `final`, replacing what is there only once the new one is complete.
 
   Two renames on one file system: the old folder steps aside, the new one moves in, then the old one is deleted.
-  If the second rename fails the old folder is put back. Also removes a failed build's report beside `final`.
+  If the second rename fails the old folder is put back; a process killed between them leaves the old folder aside,
+  where readers still find it (`prepared_dir`) and the next build puts it back (`clear_interrupted`). Also removes a
+  failed build's report beside `final`.
   """
   built, final = os.fspath(built), os.fspath(final)
   os.makedirs(os.path.dirname(final), exist_ok=True)
   aside = None
   if os.path.exists(final):
-    aside = f"{final}.replaced-{os.getpid()}"
+    aside = _aside(final)
     os.rename(final, aside)
   try:
     os.rename(built, final)
@@ -611,7 +667,8 @@ def prepared_dir(path: str | os.PathLike[str], name: str | None = None) -> epath
                     key=lambda c: tfds.core.Version(c.name) if _is_version(c.name) else tfds.core.Version("0.0.0"))
   if versions:
     return versions[-1]
-  found = [c for c in p.iterdir() if c.is_dir()] if p.exists() else []
+  # Hidden folders are staging folders of builds, running or interrupted: never a dataset to read.
+  found = [c for c in p.iterdir() if c.is_dir() and not c.name.startswith(".")] if p.exists() else []
   nested = [v for c in found for v in [_try_prepared(c)] if v is not None]
   if len(nested) == 1:
     return nested[0]

@@ -246,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
   previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
   staging = ""
   try:
-    staging = tempfile.mkdtemp(prefix=f".{args.name}.building-", dir=data_dir)
+    for line in builder_base.clear_interrupted(data_dir, args.name):
+      print(f"{args.name}: {line}", file=sys.stderr)
+    staging = tempfile.mkdtemp(prefix=builder_base.staging_prefix(args.name), dir=data_dir)
     try:
       builder = cls(data_dir=staging, manual_dir=manual, contract=contract, strict=args.strict,
                     show_progress=not args.quiet, **options)

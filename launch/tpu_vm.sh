@@ -7,8 +7,13 @@
 #
 # Variables (read on this machine; the command is built here and run on every worker):
 #   TPU_NAME, ZONE   the TPU VM (required); PROJECT optional (gcloud's default project otherwise)
-#   WORKDIR          run folder shared by all workers (required): a mounted filesystem (Filestore/NFS, or a GCS
-#                    bucket through gcsfuse); the program writes with local file APIs, so not a gs:// URL
+#   WORKDIR          run folder shared by all workers (required): a gs://bucket/run URL (stmem[gcs] installed on the
+#                    workers; docs/cloud.md) or a filesystem every worker mounts (Filestore/NFS)
+#   DATA_BUCKET      optional gs://bucket[/folder] of prepared data, mounted read-only with gcsfuse on every worker
+#                    before the run (ArrayRecord reads local files): pass --config.data.data_dir=$DATA_MOUNT
+#   DATA_MOUNT       where the workers mount it (default /tmp/stmem-data; a mount already there is kept)
+#   GCSFUSE_FLAGS    gcsfuse flags besides -o ro and --only-dir (default: --implicit-dirs and a file cache in
+#                    /tmp/gcsfuse-cache, so that shuffled reads hit local copies after the first epoch)
 #   REPO_DIR         the stmem checkout on the workers (default ~/stmem; copy or clone it there first)
 #   CONFIG           default configs/pretrain.py:base
 #   PYTHON           interpreter on the workers (default: chosen there by launch/python.sh: the active
@@ -27,7 +32,20 @@ CONFIG="${CONFIG:-configs/pretrain.py:base}"
 
 env_vars="STMEM_DISTRIBUTED=1${STMEM_HEARTBEAT_TIMEOUT:+ STMEM_HEARTBEAT_TIMEOUT=$STMEM_HEARTBEAT_TIMEOUT}"
 args="$(printf '%q ' --config "$CONFIG" --workdir "$WORKDIR" "$@")"
-remote="cd $REPO_DIR && ${SETUP:+$SETUP && }${PYTHON:+export PYTHON=$(printf %q "$PYTHON") && }"
+mount=""
+if [[ -n "${DATA_BUCKET:-}" ]]; then
+  [[ "$DATA_BUCKET" == gs://?* ]] || { echo "DATA_BUCKET must be a gs://bucket[/folder] URL" >&2; exit 2; }
+  data_path="${DATA_BUCKET#gs://}"; data_path="${data_path%/}"
+  data_bucket="${data_path%%/*}"; data_dir=""
+  [[ "$data_path" == */* ]] && data_dir="${data_path#*/}"
+  DATA_MOUNT="${DATA_MOUNT:-/tmp/stmem-data}"
+  cache="--cache-dir=/tmp/gcsfuse-cache --file-cache-max-size-mb=-1 --file-cache-cache-file-for-range-read=true"
+  GCSFUSE_FLAGS="${GCSFUSE_FLAGS:---implicit-dirs $cache}"
+  at="$(printf %q "$DATA_MOUNT")"
+  mount="mkdir -p $at && { mountpoint -q $at || gcsfuse -o ro $GCSFUSE_FLAGS"
+  mount+="${data_dir:+ --only-dir $(printf %q "$data_dir")} $(printf %q "$data_bucket") $at; } && "
+fi
+remote="cd $REPO_DIR && ${SETUP:+$SETUP && }${mount}${PYTHON:+export PYTHON=$(printf %q "$PYTHON") && }"
 remote+="source launch/python.sh && choose_python"
 remote+=" && $env_vars \"\$PYTHON\" launch/pretrain.py $args"
 project=()

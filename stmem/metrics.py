@@ -86,23 +86,36 @@ METRICS_FILE = "metrics.jsonl"  # in the workdir: one JSON object per written st
 
 
 class MetricWriter:
+  """metrics.jsonl and TensorBoard event files in a workdir: a local folder or a gs:// URL (`stmem.workdir`). On a
+  bucket the event files are written locally and uploaded at each write (`stmem.workdir.Mirror`): tensorboardX's
+  own bucket writer uploads its file again at interpreter exit, and waits minutes there when the bucket is gone."""
+
   def __init__(self, workdir: str | pathlib.Path, enabled: bool | None = None):
+    from stmem import workdir as workdir_lib
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
-    self.path = pathlib.Path(workdir) / METRICS_FILE
-    self._tb = None
+    workdir = workdir_lib.resolve(workdir)
+    self.path = workdir / METRICS_FILE
+    self._tb = self._mirror = None
     if self.enabled:
-      self.path.parent.mkdir(parents=True, exist_ok=True)
+      workdir_lib.prepare(workdir)
+      self._lines = workdir_lib.Appender(self.path)
+      if workdir_lib.is_remote(workdir):
+        self._mirror = workdir_lib.Mirror(workdir / "tensorboard")
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
+      self._tb = SummaryWriter(str(self._mirror.path if self._mirror else workdir / "tensorboard"))
 
   def write(self, step: int, metrics: dict[str, float]):
     if not self.enabled:
       return
-    with self.path.open("a") as f:
-      f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in metrics.items()}}) + "\n")
+    self._lines.write(json.dumps({"step": int(step), **{k: float(v) for k, v in metrics.items()}}) + "\n")
     for k, v in metrics.items():
       self._tb.add_scalar(k, float(v), int(step))
+    if self._mirror is not None:
+      self._tb.flush()
+      self._mirror.sync()
 
   def close(self):
     if self._tb is not None:
       self._tb.close()
+    if self._mirror is not None:
+      self._mirror.close()

@@ -11,11 +11,15 @@ What every training program gets from it, alike:
 
 - Restore: the newest checkpoint that reads back (`Checkpointer.restore_latest_readable`: a corrupt latest step is
   moved aside, said, and the one before it used), with its data-iterator state, so a rerun of the same command
-  resumes with exactly the next batch. A resume with another `total_steps` than the checkpoint's run planned is
-  allowed and said in one line (the learning-rate schedule is a function of total_steps: it is re-planned from the
-  resumed step on); every checkpoint records the `total_steps` it was saved under, and the first metrics line of
-  every run segment carries `total_steps`. A checkpoint already past `total_steps` is refused (a usage error: that
-  run is complete); one exactly at it is a finished run, said and left as it is.
+  resumes with exactly the next batch. A checkpoint that reads back but holds another model (the config changed)
+  is a usage error naming the differing keys (`restore(..., meta=...)`), and nothing is moved. A resume with another
+  `total_steps` than the checkpoint's run planned is allowed and said in one line (the learning-rate schedule is a
+  function of total_steps: it is re-planned from the resumed step on); every checkpoint records the `total_steps` it
+  was saved under, and the first metrics line of every run segment carries `total_steps`. A checkpoint already past
+  `total_steps` is refused (a usage error: that run is complete); one exactly at it is a finished run, said and left
+  as it is.
+- One writer per workdir: a program's `run` is wrapped by `stmem.workdir_hold.held(PROGRAM)`, which holds the
+  workdir while it runs (a second run refuses, naming the holder) and keeps it to one program.
 - Steps: `update(params, opt_state, batch, step, ok) -> (params, opt_state, metrics, ok)` runs the program's jitted
   step on the host batch `batch` (`step`: the number of steps done before it). `ok` is the devices' "every loss so
   far was finite" flag; `metrics` a dict of device scalars.
@@ -62,6 +66,7 @@ import jax
 from data_pipelines import errors
 from stmem import metrics as metrics_lib
 from stmem import preemption
+from stmem import workdir as workdir_lib
 from stmem.preemption import NonFiniteLoss
 
 PROGRESS_KEYS = ("loss", "train_loss", "val_loss", "val_auroc", "lr", "grad_norm", "steps_per_s", "samples_per_s",
@@ -127,7 +132,7 @@ class Loop:
                save_items: Callable[[Any], tuple[dict, dict | None]] | None = None,
                first_batch: Callable[[dict], None] | None = None, stop_check_every: int = 0,
                transfer_guard: str = "allow", stop_after: int | None = None, log_batches: bool = False):
-    self.workdir, self.checkpointer, self.log = pathlib.Path(workdir), checkpointer, log
+    self.workdir, self.checkpointer, self.log = workdir_lib.resolve(workdir), checkpointer, log
     self.total_steps, self.log_every, self.meta = int(total_steps), int(log_every), meta
     self.schedule, self.batch_size = schedule, batch_size
     self.flops_per_step, self.peak_flops = flops_per_step, peak_flops
@@ -168,7 +173,8 @@ class Loop:
     previous_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
                          if sig != signal.SIGINT or signal.getsignal(sig) is not signal.SIG_IGN} \
       if preemption.main_thread() else {}
-    batch_log = (self.workdir / f"batches.{jax.process_index()}.jsonl").open("a") if self.log_batches else None
+    batch_log = workdir_lib.Appender(self.workdir / f"batches.{jax.process_index()}.jsonl") \
+      if self.log_batches else None
     step, last_good, last_log = start_step, start_step, (time.perf_counter(), start_step)
     last_line, written, first = 0.0, {}, True
 
@@ -255,8 +261,6 @@ class Loop:
       return Result(step, params, opt_state, written)
     finally:
       writer.close()
-      if batch_log is not None:
-        batch_log.close()
       checkpointer.close()
       for sig, handler in previous_handlers.items():
         signal.signal(sig, handler)

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from stmem import workdir_hold
+
 DEFAULT_CONFIG = "finetune"  # configs/finetune.py, found by name from any directory (stmem.configflags)
 TRAIN_STATE_DIR = "train_state"  # the training checkpoints; WORKDIR/checkpoints holds the selected model
 
@@ -62,16 +64,17 @@ def class_weights(labels: np.ndarray, kind: str, how: str):
   return jnp.asarray((len(labels) - pos) / pos, jnp.float32)
 
 
+@workdir_hold.held("finetune")  # one writer per workdir; a workdir belongs to one program
 def run(config, workdir: str | pathlib.Path, *, stop_after: int | None = None) -> dict:
   """Fine-tune, select on validation, test once; returns a summary. `stop_after` ends the loop early without a
   save (tests use it to stand in for a crash)."""
   from data_pipelines import transforms
   from stmem import augment, checkpoint as ckpt_lib, console, data, models, scoring, sharding as sharding_lib, steps
-  from stmem import features, report, train_loop
+  from stmem import features, report, train_loop, workdir as workdir_lib
   from stmem.models import model_config
 
-  workdir = pathlib.Path(workdir).absolute()
-  workdir.mkdir(parents=True, exist_ok=True)
+  workdir = workdir_lib.resolve(workdir)  # a local folder, or a gs:// URL (stmem.workdir)
+  workdir_lib.prepare(workdir)
   is_main = jax.process_index() == 0
   log = console.Log("finetune")
   start = time.time()
@@ -216,9 +219,10 @@ def run(config, workdir: str | pathlib.Path, *, stop_after: int | None = None) -
            "test split scored once, with the selected model; F1 thresholds chosen on validation",
            f"intervals: 95 % percentile bootstrap over patients ({config.bootstrap} resamples)"]
   if is_main:
-    paths = report.write(workdir, [row], title="Fine-tuning", curves={row["task"]: {f"{config.data.lead_set}": curve}},
-                         notes=notes, info={"config": config.to_dict(), "best_step": best_step})
-    log.text(pathlib.Path(paths["markdown"]).read_text())
+    with workdir_lib.local_dir(workdir) as out:  # the report's figures are written locally; a bucket gets them uploaded
+      paths = report.write(out, [row], title="Fine-tuning", curves={row["task"]: {f"{config.data.lead_set}": curve}},
+                           notes=notes, info={"config": config.to_dict(), "best_step": best_step})
+      log.text(pathlib.Path(paths["markdown"]).read_text())
 
   # -------------------------------------------------------------------------------------------- the selected model
   # An encoder-only checkpoint (every program loads it) with the head as its own item (`checkpoint.read_item`).

@@ -34,6 +34,8 @@ from stmem import metrics as metrics_lib
 from stmem import sharding as sharding_lib
 from stmem import steps as steps_lib
 from stmem import train_loop
+from stmem import workdir as workdir_lib
+from stmem import workdir_hold
 from stmem.memory_plan import DoesNotFit
 
 
@@ -76,13 +78,14 @@ def _record_simulator(config: ml_collections.ConfigDict) -> None:
       config.data.simulator = versions.pop()
 
 
+@workdir_hold.held("pretrain")  # one writer per workdir; a workdir belongs to one program
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, stop_after: int | None = None) -> dict:
   """Pretrain; returns a summary dict. `stop_after` ends the loop early without a final save (tests use it to
   stand in for a crash)."""
-  workdir = pathlib.Path(workdir).expanduser().absolute()
+  workdir = workdir_lib.resolve(workdir)  # a local folder, or a gs:// URL (stmem.workdir)
   log = console.Log("pretrain")
   is_main = jax.process_index() == 0
-  workdir.mkdir(parents=True, exist_ok=True)  # every process: each writes its own batches.<process>.jsonl here
+  workdir_lib.prepare(workdir)  # every process: each writes its own batches.<process>.jsonl here
   _record_simulator(config)
   if is_main:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
@@ -139,7 +142,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, stop_
   # The checkpoint describes the model, not how this run executed it (remat, attention kernel).
   meta = ckpt_lib.make_meta(cfg.replace(remat="none", attention="xla"), contract,
                             config=json.loads(config.to_json_best_effort()), origin="stmem pretrain")
-  start_step, restored = train_loop.restore(checkpointer, log, total_steps=config.total_steps,
+  start_step, restored = train_loop.restore(checkpointer, log, meta=meta, total_steps=config.total_steps,
                                             params=step_lib.abstract_params,
                                             opt_state=step_lib.abstract_opt, param_shardings=param_shardings,
                                             opt_shardings=opt_shardings)
@@ -270,8 +273,11 @@ def _reconstruction_figure(graphdef, params, batch, cfg, contract, path, *, writ
     mean, std = patches.mean(-1, keepdims=True), np.sqrt(patches.var(-1, ddof=1, keepdims=True) + 1e-6)
     pred = pred * std + mean
   names = [leads_lib.LEADS[i] for i in np.asarray(batch["lead_ids"][0])]
-  return plots.plot_reconstruction(patches, pred, np.asarray(mask[0]), path, lead_names=names, fs=contract.fs,
-                                   title=f"ST-MEM reconstruction ({int(np.asarray(mask[0]).sum())} masked patches)")
+  with workdir_lib.local_dir(path.parent) as folder:  # matplotlib writes local files; a bucket gets it uploaded
+    plots.plot_reconstruction(patches, pred, np.asarray(mask[0]), folder / path.name, lead_names=names,
+                              fs=contract.fs,
+                              title=f"ST-MEM reconstruction ({int(np.asarray(mask[0]).sum())} masked patches)")
+  return str(path)
 
 
 def check(config) -> None:
