@@ -7,7 +7,8 @@
   # top-level and data keys also as plain options: stmem embed --init_from CKPT --records DIR --out PREFIX --per_patch
 
 Writes OUT.npz and OUT.parquet: pooled (N, D), per_lead (N, L, D) and with per_patch per_patch (N, L, 30, D), record
-and patient ids, lead names, the lead mask, the checkpoint's fingerprint and contract. Every record is written once,
+and patient ids, lead names, the lead mask (the per-lead and per-patch rows of a lead a record lacks, or whose
+flat signal was masked, are NaN), the checkpoint's fingerprint and contract. Every record is written once,
 whatever the number of devices or processes (the batches are sharded over the mesh; process 0 writes).
 Crops: `first` (default) embeds the first window of 2250 samples (9 s at 250 Hz) of each record's first 10 s;
 `mean3` averages the embeddings of the 3 evaluation crops (0, 0.5 and 1 s), as the probe does.

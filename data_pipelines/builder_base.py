@@ -335,6 +335,9 @@ class BuildStats:
       "duplicate_records": sum(len(v) - 1 for v in dup.values()),
       "duplicate_groups": [[f"{r['split']}/{r['record_id']}" for r in v] for v in dup.values()][:20],
       "records_with_notes": sum(1 for r in self.index if r.get("notes")),
+      "records_with_flat_leads": sum(1 for r in self.index if r.get("flat_leads")),
+      "flat_leads_by_lead": dict(collections.Counter(lead for r in self.index for lead in r.get("flat_leads", ()))
+                                 .most_common()),
       "first_note": next((f"{r['record_id']}: {r['notes'][0]}" for r in self.index if r.get("notes")), None),
       "notes": list(self.notes),
       "label_kind": self.label_kind,
@@ -481,7 +484,10 @@ class StmemBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self.stats.index.append({"split": split, "record_id": first["record_id"], "patient_id": first["patient_id"],
                                  "source": first["source"], "content_hash": digest, "windows": len(examples),
                                  "path": os.path.basename(str(item.path)) if item.path else "",
-                                 **({"notes": list(item.metadata["notes"])} if item.metadata.get("notes") else {})})
+                                 **({"notes": list(item.metadata["notes"])} if item.metadata.get("notes") else {}),
+                                 # leads that were flat in the file, written masked (absent): said, never silent
+                                 **({"flat_leads": list(item.metadata["flat_leads"])}
+                                    if item.metadata.get("flat_leads") else {})})
         yield from examples
     finally:
       if bar is not None:

@@ -39,6 +39,16 @@ class DataError(UserError):
   exit_code = DATA
 
 
+class Interrupted(KeyboardInterrupt):
+  """What stmem's own signal handlers raise for Ctrl-C and SIGTERM (`stmem COMMAND: interrupted`, exit code 130).
+
+  A subclass, never KeyboardInterrupt itself: CPython marks a bare KeyboardInterrupt that passes through a string
+  `exec` or `eval` (a dataclass or namedtuple being defined, e.g. during a lazy import) as unhandled even when it is
+  caught later, and `python -m ...` then kills itself with SIGINT at exit, so the exit code 130 the command returned
+  becomes "killed by SIGINT". The check is by exact type: a subclass is never marked.
+  """
+
+
 # Operating-system errors about a named path are the user's to fix (a typo, a file where a folder should be, no
 # permission): reported as data errors. Other OSErrors (a full disk mid-write...) are too, but keep their text.
 _PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError)
@@ -68,6 +78,33 @@ def require_dir(path: str | os.PathLike[str], option: str, *, must_exist: bool =
     raise UsageError(f"{option} {p} is a file; give a folder")
   if must_exist and not os.path.isdir(p):
     raise UsageError(f"{option} {p} does not exist; give an existing folder")
+  return p
+
+
+def require_output(path: str | os.PathLike[str], option: str, *, folder: bool = False, exit_code: int = USAGE) -> str:
+  """`path` (with `~` expanded) as a place a command can write its output, checked before any work; else a
+  UsageError naming `option` and the path, in one line.
+
+  `folder=True`: the output is a folder (created if missing, a file in its place refused); otherwise `path` is a
+  file or a file prefix (`OUT` of OUT.npz and OUT.parquet) whose parent folder is created if missing. Either way every
+  existing folder on the way must be a folder, not a file, and the nearest existing one writable. A URL
+  (`gs://...`) is not checked. `exit_code`: the refusal's (a usage error by default).
+  """
+  if "://" in os.fspath(path):
+    return os.fspath(path)
+  p = os.path.abspath(os.path.expanduser(os.fspath(path)))
+  if folder and os.path.exists(p) and not os.path.isdir(p):
+    raise UsageError(f"{option} {p}: a file is in the way; give a folder", exit_code=exit_code)
+  parent = p if folder else os.path.dirname(p)
+  existing = parent
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise UsageError(f"{option} {p}: {existing} is a file, not a folder; give a path under a folder",
+                     exit_code=exit_code)
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise UsageError(f"{option} {p}: cannot write in {existing} (permission denied); give a writable place",
+                     exit_code=exit_code)
   return p
 
 

@@ -190,6 +190,10 @@ def summary_lines(name: str, folder: str, stats: dict[str, Any]) -> list[str]:
   if lengths.get("bins"):
     lines.append(f"  record lengths:    {lengths['min']:g}-{lengths['max']:g} s (median {lengths['median']:g} s): "
                  + ", ".join(f"{k} {v}" for k, v in lengths["bins"]))
+  if stats.get("records_with_flat_leads"):
+    by_lead = ", ".join(f"{lead} {n}" for lead, n in stats["flat_leads_by_lead"].items())
+    lines.append(f"  flat leads masked: {stats['records_with_flat_leads']} record(s) written with a constant lead "
+                 f"marked absent ({by_lead}; each in records.jsonl)")
   if stats.get("records_with_notes"):
     lines.append(f"  read leniently:    {stats['records_with_notes']} record(s), e.g. {stats['first_note']} "
                  "(each in records.jsonl)")
@@ -309,8 +313,9 @@ def _main_thread() -> bool:
 
 
 def _terminate(signum, frame):  # noqa: ARG001 - signal handler signature
-  """SIGTERM ends the build like Ctrl-C: through the `finally` that removes the staging folder."""
-  raise KeyboardInterrupt
+  """SIGTERM ends the build like Ctrl-C: through the `finally` that removes the staging folder (`errors.Interrupted`,
+  not a bare KeyboardInterrupt: see there why)."""
+  raise errors.Interrupted("SIGTERM")
 
 
 def _unusable(manual: str, folder: str, builder: Any) -> DataError:

@@ -24,7 +24,8 @@ z-scored per ECG over its present leads.
 
 Writes into OUT_DIR: pooled.npy (N, D), per_lead.npy (N, L, D), with --per_patch per_patch.npy (N, L, patches, D),
 record_id.npy (N,) (the file's path under FOLDER without `.npz`), window.npy (N,) (the window's index in its record),
-lead_mask.npy (N, L) and lead_names.npy (L,). Row i of every file is one window of one record.
+lead_mask.npy (N, L) and lead_names.npy (L,). Row i of every file is one window of one record. As in `stmem embed`,
+the per_lead (and per_patch) rows of a slot that lead_mask marks absent are NaN.
 """
 from __future__ import annotations
 
@@ -259,6 +260,10 @@ def embed(records, meta: dict, run, *, lead_set: str = "12", crops: str = "first
   if not windows:
     raise SystemExit("no usable record: nothing written")
   result = {k: np.concatenate(v) for k, v in parts.items()}
+  mask = np.concatenate(masks)
+  for key in ("per_lead", "per_patch"):  # an absent slot's rows: NaN, not numbers that pass for features
+    if key in result and result[key].shape[:2] == mask.shape:
+      result[key][~mask] = np.nan
   result.update(record_id=np.asarray(rid), window=np.asarray(index, np.int32), lead_mask=np.concatenate(masks),
                 lead_names=np.asarray(names))
   return result

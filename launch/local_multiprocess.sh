@@ -14,7 +14,8 @@
 #   HEARTBEAT_TIMEOUT    seconds before a silent process is declared dead and the others stop (default 30)
 #   PYTHON               the interpreter (default: the active environment's, see launch/python.sh)
 # Each process logs to $WORKDIR/logs/process_<i>.log. Ctrl-C or SIGTERM is passed on to every process (they save a
-# checkpoint and stop together); if any process fails, the others are stopped and the script exits non-zero.
+# checkpoint and stop together, and the script exits 75, preempted: run it again to resume); if any process fails,
+# the others are stopped and the script exits with its status.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NUM_PROCESSES="${NUM_PROCESSES:-2}"
@@ -46,10 +47,13 @@ echo "started $NUM_PROCESSES processes (coordinator 127.0.0.1:$PORT); logs in $W
 
 # As soon as one process fails, stop the rest rather than leave them to the heartbeat timeout.
 status=0
+preempted=0
 while [[ -n "$(jobs -rp)" ]]; do
   code=0
   wait -n || code=$?
-  if ((code != 0 && status == 0 && !interrupted)); then  # (an interrupted wait returns 128+signal: not a failure)
+  if ((code == 75)); then  # preempted after saving: the others stop at the same step by themselves
+    preempted=1
+  elif ((code != 0 && status == 0 && !interrupted)); then  # (an interrupted wait returns 128+signal: not a failure)
     echo "a process exited with status $code; stopping the others (see $WORKDIR/logs/)" >&2
     status=$code
     stop_all
@@ -58,5 +62,6 @@ done
 trap - INT TERM
 if ((status == 0)); then
   sed -n '/^{$/,/^}$/p' "$WORKDIR/logs/process_0.log"   # process 0's summary
+  ((preempted)) && status=75
 fi
 exit "$status"

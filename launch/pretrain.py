@@ -5,8 +5,9 @@ r"""The entry point for pretraining under any launcher: every process runs this 
 
 It is `stmem pretrain` for a checkout that is not installed: it runs that command (`stmem.programs.run`), which joins
 the distributed system when a multi-process launcher started it (`stmem.distributed.initialize`: explicit STMEM_*
-variables, SLURM, Open MPI, Cloud TPU; a no-op for one process) and pretrains. Exit status: 0 done (or preempted and
-checkpointed), 2 a bad command line, 3 non-finite loss. See launch/README.md.
+variables, SLURM, Open MPI, Cloud TPU; a no-op for one process) and pretrains. Exit status: 0 done, 75 preempted by
+SIGTERM after saving a checkpoint (run the same command to resume; launch/slurm.sbatch requeues on it), 130 stopped
+by Ctrl-C after saving, 2 a bad command line, 3 non-finite loss (stmem/entry.py lists them). See launch/README.md.
 """
 from __future__ import annotations
 

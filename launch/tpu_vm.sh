@@ -21,7 +21,9 @@
 #   SETUP            optional command run first on every worker, e.g. "git -C ~/stmem pull"
 #   STMEM_HEARTBEAT_TIMEOUT   passed on to the workers when set (default there 60 s)
 # Arguments after the script name are passed to launch/pretrain.py (--config.* overrides).
-# Preemption (spot / maintenance) sends SIGTERM: every worker saves at the same step; rerun this script to resume.
+# Preemption (spot / maintenance) sends SIGTERM: every worker saves at the same step and exits 75 (preempted; 0 is
+# done, anything else a failure: stmem/entry.py); rerun this script to resume. To rerun until done while the VM is
+# there:  until launch/tpu_vm.sh "$@"; do s=$?; ((s == 75)) || exit $s; done
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
 : "${WORKDIR:?set WORKDIR to a run folder every worker sees}"

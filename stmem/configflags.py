@@ -386,6 +386,11 @@ def parse(argv: Sequence[str], prog: str, default: str | None, *, workdir: str |
   wd = fv.workdir if workdir is not None else None
   if workdir == "required" and not wd:
     raise ConfigError("--workdir is required (the folder where its outputs go)")
+  if wd:
+    # A file in the way, or a folder nobody may write in: said now, not after the work (exit code 1, the file error
+    # it was when only the making of the folder found it).
+    from data_pipelines import errors
+    errors.require_output(expand(wd), "--workdir", folder=True, exit_code=errors.DATA)
   return config, (expand(wd) if wd else wd)
 
 
@@ -395,6 +400,22 @@ def require(config, prog: str, *keys: str) -> None:
   if missing:
     named = " and ".join(f"--config.{k} (or {_shorthand(k)})" for k in missing)
     raise ConfigError(f"{named} {'is' if len(missing) == 1 else 'are'} required; see `{prog} --help`")
+
+
+def require_positive(config, prog: str, *keys: str, zero_ok: Sequence[str] = ()) -> None:
+  """Refuse counts that must be whole numbers of at least 1 (steps, batch sizes, intervals; at least 0 for the keys
+  in `zero_ok`): `--config.total_steps=0` would run nothing and name a checkpoint that was never written."""
+  for k in (k for k in keys if _has(config, k)):  # a config file of one's own may leave a key out
+    v, least = _get(config, k), 0 if k in zero_ok else 1
+    if isinstance(v, bool) or not isinstance(v, int) or v < least:
+      raise ConfigError(f"--config.{k}={v}: give a whole number of at least {least}; see `{prog} --help`")
+
+
+def require_items(config, prog: str, *keys: str) -> None:
+  """Refuse an empty comma-separated list (`--config.lead_sets=`): the program would run nothing and report it."""
+  for k in (k for k in keys if _has(config, k)):
+    if not [t for t in str(_get(config, k) or "").split(",") if t.strip()]:
+      raise ConfigError(f"--config.{k} is empty: give at least one (comma-separated); see `{prog} --help`")
 
 
 # Blocks that a command line may empty (`--config.evals=`: no evaluator; `--config.evals.probe=`: not that one).
@@ -420,6 +441,14 @@ def _get(config, dotted: str) -> Any:
   for part in dotted.split("."):
     config = config[part]
   return config
+
+
+def _has(config, dotted: str) -> bool:
+  try:
+    _get(config, dotted)
+  except (KeyError, AttributeError, TypeError):
+    return False
+  return True
 
 
 def _set(config, dotted: str, value: Any) -> None:

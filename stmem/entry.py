@@ -2,9 +2,19 @@
 
 `main` parses the command line with `stmem.configflags`, joins the processes (`stmem.distributed.initialize`, a no-op
 for one), calls the program's `run(config, workdir) -> dict` and prints that summary as JSON on stdout (process 0).
-The training programs' two ways of stopping short get their exit codes here: a non-finite loss 3, a step that does
-not fit the device memory 2. User errors raised anywhere else are reported by `stmem.programs.run`, the one way a
-command is run.
+The training programs' ways of stopping short get their exit codes here. The exit codes of every program:
+
+  0    done (the summary printed on stdout)
+  1    a data or file error (`stmem.programs.run` reports it)
+  2    a usage error, or a training step that does not fit the device memory
+  3    a non-finite loss (pretrain, finetune): the last good checkpoint is kept, nothing diverged is saved
+  75   preempted (pretrain, finetune): a SIGTERM stopped the run after it saved the current step; run the same
+       command to resume. 75 is EX_TEMPFAIL of sysexits.h ("a temporary failure; the user is invited to retry"):
+       not 0, so a scheduler can tell a preempted run from a finished one and requeue it (launch/README.md), and not
+       128 + a signal, which means killed by that signal before anything was saved
+  130  interrupted (Ctrl-C): the training programs save the current step first (a second Ctrl-C stops at once)
+
+User errors raised anywhere else are reported by `stmem.programs.run`, the one way a command is run.
 """
 from __future__ import annotations
 
@@ -15,13 +25,17 @@ from typing import Any
 
 NON_FINITE_EXIT = 3
 DOES_NOT_FIT_EXIT = 2
+PREEMPTED_EXIT = 75    # EX_TEMPFAIL: stopped by SIGTERM after saving; the same command resumes
+INTERRUPTED_EXIT = 130  # Ctrl-C (128 + SIGINT), as `stmem.programs.run` reports an interrupted command
 
 
 class CommandFailed(Exception):
   """A command that a program ran (`stmem.programs.run`) failed and has said why; its exit code is this program's."""
 
   def __init__(self, command: str, exit_code: int):
-    super().__init__(f"`stmem {command}` failed (exit {exit_code})")
+    stopped = {PREEMPTED_EXIT: "was preempted", INTERRUPTED_EXIT: "was interrupted"}.get(exit_code)
+    super().__init__(f"`stmem {command}` {stopped} (exit {exit_code}): its progress is saved; run the same command "
+                     f"to resume" if stopped else f"`stmem {command}` failed (exit {exit_code})")
     self.exit_code = exit_code
 
 
@@ -54,4 +68,12 @@ def main(argv: Sequence[str], run: Callable[[Any, str | None], dict | None], *, 
   import jax
   if print_summary and summary is not None and jax.process_index() == 0:
     print(json.dumps(summary, indent=2, default=str), flush=True)
-  return 0
+  return stopped_exit_code(summary)
+
+
+def stopped_exit_code(summary: dict | None) -> int:
+  """0, or the exit code of a training run stopped by a signal after saving (its summary says `preempted` and which
+  signal the processes agreed on): 130 for Ctrl-C alone, 75 otherwise."""
+  if not (summary and summary.get("preempted")):
+    return 0
+  return INTERRUPTED_EXIT if summary.get("signal") == "SIGINT" else PREEMPTED_EXIT

@@ -1,4 +1,5 @@
-"""How every training program stops: on SIGTERM (a preempted VM, a scheduler's notice) and on a diverged loss.
+"""How every training program stops: on SIGTERM (a preempted VM, a scheduler's notice) or Ctrl-C, and on a diverged
+loss.
 
 Shared by `stmem pretrain` and `stmem finetune`, so that a program never imports another program for it.
 """
@@ -19,10 +20,12 @@ def main_thread() -> bool:
   return threading.current_thread() is threading.main_thread()
 
 
-def stop_requested(local_flag: bool) -> bool:
-  """Every process stops at the same step: a SIGTERM seen by any process stops all of them. Called only at
-  log/checkpoint steps: with several processes it is a collective."""
+def stop_requested(local_signal: int) -> int:
+  """Every process stops at the same step: a SIGTERM or SIGINT seen by any process stops all of them. Takes the
+  signal this process received (0: none) and returns the one agreed on (0: go on), the largest number, so that a
+  SIGTERM (15: preempted) outranks a Ctrl-C (2) and every process exits alike. Called only at log/checkpoint steps:
+  with several processes it is a collective."""
   if jax.process_count() == 1:
-    return local_flag
+    return int(local_signal)
   from jax.experimental import multihost_utils
-  return bool(np.any(multihost_utils.process_allgather(np.asarray(local_flag))))
+  return int(np.max(multihost_utils.process_allgather(np.asarray(int(local_signal), np.int32))))

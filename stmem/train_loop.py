@@ -12,7 +12,12 @@ What every training program gets from it, alike:
 - Restore: the newest checkpoint that reads back (`Checkpointer.restore_latest_readable`: a corrupt latest step is
   moved aside, said, and the one before it used), with its data-iterator state, so a rerun of the same command
   resumes with exactly the next batch. A checkpoint that reads back but holds another model (the config changed)
-  is a usage error naming the differing keys (`restore(..., meta=...)`), and nothing is moved.
+  is a usage error naming the differing keys (`restore(..., meta=...)`), and nothing is moved. A resume with another
+  `total_steps` than the checkpoint's run planned is allowed and said in one line (the learning-rate schedule is a
+  function of total_steps: it is re-planned from the resumed step on); every checkpoint records the `total_steps` it
+  was saved under, and the first metrics line of every run segment carries `total_steps`. A checkpoint already past
+  `total_steps` is refused (a usage error: that run is complete); one exactly at it is a finished run, said and left
+  as it is.
 - One writer per workdir: a program's `run` is wrapped by `stmem.workdir_hold.held(PROGRAM)`, which holds the
   workdir while it runs (a second run refuses, naming the holder) and keeps it to one program.
 - Steps: `update(params, opt_state, batch, step, ok) -> (params, opt_state, metrics, ok)` runs the program's jitted
@@ -25,8 +30,10 @@ What every training program gets from it, alike:
   read there an error: the tests run so).
 - The NaN guard: the flag is read at log, hook and save steps; a non-finite loss raises `NonFiniteLoss` naming the
   last good checkpoint, and a diverged state is never saved over a good one.
-- SIGTERM (a preempted VM, a scheduler's notice) is agreed between processes at sync steps (`preemption`): every
-  process saves the same step and the run returns `preempted`; the same command resumes it.
+- SIGTERM (a preempted VM, a scheduler's notice) and Ctrl-C (SIGINT) are agreed between processes at sync steps
+  (`preemption`; a single process stops at the next step): every process saves the same step and the run returns
+  `preempted` with the signal (the programs exit 75 after a SIGTERM, 130 after Ctrl-C alone: `stmem.entry`); the same
+  command resumes it. A second Ctrl-C stops at once, without saving.
 - Checkpoints every `checkpointer.every` steps and at the end; `save_items(params) -> (meta, items)` adds a
   program's own meta fields and array items (fine-tuning's best-so-far model) to each.
 - Metrics: at log steps the step's metrics as floats, `lr` (from `schedule`), `steps_per_s`, `samples_per_s` and
@@ -56,6 +63,7 @@ from typing import Any
 
 import jax
 
+from data_pipelines import errors
 from stmem import metrics as metrics_lib
 from stmem import preemption
 from stmem import workdir as workdir_lib
@@ -66,12 +74,38 @@ PROGRESS_KEYS = ("loss", "train_loss", "val_loss", "val_auroc", "lr", "grad_norm
 PROGRESS_SECONDS = 2.0  # at most one plain progress line this often
 
 
-def restore(checkpointer, log: Callable[[str], None], **kwargs) -> tuple[int, dict[str, Any] | None]:
-  """(step, items) of the newest readable checkpoint (`Checkpointer.restore` arguments), or (0, None); says which."""
+def restore(checkpointer, log: Callable[[str], None], *, total_steps: int | None = None,
+            **kwargs) -> tuple[int, dict[str, Any] | None]:
+  """(step, items) of the newest readable checkpoint (`Checkpointer.restore` arguments), or (0, None); says which.
+  With `total_steps` (this run's), a changed plan is said and a checkpoint past it refused (module docstring)."""
   step, restored = checkpointer.restore_latest_readable(log=log, **kwargs)
   if restored is not None:
     log(f"resuming from step {step} ({checkpointer.directory / str(step)})")
+    if total_steps is not None:
+      check_plan(step, planned_steps(restored.get("meta")), int(total_steps), checkpointer.directory, log)
   return step, restored
+
+
+def planned_steps(meta: dict | None) -> int | None:
+  """The total_steps a checkpoint's run planned: recorded by the loop, else in its config (older checkpoints)."""
+  meta = meta or {}
+  planned = meta.get("total_steps", (meta.get("config") or {}).get("total_steps"))
+  return int(planned) if planned is not None else None
+
+
+def check_plan(step: int, planned: int | None, total_steps: int, directory, log: Callable[[str], None]) -> None:
+  """Resuming at `step` a run that planned `planned` steps with `total_steps` now: say a change, refuse the past."""
+  if step > total_steps:
+    raise errors.UsageError(
+      f"--config.total_steps={total_steps}, but the checkpoint in {directory} is already at step {step}"
+      f"{f' of the {planned} its run planned' if planned else ''}: that run is complete; give total_steps above "
+      f"{step} to train on, or another --workdir")
+  if planned is not None and planned != total_steps:
+    log(f"total_steps changed from {planned} to {total_steps}, resuming at step {step}: the learning-rate schedule "
+        f"is re-planned for {total_steps} steps from step {step} on (recorded in config.json, metrics.jsonl and the "
+        f"next checkpoints)")
+  if step == total_steps:
+    log(f"already complete: step {step} of {total_steps}; nothing to train")
 
 
 @dataclasses.dataclass
@@ -80,7 +114,8 @@ class Result:
   params: Any
   opt_state: Any
   metrics: dict[str, float]      # the last metrics written (empty when none was)
-  preempted: bool = False        # stopped by a SIGTERM, after saving this step
+  preempted: bool = False        # stopped by a SIGTERM or Ctrl-C, after saving this step
+  signal: str | None = None      # which one the processes agreed on ("SIGTERM" or "SIGINT") when preempted
   stopped: bool = False          # stopped by `stop_after`, without a final save
 
 
@@ -126,9 +161,18 @@ class Loop:
   def run(self, update: Callable, params, opt_state, batches, start_step: int, ok) -> Result:
     checkpointer, total = self.checkpointer, self.total_steps
     writer = metrics_lib.MetricWriter(self.workdir)
-    preempted = {"flag": False}
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.__setitem__("flag", True)) \
-      if preemption.main_thread() else None
+    stop = {"signal": 0, "said": False}
+    single = jax.process_count() == 1
+
+    def on_signal(signum, frame):  # noqa: ARG001 - only a flag: the loop saves at its next sync step
+      if signum == signal.SIGINT and stop["signal"]:  # a second Ctrl-C: stop now, without saving
+        raise errors.Interrupted("SIGINT")
+      stop["signal"] = stop["signal"] or signum
+
+    # (a SIGINT ignored on purpose, as in a script's background job, stays ignored)
+    previous_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
+                         if sig != signal.SIGINT or signal.getsignal(sig) is not signal.SIG_IGN} \
+      if preemption.main_thread() else {}
     batch_log = workdir_lib.Appender(self.workdir / f"batches.{jax.process_index()}.jsonl") \
       if self.log_batches else None
     step, last_good, last_log = start_step, start_step, (time.perf_counter(), start_step)
@@ -146,7 +190,8 @@ class Loop:
       check_finite(step)  # never overwrite good checkpoints with a diverged state
       meta, items = self.save_items(params) if self.save_items is not None else ({}, None)
       if checkpointer.save(step, params=params, opt_state=opt_state, data_state=batches.get_state(),
-                           meta={**self.meta, **meta, "step": step}, force=force, extra_items=items):
+                           meta={**self.meta, **meta, "step": step, "total_steps": total}, force=force,
+                           extra_items=items):
         last_good = step
 
     try:
@@ -162,7 +207,12 @@ class Loop:
             batch_log.write(json.dumps({"step": step, "record_id": [_str(r) for r in batch["record_id"]]}) + "\n")
           params, opt_state, step_metrics, ok = update(params, opt_state, batch, step, ok)
           step += 1
-          if not self.sync_due(step):
+          if stop["signal"] and not stop["said"] and not single:  # the processes agree at the next sync step
+            stop["said"] = True
+            again = " (Ctrl-C again: stop now, without saving)" if stop["signal"] == signal.SIGINT else ""
+            self.log(f"{signal.Signals(stop['signal']).name} received: saving and stopping at the next log or "
+                     f"checkpoint step{again}")
+          if not self.sync_due(step) and not (single and stop["signal"]):  # one process: stop at once
             continue
         logged, hooked = self.log_due(step), self.hook_due(step)
         m: dict[str, float] = {}
@@ -186,6 +236,8 @@ class Loop:
           # The hook's time (evaluators, figures) is not training: kept out of the next interval's steps_per_s.
           last_log = (last_log[0] + time.perf_counter() - began, last_log[1])
         if m:
+          if not written:  # the first line of a run (or of a resumed run) records the plan it trains under
+            m["total_steps"] = total
           writer.write(step, m)
           written = m
           if hooked or step == total or time.time() - last_line >= PROGRESS_SECONDS:
@@ -193,12 +245,14 @@ class Loop:
             shown = " ".join(f"{k}={m[k]:.4g}" for k in PROGRESS_KEYS if k in m)
             self.log(f"step {step}/{total} {shown}")
         save(step)  # returns at once unless a checkpoint is due
-        if preemption.stop_requested(preempted["flag"]):  # at sync steps only: a collective across processes
+        agreed = preemption.stop_requested(stop["signal"])  # at sync steps only: a collective across processes
+        if agreed:
           save(step, force=True)
           checkpointer.wait()
-          self.log(f"preempted at step {step}: checkpoint saved in {checkpointer.directory}; run the same command "
+          how = "preempted" if agreed != signal.SIGINT else "interrupted (Ctrl-C)"
+          self.log(f"{how} at step {step}: checkpoint saved in {checkpointer.directory}; run the same command "
                    f"to resume")
-          return Result(step, params, opt_state, written, preempted=True)
+          return Result(step, params, opt_state, written, preempted=True, signal=signal.Signals(agreed).name)
         if self.stop_after is not None and step >= self.stop_after:
           checkpointer.wait()
           return Result(step, params, opt_state, written, stopped=True)
@@ -208,8 +262,8 @@ class Loop:
     finally:
       writer.close()
       checkpointer.close()
-      if previous_handler is not None:
-        signal.signal(signal.SIGTERM, previous_handler)
+      for sig, handler in previous_handlers.items():
+        signal.signal(sig, handler)
 
 
 def _str(value) -> str:

@@ -3,7 +3,7 @@
 - their losses equal a single-process run fed the same global batches (the concatenation of the two processes'
   shards, which is what `jax.make_array_from_process_local_data` builds), with parameters sharded across both;
 - only process 0 writes metrics, TensorBoard events, config.json and figures; each process logs its own batches;
-- a SIGTERM sent to one process stops both at the same step with a checkpoint;
+- a SIGTERM sent to one process stops both at the same step with a checkpoint (both exit 75: preempted);
 - the checkpoint the two processes wrote together restores, and resumes training, in one process;
 - when one process is killed, the survivor exits non-zero within a bounded time instead of hanging.
 
@@ -167,7 +167,7 @@ def runs(tmp_path_factory):
     codes = [p.wait(timeout=max(deadline - time.monotonic(), 0.1)) for p in procs]
   finally:
     _kill_all(procs + reference)
-  assert codes == [0, 0], f"exit codes {codes}\n--- process 0:\n{_tail(logs, 0)}\n--- process 1:\n{_tail(logs, 1)}"
+  assert codes == [75, 75], f"exit codes {codes}\n--- process 0:\n{_tail(logs, 0)}\n--- process 1:\n{_tail(logs, 1)}"
   return {"two": workdir, "one": base / "one", "logs": logs, "base": base, "hold": hold,
           "pids": [p.pid for p in procs]}
 

@@ -111,7 +111,7 @@ def test_sigterm_saves_and_resumes(tmp_path):
   assert json.loads((workdir / "hold.json").read_text())["pid"] == proc.pid  # the running command holds its workdir
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=120)
-  assert proc.returncode == 0, err[-2000:]
+  assert proc.returncode == 75, err[-2000:]  # preempted, saved: a scheduler requeues it (stmem.entry)
   assert "preempted at step" in err
   assert not (workdir / "hold.json").exists()  # given back: the same command resumes below
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
@@ -122,6 +122,7 @@ def test_sigterm_saves_and_resumes(tmp_path):
   done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
   assert done.returncode == 0, done.stderr[-2000:]
   assert f"resuming from step {stopped}" in done.stderr
+  assert f"total_steps changed from 500 to {stopped + 2}, resuming at step {stopped}" in done.stderr
   assert json.loads(done.stdout)["step"] == stopped + 2
 
 

@@ -66,7 +66,7 @@ def test_the_hook_runs_at_its_steps_and_the_last_and_its_metrics_are_written(tmp
   assert all(x["samples_per_s"] == pytest.approx(8 * x["steps_per_s"]) for x in written if "loss" in x)
   # periodic save at 4, the final one at 7; each with the program's own meta and items
   assert [(s["step"], s["force"]) for s in ckpt.saved] == [(4, False), (7, True)]
-  assert ckpt.saved[-1]["meta"] == {"origin": "test", "best_step": 1, "step": 7}
+  assert ckpt.saved[-1]["meta"] == {"origin": "test", "best_step": 1, "step": 7, "total_steps": 7}
   assert ckpt.saved[-1]["items"] == {"best": 7} and ckpt.saved[-1]["data_state"] == {"n": 7}
   assert ckpt.closed and any(line.startswith("step 7/7 ") for line in lines)
 

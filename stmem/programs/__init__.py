@@ -10,12 +10,15 @@ study) runs them as commands (`run`).
 
 Errors the user can fix (`data_pipelines.errors.UserError`, a missing path, a bad flag value) end as one or two lines
 on stderr, `stmem COMMAND: error: ...`, and exit code 2 (usage) or 1 (data or file); the traceback only with
-`--debug` (anywhere on the command line) or `STMEM_DEBUG=1`. Anything else is a bug and raises.
+`--debug` (anywhere on the command line) or `STMEM_DEBUG=1`. Anything else is a bug and raises. Ctrl-C (and a
+SIGTERM to `prepare`) ends a command with `stmem COMMAND: interrupted` and exit code 130; the training programs
+first save the current step (`stmem.train_loop`), and a SIGTERM to them saves and exits 75 (`stmem.entry`).
 """
 from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -81,6 +84,7 @@ def run(argv: list[str]) -> int:
       print(f"stmem {name}: not available in this version ({module_name} is missing)", file=sys.stderr)
       return 2
     raise
+  previous = _catch_ctrl_c()
   try:
     return int(module.main(rest) or 0)
   except SystemExit as e:  # argparse has printed its usage line; a message given to SystemExit is a usage error
@@ -102,3 +106,22 @@ def run(argv: list[str]) -> int:
     message, code = found if found is not None else (flag, errors.USAGE)
     print(f"stmem {name}: error: {message}", file=sys.stderr)
     return code
+  finally:
+    if previous is not None:
+      signal.signal(signal.SIGINT, previous)
+
+
+def _interrupt(signum, frame):  # noqa: ARG001 - signal handler signature
+  from data_pipelines import errors
+  raise errors.Interrupted(signal.Signals(signum).name)
+
+
+def _catch_ctrl_c():
+  """Ctrl-C raises `data_pipelines.errors.Interrupted` (reported as `interrupted`, exit code 130) while a command
+  runs, in the main thread and where Python's own handler was in place; returns the handler to put back, or None."""
+  import threading
+  if threading.current_thread() is not threading.main_thread():
+    return None
+  if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    return None
+  return signal.signal(signal.SIGINT, _interrupt)

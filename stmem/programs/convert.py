@@ -252,6 +252,7 @@ def check(args) -> None:
   out = pathlib.Path(args.out).expanduser()
   if out.exists() and (not out.is_dir() or any(out.iterdir())):
     raise errors.UsageError(f"--out {out} exists and is not an empty folder; choose a new --out")
+  errors.require_output(out, "--out", folder=True)
 
 
 def run(args, workdir=None) -> dict:

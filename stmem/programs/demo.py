@@ -93,7 +93,16 @@ def probe_summary(path: pathlib.Path) -> list[str]:
   return [line.rstrip() for line in lines]
 
 
+def check(config) -> None:
+  """The command line's usage errors, before pretraining starts (0 steps or records: the preset's)."""
+  from stmem import configflags
+  configflags.require_positive(config, "stmem demo", "total_steps", "data.num_synthetic", "bootstrap",
+                               zero_ok=("total_steps", "data.num_synthetic", "bootstrap"))
+  if not config.no_probe:
+    configflags.require_items(config, "stmem demo", "lead_sets")
+
+
 def main(argv: list[str]) -> int:
   from stmem import entry
   return entry.main(argv, run, program="demo", config="demo", workdir="optional", workdir_default="workdirs/demo",
-                    print_summary=False)
+                    check=check, print_summary=False)

@@ -16,7 +16,9 @@ under the checkpoint's contract (FFT-resampled to its rate, every 10 s window a 
 cannot use are skipped and listed); a prepared dataset is checked against the contract and adapted where safe.
 Output: FILE_PREFIX.npz and FILE_PREFIX.parquet, written as the batches come (bounded memory), with record ids,
 patient ids, `window` (the row's window index in its record: a 30 s record gives rows 0, 1, 2), lead names, the
-checkpoint's fingerprint and contract.
+checkpoint's fingerprint and contract. `lead_mask` (rows x lead slots) says which leads each row has: the per-lead
+(and per-patch) rows of a lead a record lacks, or that was flat and so masked, are NaN, never numbers that look like
+features (`pooled` comes from the present leads only).
 """
 from __future__ import annotations
 
@@ -71,6 +73,7 @@ class Writer:
     b = len(record_id)
     if self.n + b > self.capacity:
       raise RuntimeError(f"more rows than the {self.capacity} announced")
+    arrays = absent_as_nan(arrays, lead_mask)
     for k in self.shapes:
       self.maps[k][self.n:self.n + b] = arrays[k]
     self.ids["record_id"] += list(record_id)
@@ -112,6 +115,19 @@ class Writer:
       m._mmap.close()
     self.staging.commit({"out.npz": self.prefix + ".npz", "out.parquet": self.prefix + ".parquet"})
     return self.prefix + ".npz", self.prefix + ".parquet"
+
+
+def absent_as_nan(arrays: dict[str, np.ndarray], lead_mask: np.ndarray) -> dict[str, np.ndarray]:
+  """The per-lead outputs with the rows of absent lead slots set to NaN: what the encoder gives there is computed
+  from zeros it never attended to, a number that would pass for a feature. Outputs whose second axis is not the lead
+  slots (pooled; MTAE's time tokens) are left as they are."""
+  present = np.asarray(lead_mask, bool)
+  out = dict(arrays)
+  for k in ("per_lead", "per_patch"):
+    if k in out and out[k].ndim >= 2 and out[k].shape[:2] == present.shape and not present.all():
+      out[k] = np.array(out[k], np.float32)
+      out[k][~present] = np.nan
+  return out
 
 
 def run(config, workdir=None) -> dict:
@@ -223,6 +239,10 @@ def check(config) -> None:
   from stmem import configflags, data
   spec = data.spec_from_config(config.data)  # a data block that names no data, or two: refused before any work
   configflags.require(config, "stmem embed", "init_from", "out")
+  configflags.require_positive(config, "stmem embed", "batch_size", "data.num_synthetic",
+                               zero_ok=("data.num_synthetic",))
+  from data_pipelines import errors
+  errors.require_output(config.out, "--out")  # FILE/x, or a folder nobody may write in: said before any work
   if config.crops not in ("first", "mean3"):
     raise configflags.ConfigError(f"--config.crops={config.crops}: choose first or mean3")
   from data_pipelines import errors

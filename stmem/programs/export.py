@@ -176,7 +176,15 @@ def run(config, workdir=None) -> dict:
           "fingerprint": result["fingerprint"]}
 
 
+def check(config) -> None:
+  """The command line's usage errors, before the checkpoint is read: what is missing, and an output folder that
+  cannot be (a file in its place or on its way, no permission)."""
+  from data_pipelines import errors
+  from stmem import configflags
+  configflags.require(config, "stmem export", "init_from", "out")
+  errors.require_output(config.out, "--out", folder=True)
+
+
 def main(argv: list[str]) -> int:
-  from stmem import configflags, entry
-  return entry.main(argv, run, program="export", config="export", workdir=None,
-                    check=lambda c: configflags.require(c, "stmem export", "init_from", "out"))
+  from stmem import entry
+  return entry.main(argv, run, program="export", config="export", workdir=None, check=check)

@@ -123,7 +123,8 @@ def run(config, workdir: str | pathlib.Path, *, stop_after: int | None = None) -
   # A training checkpoint at every evaluation, with the best-so-far model as its item `best`.
   checkpointer = ckpt_lib.Checkpointer(workdir / TRAIN_STATE_DIR, every=config.eval_every,
                                        keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
-  start_step, restored = train_loop.restore(checkpointer, log, params=host_params, opt_state=ft.abstract_opt,
+  start_step, restored = train_loop.restore(checkpointer, log, total_steps=config.total_steps, params=host_params,
+                                            opt_state=ft.abstract_opt,
                                             param_shardings=param_shardings, opt_shardings=opt_shardings,
                                             extra_items={"best": (host_params, param_shardings)})
   best = {"params": None, "score": -np.inf, "step": -1}
@@ -198,7 +199,7 @@ def run(config, workdir: str | pathlib.Path, *, stop_after: int | None = None) -
   result = loop.run(update, params, opt_state, train_it, start_step, ok)
   summary = {"workdir": str(workdir), "start_step": start_step, "step": result.step}
   if result.preempted or result.stopped:
-    return {**summary, **({"preempted": True} if result.preempted else {"stopped": True})}
+    return {**summary, **({"preempted": True, "signal": result.signal} if result.preempted else {"stopped": True})}
   best_params, best_step = best["params"], best["step"]
   if best_params is None:
     best_params, best_step = result.params, result.step
@@ -239,6 +240,13 @@ def run(config, workdir: str | pathlib.Path, *, stop_after: int | None = None) -
   return {**summary, "best_step": best_step, "checkpoint": str(path), "auroc": row["auroc"]}
 
 
+def check(config) -> None:
+  """The command line's usage errors, before any JAX work: counts that would run nothing."""
+  from stmem import configflags
+  configflags.require_positive(config, "stmem finetune", "total_steps", "batch_size", "eval_every",
+                               "eval_batch_size", "warmup_steps", zero_ok=("warmup_steps",))
+
+
 def main(argv: Sequence[str]) -> int:
   from stmem import entry
-  return entry.main(argv, run, program="finetune", config=DEFAULT_CONFIG + ":prepared")
+  return entry.main(argv, run, program="finetune", config=DEFAULT_CONFIG + ":prepared", check=check)

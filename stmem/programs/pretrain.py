@@ -142,7 +142,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, stop_
   # The checkpoint describes the model, not how this run executed it (remat, attention kernel).
   meta = ckpt_lib.make_meta(cfg.replace(remat="none", attention="xla"), contract,
                             config=json.loads(config.to_json_best_effort()), origin="stmem pretrain")
-  start_step, restored = train_loop.restore(checkpointer, log, meta=meta, params=step_lib.abstract_params,
+  start_step, restored = train_loop.restore(checkpointer, log, meta=meta, total_steps=config.total_steps,
+                                            params=step_lib.abstract_params,
                                             opt_state=step_lib.abstract_opt, param_shardings=param_shardings,
                                             opt_shardings=opt_shardings)
   data_state = None
@@ -198,7 +199,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, stop_
   if "loss" in result.metrics:
     summary["loss"] = result.metrics["loss"]
   if result.preempted or result.stopped:
-    return {**summary, **({"preempted": True} if result.preempted else {"stopped": True})}
+    return {**summary, **({"preempted": True, "signal": result.signal} if result.preempted else {"stopped": True})}
   if figure["batch"] is not None:
     path = _reconstruction_figure(graphdef, result.params, figure["batch"], cfg, contract,
                                   workdir / "reconstruction.png", write=is_main)
@@ -279,5 +280,12 @@ def _reconstruction_figure(graphdef, params, batch, cfg, contract, path, *, writ
   return str(path)
 
 
+def check(config) -> None:
+  """The command line's usage errors, before any JAX work: counts that would run nothing."""
+  from stmem import configflags
+  configflags.require_positive(config, "stmem pretrain", "total_steps", "batch_size", "checkpoint.every",
+                               "warmup_steps", "log_every", zero_ok=("warmup_steps", "log_every"))
+
+
 def main(argv: list[str]) -> int:
-  return entry.main(argv, run, program="pretrain")
+  return entry.main(argv, run, program="pretrain", check=check)

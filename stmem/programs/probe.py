@@ -79,6 +79,13 @@ def run(config, workdir) -> dict:
                     for r in rows}}
 
 
+def check(config) -> None:
+  """The command line's usage errors, before any encoder is built: nothing to probe, or counts of nothing."""
+  from stmem import configflags
+  configflags.require_items(config, "stmem probe", "tasks", "lead_sets", "blocks", "heads")
+  configflags.require_positive(config, "stmem probe", "batch_size", "cv_folds", "bootstrap", zero_ok=("bootstrap",))
+
+
 def main(argv: Sequence[str]) -> int:
   from stmem import entry
-  return entry.main(argv, run, program="probe", config=DEFAULT_CONFIG + ":shared")
+  return entry.main(argv, run, program="probe", config=DEFAULT_CONFIG + ":shared", check=check)

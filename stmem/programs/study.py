@@ -282,6 +282,14 @@ def run(config, workdir) -> dict:
           "heldout_loss": {f"{f['method']} seed {f['seed']}": f["heldout_loss"] for f in finals}}
 
 
+def check(config) -> None:
+  """The command line's usage errors, before any pretraining: empty lists and counts that would run nothing."""
+  from stmem import configflags
+  configflags.require_items(config, "stmem study", "methods", "seeds", "probe.tasks", "probe.lead_sets")
+  configflags.require_positive(config, "stmem study", "pretrain.total_steps", "pretrain.batch_size",
+                               "pretrain.checkpoint.every", "heldout.batch_size")
+
+
 def main(argv: Sequence[str]) -> int:
   from stmem import entry
-  return entry.main(argv, run, program="study", config=f"{CONFIG_DIR / 'study.py'}:cpu")
+  return entry.main(argv, run, program="study", config=f"{CONFIG_DIR / 'study.py'}:cpu", check=check)
