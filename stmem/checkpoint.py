@@ -15,6 +15,7 @@ import pathlib
 import re
 import shutil
 import sys
+import threading
 import time
 from typing import Any
 
@@ -205,65 +206,62 @@ def unreadable(step_dir: pathlib.Path, e: BaseException) -> DataError:
 
 
 class _WriteEchoes:
-  """The echoes of a save that found no room, silenced while a Checkpointer is open (one instance, `WRITE_ECHOES`).
+  """The echoes of a save that found no room, silenced (one instance, `WRITE_ECHOES`).
 
   When a write of an asynchronous save fails (a full disk, a file-size limit), orbax logs the failure from each of
   its threads (absl, with tracebacks), asyncio logs every abandoned write as "Task exception was never retrieved", and
   tensorstore's callbacks print "Event loop is closed" tracebacks (sys.excepthook) for the writes still in flight:
   hundreds of lines, before and after the one-line message that `Checkpointer` raises when the save is awaited. Those
-  records, and only those, are dropped. After such a failure the filters stay until the process ends (the abandoned
-  writes keep echoing as they are collected, up to interpreter exit); otherwise the last `release` removes them.
+  records, and only those, are dropped: a filter on the absl and asyncio loggers while a Checkpointer is open, and,
+  from the first such failure on, process hooks that drop those tracebacks. After a failure both stay until the
+  process ends (the abandoned writes keep echoing as they are collected, up to interpreter exit); otherwise the last
+  `release` removes the filter, and the process's hooks are never touched.
   """
 
   LOGGERS = ("absl", "asyncio")
 
   def __init__(self):
     self.users, self.failed, self.installed = 0, False, False
-    self._hooks: tuple = ()
+    self._lock = threading.Lock()
 
   @staticmethod
-  def _loop_closed(exc: BaseException | None) -> bool:
-    return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
+  def echo(exc: BaseException | None) -> bool:
+    return (isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)) or errors.no_space(exc) is not None
 
   def filter(self, record: logging.LogRecord) -> bool:
     """logging's Filter protocol: False drops the record."""
     exc = record.exc_info[1] if record.exc_info else None
     if errors.no_space(exc) is not None or errors.no_space(RuntimeError(record.getMessage())) is not None:
+      self.fail()
       return False
-    return not self._loop_closed(exc)
+    return not self.echo(exc)
+
+  def fail(self) -> None:
+    """A save found no room: from now on, drop its tracebacks printed through the process's hooks too."""
+    with self._lock:
+      if self.failed:
+        return
+      self.failed = True
+      unraisable, excepthook = sys.unraisablehook, sys.excepthook
+      sys.unraisablehook = lambda u: None if self.echo(u.exc_value) else unraisable(u)
+      sys.excepthook = lambda kind, value, tb: None if self.echo(value) else excepthook(kind, value, tb)
 
   def acquire(self) -> None:
-    self.users += 1
-    if self.installed:
-      return
-    unraisable, excepthook = sys.unraisablehook, sys.excepthook
-
-    def quiet_unraisable(u):
-      if not (self._loop_closed(u.exc_value) or errors.no_space(u.exc_value) is not None):
-        unraisable(u)
-
-    def quiet_excepthook(kind, value, tb):
-      if not (self._loop_closed(value) or errors.no_space(value) is not None):
-        excepthook(kind, value, tb)
-
-    self._hooks = (unraisable, excepthook, quiet_unraisable, quiet_excepthook)
-    sys.unraisablehook, sys.excepthook = quiet_unraisable, quiet_excepthook
-    for name in self.LOGGERS:
-      logging.getLogger(name).addFilter(self)
-    self.installed = True
+    with self._lock:
+      self.users += 1
+      if not self.installed:
+        for name in self.LOGGERS:
+          logging.getLogger(name).addFilter(self)
+        self.installed = True
 
   def release(self) -> None:
-    self.users = max(self.users - 1, 0)
-    if self.users or self.failed or not self.installed:
-      return
-    unraisable, excepthook, quiet_unraisable, quiet_excepthook = self._hooks
-    if sys.unraisablehook is quiet_unraisable:  # a hook someone else installed meanwhile is left in place
-      sys.unraisablehook = unraisable
-    if sys.excepthook is quiet_excepthook:
-      sys.excepthook = excepthook
-    for name in self.LOGGERS:
-      logging.getLogger(name).removeFilter(self)
-    self.installed = False
+    with self._lock:
+      self.users = max(self.users - 1, 0)
+      if self.users or self.failed or not self.installed:
+        return
+      for name in self.LOGGERS:
+        logging.getLogger(name).removeFilter(self)
+      self.installed = False
 
 
 WRITE_ECHOES = _WriteEchoes()
@@ -307,7 +305,7 @@ class Checkpointer:
       reason = errors.no_space(e)
       if reason is None:
         raise
-      WRITE_ECHOES.failed = True
+      WRITE_ECHOES.fail()
       self.failure, self.failed_step = self._no_room(step, reason), step
       raise self.failure from e
 

@@ -118,10 +118,15 @@ def _reserved_memmap(path: str, shape: tuple[int, ...]) -> np.ndarray:
   """A float32 .npy file mapped into memory, its disk space reserved now: a sparse mapped file that meets a full disk
   later kills the process with SIGBUS at the first page it cannot place, where a reservation fails here with an
   OSError (ENOSPC), reported in one line."""
+  import errno
   m = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
   if hasattr(os, "posix_fallocate"):  # Linux (elsewhere the file stays sparse)
     with open(path, "r+b") as f:
-      os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
+      try:
+        os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
+      except OSError as e:  # a file system that cannot reserve (EOPNOTSUPP, EINVAL): the file stays sparse
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+          raise
   return m
 
 
