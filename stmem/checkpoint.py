@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 
 from data_pipelines import errors
 from data_pipelines.contract import Contract
-from data_pipelines.errors import DataError
+from data_pipelines.errors import DataError, UsageError
 from stmem.models.config import ModelConfig
 
 CHECKPOINT_DIR = "checkpoints"
@@ -370,34 +370,83 @@ class Checkpointer:
     except Exception as e:  # noqa: BLE001 - tensorstore raises a bare Exception for truncated or missing files
       raise unreadable(step_dir, e) from e
 
-  def restore_latest_readable(self, log=None, **kwargs) -> tuple[int, dict[str, Any] | None]:
+  def restore_latest_readable(self, log=None, meta: dict | None = None,
+                              **kwargs) -> tuple[int, dict[str, Any] | None]:
     """(step, items) of the newest checkpoint that reads back (`restore` arguments), or (0, None) when there is none.
 
     A step that does not read (DataError) is moved aside as `<step>.unreadable` (kept for inspection, never deleted;
     orbax ignores the name), reported through `log`, and the next older step is tried: a run resumes from the newest
     readable checkpoint instead of failing. When steps exist but none reads, that is an error (DataError): starting
     afresh over them would be a silent loss of the whole run.
+
+    A step whose files read back but hold another model (its stored shapes differ from the templates': the config
+    changed) is not unreadable: that is a UsageError naming the differing keys, and nothing is moved. `meta`, the
+    meta this run would save (`make_meta`), lets it name config keys (model.variant tiny -> small) rather than
+    parameter shapes.
     """
     steps = sorted(self.manager.all_steps(), reverse=True)
     problems = []
     for step in steps:
-      try:
-        return step, self.restore(step, **kwargs)
-      except DataError as e:
-        problems.append(str(e))
-        if log is not None:
-          log(f"skipping unreadable checkpoint: {e.message.split('; use another step')[0]}; moved aside as "
-              f"{self.directory / f'{step}.unreadable'}, trying the step before")
-        if jax.process_index() == 0:
-          (self.directory / str(step)).rename(self.directory / f"{step}.unreadable")
-        if jax.process_count() > 1:
-          from jax.experimental import multihost_utils
-          multihost_utils.sync_global_devices(f"stmem checkpoint {step} moved aside")
-        self.manager.reload()
+      # The parameters' shapes first (metadata only): another model is refused before any array read fails.
+      differences = self.mismatch(step, meta, params=kwargs["params"])
+      if not differences:
+        try:
+          return step, self.restore(step, **kwargs)
+        except DataError as e:
+          differences = self.mismatch(step, meta, **kwargs)
+          error = e
+      if differences:
+        raise UsageError(f"{self.directory / str(step)} holds another model than this config's "
+                         f"({'; '.join(differences)}); nothing was moved: resume with the config it was written "
+                         f"with, or pass another --workdir")
+      problems.append(str(error))
+      if log is not None:
+        log(f"skipping unreadable checkpoint: {error.message.split('; use another step')[0]}; moved aside as "
+            f"{self.directory / f'{step}.unreadable'}, trying the step before")
+      if jax.process_index() == 0:
+        (self.directory / str(step)).rename(self.directory / f"{step}.unreadable")
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(f"stmem checkpoint {step} moved aside")
+      self.manager.reload()
     if problems:
       raise DataError(f"{self.directory}: no readable checkpoint among steps {steps} (first: {problems[0]}); move "
                       "the folder away to start afresh")
     return 0, None
+
+  def mismatch(self, step: int, meta: dict | None = None, *, params, opt_state=None,
+               extra_items: dict[str, tuple[Any, Any]] | None = None, **_) -> list[str]:
+    """How a step's stored arrays differ from the templates' (`restore` arguments), as `key old -> new` lines (config
+    keys when `meta` and the step's meta both carry a config, else the model's fields, else array shapes); [] when
+    they agree or the step's metadata does not read (then it is unreadable, not another model)."""
+    step_dir = self.directory / str(step)
+    items = {"params": params, "opt_state": opt_state,
+             **{name: template for name, (template, _) in (extra_items or {}).items()}}
+    shapes = []
+    try:
+      for name, template in items.items():
+        if template is None or not (step_dir / name).is_dir():
+          continue
+        stored = _shapes(ocp.StandardCheckpointHandler().metadata(step_dir / name).tree)
+        wanted = _shapes(template)
+        for key in sorted(set(stored) | set(wanted)):
+          if stored.get(key) != wanted.get(key):
+            shapes.append(f"{name}/{key} {_shape(stored.get(key))} -> {_shape(wanted.get(key))}")
+    except Exception:  # noqa: BLE001 - metadata that does not read: the step is unreadable, not another model
+      return []
+    if not shapes:
+      return []
+    saved = _saved_meta(step_dir)
+    if saved is not None and meta is not None:
+      old, new = _flat(saved.get("config") or {}), _flat(meta.get("config") or {})
+      keys = [k for k in sorted(set(old) | set(new)) if k.startswith("model.") and old.get(k) != new.get(k)]
+      if keys:
+        return [f"{k} {old.get(k, '(unset)')} -> {new.get(k, '(unset)')}" for k in keys]
+      old, new = saved.get("model") or {}, meta.get("model") or {}
+      keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+      if keys:
+        return [f"model {k} {old.get(k, '(unset)')} -> {new.get(k, '(unset)')}" for k in keys]
+    return shapes[:3] + ([f"{len(shapes) - 3} more arrays"] if len(shapes) > 3 else [])
 
   def wait(self):
     """Until the asynchronous save in flight is on disk (a DataError if it found no room)."""
@@ -427,6 +476,43 @@ class Checkpointer:
           pass
         self._remove_partial(self.failed_step)
       WRITE_ECHOES.release()
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+  """{path: shape} of a tree of arrays or array metadata (paths spelt alike for dicts, lists and named tuples)."""
+  def key(entry) -> str:
+    for attr in ("key", "idx", "name"):
+      if hasattr(entry, attr):
+        return str(getattr(entry, attr))
+    return str(entry)
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+  return {"/".join(key(k) for k in path): tuple(leaf.shape) for path, leaf in leaves if hasattr(leaf, "shape")}
+
+
+def _shape(shape) -> str:
+  return "absent" if shape is None else "x".join(map(str, shape)) or "scalar"
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def _saved_meta(step_dir: pathlib.Path) -> dict | None:
+  """A step's JSON meta, or None when it does not read."""
+  for f in sorted((step_dir / "meta").glob("*")):
+    if f.is_file() and f.name != "commit_success.txt":
+      try:
+        meta = json.loads(f.read_text())
+      except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+      return meta if isinstance(meta, dict) else None
+  return None
 
 
 def _step(path: str | pathlib.Path) -> tuple[pathlib.Path, int]:

@@ -11,7 +11,10 @@ What every training program gets from it, alike:
 
 - Restore: the newest checkpoint that reads back (`Checkpointer.restore_latest_readable`: a corrupt latest step is
   moved aside, said, and the one before it used), with its data-iterator state, so a rerun of the same command
-  resumes with exactly the next batch.
+  resumes with exactly the next batch. A checkpoint that reads back but holds another model (the config changed)
+  is a usage error naming the differing keys (`restore(..., meta=...)`), and nothing is moved.
+- One writer per workdir: a program's `run` is wrapped by `stmem.workdir_hold.held(PROGRAM)`, which holds the
+  workdir while it runs (a second run refuses, naming the holder) and keeps it to one program.
 - Steps: `update(params, opt_state, batch, step, ok) -> (params, opt_state, metrics, ok)` runs the program's jitted
   step on the host batch `batch` (`step`: the number of steps done before it). `ok` is the devices' "every loss so
   far was finite" flag; `metrics` a dict of device scalars.

@@ -161,13 +161,15 @@ def runs(tmp_path_factory):
     assert reference[0].returncode == 0, err[-3000:]
     _wait_for(lambda: _lines(workdir / "metrics.jsonl") >= STEPS and (workdir / "checkpoints" / str(STEPS)).is_dir()
               and (workdir / f"reconstruction_{STEPS:06d}.png").exists(), procs, logs, 150, f"{STEPS} steps")
+    hold = json.loads((workdir / "hold.json").read_text())  # the run's one hold, while it runs
     procs[1].send_signal(signal.SIGTERM)          # one process is preempted: both must stop and save
     deadline = time.monotonic() + 60
     codes = [p.wait(timeout=max(deadline - time.monotonic(), 0.1)) for p in procs]
   finally:
     _kill_all(procs + reference)
   assert codes == [0, 0], f"exit codes {codes}\n--- process 0:\n{_tail(logs, 0)}\n--- process 1:\n{_tail(logs, 1)}"
-  return {"two": workdir, "one": base / "one", "logs": logs, "base": base}
+  return {"two": workdir, "one": base / "one", "logs": logs, "base": base, "hold": hold,
+          "pids": [p.pid for p in procs]}
 
 
 def _metrics(workdir: pathlib.Path) -> list[dict]:
@@ -211,6 +213,13 @@ def test_only_process_zero_writes_logs_and_figures(runs):
   out0, out1 = ((runs["logs"] / f"out.{i}").read_text() for i in range(2))
   assert _summary(out0)["preempted"] and _summary(out1) is None      # the summary comes from process 0 only
   assert "process 1 of 2 (explicit), 1 local of 2 devices" in (runs["logs"] / "err.1").read_text()
+
+
+def test_process_zero_holds_the_workdir_for_the_run(runs):
+  """Both processes ran on one workdir: process 0 held it for the run (stmem.workdir_hold) and gave it back."""
+  assert runs["hold"]["pid"] == runs["pids"][0] and runs["hold"]["processes"] == 2
+  assert not (runs["two"] / "hold.json").exists()
+  assert json.loads((runs["two"] / "program.json").read_text())["program"] == "pretrain"
 
 
 def test_sigterm_to_one_process_stops_both_with_a_checkpoint(runs):

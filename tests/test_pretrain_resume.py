@@ -108,10 +108,12 @@ def test_sigterm_saves_and_resumes(tmp_path):
       break
     time.sleep(0.2)
   assert proc.poll() is None, proc.communicate()[1][-2000:]
+  assert json.loads((workdir / "hold.json").read_text())["pid"] == proc.pid  # the running command holds its workdir
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 0, err[-2000:]
   assert "preempted at step" in err
+  assert not (workdir / "hold.json").exists()  # given back: the same command resumes below
   steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert len(steps) == 1 and 3 <= steps[0] < 500
   stopped = steps[0]

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from stmem import workdir_hold
+
 DEFAULT_CONFIG = "finetune"  # configs/finetune.py, found by name from any directory (stmem.configflags)
 TRAIN_STATE_DIR = "train_state"  # the training checkpoints; WORKDIR/checkpoints holds the selected model
 
@@ -62,6 +64,7 @@ def class_weights(labels: np.ndarray, kind: str, how: str):
   return jnp.asarray((len(labels) - pos) / pos, jnp.float32)
 
 
+@workdir_hold.held("finetune")  # one writer per workdir; a workdir belongs to one program
 def run(config, workdir: str | pathlib.Path, *, stop_after: int | None = None) -> dict:
   """Fine-tune, select on validation, test once; returns a summary. `stop_after` ends the loop early without a
   save (tests use it to stand in for a crash)."""

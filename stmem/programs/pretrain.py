@@ -34,6 +34,7 @@ from stmem import metrics as metrics_lib
 from stmem import sharding as sharding_lib
 from stmem import steps as steps_lib
 from stmem import train_loop
+from stmem import workdir_hold
 from stmem.memory_plan import DoesNotFit
 
 
@@ -76,6 +77,7 @@ def _record_simulator(config: ml_collections.ConfigDict) -> None:
       config.data.simulator = versions.pop()
 
 
+@workdir_hold.held("pretrain")  # one writer per workdir; a workdir belongs to one program
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, stop_after: int | None = None) -> dict:
   """Pretrain; returns a summary dict. `stop_after` ends the loop early without a final save (tests use it to
   stand in for a crash)."""
@@ -139,7 +141,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, stop_
   # The checkpoint describes the model, not how this run executed it (remat, attention kernel).
   meta = ckpt_lib.make_meta(cfg.replace(remat="none", attention="xla"), contract,
                             config=json.loads(config.to_json_best_effort()), origin="stmem pretrain")
-  start_step, restored = train_loop.restore(checkpointer, log, params=step_lib.abstract_params,
+  start_step, restored = train_loop.restore(checkpointer, log, meta=meta, params=step_lib.abstract_params,
                                             opt_state=step_lib.abstract_opt, param_shardings=param_shardings,
                                             opt_shardings=opt_shardings)
   data_state = None
