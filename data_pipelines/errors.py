@@ -9,7 +9,9 @@ Here, on the data side, because `data_pipelines` must not import `stmem`; `stmem
 """
 from __future__ import annotations
 
+import errno
 import os
+import re
 from typing import Any
 
 USAGE = 2  # a wrong option, value, preset or key: fix the command line
@@ -58,6 +60,9 @@ def user_message(e: BaseException) -> tuple[str, int] | None:
   """(one- or two-line message, exit code) for an error the user can fix; None for a programming error."""
   if isinstance(e, UserError):
     return str(e), e.exit_code
+  if isinstance(e, OSError) and no_space(e) is not None:  # a write the program did not name (a log, a figure...)
+    where = f" while writing {e.filename}" if getattr(e, "filename", None) else ""
+    return f"{no_space(e)}{where}; free space and run again", DATA
   if isinstance(e, _PATH_ERRORS):
     if getattr(e, "filename", None) is not None:
       what = {FileNotFoundError: "does not exist", NotADirectoryError: "is not a folder (a file is in the way)",
@@ -121,3 +126,29 @@ def check_finite(arrays: dict[str, Any], where: str, *, is_finite=None) -> None:
     shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
     raise DataError(f"{where}: non-finite weights (NaN or inf) in {shown}; these weights are unusable, "
                     "use another file or checkpoint step")
+
+
+# A write that found the disk full, the quota used up or the file-size limit (`ulimit -f`) reached: by its errno, or by
+# the text of the libraries that report it as a message (tensorstore under orbax, ArrayRecord under tfds, pyarrow).
+_NO_SPACE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+             errno.EFBIG: "file too large (the file-size limit, ulimit -f)"}
+_NO_SPACE_TEXT = re.compile(r"no space left on device|disk quota exceeded|file too large|"
+                            r"os_error_code='?(\d+)|\[errno (\d+)\]", re.IGNORECASE)
+
+
+def no_space(e: BaseException | None) -> str | None:
+  """What ran out ("no space left on device", "disk quota exceeded", "file too large (...)") when `e`, or an
+  exception it was raised from, is a write that found no room; None for any other error."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in _NO_SPACE:
+      return _NO_SPACE[e.errno]
+    for m in _NO_SPACE_TEXT.finditer(str(e)):
+      code = m.group(1) or m.group(2)
+      if code is None:
+        return next(v for v in _NO_SPACE.values() if v.split(" (")[0] == m.group(0).lower())
+      if int(code) in _NO_SPACE:
+        return _NO_SPACE[int(code)]
+    e = e.__cause__ or e.__context__
+  return None

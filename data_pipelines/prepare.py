@@ -274,13 +274,20 @@ def main(argv: list[str] | None = None) -> int:
       if "No examples were yielded" not in str(e):
         raise
       raise _unusable(manual, folder, builder) from e
-    except BaseException:
+    except BaseException as e:
+      if isinstance(e, Exception) and errors.no_space(e) is not None:
+        raise _no_room(args.name, data_dir, folder, errors.no_space(e)) from e
       _keep_report(folder, builder)
       raise
     if builder.stats.records_written == 0:
       raise _unusable(manual, folder, builder)
-    inputs.write(builder.data_dir, fingerprint)
-    builder_base.swap_into_place(builder.data_dir, folder)
+    try:
+      inputs.write(builder.data_dir, fingerprint)
+      builder_base.swap_into_place(builder.data_dir, folder)
+    except OSError as e:
+      if errors.no_space(e) is None:
+        raise
+      raise _no_room(args.name, data_dir, folder, errors.no_space(e)) from e
   finally:
     if staging:
       shutil.rmtree(staging, ignore_errors=True)
@@ -327,6 +334,15 @@ def _unusable(manual: str, folder: str, builder: Any) -> DataError:
   report = _keep_report(folder, builder)
   return DataError(f"no usable record for a split under --manual_dir {manual}: {stats['records_read']} read, "
                    f"{stats['quarantined']} quarantined {stats['quarantined_by_reason']}; see {report}")
+
+
+def _no_room(name: str, data_dir: str, folder: str, reason: str) -> DataError:
+  """The error of a build that found no room (a full disk, a quota, a file-size limit). The build wrote only into its
+  staging folder, which the caller removes: a dataset already in `folder` is the one that was there before."""
+  kept = (f"the dataset already in {folder} is intact" if os.path.exists(os.path.join(folder, "dataset_info.json"))
+          else "nothing was kept")
+  return DataError(f"{reason} while writing the {name} dataset in {data_dir} (its staging folder is removed); {kept}; "
+                   "free space and run again")
 
 
 def _keep_report(folder: str, builder: Any) -> str | None:

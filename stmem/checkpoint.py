@@ -10,10 +10,13 @@ import contextlib
 import gc
 import hashlib
 import json
+import logging
 import os
 import pathlib
 import re
+import shutil
 import sys
+import threading
 import time
 from typing import Any
 
@@ -246,17 +249,129 @@ def unreadable(step_dir: pathlib.Path, e: BaseException) -> DataError:
                    "or corrupt; use another step")
 
 
+class _WriteEchoes:
+  """The echoes of a save that found no room, silenced (one instance, `WRITE_ECHOES`).
+
+  When a write of an asynchronous save fails (a full disk, a file-size limit), orbax logs the failure from each of
+  its threads (absl, with tracebacks), asyncio logs every abandoned write as "Task exception was never retrieved", and
+  tensorstore's callbacks print "Event loop is closed" tracebacks (sys.excepthook) for the writes still in flight:
+  hundreds of lines, before and after the one-line message that `Checkpointer` raises when the save is awaited. Those
+  records, and only those, are dropped: a filter on the absl and asyncio loggers while a Checkpointer is open, and,
+  from the first such failure on, process hooks that drop those tracebacks. After a failure both stay until the
+  process ends (the abandoned writes keep echoing as they are collected, up to interpreter exit); otherwise the last
+  `release` removes the filter, and the process's hooks are never touched.
+  """
+
+  LOGGERS = ("absl", "asyncio")
+
+  def __init__(self):
+    self.users, self.failed, self.installed = 0, False, False
+    self._lock = threading.Lock()
+
+  @staticmethod
+  def echo(exc: BaseException | None) -> bool:
+    return (isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)) or errors.no_space(exc) is not None
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    """logging's Filter protocol: False drops the record."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if errors.no_space(exc) is not None or errors.no_space(RuntimeError(record.getMessage())) is not None:
+      self.fail()
+      return False
+    return not self.echo(exc)
+
+  def fail(self) -> None:
+    """A save found no room: from now on, drop its tracebacks printed through the process's hooks too."""
+    with self._lock:
+      if self.failed:
+        return
+      self.failed = True
+      unraisable, excepthook = sys.unraisablehook, sys.excepthook
+      sys.unraisablehook = lambda u: None if self.echo(u.exc_value) else unraisable(u)
+      sys.excepthook = lambda kind, value, tb: None if self.echo(value) else excepthook(kind, value, tb)
+
+  def acquire(self) -> None:
+    with self._lock:
+      self.users += 1
+      if not self.installed:
+        for name in self.LOGGERS:
+          logging.getLogger(name).addFilter(self)
+        self.installed = True
+
+  def release(self) -> None:
+    with self._lock:
+      self.users = max(self.users - 1, 0)
+      if self.users or self.failed or not self.installed:
+        return
+      for name in self.LOGGERS:
+        logging.getLogger(name).removeFilter(self)
+      self.installed = False
+
+
+WRITE_ECHOES = _WriteEchoes()
+
+
 class Checkpointer:
-  """Thin wrapper over ocp.CheckpointManager: asynchronous saves every `every` steps, keep the last `keep`."""
+  """Thin wrapper over ocp.CheckpointManager: asynchronous saves every `every` steps, keep the last `keep`.
+
+  A save that finds no room (a full disk, a quota, a file-size limit) raises a DataError naming the step, the folder
+  and the newest step left intact, wherever the failure surfaces: in `save` itself, or, for an asynchronous save, in
+  the next `save`, `wait` or `close`. Its partial folder is removed (orbax writes a step into a temporary folder and
+  renames it when complete, so finished steps are never touched) and its echoes are silenced (`_WriteEchoes`).
+  """
 
   def __init__(self, directory: str | pathlib.Path, *, every: int = 1000, keep: int = 3, async_save: bool = True):
     self.directory = workdir_lib.resolve(directory)  # orbax writes a gs:// one through tensorstore's gcs driver
     self.every = every
-    self.manager = ocp.CheckpointManager(
-      self.directory,
-      # The interval is decided here, not by orbax (which also saves the first step it sees).
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=1,
-                                           enable_async_checkpointing=async_save, create=True))
+    self.async_save = async_save
+    self.in_flight: int | None = None  # the step of an asynchronous save not yet awaited
+    self.failure: DataError | None = None
+    self.failed_step = -1
+    WRITE_ECHOES.acquire()
+    try:
+      self.manager = ocp.CheckpointManager(
+        self.directory,
+        # The interval is decided here, not by orbax (which also saves the first step it sees).
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=1,
+                                             enable_async_checkpointing=async_save, create=True))
+    except BaseException:
+      WRITE_ECHOES.release()
+      raise
+    self.closed = False
+
+  def _awaiting(self, step: int, fn):
+    """fn() (a save, or the wait for one), a failure to find room turned into the DataError naming `step`."""
+    if self.failure is not None:
+      raise self.failure
+    try:
+      return fn()
+    except Exception as e:  # noqa: BLE001 - tensorstore reports a full disk as a ValueError, epath as an OSError
+      reason = errors.no_space(e)
+      if reason is None:
+        raise
+      WRITE_ECHOES.fail()
+      self.failure, self.failed_step = self._no_room(step, reason), step
+      raise self.failure from e
+
+  def _no_room(self, step: int, reason: str) -> DataError:
+    try:  # the finished steps on disk (orbax names a step's folder by its number only once it is complete)
+      intact = [int(p.name) for p in self.directory.iterdir() if p.name.isdigit() and int(p.name) != step]
+    except OSError:
+      intact = []
+    kept = (f"the checkpoint of step {max(intact)} is intact; free space and run again to resume from it" if intact
+            else "no earlier checkpoint is there; free space and run again")
+    return DataError(f"{reason} while writing checkpoint step {step} in {self.directory}; {kept}")
+
+  def _remove_partial(self, step: int) -> None:
+    """The temporary folder of a save that failed: never a finished step (orbax renames a step when complete)."""
+    if jax.process_index() != 0:
+      return
+    for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+      if isinstance(partial, pathlib.Path):
+        shutil.rmtree(partial, ignore_errors=True)
+      else:  # an etils.epath.Path on a bucket (orbax commits there by a marker file, so a partial step is rare)
+        with contextlib.suppress(Exception):
+          partial.rmtree()
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -275,7 +390,11 @@ class Checkpointer:
       items["opt_state"] = ocp.args.StandardSave(opt_state)
     if data_state is not None:
       items["data_state"] = ocp.args.JsonSave(data_state)
-    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    self.wait()  # the previous save's failure is reported as that step's (orbax would raise it here as this one's)
+    saved = self._awaiting(step, lambda: self.manager.save(step, args=ocp.args.Composite(**items), force=force))
+    if saved and self.async_save:
+      self.in_flight = step
+    return saved
 
   def restore(self, step: int, *, params, opt_state=None, param_shardings=None, opt_shardings=None,
               data_state: bool = True, extra_items: dict[str, tuple[Any, Any]] | None = None) -> dict[str, Any]:
@@ -378,11 +497,33 @@ class Checkpointer:
     return shapes[:3] + ([f"{len(shapes) - 3} more arrays"] if len(shapes) > 3 else [])
 
   def wait(self):
-    self.manager.wait_until_finished()
+    """Until the asynchronous save in flight is on disk (a DataError if it found no room)."""
+    step, self.in_flight = self.in_flight, None
+    if step is None:
+      if self.failure is not None:
+        raise self.failure
+      self.manager.wait_until_finished()
+    else:
+      self._awaiting(step, self.manager.wait_until_finished)
 
   def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Wait for the save in flight and let go of the manager. After a save that found no room: quietly (that
+    failure has been raised already; orbax raises it again here), and its partial folder is removed."""
+    if self.closed:
+      return
+    self.closed = True
+    try:
+      if self.failure is None:
+        self.wait()
+        self.manager.close()
+    finally:
+      if self.failure is not None:
+        try:
+          self.manager.close()
+        except Exception:  # noqa: BLE001 - the same failure again, reported already
+          pass
+        self._remove_partial(self.failed_step)
+      WRITE_ECHOES.release()
 
 
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
@@ -556,8 +697,10 @@ def save_params(directory: str | pathlib.Path, params, meta: dict, step: int = 0
                 extra_items: dict[str, Any] | None = None) -> pathlib.Path:
   """Write a parameters-only checkpoint (converted or exported encoders, fine-tuned models) synchronously."""
   ckpt = Checkpointer(directory, every=1, keep=1000, async_save=False)
-  ckpt.save(step, params=params, meta=meta, force=True, extra_items=extra_items)
-  ckpt.close()
+  try:
+    ckpt.save(step, params=params, meta=meta, force=True, extra_items=extra_items)
+  finally:
+    ckpt.close()
   return ckpt.directory / str(step)
 
 

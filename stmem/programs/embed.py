@@ -47,8 +47,8 @@ class Writer:
     # Everything is written in `staging` (a stmem.atomic.Staging) and moved into place by `close`: a failed or empty
     # run leaves neither a 0-row file nor a temporary folder behind.
     self.staging, self.tmp = staging, staging.folder
-    self.maps = {k: np.lib.format.open_memmap(os.path.join(self.tmp, f"{k}.npy"), mode="w+", dtype=np.float32,
-                                              shape=(max(capacity, 1), *s)) for k, s in shapes.items()}
+    self.maps = {k: _reserved_memmap(os.path.join(self.tmp, f"{k}.npy"), (max(capacity, 1), *s))
+                 for k, s in shapes.items()}
     self.ids: dict[str, list[str]] = {"record_id": [], "patient_id": []}
     self.masks: list[np.ndarray] = []
     self.windows: list[np.ndarray] = []
@@ -130,6 +130,22 @@ def absent_as_nan(arrays: dict[str, np.ndarray], lead_mask: np.ndarray) -> dict[
   return out
 
 
+def _reserved_memmap(path: str, shape: tuple[int, ...]) -> np.ndarray:
+  """A float32 .npy file mapped into memory, its disk space reserved now: a sparse mapped file that meets a full disk
+  later kills the process with SIGBUS at the first page it cannot place, where a reservation fails here with an
+  OSError (ENOSPC), reported in one line."""
+  import errno
+  m = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+  if hasattr(os, "posix_fallocate"):  # Linux (elsewhere the file stays sparse)
+    with open(path, "r+b") as f:
+      try:
+        os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
+      except OSError as e:  # a file system that cannot reserve (EOPNOTSUPP, EINVAL): the file stays sparse
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+          raise
+  return m
+
+
 def run(config, workdir=None) -> dict:
   """Write the embeddings that `config` (configs/embed.py) asks for; returns a summary (process 0's is complete).
   Everything goes to `config.out`: there is no workdir."""
@@ -137,7 +153,7 @@ def run(config, workdir=None) -> dict:
   import jax.numpy as jnp
   from flax import nnx
 
-  from data_pipelines import leads as leads_lib
+  from data_pipelines import errors, leads as leads_lib
   from data_pipelines import transforms
   from data_pipelines.errors import DataError
   from stmem import console, data, sharding as sharding_lib
@@ -223,6 +239,16 @@ def run(config, workdir=None) -> dict:
       raise DataError(f"no usable record in {spec.path} ({capacity} found, each skipped "
                       f"one listed above); nothing written to {config.out}.npz / .parquet")
     paths = writer.close() if writer is not None else (None, None)
+  except Exception as e:  # noqa: BLE001 - only a write that found no room is turned into a DataError
+    reason = None if isinstance(e, errors.UserError) else errors.no_space(e)
+    if reason is None or staging is None:
+      raise
+    previous = [p for p in (config.out + ".npz", config.out + ".parquet") if os.path.exists(p)]
+    kept = f"{' and '.join(previous)} {'is' if len(previous) == 1 else 'are'} intact" if previous else \
+      "nothing was kept"
+    raise DataError(f"{reason} while writing the embeddings {config.out}.npz / .parquet in "
+                    f"{os.path.dirname(os.path.abspath(config.out))} (staged, the staging folder is removed); {kept}; "
+                    "free space and run again") from e
   finally:
     if staging is not None:
       staging.remove()
