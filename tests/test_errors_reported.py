@@ -22,6 +22,16 @@ import pytest
 from stmem import programs
 from tests.helpers import tiny_checkpoint
 
+
+@pytest.fixture(autouse=True)
+def ctrl_c_as_in_a_terminal():
+  """Python's own Ctrl-C handler, as in a terminal: a test worker process (pytest-xdist) starts with SIGINT ignored,
+  which its child processes inherit and which stmem keeps (a job started in the background ignores Ctrl-C on
+  purpose). A handled SIGINT becomes the default again in a child process."""
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  yield
+  signal.signal(signal.SIGINT, previous)
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LEADS = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
 PRETRAIN = ["pretrain", "--config", "pretrain:tiny", "--config.batch_size=8", "--config.data.num_synthetic=24",
