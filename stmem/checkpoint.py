@@ -11,7 +11,6 @@ import gc
 import hashlib
 import json
 import logging
-import os
 import pathlib
 import re
 import shutil
@@ -111,9 +110,10 @@ _MAX_JSON_BYTES = 64 << 20  # a meta or export config is kilobytes; a larger fil
 def _json(file: pathlib.Path) -> Any:
   """The JSON value in `file`; ValueError (with the reason) when it is not UTF-8 JSON a reader should trust: also
   nesting too deep for the parser and integers beyond Python's digit limit, which json raises as other types."""
-  with open(file, "rb") as f:
-    if os.fstat(f.fileno()).st_size > _MAX_JSON_BYTES:
-      raise ValueError(f"more than {_MAX_JSON_BYTES} bytes")
+  stat = file.stat()  # a local path's os.stat_result, or an etils.epath.Path's StatResult on a bucket
+  if getattr(stat, "st_size", getattr(stat, "length", 0)) > _MAX_JSON_BYTES:
+    raise ValueError(f"more than {_MAX_JSON_BYTES} bytes")
+  with file.open("rb") as f:
     raw = f.read()
   try:
     return json.loads(raw.decode("utf-8"))
