@@ -110,7 +110,7 @@ def test_the_holder_rewrites_its_heartbeat(tmp_path):
 
 
 RACER = """
-import json, sys, time
+import json, os, pathlib, sys, time
 sys.path.insert(0, sys.argv[1])
 from data_pipelines.errors import UsageError
 from stmem import workdir_hold
@@ -124,6 +124,12 @@ for i in range(rounds):
     print("won", flush=True)
   except UsageError as e:
     print("refused" if f"process {stale}" not in str(e) else "refused by the stale hold", flush=True)
+# Stay alive until the other racer is done too: a winner that exited would leave a hold that is stale by rule, and
+# the other, still deciding its last round, would rightly take it over.
+pathlib.Path(base, f"done.{os.getpid()}").touch()
+deadline = time.time() + 60
+while len(list(pathlib.Path(base).glob("done.*"))) < 2 and time.time() < deadline:
+  time.sleep(0.01)
 """
 
 
