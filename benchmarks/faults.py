@@ -35,10 +35,10 @@ resumed from, so a step done after the last log line of a killed run is not coun
 evaluation, `--every` steps), `left_behind` (staging folders, temporary files, `*.orbax-checkpoint-tmp-*` folders,
 `*.unreadable` steps, locks or holds in the workdir after the final completed run).
 
-Runs are forked from one process that has imported stmem once (`Zygote`): each run is its own process, killed by
-SIGKILL like any other, without paying the import of JAX, orbax and tfds again (tens of seconds on a loaded 2-core
-machine); the persistent JAX compilation cache (JAX_COMPILATION_CACHE_DIR, as the tests set it) spares the compiles.
-Prints one JSON table.
+Runs are forked from one process that has imported stmem once (`benchmarks.fork_server`): each run is its own
+process, killed by SIGKILL like any other, without paying the import of JAX, orbax and tfds again (tens of seconds
+on a loaded 2-core machine); the persistent JAX compilation cache (JAX_COMPILATION_CACHE_DIR, as the tests set it)
+spares the compiles. Prints one JSON table.
 """
 from __future__ import annotations
 
@@ -52,10 +52,11 @@ import random
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
+
+from benchmarks.fork_server import ForkServer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PHASES = ("step", "write", "finalise", "restore")
@@ -67,127 +68,6 @@ LEFTOVER = re.compile(r"(\.orbax-checkpoint-tmp|\.stmem-staging-|\.building-|\.r
 RUN_TIMEOUT_S = 900.0
 
 
-# ------------------------------------------------------------------------------------------------ the fork server
-
-
-def _serve() -> None:
-  """The zygote: imports stmem once, then forks one child per request (JSON lines on stdin, answers on stdout)."""
-  out = sys.stdout
-  sys.stdout = sys.stderr  # anything the imports print stays off the answer channel
-  from stmem import platforms
-  platforms.apply()
-  import tensorflow_datasets  # noqa: F401 - imported here so that no child pays for it
-
-  import configs.finetune  # noqa: F401
-  import configs.pretrain  # noqa: F401
-  import data_pipelines.generic.generic_dataset_builder  # noqa: F401
-  import data_pipelines.prepare  # noqa: F401
-  import stmem.programs  # noqa: F401
-  import stmem.programs.finetune  # noqa: F401
-  import stmem.programs.pretrain  # noqa: F401
-
-  def answer(obj):
-    out.write(json.dumps(obj) + "\n")
-    out.flush()
-
-  answer({"ready": True})
-  for line in sys.stdin:
-    request = json.loads(line)
-    if request["op"] == "run":
-      sys.stderr.flush()
-      pid = os.fork()
-      if pid == 0:
-        _child(request)
-      answer({"pid": pid})
-    elif request["op"] == "wait":
-      _, status = os.waitpid(request["pid"], 0)
-      answer({"rc": os.waitstatus_to_exitcode(status)})
-    else:
-      return
-
-
-def _child(request: dict) -> None:
-  rc = 1
-  try:
-    os.chdir(request["cwd"])
-    fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    sys.stdout, sys.stdin = sys.__stdout__, open(os.devnull)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    sys.argv = ["stmem", *request["argv"]]
-    from stmem import programs
-    rc = programs.run(request["argv"])
-  except SystemExit as e:
-    rc = e.code if isinstance(e.code, int) else 1
-  except BaseException:  # noqa: BLE001 - the child reports everything and exits
-    import traceback
-    traceback.print_exc()
-    rc = 1
-  finally:
-    with contextlib.suppress(Exception):
-      sys.stdout.flush()
-      sys.stderr.flush()
-    os._exit(rc if isinstance(rc, int) else 1)
-
-
-def child_env(cache_dir: str | None = None) -> dict[str, str]:
-  """The environment of every run: this checkout's code first, one CPU device, a persistent compilation cache."""
-  env = dict(os.environ)
-  env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-  env["JAX_PLATFORMS"] = env.get("STMEM_FAULTS_PLATFORMS", "cpu")
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-  env["JAX_COMPILATION_CACHE_DIR"] = cache_dir or env.get("JAX_COMPILATION_CACHE_DIR") or str(
-    pathlib.Path.home() / ".cache" / "stmem-tests" / "jax")
-  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
-  return env
-
-
-class Zygote:
-  """A process that has imported stmem; `start` forks a run of `stmem ARGV` from it and returns the run's pid."""
-
-  def __init__(self, env: dict[str, str] | None = None):
-    self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.faults", "--zygote"], cwd=ROOT,
-                                 env=env or child_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    if not self._read().get("ready"):
-      raise RuntimeError("the fork server did not start")
-
-  def _read(self) -> dict:
-    line = self.proc.stdout.readline()
-    if not line:
-      raise RuntimeError(f"the fork server ended (exit code {self.proc.wait()})")
-    return json.loads(line)
-
-  def _ask(self, request: dict) -> dict:
-    self.proc.stdin.write(json.dumps(request) + "\n")
-    self.proc.stdin.flush()
-    return self._read()
-
-  def start(self, argv: list[str], log: pathlib.Path, cwd: pathlib.Path = ROOT) -> int:
-    return self._ask({"op": "run", "argv": [str(a) for a in argv], "log": str(log), "cwd": str(cwd)})["pid"]
-
-  def wait(self, pid: int) -> int:
-    return self._ask({"op": "wait", "pid": pid})["rc"]
-
-  def close(self) -> None:
-    if self.proc.poll() is None:
-      with contextlib.suppress(BrokenPipeError):
-        self.proc.stdin.close()
-      try:
-        self.proc.wait(timeout=30)
-      except subprocess.TimeoutExpired:
-        self.proc.kill()
-        self.proc.wait()
-
-  def __enter__(self) -> "Zygote":
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self.close()
 
 
 def _running(pid: int) -> bool:
@@ -337,11 +217,11 @@ def _lines(path: pathlib.Path) -> int:
 # ------------------------------------------------------------------------------------------------ one run
 
 
-def run_once(zygote: Zygote, argv: list[str], log: pathlib.Path, trigger: Trigger | None = None,
+def run_once(forks: ForkServer, argv: list[str], log: pathlib.Path, trigger: Trigger | None = None,
              watch: list[pathlib.Path] | None = None, timeout_s: float = RUN_TIMEOUT_S) -> dict:
   """Run `stmem ARGV` once, killing it with SIGKILL when `trigger` says so. Returns {rc, killed, phase, seconds,
   tmp_lifetimes} (`tmp_lifetimes`: how long each temporary checkpoint folder under `watch` lived)."""
-  pid = zygote.start(argv, log)
+  pid = forks.start(argv, log)
   began = time.monotonic()
   killed, phase = False, None
   born: dict[str, float] = {}
@@ -365,7 +245,7 @@ def run_once(zygote: Zygote, argv: list[str], log: pathlib.Path, trigger: Trigge
         raise TimeoutError(f"stmem {' '.join(argv[:1])} ran over {timeout_s:.0f} s; see {log}")
       time.sleep(0.003)
   finally:
-    rc = zygote.wait(pid)
+    rc = forks.wait(pid)
   killed = killed and rc == -signal.SIGKILL  # a run that had just ended by itself was not killed
   return {"rc": rc, "killed": killed, "phase": phase, "seconds": time.monotonic() - began, "tmp_lifetimes": lifetimes}
 
@@ -390,14 +270,14 @@ def _observed_phase(trigger: Trigger, log: pathlib.Path, watch: list[pathlib.Pat
 class Training:
   """What differs between pretraining and fine-tuning: the command, where its checkpoints go, what is compared."""
 
-  def __init__(self, program: str, root: pathlib.Path, steps: int, every: int, zygote: Zygote,
+  def __init__(self, program: str, root: pathlib.Path, steps: int, every: int, forks: ForkServer,
                base: pathlib.Path | None = None):
     self.program, self.root, self.steps, self.every = program, root, steps, every
     self.base = base
     if program == "finetune" and base is None:  # a tiny pretrained checkpoint to start from, made once
       self.base = root / "base"
       if not (self.base / "checkpoints").is_dir():
-        r = run_once(zygote, self._pretrain_argv(self.base, 2, 2), root / "base.log")
+        r = run_once(forks, self._pretrain_argv(self.base, 2, 2), root / "base.log")
         if r["rc"] != 0:
           raise RuntimeError(f"the base checkpoint could not be made; see {root / 'base.log'}")
 
@@ -468,12 +348,12 @@ def left_behind(folder: pathlib.Path) -> list[str]:
   return sorted(found)
 
 
-def calibrate(zygote: Zygote, training: Training) -> dict:
+def calibrate(forks: ForkServer, training: Training) -> dict:
   """The uninterrupted run: the reference parameters and the timeline the kill instants are drawn from."""
   workdir = training.root / "reference"
   shutil.rmtree(workdir, ignore_errors=True)
   log = training.root / "reference.log"
-  r = run_once(zygote, training.argv(workdir), log, watch=training.checkpoint_dirs(workdir))
+  r = run_once(forks, training.argv(workdir), log, watch=training.checkpoint_dirs(workdir))
   if r["rc"] != 0:
     raise RuntimeError(f"the uninterrupted {training.program} run failed (exit {r['rc']}); see {log}")
   per_step = [json.loads(line).get("steps_per_s") for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -501,7 +381,7 @@ def _trigger(rng, phase, training: Training, workdir: pathlib.Path, cal: dict, r
   return WriteTrigger(rng, dirs, rng.randint(1, saves), cal["tmp_lifetime_s"], finalise=phase == "finalise")
 
 
-def training_trial(zygote: Zygote, training: Training, cal: dict, index: int, rng: random.Random,
+def training_trial(forks: ForkServer, training: Training, cal: dict, index: int, rng: random.Random,
                    max_kills: int, atol: float) -> dict:
   workdir = training.root / f"trial{index:03d}"
   shutil.rmtree(workdir, ignore_errors=True)
@@ -515,7 +395,7 @@ def training_trial(zygote: Zygote, training: Training, cal: dict, index: int, rn
       trigger = _trigger(rng, phase, training, workdir, cal, restore_ok)
     log = training.root / f"trial{index:03d}.{attempt}.log"
     before = _lines(metrics)
-    r = run_once(zygote, training.argv(workdir), log, trigger, watch=training.checkpoint_dirs(workdir))
+    r = run_once(forks, training.argv(workdir), log, trigger, watch=training.checkpoint_dirs(workdir))
     executed += steps_done(before, metrics, log)
     rcs.append(r["rc"])
     attempt += 1
@@ -608,11 +488,11 @@ def same_records(a: dict[str, list[dict]], b: dict[str, list[dict]]) -> bool:
   return True
 
 
-def prepare_calibrate(zygote: Zygote, preparing: Preparing) -> dict:
+def prepare_calibrate(forks: ForkServer, preparing: Preparing) -> dict:
   out = preparing.root / "reference"
   shutil.rmtree(out, ignore_errors=True)
   log = preparing.root / "reference.log"
-  pid = zygote.start(preparing.argv(out), log)
+  pid = forks.start(preparing.argv(out), log)
   began, staged, lifetime = time.monotonic(), None, None
   while _running(pid):
     now = time.monotonic()
@@ -622,14 +502,14 @@ def prepare_calibrate(zygote: Zygote, preparing: Preparing) -> dict:
     if staged is not None and not building and lifetime is None:
       lifetime = now - staged
     time.sleep(0.003)
-  rc = zygote.wait(pid)
+  rc = forks.wait(pid)
   if rc != 0:
     raise RuntimeError(f"the uninterrupted prepare failed (exit {rc}); see {log}")
   return {"records": read_prepared(out), "staging_lifetime_s": lifetime or (time.monotonic() - began) / 2,
           "seconds": time.monotonic() - began, "reference": out}
 
 
-def prepare_trial(zygote: Zygote, preparing: Preparing, cal: dict, index: int, rng: random.Random,
+def prepare_trial(forks: ForkServer, preparing: Preparing, cal: dict, index: int, rng: random.Random,
                   max_kills: int) -> dict:
   data_dir = preparing.root / f"trial{index:03d}"
   shutil.rmtree(data_dir, ignore_errors=True)
@@ -640,7 +520,7 @@ def prepare_trial(zygote: Zygote, preparing: Preparing, cal: dict, index: int, r
     trigger = FolderTrigger(rng, data_dir, "generic", cal["staging_lifetime_s"], swap=phase == "swap") \
       if phase is not None else None
     log = preparing.root / f"trial{index:03d}.{attempt}.log"
-    r = run_once(zygote, preparing.argv(data_dir), log, trigger)
+    r = run_once(forks, preparing.argv(data_dir), log, trigger)
     rcs.append(r["rc"])
     attempt += 1
     if r["killed"]:
@@ -690,7 +570,7 @@ def summarise(program: str, trials: list[dict], extra: dict | None = None) -> di
   return row
 
 
-def run_program(program: str, trials: int, root: pathlib.Path, zygote: Zygote, *, seed: int = 0, steps: int = 12,
+def run_program(program: str, trials: int, root: pathlib.Path, forks: ForkServer, *, seed: int = 0, steps: int = 12,
                 every: int = 3, max_kills: int = 2, atol: float = 1e-6, records: int = 24,
                 base: pathlib.Path | None = None, progress=None) -> dict:
   """`trials` trials of one program under `root`; returns its row of the table. `base`: the pretrained checkpoint
@@ -701,17 +581,17 @@ def run_program(program: str, trials: int, root: pathlib.Path, zygote: Zygote, *
   results = []
   if program == "prepare":
     preparing = Preparing(root, records)
-    cal = prepare_calibrate(zygote, preparing)
+    cal = prepare_calibrate(forks, preparing)
     for i in range(trials):
-      results.append(prepare_trial(zygote, preparing, cal, i, rng, max_kills))
+      results.append(prepare_trial(forks, preparing, cal, i, rng, max_kills))
       if progress:
         progress(program, results)
     extra = {"uninterrupted_s": round(cal["seconds"], 1), "staging_lifetime_s": round(cal["staging_lifetime_s"], 3)}
   else:
-    training = Training(program, root, steps, every, zygote, base=base)
-    cal = calibrate(zygote, training)
+    training = Training(program, root, steps, every, forks, base=base)
+    cal = calibrate(forks, training)
     for i in range(trials):
-      results.append(training_trial(zygote, training, cal, i, rng, max_kills, atol))
+      results.append(training_trial(forks, training, cal, i, rng, max_kills, atol))
       if progress:
         progress(program, results)
     extra = {"total_steps": steps, "checkpoint_every": every, "uninterrupted_s": round(cal["seconds"], 1),
@@ -732,11 +612,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--workdir", default=None, help="where the runs go (default: a temporary folder, removed)")
   p.add_argument("--keep", action="store_true", help="keep the runs' folders")
   p.add_argument("--partial", default=None, help="a file to write the table so far to after every trial")
-  p.add_argument("--zygote", action="store_true", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
-  if args.zygote:
-    _serve()
-    return 0
   programs = [x for x in args.programs.split(",") if x]
   unknown = [x for x in programs if x not in ("pretrain", "finetune", "prepare")]
   if unknown:
@@ -755,10 +631,10 @@ def main(argv: list[str] | None = None) -> int:
 
   rows = []
   try:
-    with Zygote() as zygote:
+    with ForkServer() as forks:
       for program in programs:
         base = root / "pretrain" / "reference" if "pretrain" in programs[:programs.index(program)] else None
-        rows.append(run_program(program, args.trials, root / program, zygote, seed=args.seed, steps=args.steps,
+        rows.append(run_program(program, args.trials, root / program, forks, seed=args.seed, steps=args.steps,
                                 every=args.every, max_kills=args.max_kills, atol=args.atol, base=base,
                                 progress=progress))
   finally:

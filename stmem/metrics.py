@@ -85,6 +85,21 @@ def finetune_step_flops(cfg, batch: int, leads: int = 12) -> float:
 METRICS_FILE = "metrics.jsonl"  # in the workdir: one JSON object per written step
 
 
+def summary_writer_class():
+  """tensorboardX's SummaryWriter, imported without PyTorch: tensorboardX imports torch when it is installed (the
+  `torch` extra), seconds of every training run's start, only to accept torch tensors, which stmem never passes."""
+  import sys
+  if "tensorboardX" in sys.modules or "torch" in sys.modules:
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+  sys.modules["torch"] = None  # `import torch` raises ImportError while tensorboardX is imported
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
+
+
 class MetricWriter:
   """metrics.jsonl and TensorBoard event files in a workdir: a local folder or a gs:// URL (`stmem.workdir`). On a
   bucket the event files are written locally and uploaded at each write (`stmem.workdir.Mirror`): tensorboardX's
@@ -101,8 +116,7 @@ class MetricWriter:
       self._lines = workdir_lib.Appender(self.path)
       if workdir_lib.is_remote(workdir):
         self._mirror = workdir_lib.Mirror(workdir / "tensorboard")
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(str(self._mirror.path if self._mirror else workdir / "tensorboard"))
+      self._tb = summary_writer_class()(str(self._mirror.path if self._mirror else workdir / "tensorboard"))
 
   def write(self, step: int, metrics: dict[str, float]):
     if not self.enabled:

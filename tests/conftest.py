@@ -1,4 +1,4 @@
-"""Test session set-up: 8 fake CPU devices, a persistent compilation cache, and the shared data folder.
+"""Test session set-up: 8 fake CPU devices, quick compiles, a persistent compilation cache, and the shared data folder.
 
 The environment is set here, before anything imports JAX, so that multi-device tests see 8 devices and every
 test process reuses compiled programs from earlier runs.
@@ -6,7 +6,9 @@ test process reuses compiled programs from earlier runs.
 import os
 import pathlib
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from tests.helpers import xla_flags  # noqa: E402 - imports no JAX
+
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _CACHE = pathlib.Path(os.environ.get("STMEM_TEST_CACHE", pathlib.Path.home() / ".cache" / "stmem-tests" / "jax"))
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))

@@ -28,6 +28,7 @@ from data_pipelines.contract import Contract
 from stmem.models import Encoder, StMem, model_config
 from stmem.programs import convert as convert_prog
 from stmem.programs import export as export_prog
+from tests.helpers import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOL = 1e-4
@@ -269,7 +270,7 @@ def test_checkpoints_restore_into_any_mesh(tmp_path):
   np.savez(tmp_path / "expected.npz", **flat)
 
   # 8 devices -> 1 device (a fresh process: the device count is fixed when JAX starts), which saves again.
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu",
              PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
   proc = subprocess.run([sys.executable, "-c", _ONE_DEVICE, str(saved8), str(tmp_path / "expected.npz"),
                          str(tmp_path / "saved1")], env=env, capture_output=True, text=True, timeout=120)

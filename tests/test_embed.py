@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tests.helpers import embed_arrays, eval_batches, tiny_checkpoint
+from tests.helpers import embed_arrays, eval_batches, tiny_checkpoint, xla_flags
 
 
 def test_embed_arrays_equals_model():
@@ -125,7 +125,7 @@ def test_two_process_embed_writes_every_record_once(five_records, tmp_path):
          "--records", str(raw), "--out", str(prefix), "--crops", "mean3", "--no_progress"]
   procs = []
   for i in range(2):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(1),
            "STMEM_COORDINATOR": f"127.0.0.1:{port}", "STMEM_NUM_PROCESSES": "2", "STMEM_PROCESS_ID": str(i),
            "STMEM_INIT_TIMEOUT": "120", "STMEM_HEARTBEAT_TIMEOUT": "10"}
     procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))

@@ -1,9 +1,8 @@
 """Every failure a user can cause is one or two lines and an exit code; data is never silently wrong.
 
-Each case runs the real command (`python -m stmem.cli ...`) as a subprocess and asserts its exit code (2 usage, 1
+Each case runs the real command (`stmem ...`, each run its own process) and asserts its exit code (2 usage, 1
 data or file), that the message names the option or file, that stderr has no `Traceback`, and that no partial output
-is left. The general-rule cases are independent and run concurrently once per module (each process imports JAX:
-seconds); the cases that follow (duplicate leads, export -> convert, re-runs, interrupted --overwrite, NaN weights,
+is left. The general-rule cases are independent and run concurrently once per module; the cases that follow (duplicate leads, export -> convert, re-runs, interrupted --overwrite, NaN weights,
 corrupt checkpoints) also look at the data they leave.
 
 Fixtures are written here: WFDB records of a few seconds of sines, and a random tiny checkpoint.
@@ -19,11 +18,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
 import pytest
 
+from benchmarks.fork_server import ForkServer
 from tests.helpers import truncate_largest_array_file
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -37,7 +38,34 @@ class Result:
   err: str
 
 
+_FORKS: ForkServer | None = None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def forks():
+  """The module's `stmem` runs are forked from one process that imported stmem once: each is still its own process
+  with its own exit code and output, without a second or more of imports each."""
+  global _FORKS
+  with ForkServer(env={k: v for k, v in os.environ.items() if k != "STMEM_DEBUG"}) as server:
+    _FORKS = server
+    yield server
+  _FORKS = None
+
+
 def stmem(*argv, env: dict | None = None, timeout: int = 300) -> Result:
+  """`stmem ARGV` run as its own process (forked from the module's fork server unless `env` is changed)."""
+  if env is None and _FORKS is not None:
+    with tempfile.TemporaryDirectory(prefix="stmem-run-") as tmp:
+      out, err = pathlib.Path(tmp) / "out", pathlib.Path(tmp) / "err"
+      pid = _FORKS.start(list(map(str, argv)), out, ROOT, err=err)
+      deadline = time.monotonic() + timeout
+      while (rc := _FORKS.poll(pid)) is None:
+        if time.monotonic() > deadline:
+          os.kill(pid, signal.SIGKILL)
+          _FORKS.wait(pid)
+          raise subprocess.TimeoutExpired(["stmem", *map(str, argv)], timeout)
+        time.sleep(0.05)
+      return Result(rc, out.read_text(), err.read_text())
   full = {k: v for k, v in os.environ.items() if k != "STMEM_DEBUG"}
   full.update(env or {})
   p = subprocess.run([sys.executable, "-m", "stmem.cli", *map(str, argv)], capture_output=True, text=True,

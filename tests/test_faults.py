@@ -8,12 +8,13 @@ import subprocess
 import pytest
 
 from benchmarks import faults
+from benchmarks.fork_server import ForkServer
 
 
 @pytest.fixture(scope="module")
-def zygote():
-  with faults.Zygote() as z:
-    yield z
+def forks():
+  with ForkServer() as forks:
+    yield forks
 
 
 def _clean(row):
@@ -24,9 +25,9 @@ def _clean(row):
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory, zygote):
+def pretrained(tmp_path_factory, forks):
   root = tmp_path_factory.mktemp("pretrain")
-  return root, faults.run_program("pretrain", 3, root, zygote, seed=1, steps=6, every=2, max_kills=2)
+  return root, faults.run_program("pretrain", 3, root, forks, seed=1, steps=6, every=2, max_kills=2)
 
 
 def test_pretrain_killed_anywhere_resumes_exactly(pretrained):
@@ -35,18 +36,18 @@ def test_pretrain_killed_anywhere_resumes_exactly(pretrained):
   assert row["max_abs_diff"] <= 1e-6 and row["max_steps_recomputed"] >= 0
 
 
-def test_finetune_killed_anywhere_resumes_exactly(tmp_path, zygote, pretrained):
+def test_finetune_killed_anywhere_resumes_exactly(tmp_path, forks, pretrained):
   root, _ = pretrained  # fine-tuning starts from the uninterrupted pretraining's checkpoint
-  row = faults.run_program("finetune", 3, tmp_path, zygote, seed=1, steps=4, every=2, max_kills=2,
+  row = faults.run_program("finetune", 3, tmp_path, forks, seed=1, steps=4, every=2, max_kills=2,
                            base=root / "reference")
   _clean(row)
   assert row["max_abs_diff"] <= 1e-6
 
 
 @pytest.fixture(scope="module")
-def prepared_row(tmp_path_factory, zygote):
+def prepared_row(tmp_path_factory, forks):
   root = tmp_path_factory.mktemp("prepare")
-  return root, faults.run_program("prepare", 3, root, zygote, seed=1, max_kills=2, records=12)
+  return root, faults.run_program("prepare", 3, root, forks, seed=1, max_kills=2, records=12)
 
 
 def test_prepare_killed_anywhere_keeps_the_previous_dataset(prepared_row):

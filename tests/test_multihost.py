@@ -29,6 +29,7 @@ import pytest
 
 from stmem import checkpoint as ckpt_lib
 from stmem import distributed
+from tests.helpers import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 4            # steps compared with the single-process run
@@ -56,7 +57,7 @@ def _launch(workdir: pathlib.Path, logs: pathlib.Path) -> list[subprocess.Popen]
   flags = [f"--config.{k}={v}" for k, v in OVERRIDES.items()] + ["--config.evals="]  # tests/test_evaluators.py
   procs = []
   for i in range(2):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(1),
            "STMEM_COORDINATOR": f"127.0.0.1:{port}", "STMEM_NUM_PROCESSES": "2", "STMEM_PROCESS_ID": str(i),
            "STMEM_INIT_TIMEOUT": "120", "STMEM_HEARTBEAT_TIMEOUT": str(HEARTBEAT_S), "STMEM_SHUTDOWN_TIMEOUT": "60"}
     cmd = [sys.executable, str(ROOT / "launch" / "pretrain.py"), "--config",
@@ -142,7 +143,7 @@ SINGLE_OVERRIDES = {**OVERRIDES, "mesh": "data:-1,fsdp:1", "figure_every": 0}
 
 def _single(workdir: pathlib.Path, stop_after: int, pipeline: str) -> subprocess.Popen:
   env = {k: v for k, v in os.environ.items() if not k.startswith("STMEM_")}
-  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1))
   return subprocess.Popen([sys.executable, "-c", SINGLE, str(ROOT), str(workdir), json.dumps(SINGLE_OVERRIDES),
                            str(stop_after), pipeline], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)

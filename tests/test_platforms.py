@@ -10,6 +10,8 @@ import pytest
 
 from stmem import platforms
 
+from tests.helpers import xla_flags
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Lines libtpu writes when it initialises on a host without TPU chips.
 LIBTPU_LINES = ("TPU accelerator type", "TPU worker hostnames", "libtpu", "Source Location Trace", "InitGoogle")
@@ -77,7 +79,7 @@ def test_stmem_on_this_cpu_host_prints_no_libtpu_lines(tmp_path):
   if platforms.tpu_chips_visible() or platforms.gpu_visible():
     pytest.skip("this host has an accelerator: the behaviour under test is a CPU host's")
   env = {k: v for k, v in os.environ.items() if k not in platforms.USER_CHOICES}
-  env.update(PYTHONPATH=str(ROOT), XLA_FLAGS="--xla_force_host_platform_device_count=1",
+  env.update(PYTHONPATH=str(ROOT), XLA_FLAGS=xla_flags(1),
              # libtpu keeps quiet while another process on the host holds its lock file; this makes every start
              # initialise it, as on a host where nothing else runs
              ALLOW_MULTIPLE_LIBTPU_LOAD="1")

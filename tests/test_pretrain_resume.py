@@ -17,6 +17,8 @@ from stmem import checkpoint as ckpt_lib
 from stmem.preemption import NonFiniteLoss
 from stmem.programs import pretrain
 
+from tests.helpers import xla_flags
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 N = 3
 
@@ -99,7 +101,7 @@ def test_sigterm_saves_and_resumes(tmp_path):
   cmd = [sys.executable, "-m", "stmem.cli", "pretrain", "--config", str(ROOT / "configs" / "pretrain.py") + ":tiny",
          "--workdir", str(workdir), "--config.total_steps=500", "--config.log_every=1", "--config.batch_size=8",
          "--config.data.num_synthetic=24", "--config.checkpoint.every=1000", "--config.evals="]
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  env = {**os.environ, "XLA_FLAGS": xla_flags(1)}
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   metrics = workdir / "metrics.jsonl"
   deadline = time.time() + 240
