@@ -27,7 +27,7 @@ def _clean(row):
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, forks):
   root = tmp_path_factory.mktemp("pretrain")
-  return root, faults.run_program("pretrain", 3, root, forks, seed=1, steps=6, every=2, max_kills=2)
+  return root, faults.run_program("pretrain", 3, root, forks, seed=1, steps=4, every=2, max_kills=2)
 
 
 def test_pretrain_killed_anywhere_resumes_exactly(pretrained):
