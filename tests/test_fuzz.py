@@ -59,6 +59,39 @@ def test_reader_reads_or_refuses_naming_the_file(name, case_dir):
   check()
 
 
+METER_SCRIPT = """
+import json, pathlib, sys, tempfile
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+from benchmarks import fuzz
+def target(mib):
+  return fuzz.Target(f"{mib} MiB", seeds=lambda: [], mutable=(), text=False,
+                     read=lambda folder: np.ones(mib * 2 ** 18, np.float32).sum())
+meter = fuzz.AddressSpace(fuzz.MEMORY_LIMIT_BYTES)
+folder = pathlib.Path(tempfile.mkdtemp())
+out = {mib: fuzz.run_case(target(mib), folder, {"x": b""}, meter=meter) for mib in (8, 48, 200)}
+after = np.ones(200 * 2 ** 18, np.float32).sum()  # the bound applies while an input is read, not afterwards
+print(json.dumps({"kinds": {m: o.kind for m, o in out.items()}, "peaks": {m: o.peak_bytes for m, o in out.items()},
+                  "after": float(after)}))
+"""
+
+
+def test_the_address_space_bound_stops_an_allocation_past_it():
+  """The benchmark's default meter: an input whose read allocates past the bound fails as a memory failure (the
+  allocation never happens), one below it reads, with its resident peak measured; the process is free afterwards."""
+  import subprocess
+  import sys
+  if not fuzz.AddressSpace.available():
+    pytest.skip("needs /proc/self/clear_refs (Linux)")
+  r = subprocess.run([sys.executable, "-c", METER_SCRIPT, str(pathlib.Path(__file__).resolve().parents[1])],
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr[-2000:]
+  got = json.loads(r.stdout.splitlines()[-1])
+  assert got["kinds"] == {"8": "read", "48": "read", "200": "memory"}
+  assert 40 * 2 ** 20 < got["peaks"]["48"] < fuzz.MEMORY_LIMIT_BYTES and got["peaks"]["8"] < got["peaks"]["48"]
+  assert got["after"] == 200 * 2 ** 18
+
+
 # --- regression cases: what the fuzzing found ----------------------------------------------------------------------
 
 def _peak(fn) -> tuple[int, BaseException | None]:
