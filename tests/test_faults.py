@@ -27,7 +27,7 @@ def _clean(row):
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, forks):
   root = tmp_path_factory.mktemp("pretrain")
-  return root, faults.run_program("pretrain", 3, root, forks, seed=1, steps=4, every=2, max_kills=2)
+  return root, faults.run_program("pretrain", 3, root, forks, seed=1, steps=4, every=2, max_kills=1)
 
 
 def test_pretrain_killed_anywhere_resumes_exactly(pretrained):
@@ -38,7 +38,7 @@ def test_pretrain_killed_anywhere_resumes_exactly(pretrained):
 
 def test_finetune_killed_anywhere_resumes_exactly(tmp_path, forks, pretrained):
   root, _ = pretrained  # fine-tuning starts from the uninterrupted pretraining's checkpoint
-  row = faults.run_program("finetune", 3, tmp_path, forks, seed=1, steps=4, every=2, max_kills=2,
+  row = faults.run_program("finetune", 3, tmp_path, forks, seed=1, steps=4, every=2, max_kills=1,
                            base=root / "reference")
   _clean(row)
   assert row["max_abs_diff"] <= 1e-6
@@ -47,7 +47,7 @@ def test_finetune_killed_anywhere_resumes_exactly(tmp_path, forks, pretrained):
 @pytest.fixture(scope="module")
 def prepared_row(tmp_path_factory, forks):
   root = tmp_path_factory.mktemp("prepare")
-  return root, faults.run_program("prepare", 3, root, forks, seed=1, max_kills=2, records=12)
+  return root, faults.run_program("prepare", 3, root, forks, seed=1, max_kills=1, records=12)
 
 
 def test_prepare_killed_anywhere_keeps_the_previous_dataset(prepared_row):
