@@ -24,7 +24,7 @@ CPSC_FS = 500.0
 CPSC_LEADS = leads_lib.LEADS  # as documented by the challenge
 
 
-_MI_MATRIX, _MI_COMPRESSED = 14, 15
+_MI_INT32, _MI_MATRIX, _MI_COMPRESSED = 5, 14, 15
 _MAX_INFLATE = 256 << 20  # a CPSC record is about 1 MB uncompressed
 
 
@@ -74,18 +74,24 @@ def _elements(buf: bytes, pos: int, end: int, order: str, top: bool = False, dep
 
 
 def _matrix(buf: bytes, pos: int, end: int, order: str, depth: int) -> str | None:
-  """A miMATRIX body: flags, dimensions, name, data; the dimensions must not claim more entries than bytes."""
-  if end - pos >= 16:
-    kind, size = struct.unpack_from(order + "II", buf, pos + 16 if end - pos >= 24 else pos)
-    if end - pos >= 24 and not kind >> 16 and 0 < size <= end - pos - 24 and size % 4 == 0:
-      dims = struct.unpack_from(order + f"{size // 4}i", buf, pos + 24)
-      count = 1
-      for d in dims:
-        if d < 0:
-          return f"an array with a negative dimension {d}"
-        count *= d
-      if count > end - pos:
-        return f"an array claiming {count} entries in {end - pos} bytes"
+  """A miMATRIX body: flags (8 bytes), dimensions (int32, at least 2), name, data; the dimensions must not claim more
+  entries than bytes. (scipy's reader crashes the process on an array whose dimensions are packed as a small
+  element: it takes them for none.)"""
+  if end == pos:
+    return None  # an empty element: an empty array
+  if end - pos < 24:
+    return f"an array at byte {pos} cut off before its dimensions"
+  kind, size = struct.unpack_from(order + "II", buf, pos + 16)
+  if kind != _MI_INT32 or size < 8 or size % 4 or size > end - pos - 24:
+    return f"an array at byte {pos} without its dimensions (an int32 element of at least 2 values)"
+  dims = struct.unpack_from(order + f"{size // 4}i", buf, pos + 24)
+  count = 1
+  for d in dims:
+    if d < 0:
+      return f"an array with a negative dimension {d}"
+    count *= d
+  if count > end - pos:
+    return f"an array claiming {count} entries in {end - pos} bytes"
   return _elements(buf, pos, end, order, depth=depth + 1)
 
 
@@ -102,6 +108,8 @@ def read_cpsc_mat(path: str | os.PathLike[str], source: str = "CPSC2018", checks
     if problem:
       raise RecordError(path, common.UNREADABLE, problem)
     mat = scipy.io.loadmat(io.BytesIO(raw), squeeze_me=True, struct_as_record=False)
+  except RecordError:
+    raise
   except Exception as e:
     raise RecordError(path, common.UNREADABLE, f"{type(e).__name__}: {e}") from None
   ecg = mat.get("ECG")
