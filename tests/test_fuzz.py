@@ -159,20 +159,31 @@ def test_cpsc_mat_tag_claiming_gigabytes_is_not_allocated(tmp_path):
   assert peak < 64 * 2 ** 20
 
 
-def test_cpsc_mat_array_whose_dimensions_are_a_small_element_is_refused_not_a_crash(tmp_path):
-  """scipy's reader crashed the process (SIGSEGV) on a struct field whose dimensions tag was turned into a small
-  element by one changed byte (found by the fuzzing benchmark); the reader refuses the file before scipy sees it."""
+@pytest.mark.parametrize("damage", ["dimensions as a small element", "unknown data type"])
+def test_cpsc_mat_damage_that_crashed_scipy_is_refused(tmp_path, damage):
+  """scipy's reader crashed the process (SIGSEGV) on these, each made by one changed byte and found by the fuzzing
+  benchmark: a struct field whose dimensions tag became a small element, and the age field's data tag whose type
+  became 44 (no MATLAB type). The reader refuses the file before scipy sees it."""
   import struct
   buf = io.BytesIO()
   scipy.io.savemat(buf, {"ECG": {"sex": "Female", "age": 61, "data": fuzz._ecg(12, 500)}})
   raw = bytearray(buf.getvalue())
-  field = raw.index(b"sex\0\0age\0\0data\0") + 16  # the first field's miMATRIX, after the 15 bytes of names
-  dims = field + 8 + 16                                # its dimensions tag, after the element tag and the flags
-  assert struct.unpack_from("<II", raw, field)[0] == 14 and struct.unpack_from("<II", raw, dims) == (5, 8)
-  raw[dims + 2] = 1  # type 5 with a size in the upper half: a small element of one byte
+  sex = raw.index(b"sex\0\0age\0\0data\0") + 16  # the first field's miMATRIX, after the 15 bytes of names
+  age = sex + 8 + struct.unpack_from("<I", raw, sex + 4)[0]
+  assert struct.unpack_from("<I", raw, sex)[0] == struct.unpack_from("<I", raw, age)[0] == 14
+  if damage == "dimensions as a small element":
+    dims = sex + 8 + 16  # after the element tag and the flags
+    assert struct.unpack_from("<II", raw, dims) == (5, 8)
+    raw[dims + 2] = 1    # type 5 with a size in the upper half: a small element of one byte
+    expected = "without its dimensions"
+  else:
+    data = age + 8 + 16 + 16 + 8  # after the tag, flags, dimensions and the empty name
+    assert struct.unpack_from("<I", raw, data)[0] == 12  # int64
+    raw[data] ^= 0x20
+    expected = "unknown type 44"
   path = tmp_path / "A0001.mat"
   path.write_bytes(bytes(raw))
-  with pytest.raises(RecordError, match="without its dimensions") as e:
+  with pytest.raises(RecordError, match=expected) as e:
     read_cpsc_mat(path)
   assert e.value.reason == "unreadable" and str(path) in str(e.value) and "RecordError" not in str(e.value)
 

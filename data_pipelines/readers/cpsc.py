@@ -25,6 +25,8 @@ CPSC_LEADS = leads_lib.LEADS  # as documented by the challenge
 
 
 _MI_INT32, _MI_MATRIX, _MI_COMPRESSED = 5, 14, 15
+# MATLAB v5's data types (8, 10 and 11 are reserved): scipy's reader crashes the process on any other.
+_MI_TYPES = frozenset({1, 2, 3, 4, 5, 6, 7, 9, 12, 13, 14, 15, 16, 17, 18})
 _MAX_INFLATE = 256 << 20  # a CPSC record is about 1 MB uncompressed
 
 
@@ -46,6 +48,8 @@ def _elements(buf: bytes, pos: int, end: int, order: str, top: bool = False, dep
     return "elements nested more than 32 deep"
   while pos + 8 <= end:
     kind, size = struct.unpack_from(order + "II", buf, pos)
+    if kind & 0xFFFF not in _MI_TYPES:
+      return f"an element of unknown type {kind & 0xFFFF} at byte {pos}"
     if kind >> 16:  # a small element: type and size in the first 4 bytes, the data in the next 4
       if kind >> 16 > 4:
         return f"a small element claiming {kind >> 16} bytes at byte {pos}"
