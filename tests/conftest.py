@@ -56,3 +56,14 @@ def opened(monkeypatch):
 
   monkeypatch.setattr(data, "open_pool", spy)
   return calls
+
+
+# The files that take longest, first: pytest-xdist hands whole files (`--dist=loadfile`) to its workers in collection
+# order, so a long file collected last would leave the other workers idle while it runs alone.
+LONGEST_FIRST = ("test_faults.py", "test_study.py", "test_multihost.py", "test_errors.py", "test_pretrain_resume.py",
+                 "test_plan.py", "test_bench.py", "test_sharding.py", "test_programs_data.py", "test_evaluators.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a file is kept
