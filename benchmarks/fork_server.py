@@ -72,8 +72,11 @@ def _child(request: dict) -> None:
   rc = 1
   try:
     os.chdir(request["cwd"])
-    for target, path in ((1, request["log"]), (2, request.get("err") or request["log"])):
-      fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if target == 1 else 0), 0o644)
+    for target, path in ((1, request["log"]), (2, request.get("err"))):
+      if path is None:  # stderr into the log too, through stdout's own file description (one offset for both)
+        os.dup2(1, 2)
+        continue
+      fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
       os.dup2(fd, target)
       os.close(fd)
     devnull = os.open(os.devnull, os.O_RDONLY)
@@ -81,8 +84,6 @@ def _child(request: dict) -> None:
     sys.stdout, sys.stdin = sys.__stdout__, open(os.devnull)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    for name in request.get("unset", ()):
-      os.environ.pop(name, None)
     sys.argv = ["stmem", *request["argv"]]
     from stmem import programs
     rc = programs.run(request["argv"])
@@ -135,12 +136,12 @@ class ForkServer:
       self.proc.stdin.flush()
       return self._read()
 
-  def start(self, argv: list[str], log: pathlib.Path, cwd: pathlib.Path = ROOT, *, err: pathlib.Path | None = None,
-            unset: tuple[str, ...] = ()) -> int:
-    """Fork `stmem ARGV` in `cwd`, its stdout into `log` and its stderr into `err` (else `log` too), without the
-    environment variables `unset`; the child's pid."""
+  def start(self, argv: list[str], log: pathlib.Path, cwd: pathlib.Path = ROOT, *,
+            err: pathlib.Path | None = None) -> int:
+    """Fork `stmem ARGV` in `cwd`, its stdout into `log` and its stderr into `err` (else `log` too); the child's
+    pid."""
     return self._ask({"op": "run", "argv": [str(a) for a in argv], "log": str(log), "cwd": str(cwd),
-                      "err": str(err) if err else None, "unset": list(unset)})["pid"]
+                      "err": str(err) if err else None})["pid"]
 
   def wait(self, pid: int) -> int:
     """Block (the server too) until run `pid` exits; its exit code."""

@@ -6,7 +6,7 @@ test process reuses compiled programs from earlier runs.
 import os
 import pathlib
 
-from tests.helpers import xla_flags  # noqa: E402 - imports no JAX
+from tests.helpers import xla_flags  # imports no JAX: the environment below is still set before JAX starts
 
 os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -38,6 +38,11 @@ class Result:
   err: str
 
 
+def _environment() -> dict[str, str]:
+  """The test process's environment without STMEM_DEBUG (a case asks for it explicitly)."""
+  return {k: v for k, v in os.environ.items() if k != "STMEM_DEBUG"}
+
+
 _FORKS: ForkServer | None = None
 
 
@@ -46,7 +51,7 @@ def forks():
   """The module's `stmem` runs are forked from one process that imported stmem once: each is still its own process
   with its own exit code and output, without a second or more of imports each."""
   global _FORKS
-  with ForkServer(env={k: v for k, v in os.environ.items() if k != "STMEM_DEBUG"}) as server:
+  with ForkServer(env=_environment()) as server:
     _FORKS = server
     yield server
   _FORKS = None
@@ -66,8 +71,7 @@ def stmem(*argv, env: dict | None = None, timeout: int = 300) -> Result:
           raise subprocess.TimeoutExpired(["stmem", *map(str, argv)], timeout)
         time.sleep(0.05)
       return Result(rc, out.read_text(), err.read_text())
-  full = {k: v for k, v in os.environ.items() if k != "STMEM_DEBUG"}
-  full.update(env or {})
+  full = {**_environment(), **(env or {})}
   p = subprocess.run([sys.executable, "-m", "stmem.cli", *map(str, argv)], capture_output=True, text=True,
                      cwd=ROOT, env=full, timeout=timeout)
   return Result(p.returncode, p.stdout, p.stderr)
