@@ -3,6 +3,7 @@ embedding, same shapes, same threads, float32 and bfloat16, in one process tree.
 
   python -m benchmarks.versus_reference --reference_repo ../ST-MEM                  # base, batch 8, 5 runs, 2 threads
   python -m benchmarks.versus_reference --reference_repo ../ST-MEM --variant small --workloads pretrain --profile
+  python -m benchmarks.versus_reference --reference_repo ../ST-MEM --dtypes float32 --lever eigen --lever onednn
 
 What is timed, per (workload, dtype), for each implementation in its own child process:
 - pretraining step: stmem's production update (`benchmarks.model_bench.pretrain_runner`, the step `stmem pretrain`
@@ -22,6 +23,10 @@ process CPU time (all threads) of each run. Threads: each child is pinned to the
 `stmem_over_reference` (time ratios; below 1 is stmem faster) and the CPU named (model name, AVX2 / AVX-512 / BF16 /
 AMX flags).
 
+--lever NAME adds one more stmem child per XLA:CPU setting (LEVERS, or NAME='--xla_...'), timed in the same
+alternation, with its time relative to stmem's and whether its compiled program differs; a lever whose child stops
+(a setting that crashes XLA) is recorded and the others go on.
+
 --profile adds, per implementation, the share of the time each class of operation takes in one profiled run
 (matmuls, attention, norms and GELU, optimizer update, layout copies and converts, other): stmem's from the JAX
 profiler's per-instruction events, classified by the compiled HLO; the reference's from torch.profiler's
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
@@ -52,6 +58,20 @@ from benchmarks import machine, reference
 WORKLOADS = ("pretrain", "embed")
 DTYPES = ("float32", "bfloat16")
 IMPLEMENTATIONS = ("reference", "stmem")
+# Candidate XLA:CPU settings for stmem's side (`--lever`): each runs as one more stmem child, timed in the same
+# alternation as the other two, so that one run on a CPU says which of them helps there. Whether a setting changes
+# the compiled program depends on the CPU and the jaxlib build (each child reports its program's fingerprint).
+LEVERS = {
+  # products by XLA's own dot thunks (Eigen) instead of YNNPACK fusions
+  "eigen": "--xla_cpu_experimental_ynn_fusion_type=",
+  # products by oneDNN (PyTorch's CPU library) where XLA offers it for the CPU, instead of YNNPACK
+  "onednn": "--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_experimental_onednn_fusion_type=dot "
+            "--xla_cpu_use_onednn=true",
+  # elementwise work and reductions into YNNPACK fusions as well as the products
+  "ynn_eltwise": "--xla_cpu_experimental_ynn_fusion_type=+eltwise,+reduce",
+  # 512-bit vectors in the loops XLA generates itself (AVX-512 CPUs; the same HLO, other machine code)
+  "vector512": "--xla_cpu_prefer_vector_width=512",
+}
 CLASSES = ("matmul", "attention", "norm_gelu", "optimizer", "layout", "other")
 LR, B1, B2, EPS, WEIGHT_DECAY = 1e-3, 0.9, 0.95, 1e-8, 0.01  # as benchmarks/model_bench.py's step (configs/pretrain)
 
@@ -68,6 +88,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated, from {WORKLOADS}")
   p.add_argument("--dtypes", default=",".join(DTYPES), help=f"comma-separated, from {DTYPES}")
   p.add_argument("--profile", action="store_true", help="also the per-class shares of one profiled run of each")
+  p.add_argument("--lever", action="append", default=[], help="an XLA:CPU setting to time as one more stmem run "
+                 f"beside the two (repeatable): a name from {sorted(LEVERS)}, or NAME='--xla_... [--xla_...]'")
   p.add_argument("--output", default=None, help="also write the JSON here")
   p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one implementation, driven by stdin
   args = p.parse_args(argv)
@@ -77,9 +99,27 @@ def parse(argv: list[str]) -> argparse.Namespace:
     bad = sorted(set(got) - set(allowed))
     if bad or not got:
       p.error(f"unknown {name}(s) {bad or got}; choose from {list(allowed)}")
+  args.levers = _levers(p, args.lever)
   if min(args.batch, args.repeats, args.threads) < 1 or args.warmup < 0:
     p.error("--batch, --repeats and --threads must be at least 1, --warmup at least 0")
   return args
+
+
+def _levers(p: argparse.ArgumentParser, items: list[str]) -> dict[str, str]:
+  """{label: XLA flags} from the `--lever`s: a name from LEVERS, or NAME=FLAGS for any other setting."""
+  out: dict[str, str] = {}
+  for item in items:
+    name, sep, flags = item.partition("=")
+    if not sep:
+      if name not in LEVERS:
+        p.error(f"unknown lever {name!r}; choose from {sorted(LEVERS)} or give NAME=XLA_FLAGS")
+      flags = LEVERS[name]
+    if not name or not flags.split() or not all(f.startswith("--xla_") for f in flags.split()):
+      p.error(f"lever {item!r}: give a name and XLA flags, NAME='--xla_... [--xla_...]'")
+    if name in (*IMPLEMENTATIONS, *out):
+      p.error(f"lever {name!r} is named twice or takes an implementation's name")
+    out[name] = flags
+  return out
 
 
 # ------------------------------------------------------------------------------------------------ in a child process
@@ -161,6 +201,8 @@ def child(spec: dict[str, Any]) -> int:
   start = time.perf_counter()
   one, info = (_stmem_runner if spec["impl"] == "stmem" else _reference_runner)(spec)
   compiled = info.pop("compiled", None)
+  if compiled is not None:
+    info["program"] = program_fingerprint(compiled.as_text())
   for _ in range(spec["warmup"]):
     one()
   info.update(cpus=cpus, setup_seconds=time.perf_counter() - start)
@@ -177,6 +219,13 @@ def child(spec: dict[str, Any]) -> int:
     else:
       break
   return 0
+
+
+def program_fingerprint(hlo_text: str) -> str:
+  """A short hash of a compiled program's instructions without their source metadata: two children whose programs
+  hash alike compiled the same HLO (a lever that leaves it unchanged can only change the machine code)."""
+  lines = (re.sub(r", metadata=\{[^}]*\}", "", line) for line in hlo_text.splitlines() if " = " in line)
+  return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:12]
 
 
 def _say(obj: dict[str, Any]) -> None:
@@ -376,9 +425,16 @@ def xla_profile(one, compiled) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ the parent
 
 
+class ChildStopped(RuntimeError):
+  def __init__(self, label: str, status: int | None, log_tail: str):
+    super().__init__(f"the {label} child stopped (status {status}): {log_tail}")
+    self.label, self.status = label, status
+    self.last_line = (log_tail.strip().splitlines() or [""])[-1][-300:]
+
+
 class _Child:
-  def __init__(self, impl: str, spec: dict[str, Any], env: dict[str, str]):
-    self.impl = impl
+  def __init__(self, label: str, impl: str, spec: dict[str, Any], env: dict[str, str]):
+    self.label, self.impl = label, impl
     # stderr to a file: the profilers write much there, and an unread pipe would block the child when it fills.
     self.log = tempfile.TemporaryFile("w+")
     self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.versus_reference", "--child",
@@ -392,7 +448,7 @@ class _Child:
         return json.loads(line)
     self.proc.wait()
     self.log.seek(0)
-    raise RuntimeError(f"the {self.impl} child stopped (status {self.proc.returncode}): {self.log.read()[-3000:]}")
+    raise ChildStopped(self.label, self.proc.returncode, self.log.read()[-3000:])
 
   def ask(self, command: str) -> dict[str, Any]:
     self.proc.stdin.write(command + "\n")
@@ -421,34 +477,68 @@ def _environment() -> dict[str, str]:
   return hugepages.environment() if hugepages.wanted() else os.environ.copy()
 
 
+def _with_flags(env: dict[str, str], flags: str) -> dict[str, str]:
+  """env with `flags` after its own XLA_FLAGS (a flag given twice: XLA takes the last)."""
+  return {**env, "XLA_FLAGS": " ".join(f for f in (env.get("XLA_FLAGS", ""), flags) if f)}
+
+
 def compare(args: argparse.Namespace, workload: str, dtype: str, cfg_fields: dict[str, Any]) -> dict[str, Any]:
   spec = {"workload": workload, "dtype": dtype, "variant": args.variant, "batch": args.batch,
           "threads": args.threads, "warmup": args.warmup, "repo": str(pathlib.Path(args.reference_repo).resolve()),
           "cfg": cfg_fields}
   env = _environment()
+  plan = [(impl, impl, env) for impl in IMPLEMENTATIONS]
+  plan += [(name, "stmem", _with_flags(env, flags)) for name, flags in args.levers.items()]
   children: list[_Child] = []
+  failed: dict[str, dict[str, Any]] = {}  # levers whose child stopped: a setting that crashes XLA is a finding
+
+  def lever_stopped(e: ChildStopped) -> None:
+    if e.label in IMPLEMENTATIONS:
+      raise e
+    failed[e.label] = {"status": e.status, "error": e.last_line}
+    print(f"{workload}/{dtype}: lever {e.label} stopped (status {e.status}): {e.last_line}", file=sys.stderr)
+
+  def ask(c: _Child, command: str) -> dict[str, Any] | None:
+    try:
+      return c.ask(command)
+    except ChildStopped as e:
+      lever_stopped(e)
+      children.remove(c)
+      return None
+
   try:
-    for impl in IMPLEMENTATIONS:  # set up one after the other: compilation and warm-up do not overlap
-      children.append(_Child(impl, spec, env))
-    runs: dict[str, list] = {impl: [] for impl in IMPLEMENTATIONS}
-    for i in range(args.repeats):  # A B, B A, A B, ...: a drift in the machine's load falls on both
-      for c in (children if i % 2 == 0 else children[::-1]):
-        runs[c.impl].append(c.ask("run"))
-    profiles = {c.impl: c.ask("profile")["profile"] for c in children} if args.profile else None
+    for label, impl, child_env in plan:  # set up one after the other: compilation and warm-up do not overlap
+      try:
+        children.append(_Child(label, impl, spec, child_env))
+      except ChildStopped as e:
+        lever_stopped(e)
+    runs: dict[str, list] = {c.label: [] for c in children}
+    for i in range(args.repeats):  # A B, B A, A B, ... (with levers, each round starts one further on): a drift in
+      order = children[i % len(children):] + children[:i % len(children)]  # the machine's load falls on all
+      for c in (order if i % 2 == 0 else order[::-1]):
+        if (answer := ask(c, "run")) is not None:
+          runs[c.label].append(answer)
+    profiles = {c.label: answer["profile"] for c in list(children)
+                if (answer := ask(c, "profile")) is not None} if args.profile else None
   finally:
     for c in children:
       c.close()
   row: dict[str, Any] = {"workload": workload, "dtype": dtype}
   for c in children:
-    times = [r["seconds"] for r in runs[c.impl]]
-    cpu = [r["cpu_seconds"] for r in runs[c.impl]]
-    row[c.impl] = {"seconds": statistics.median(times), "cpu_seconds": statistics.median(cpu),
-                   "times": [round(t, 4) for t in times], "cpu_times": [round(t, 4) for t in cpu],
-                   **{k: v for k, v in c.info.items() if k != "ready"}}
+    times = [r["seconds"] for r in runs[c.label]]
+    cpu = [r["cpu_seconds"] for r in runs[c.label]]
+    row[c.label] = {"seconds": statistics.median(times), "cpu_seconds": statistics.median(cpu),
+                    "times": [round(t, 4) for t in times], "cpu_times": [round(t, 4) for t in cpu],
+                    **{k: v for k, v in c.info.items() if k != "ready"}}
     if profiles:
-      row[c.impl]["profile"] = profiles[c.impl]
+      row[c.label]["profile"] = profiles[c.label]
   row["stmem_over_reference"] = row["stmem"]["seconds"] / row["reference"]["seconds"]
   row["stmem_over_reference_cpu"] = row["stmem"]["cpu_seconds"] / row["reference"]["cpu_seconds"]
+  if args.levers:
+    row["levers"] = {name: {"xla_flags": flags, **failed[name]} if name in failed else {
+      "xla_flags": flags, "same_program": row[name].get("program") == row["stmem"].get("program"),
+      "over_reference": row[name]["seconds"] / row["reference"]["seconds"],
+      "over_stmem": row[name]["seconds"] / row["stmem"]["seconds"]} for name, flags in args.levers.items()}
   return row
 
 
@@ -478,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
     "command": "python -m benchmarks.versus_reference " + " ".join(argv),
     "machine": {**machine.describe(), "threads": args.threads},
     "settings": {k: getattr(args, k) for k in ("variant", "batch", "repeats", "warmup", "threads", "workloads",
-                                               "dtypes", "profile")},
+                                               "dtypes", "profile", "levers")},
     "results": [],
   }
   fields = dataclasses.asdict(cfg)
@@ -488,17 +578,24 @@ def main(argv: list[str] | None = None) -> int:
       row = out["results"][-1]
       # Each comparison as it ends (a base run takes many minutes): on stderr, and in --output so far.
       print(f"{workload}/{dtype}: stmem {row['stmem']['seconds']:.3f} s, reference {row['reference']['seconds']:.3f} s,"
-            f" stmem / reference {row['stmem_over_reference']:.3f}", file=sys.stderr, flush=True)
+            f" stmem / reference {row['stmem_over_reference']:.3f}"
+            + "".join(f"; {name} stopped (status {lever['status']})" if "error" in lever else
+                      f"; {name} {row[name]['seconds']:.3f} s ({lever['over_stmem']:.3f} of stmem's"
+                      + (", the same program" if lever["same_program"] else "") + ")"
+                      for name, lever in row.get("levers", {}).items()), file=sys.stderr, flush=True)
       if args.output:
         pathlib.Path(args.output).write_text(json.dumps(out, indent=2) + "\n")
   out["machine"]["loadavg_end"] = list(os.getloadavg())
   out["summary"] = {f"{r['workload']}/{r['dtype']}": {
     "reference_seconds": round(r["reference"]["seconds"], 4), "stmem_seconds": round(r["stmem"]["seconds"], 4),
     "stmem_over_reference": round(r["stmem_over_reference"], 3),
-    "stmem_over_reference_cpu": round(r["stmem_over_reference_cpu"], 3)} for r in out["results"]}
+    "stmem_over_reference_cpu": round(r["stmem_over_reference_cpu"], 3),
+    **{f"{name}_over_reference": round(lever["over_reference"], 3) if "error" not in lever else "stopped"
+       for name, lever in r.get("levers", {}).items()}}
+    for r in out["results"]}
   if args.profile:
-    out["profile_share"] = {f"{r['workload']}/{r['dtype']}/{impl}": r[impl]["profile"]["share"]
-                            for r in out["results"] for impl in IMPLEMENTATIONS}
+    out["profile_share"] = {f"{r['workload']}/{r['dtype']}/{label}": r[label]["profile"]["share"]
+                            for r in out["results"] for label in (*IMPLEMENTATIONS, *args.levers) if label in r}
   text = json.dumps(out, indent=2)
   print(text)
   if args.output:
