@@ -17,6 +17,9 @@ So `settings()` answers, from the environment and the device files alone:
   user silences it with JAX_PLATFORMS=cuda (or rocm).
 `apply()` sets them in this process's environment, and only while JAX is not imported yet (JAX reads JAX_PLATFORMS
 when it is imported; a process that imported JAX is left as it is).
+
+Also from the host alone: whether its CPU multiplies bfloat16 in hardware (`cpu_has_bf16_products`), for the line
+`stmem pretrain` logs when bfloat16 compute would be slower than float32 there (`bf16_advice`).
 """
 from __future__ import annotations
 
@@ -78,3 +81,33 @@ def apply(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
   chosen = settings(env)
   env.update(chosen)
   return chosen
+
+
+# CPU features with bfloat16 dot-product instructions: x86 (/proc/cpuinfo "flags") and Arm ("Features").
+BF16_PRODUCT_FEATURES = ("avx512_bf16", "amx_bf16", "bf16")
+
+
+def cpu_has_bf16_products(cpuinfo: str | None = None) -> bool | None:
+  """Whether this host's CPU multiplies bfloat16 in hardware (AVX512_BF16, AMX, Arm's BF16); None when unknown (no
+  /proc/cpuinfo). `cpuinfo`: that file's text, for tests."""
+  if cpuinfo is None:
+    try:
+      cpuinfo = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+      return None
+  for line in cpuinfo.splitlines():
+    name, sep, value = line.partition(":")
+    if sep and name.strip() in ("flags", "Features"):
+      return any(f in value.split() for f in BF16_PRODUCT_FEATURES)
+  return None
+
+
+def bf16_advice(platform: str, dtype: str, cpuinfo: str | None = None) -> str | None:
+  """A line for the log when bfloat16 compute is asked of a CPU that has no bfloat16 products, where it is slower
+  than float32 (its products are emulated: a base pretraining step took 1.4x float32's time on an AVX2-only AMD
+  EPYC, benchmarks/README.md); None otherwise. Not an error: the results are right, only slower."""
+  if platform != "cpu" or dtype != "bfloat16" or cpu_has_bf16_products(cpuinfo) is not False:
+    return None
+  return ("model.dtype=bfloat16 on a CPU without bfloat16 product instructions (AVX512_BF16, AMX): its products are "
+          "emulated and float32 is faster here; --config.model.dtype=float32 to train in float32")
+

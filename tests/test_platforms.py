@@ -108,3 +108,38 @@ def test_describing_a_tpu_topology_on_this_host_prints_no_libtpu_lines():
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
   assert out.returncode == 0 and out.stdout.split() == ["4", "TPU", "v5", "lite"], out.stderr[-2000:]
   assert _libtpu_lines(out.stderr) == [], out.stderr
+
+
+ZEN1_CPUINFO = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx fma avx2 bmi2\n\n"
+ZEN4_CPUINFO = "processor\t: 0\nflags\t\t: avx2 avx512f avx512_bf16 avx512_vnni\n\n"
+ARM_CPUINFO = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n\n"
+
+
+def test_the_cpus_bfloat16_products_are_read_from_cpuinfo():
+  assert platforms.cpu_has_bf16_products(ZEN1_CPUINFO) is False
+  assert platforms.cpu_has_bf16_products(ZEN4_CPUINFO) is True
+  assert platforms.cpu_has_bf16_products(ARM_CPUINFO) is True
+  assert platforms.cpu_has_bf16_products("processor\t: 0\n") is None  # no feature line: unknown
+
+
+def test_bfloat16_on_a_cpu_without_bf16_products_gets_a_line_of_advice_and_nothing_else_does():
+  advice = platforms.bf16_advice("cpu", "bfloat16", ZEN1_CPUINFO)
+  assert "--config.model.dtype=float32" in advice and "AVX512_BF16" in advice
+  assert platforms.bf16_advice("cpu", "bfloat16", ZEN4_CPUINFO) is None
+  assert platforms.bf16_advice("cpu", "float32", ZEN1_CPUINFO) is None
+  assert platforms.bf16_advice("gpu", "bfloat16", ZEN1_CPUINFO) is None  # an accelerator's own business
+  assert platforms.bf16_advice("cpu", "bfloat16", "") is None              # unknown CPU: no claim
+
+
+def test_pretraining_in_bfloat16_on_such_a_cpu_says_so_in_its_log(tmp_path, monkeypatch, capfd):
+  from configs import pretrain as pretrain_config
+  from stmem.programs import pretrain
+  monkeypatch.setattr(platforms, "cpu_has_bf16_products", lambda cpuinfo=None: False)
+  c = pretrain_config.get_config("tiny")
+  c.batch_size, c.total_steps, c.warmup_steps, c.log_every = 8, 1, 1, 1
+  c.mesh, c.num_devices, c.model.dtype = "data:-1,fsdp:1", 1, "bfloat16"
+  c.data.num_synthetic, c.checkpoint.every, c.checkpoint.async_save = 8, 1, False
+  c.evals = type(c.evals)()
+  pretrain.run(c, tmp_path / "run")
+  err = capfd.readouterr().err
+  assert "model.dtype=bfloat16 on a CPU without bfloat16 product instructions" in err

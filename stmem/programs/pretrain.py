@@ -31,6 +31,7 @@ from stmem import entry
 from stmem import evaluators as evaluators_lib
 from stmem import memory_plan as plan_lib
 from stmem import metrics as metrics_lib
+from stmem import platforms
 from stmem import sharding as sharding_lib
 from stmem import steps as steps_lib
 from stmem import train_loop
@@ -93,6 +94,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, stop_
   # ---------------------------------------------------------------------------------------------------- mesh
   mesh = sharding_lib.mesh_from_config(config)
   num_processes = jax.process_count()
+  if advice := platforms.bf16_advice(mesh.devices.flat[0].platform, config.model.dtype):
+    log(advice)
 
   # ---------------------------------------------------------------------------------------------------- data
   source, data_contract, train_pools = build_source(config)
