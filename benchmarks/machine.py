@@ -3,9 +3,10 @@ differ: some are Zen 3 with AVX2 only, some Zen 4 or Xeon with AVX-512 BF16), so
 from __future__ import annotations
 
 import os
-import pathlib
 import platform
 from typing import Any
+
+from stmem import platforms
 
 # CPU features that change what XLA and numpy can do here (vector width, bf16 dot products, AMX tiles).
 FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
@@ -13,12 +14,9 @@ FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 def cpu() -> dict[str, Any]:
   """Model name, vendor family/model and the vector features of the first CPU in /proc/cpuinfo ({} elsewhere)."""
-  try:
-    text = pathlib.Path("/proc/cpuinfo").read_text()
-  except OSError:
+  first = platforms.cpuinfo_fields()
+  if not first:
     return {"model_name": platform.processor()}
-  first = dict(line.split(":", 1) for line in text.split("\n\n")[0].splitlines() if ":" in line)
-  first = {k.strip(): v.strip() for k, v in first.items()}
   flags = set(first.get("flags", "").split())
   return {"model_name": first.get("model name", ""), "family": first.get("cpu family", ""),
           "model": first.get("model", ""), "features": [f for f in FLAGS_OF_INTEREST if f in flags]}

@@ -87,19 +87,24 @@ def apply(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
 BF16_PRODUCT_FEATURES = ("avx512_bf16", "amx_bf16", "bf16")
 
 
-def cpu_has_bf16_products(cpuinfo: str | None = None) -> bool | None:
-  """Whether this host's CPU multiplies bfloat16 in hardware (AVX512_BF16, AMX, Arm's BF16); None when unknown (no
-  /proc/cpuinfo). `cpuinfo`: that file's text, for tests."""
+def cpuinfo_fields(cpuinfo: str | None = None) -> dict[str, str]:
+  """The fields of the first CPU in /proc/cpuinfo (`model name`, `flags` or Arm's `Features`, ...); {} where there is
+  no such file. `cpuinfo`: that file's text, for tests."""
   if cpuinfo is None:
     try:
       cpuinfo = pathlib.Path("/proc/cpuinfo").read_text()
     except OSError:
-      return None
-  for line in cpuinfo.splitlines():
-    name, sep, value = line.partition(":")
-    if sep and name.strip() in ("flags", "Features"):
-      return any(f in value.split() for f in BF16_PRODUCT_FEATURES)
-  return None
+      return {}
+  first = (line.partition(":") for line in cpuinfo.split("\n\n")[0].splitlines())
+  return {name.strip(): value.strip() for name, sep, value in first if sep}
+
+
+def cpu_has_bf16_products(cpuinfo: str | None = None) -> bool | None:
+  """Whether this host's CPU multiplies bfloat16 in hardware (AVX512_BF16, AMX, Arm's BF16); None when unknown (no
+  /proc/cpuinfo, or no feature line in it). `cpuinfo`: that file's text, for tests."""
+  fields = cpuinfo_fields(cpuinfo)
+  features = fields.get("flags", fields.get("Features"))
+  return None if features is None else any(f in features.split() for f in BF16_PRODUCT_FEATURES)
 
 
 def bf16_advice(platform: str, dtype: str, cpuinfo: str | None = None) -> str | None:
@@ -110,4 +115,3 @@ def bf16_advice(platform: str, dtype: str, cpuinfo: str | None = None) -> str | 
     return None
   return ("model.dtype=bfloat16 on a CPU without bfloat16 product instructions (AVX512_BF16, AMX): its products are "
           "emulated and float32 is faster here; --config.model.dtype=float32 to train in float32")
-
