@@ -206,6 +206,23 @@ def test_generic_numpy_builder(tmp_path):
   assert batch["signal"].shape == (2, 3, 12, 2250) and batch["labels"].shape == (2, 1)
 
 
+def test_generic_folder_reads_cpsc_originals_beside_wfdb_records(shared_data, tmp_path):
+  # CPSC2018's downloads are MATLAB structs with no header; a CinC record's .mat belongs to its .hea. One folder
+  # holding both yields every record, each read by its own reader (a CinC .mat read as CPSC would be quarantined).
+  folder = tmp_path / "mine"
+  folder.mkdir()
+  for name in ("A1980.mat", "A1981.mat"):
+    shutil.copy(shared_data / "cpsc2018" / name, folder / name)
+  for suffix in (".hea", ".mat"):
+    shutil.copy(shared_data / "cinc2021" / f"E07500{suffix}", folder / f"E07500{suffix}")
+  pool = data.open_pool(data.DatasetSpec("raw", path=str(folder), name="generic"))
+  assert pool.quarantine["total"] == 0
+  assert sorted(set(pool.record_id)) == ["A1980", "A1981", "E07500"]
+  a1980 = pool.source[list(pool.record_id).index("A1980")]
+  assert a1980["age"] == 52.0 and a1980["sex"] == 1  # the struct's ECG.age and ECG.sex ("Male")
+  assert a1980["signal"].shape[0] == 12 and np.isfinite(a1980["signal"]).all()
+
+
 def _ptbxl_like(shared_data: pathlib.Path, root: pathlib.Path) -> pathlib.Path:
   """A PTB-XL download layout holding the 10 records CinC 2021 redistributes as HR06000..HR06009.
 

@@ -1,7 +1,8 @@
 """Your own ECGs: a folder of WFDB records, or one numpy array with a metadata CSV ("my data is a big array").
 
 Choose with keyword arguments (`stmem prepare generic --manual_dir DIR ...`, paths relative to DIR or absolute):
-  WFDB:  `wfdb_dir` (default: DIR itself); labels from `# Dx:` header codes when `codes=CODE,CODE` is given, or from
+  WFDB:  `wfdb_dir` (default: DIR itself); `.mat` files there with no `.hea` beside them are read as CPSC2018's
+         original MATLAB structs (12 leads at 500 Hz in mV, as downloaded from the challenge); labels from `# Dx:` header codes when `codes=CODE,CODE` is given, or from
          a CSV (`labels_csv`, see `labels_csv.py`: `record,label` pairs like CinC 2017's REFERENCE.csv, or a table
          with `id_column` and `label_columns`), else no labels (zero-length vectors, fine for pretraining).
   numpy: `array` (.npy, (N, leads, T) or (N, T, leads) as `layout` NLT/NTL), `metadata_csv` (one row per ECG with
@@ -23,7 +24,7 @@ import tensorflow_datasets as tfds
 from data_pipelines import builder_base, tables
 from data_pipelines.generic import labels_csv as labels_csv_lib
 from data_pipelines.labels import snomed
-from data_pipelines.readers import iter_numpy, read_wfdb
+from data_pipelines.readers import iter_numpy, read_cpsc_mat, read_wfdb
 from data_pipelines.readers.numpy_reader import _KNOWN_COLUMNS
 from data_pipelines.record import Record
 
@@ -39,7 +40,7 @@ class Builder(builder_base.StmemBuilder):
 
   MANUAL_DOWNLOAD_INSTRUCTIONS = "Pass the folder holding your records (or array and CSV) as --manual_dir."
   OPTIONS = {
-    "wfdb_dir": "WFDB: folder of .hea records, searched recursively (default: --manual_dir itself)",
+    "wfdb_dir": "WFDB: folder of .hea records (and CPSC2018 .mat files), searched recursively (default: --manual_dir)",
     "codes": "WFDB: SNOMED codes (CODE,CODE) read from `# Dx:` header lines as multi-hot labels",
     "labels_csv": "WFDB: labels from a CSV: `record,label` rows (CinC 2017 REFERENCE.csv) or a table with a header",
     "id_column": "labels_csv: the column holding record names (default: `record_id`, `record` or the first column)",
@@ -103,6 +104,9 @@ class Builder(builder_base.StmemBuilder):
       return {name: self._numpy(name) for name in self.fractions}
     folder = builder_base.epath.Path(self._path(root, self.wfdb_dir) if self.wfdb_dir else root)
     headers = builder_base.rglob(folder, "*.hea")
+    # A WFDB record's signal may be a .mat (CinC); a .mat with no header of its own is a CPSC2018 original file.
+    headed = {os.path.splitext(h)[0] for h in headers}
+    headers = sorted(headers + [m for m in builder_base.rglob(folder, "*.mat") if os.path.splitext(m)[0] not in headed])
     if self.table is not None:
       found = {labels_csv_lib.record_key(h) for h in headers}
       unused = sorted(set(self.table.rows) - found)
@@ -120,7 +124,8 @@ class Builder(builder_base.StmemBuilder):
               "source": self.source}
 
     def read(path: str) -> Record:
-      return read_wfdb(path, source=self.source, lead_map=self.lead_map)
+      reader = read_cpsc_mat if path.endswith(".mat") else read_wfdb
+      return reader(path, source=self.source, lead_map=self.lead_map)
 
     return {name: self.generate(builder_base.read_each(paths, read), name, describe, total=len(paths))
             for name, paths in builder_base.non_empty(chosen).items()}
