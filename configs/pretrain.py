@@ -36,7 +36,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.seed = 0                       # initialisation, data order, crops and masks all follow from it
 
   c.model = ml_collections.ConfigDict()
-  c.model.variant = {"demo": "tiny", "cpu": "tiny"}.get(preset, preset)  # tiny, small, base or large (stmem/models/config.py)
+  c.model.variant = {"demo": "tiny", "cpu": "tiny"}.get(preset, preset)  # tiny, small, base or large (models/config.py)
   c.model.dtype = "float32"        # "bfloat16": bf16 computation, float32 parameters and optimiser state
   c.model.mask_ratio = 0.75        # fraction of patches masked (the reference: 0.75)
   c.model.remat = "none"           # recompute blocks in the backward pass: "none", "dots" (keep matmul outputs), "block"

@@ -2,7 +2,8 @@
 
 Choose with keyword arguments (`stmem prepare generic --manual_dir DIR ...`, paths relative to DIR or absolute):
   WFDB:  `wfdb_dir` (default: DIR itself); `.mat` files there with no `.hea` beside them are read as CPSC2018's
-         original MATLAB structs (12 leads at 500 Hz in mV, as downloaded from the challenge); labels from `# Dx:` header codes when `codes=CODE,CODE` is given, or from
+         original MATLAB structs (12 leads at 500 Hz in mV, as downloaded from the challenge); labels from `# Dx:`
+         header codes when `codes=CODE,CODE` is given, or from
          a CSV (`labels_csv`, see `labels_csv.py`: `record,label` pairs like CinC 2017's REFERENCE.csv, or a table
          with `id_column` and `label_columns`), else no labels (zero-length vectors, fine for pretraining).
   numpy: `array` (.npy, (N, leads, T) or (N, T, leads) as `layout` NLT/NTL), `metadata_csv` (one row per ECG with
@@ -106,16 +107,16 @@ class Builder(builder_base.StmemBuilder):
     headers = builder_base.rglob(folder, "*.hea")
     # A WFDB record's signal may be a .mat (CinC); a .mat with no header of its own is a CPSC2018 original file.
     headed = {os.path.splitext(h)[0] for h in headers}
-    headers = sorted(headers + [m for m in builder_base.rglob(folder, "*.mat") if os.path.splitext(m)[0] not in headed])
+    records = sorted(headers + [m for m in builder_base.rglob(folder, "*.mat") if os.path.splitext(m)[0] not in headed])
     if self.table is not None:
-      found = {labels_csv_lib.record_key(h) for h in headers}
+      found = {labels_csv_lib.record_key(r) for r in records}
       unused = sorted(set(self.table.rows) - found)
       if unused:
         self.stats.notes.append(f"{len(unused)} row(s) of {os.path.basename(self.table.path)} name no record in the "
                                 f"folder (e.g. {', '.join(unused[:3])})")
     chosen: dict[str, list[str]] = {name: [] for name in self.fractions}
-    for h in headers:
-      chosen[builder_base.hash_split(builder_base.epath.Path(h).stem, self.fractions)].append(h)
+    for r in records:
+      chosen[builder_base.hash_split(builder_base.epath.Path(r).stem, self.fractions)].append(r)
 
     def describe(record: Record) -> dict[str, Any]:
       labels = (self.table.vector(record.record_id, record.path) if self.table is not None else
