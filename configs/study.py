@@ -7,6 +7,7 @@ r"""Does pretraining learn? ST-MEM, MTAE and MLAE pretrained alike, then probed 
       --config.pretrain.data.sources=synthetic=0.8,raw:generic=0.2 --config.pretrain.data.records=~/my_ecgs
   stmem study --config configs/study.py:smoke --workdir /tmp/smoke    # CI: a few steps, one seed, synthetic probe
   # any field: --config.seeds=0 --config.pretrain.total_steps=500 --config.probe.lead_sets=12,I
+  # again in the same workdir (e.g. --config.seeds=0,1,2 after seed 0): finished runs and probes are not redone
 
 For each method and seed the study runs `stmem pretrain` (configs/pretrain.py, preset `pretrain_preset`, with the
 overrides under `pretrain`: the same steps, batch and learning-rate policy for every method), scores the held-out

@@ -31,3 +31,31 @@ def test_study_smoke(tmp_path):
                "reconstruction_mlae.png", "auroc_synthetic.png"):
     assert (out / name).stat().st_size > 0, name
   assert "clean-signal floor" in (out / "report.md").read_text()
+
+  # Run again in the same workdir: the finished runs are left as they are and the probes are read, not rerun.
+  probe_report = out / "probes" / "stmem_seed0" / "report.json"
+  written = probe_report.stat().st_mtime_ns
+  assert study.main(["--config", f"{config}:smoke", "--workdir", str(out)]) == 0
+  assert probe_report.stat().st_mtime_ns == written
+  again = json.loads((out / "report.json").read_text())["info"]
+  assert [r["seconds"] for r in again["pretraining"]] == [r["seconds"] for r in info["pretraining"]]
+  assert again["per_seed_rows"] == info["per_seed_rows"]
+
+  # A probe is reused only for the same config and the same checkpoint.
+  from configs import study as study_configs
+  run_dir, probe_dir = out / "runs" / "stmem_seed0", out / "probes" / "stmem_seed0"
+  args = study.probe_args(study_configs.get_config("smoke"), "stmem", run_dir, probe_dir, random_baseline=True)
+  assert study.finished_probe(args, probe_dir, run_dir)["rows"]
+  assert study.finished_probe([*args, "--config.bootstrap=7"], probe_dir, run_dir) is None
+  report = json.loads(probe_report.read_text())
+  report["info"]["fingerprint"] = "another checkpoint"
+  probe_report.write_text(json.dumps(report))
+  assert study.finished_probe(args, probe_dir, run_dir) is None
+
+
+def test_loop_seconds_sums_steps_over_their_rate_and_counts_a_repeated_segment_once():
+  from stmem.programs.study import loop_seconds
+  lines = [{"step": 200, "steps_per_s": 4.0}, {"step": 400, "steps_per_s": 2.0},
+           {"step": 400, "steps_per_s": 8.0},  # a resumed run logs its checkpoint's step again
+           {"step": 600, "steps_per_s": 4.0}]
+  assert loop_seconds(lines) == 50 + 100 + 50

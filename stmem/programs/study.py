@@ -8,7 +8,10 @@ seed, the same budget for all), the held-out loss of every saved checkpoint, the
 `stmem probe` per checkpoint (the first seed's also scores the method's random-initialised encoder), then the
 report: report.md / report.csv / report.json, loss_curves.png, reconstruction_<method>.png, auroc_<task>.png.
 Like a shell script (and as `stmem demo` does) it runs the `pretrain` and `probe` commands; it imports neither
-program.
+program. Run again in the same workdir (more seeds, or after a stop), it redoes nothing finished: `stmem pretrain`
+leaves a run at its last step as it is, and a probe whose report has this command's config and scored the
+checkpoint its run holds now is read, not run again. A run's pretraining time is its training loop's, from its
+own metrics, so a run found finished keeps the time it took.
 """
 from __future__ import annotations
 
@@ -37,6 +40,45 @@ def overrides(tree, prefix: str = "--config") -> list[str]:
     else:
       out.append(f"{prefix}.{key}={value}")
   return out
+
+
+def loop_seconds(lines: list[dict]) -> float:
+  """A run's training-loop seconds from its metrics lines: the steps between two lines over the steps/s the second
+  measured, summed. Start-up and compilation are left out; a segment a resumed run repeats counts once."""
+  seconds, last = 0.0, 0
+  for x in lines:
+    if x["step"] > last and x.get("steps_per_s"):
+      seconds += (x["step"] - last) / x["steps_per_s"]
+    last = max(last, x["step"])
+  return round(seconds, 1)
+
+
+def probe_args(config, method: str, run_dir: pathlib.Path, probe_dir: pathlib.Path, *, random_baseline: bool):
+  """The `stmem probe` command line (without the program name) that scores `run_dir`'s checkpoint in `probe_dir`."""
+  lead_sets = config.probe.lead_sets if method == "stmem" else "12"  # MTAE / MLAE refuse other lead sets
+  probe_config = {k: v for k, v in config.probe.items() if k != "preset"}
+  return ["--config", f"{CONFIG_DIR / 'probe.py'}:{config.probe.preset}", "--workdir", str(probe_dir),
+          f"--config.init_from={run_dir}", f"--config.random_baseline={random_baseline}",
+          *overrides({**probe_config, "lead_sets": lead_sets})]
+
+
+def finished_probe(args: list[str], probe_dir: pathlib.Path, run_dir: pathlib.Path) -> dict | None:
+  """The report.json already in `probe_dir` when `stmem probe ARGS` would only repeat it: the config it recorded
+  is the one ARGS parse to, and the encoder it scored is the checkpoint `run_dir` holds now (same fingerprint).
+  None otherwise, or when there is none."""
+  path = probe_dir / "report.json"
+  if not path.exists():
+    return None
+  from stmem import configflags, features
+  try:
+    done = json.loads(path.read_text())
+  except (OSError, ValueError):
+    return None  # a report cut short: run the probe again
+  config, _ = configflags.parse(args, "stmem probe", None)
+  same_config = json.loads(json.dumps(config.to_dict(), default=str)) == done.get("info", {}).get("config")
+  if not same_config:
+    return None
+  return done if done["info"].get("fingerprint") == features.load_encoder(str(run_dir)).fingerprint else None
 
 
 # ------------------------------------------------------------------------------------------------ held-out ECGs
@@ -208,7 +250,7 @@ def run(config, workdir) -> dict:
         log(f"`stmem pretrain` for {method} seed {seed} failed; see {run_dir}")
         raise entry.CommandFailed("pretrain", rc)
       runs[method, seed] = run_dir
-      timings[f"pretrain {method} seed {seed}"] = round(time.time() - t0, 1)
+      timings[f"pretrain {method} seed {seed}"] = round(time.time() - t0, 1)  # this command's, 0-ish when finished
 
   # ------------------------------------------------------------------------------------------ held-out loss
   from stmem import checkpoint as ckpt_lib
@@ -226,7 +268,7 @@ def run(config, workdir) -> dict:
                             "heldout_step": steps, "heldout_loss": held}
     finals.append({"method": method, "seed": seed, "steps": steps[-1], "heldout_loss": held[-1],
                    "train_loss": lines[-1]["loss"], **refs[method],
-                   "gap_to_floor": held[-1] - refs[method]["clean_floor"], "seconds": timings[f"pretrain {method} seed {seed}"]})
+                   "gap_to_floor": held[-1] - refs[method]["clean_floor"], "seconds": loop_seconds(lines)})
     log(f"{NAMES[method]} seed {seed}: held-out loss {' '.join(f'{s}:{x:.3f}' for s, x in zip(steps, held))} "
         f"(patch-mean {refs[method]['patch_mean']:.3f}, floor {refs[method]['clean_floor']:.3f})")
     if seed == seeds[0]:
@@ -235,19 +277,20 @@ def run(config, workdir) -> dict:
 
   # ------------------------------------------------------------------------------------------ probes
   probe_rows = []
-  probe_config = {k: v for k, v in config.probe.items() if k != "preset"}
   for (method, seed), run_dir in runs.items():
-    lead_sets = config.probe.lead_sets if method == "stmem" else "12"  # MTAE / MLAE refuse other lead sets
     probe_dir = workdir / "probes" / f"{method}_seed{seed}"
+    args = probe_args(config, method, run_dir, probe_dir, random_baseline=seed == seeds[0])
     t0 = time.time()
-    rc = programs.run(["probe", "--config", f"{config_dir / 'probe.py'}:{config.probe.preset}",
-                   "--workdir", str(probe_dir), f"--config.init_from={run_dir}",
-                   f"--config.random_baseline={seed == seeds[0]}",
-                   *overrides({**probe_config, "lead_sets": lead_sets})])
-    if rc:
-      log(f"`stmem probe` of {method} seed {seed} failed; see {probe_dir}")
-      raise entry.CommandFailed("probe", rc)
-    timings[f"probe {method} seed {seed}"] = round(time.time() - t0, 1)
+    done = finished_probe(args, probe_dir, run_dir)
+    if done:
+      log(f"{NAMES[method]} seed {seed}: the probe in {probe_dir} has this config and this checkpoint; read, not rerun")
+      timings[f"probe {method} seed {seed}"] = done["info"].get("seconds")
+    else:
+      rc = programs.run(["probe", *args])
+      if rc:
+        log(f"`stmem probe` of {method} seed {seed} failed; see {probe_dir}")
+        raise entry.CommandFailed("probe", rc)
+      timings[f"probe {method} seed {seed}"] = round(time.time() - t0, 1)
     for row in json.loads((probe_dir / "report.json").read_text())["rows"]:
       random = row["model"] != "checkpoint"
       row = {k: (float("nan") if v is None else v) for k, v in row.items()}
@@ -268,7 +311,7 @@ def run(config, workdir) -> dict:
   ]
   lines = ["## Held-out reconstruction loss (simulator ECGs)", "",
            "| method | seed | steps | held-out loss | patch-mean baseline | clean-signal floor | gap to floor | "
-           "pretrain s |", "|---|---|---|---|---|---|---|---|"]
+           "training loop s |", "|---|---|---|---|---|---|---|---|"]
   lines += [f"| {NAMES[f['method']]} | {f['seed']} | {f['steps']} | {f['heldout_loss']:.4f} | {f['patch_mean']:.4f} | "
             f"{f['clean_floor']:.4f} | {f['gap_to_floor']:.4f} | {f['seconds']:.0f} |" for f in finals]
   paths = report.write(workdir, summary, title="Does pretraining learn? (pretrain-then-probe study)", notes=notes,
