@@ -6,7 +6,7 @@ import pathlib
 import configs
 
 
-def test_study_smoke(tmp_path):
+def test_study_smoke(tmp_path, capfd):
   from stmem.programs import study
   out = tmp_path / "study"
   config = pathlib.Path(configs.__file__).parent / "study.py"
@@ -35,7 +35,10 @@ def test_study_smoke(tmp_path):
   # Run again in the same workdir: the finished runs are left as they are and the probes are read, not rerun.
   probe_report = out / "probes" / "stmem_seed0" / "report.json"
   written = probe_report.stat().st_mtime_ns
+  capfd.readouterr()
   assert study.main(["--config", f"{config}:smoke", "--workdir", str(out)]) == 0
+  said = capfd.readouterr().err
+  assert said.count("finished; left as it is") == 3 and said.count("read, not rerun") == 3
   assert probe_report.stat().st_mtime_ns == written
   again = json.loads((out / "report.json").read_text())["info"]
   assert [r["seconds"] for r in again["pretraining"]] == [r["seconds"] for r in info["pretraining"]]

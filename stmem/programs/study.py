@@ -8,8 +8,8 @@ seed, the same budget for all), the held-out loss of every saved checkpoint, the
 `stmem probe` per checkpoint (the first seed's also scores the method's random-initialised encoder), then the
 report: report.md / report.csv / report.json, loss_curves.png, reconstruction_<method>.png, auroc_<task>.png.
 Like a shell script (and as `stmem demo` does) it runs the `pretrain` and `probe` commands; it imports neither
-program. Run again in the same workdir (more seeds, or after a stop), it redoes nothing finished: `stmem pretrain`
-leaves a run at its last step as it is, and a probe whose report has this command's config and scored the
+program. Run again in the same workdir (more seeds, or after a stop), it redoes nothing finished: a run with a
+checkpoint at its last step is left as it is (as `stmem pretrain` would leave it), and a probe whose report has this command's config and scored the
 checkpoint its run holds now is read, not run again. A run's pretraining time is its training loop's, from its
 own metrics, so a run found finished keeps the time it took.
 """
@@ -51,6 +51,13 @@ def loop_seconds(lines: list[dict]) -> float:
       seconds += (x["step"] - last) / x["steps_per_s"]
     last = max(last, x["step"])
   return round(seconds, 1)
+
+
+def finished_run(run_dir: pathlib.Path, total_steps: int) -> bool:
+  """True when `run_dir` holds a checkpoint at `total_steps`: a finished run, which `stmem pretrain` leaves as is."""
+  from stmem import checkpoint as ckpt_lib
+  directory = run_dir / ckpt_lib.CHECKPOINT_DIR
+  return directory.is_dir() and any(p.name == str(total_steps) for p in directory.iterdir())
 
 
 def probe_args(config, method: str, run_dir: pathlib.Path, probe_dir: pathlib.Path, *, random_baseline: bool):
@@ -243,12 +250,16 @@ def run(config, workdir) -> dict:
     for seed in seeds:
       run_dir = workdir / "runs" / f"{method}_seed{seed}"
       t0 = time.time()
-      rc = programs.run(["pretrain", "--config", f"{config_dir / 'pretrain.py'}:{config.pretrain_preset}",
-                     "--workdir", str(run_dir), f"--config.model.method={method}", f"--config.seed={seed}",
-                     "--config.evals=", *overrides(config.pretrain)])  # the held-out loss of every checkpoint below
-      if rc:
-        log(f"`stmem pretrain` for {method} seed {seed} failed; see {run_dir}")
-        raise entry.CommandFailed("pretrain", rc)
+      if finished_run(run_dir, int(config.pretrain.total_steps)):
+        # what `stmem pretrain` would do with it, without the minute it takes to start and build its data
+        log(f"{NAMES[method]} seed {seed}: {run_dir} is at step {config.pretrain.total_steps}, finished; left as it is")
+      else:
+        rc = programs.run(["pretrain", "--config", f"{config_dir / 'pretrain.py'}:{config.pretrain_preset}",
+                           "--workdir", str(run_dir), f"--config.model.method={method}", f"--config.seed={seed}",
+                           "--config.evals=", *overrides(config.pretrain)])  # held-out loss of every checkpoint below
+        if rc:
+          log(f"`stmem pretrain` for {method} seed {seed} failed; see {run_dir}")
+          raise entry.CommandFailed("pretrain", rc)
       runs[method, seed] = run_dir
       timings[f"pretrain {method} seed {seed}"] = round(time.time() - t0, 1)  # this command's, 0-ish when finished
 
