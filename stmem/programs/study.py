@@ -9,9 +9,9 @@ seed, the same budget for all), the held-out loss of every saved checkpoint, the
 report: report.md / report.csv / report.json, loss_curves.png, reconstruction_<method>.png, auroc_<task>.png.
 Like a shell script (and as `stmem demo` does) it runs the `pretrain` and `probe` commands; it imports neither
 program. Run again in the same workdir (more seeds, or after a stop), it redoes nothing finished: a run with a
-checkpoint at its last step is left as it is (as `stmem pretrain` would leave it), and a probe whose report has this command's config and scored the
-checkpoint its run holds now is read, not run again. A run's pretraining time is its training loop's, from its
-own metrics, so a run found finished keeps the time it took.
+checkpoint at its last step is left as it is (as `stmem pretrain` would leave it), and a probe whose report has
+this command's config and scored the checkpoint its run holds now is read, not run again. A run's pretraining time
+is its training loop's, from its own metrics, so a run found finished keeps the time it took.
 """
 from __future__ import annotations
 
@@ -182,7 +182,8 @@ def loss_figure(curves: dict, refs: dict, path: pathlib.Path) -> str:
                label=f"{NAMES[method]} clean-signal floor {r['clean_floor']:.3f}")
   ax.set_xlabel("pretraining step")
   ax.set_ylabel("masked reconstruction loss (norm-pix)")
-  ax.set_title("training (faint lines) and held-out (markers) loss; dotted: patch-mean, dashed: clean floor", fontsize=10)
+  ax.set_title("training (faint lines) and held-out (markers) loss; dotted: patch-mean, dashed: clean floor",
+               fontsize=10)
   ax.grid(color="#eeeeee")
   ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
   fig.tight_layout()
