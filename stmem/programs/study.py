@@ -54,10 +54,10 @@ def loop_seconds(lines: list[dict]) -> float:
 
 
 def finished_run(run_dir: pathlib.Path, total_steps: int) -> bool:
-  """True when `run_dir` holds a checkpoint at `total_steps`: a finished run, which `stmem pretrain` leaves as is."""
+  """True when `run_dir` holds a finished checkpoint (its `meta` written, the rule of `stmem.checkpoint`) at
+  `total_steps`: a finished run, which `stmem pretrain` leaves as is."""
   from stmem import checkpoint as ckpt_lib
-  directory = run_dir / ckpt_lib.CHECKPOINT_DIR
-  return directory.is_dir() and any(p.name == str(total_steps) for p in directory.iterdir())
+  return (run_dir / ckpt_lib.CHECKPOINT_DIR / str(total_steps) / "meta").exists()
 
 
 def probe_args(config, method: str, run_dir: pathlib.Path, probe_dir: pathlib.Path, *, random_baseline: bool):
