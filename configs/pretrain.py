@@ -18,7 +18,8 @@ r"""ST-MEM pretraining. Presets: tiny, demo, cpu, small, base, large.
   # will it fit? compile ahead of time for a TPU slice or a budget (see `stmem plan --help`):
   stmem plan --config configs/pretrain.py:base --topology v5e:4x4
 
-Running the same command again resumes from the latest checkpoint in the workdir (also after SIGTERM).
+Running the same command again resumes from the latest checkpoint in the workdir (also after SIGTERM); on a run
+already finished under the same config it says so at once.
 What to expect: `tiny` and `demo` runs are too short to learn much. The loss falls from ~2.4 at initialisation to
 ~0.98 (predicting each patch's mean gives ~0.99) and stays near it for the first few hundred steps; `cpu` leaves it
 after about 1,000 steps and keeps learning to its last (docs/study/README.md has its curve). The reference

@@ -53,7 +53,7 @@ def _batches(workdir):
   return [tuple(json.loads(l)["record_id"]) for l in lines]
 
 
-def test_resume_equals_uninterrupted(tmp_path):
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch, capfd):
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
   pretrain.run(_config(), straight)
   first = pretrain.run(_config(), resumed, stop_after=N)          # stands in for a crash after step N
@@ -76,6 +76,18 @@ def test_resume_equals_uninterrupted(tmp_path):
   assert len(losses) == 2 * N and all(np.isfinite(losses))
   assert (straight / "reconstruction.png").stat().st_size > 10_000
   assert any((straight / "tensorboard").iterdir())
+
+  # The same command on the finished run says so before building any data; a changed option takes the full path.
+  def no_data(config):
+    raise AssertionError("data built")
+  monkeypatch.setattr(pretrain, "build_source", no_data)
+  capfd.readouterr()
+  again = pretrain.run(_config(), straight)
+  assert (again["start_step"], again["step"], again["checkpoint"]) == (2 * N, 2 * N, str(straight / "checkpoints"
+                                                                                          / str(2 * N)))
+  assert f"already complete: step {2 * N} of {2 * N} under this config" in capfd.readouterr().err
+  with pytest.raises(AssertionError, match="data built"):
+    pretrain.run(_config(log_every=2), straight)
 
 
 def test_a_run_records_its_simulator_version():

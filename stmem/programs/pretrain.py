@@ -4,7 +4,8 @@ Reads top to bottom: mesh, input pipeline, model and optimiser created sharded, 
 donated update step (built by `stmem.steps`, compiled ahead and held against the device memory before the first
 step), the evaluators of `config.evals` (`stmem.evaluators`), the train loop (`stmem.train_loop`: metrics,
 evaluations, figures, checkpoints, preemption, NaN guard), the report. Running the same command again resumes from
-the latest readable checkpoint in the workdir with exactly the next batch.
+the latest readable checkpoint in the workdir with exactly the next batch; a run already finished under the same
+config is said so at once, before any data is built or step compiled.
 
 Between log, evaluation and checkpoint steps the loop only dispatches: no device-to-host transfer, no cross-process
 collective, so the host runs ahead of the devices (config.transfer_guard="disallow" makes any other transfer an
@@ -23,7 +24,7 @@ from flax import nnx
 
 from data_pipelines import leads as leads_lib
 from data_pipelines.contract import Contract
-from data_pipelines.errors import UsageError
+from data_pipelines.errors import DataError, UsageError
 from stmem import checkpoint as ckpt_lib
 from stmem import console
 from stmem import data as data_lib
@@ -79,6 +80,20 @@ def _record_simulator(config: ml_collections.ConfigDict) -> None:
       config.data.simulator = versions.pop()
 
 
+def _finished_checkpoint(workdir, config: ml_collections.ConfigDict):
+  """The checkpoint of this workdir's last step when it is finished and its run's config is this one, else None.
+  Anything else (no such step, an unreadable meta, a changed option) takes the full path, which resumes, re-plans
+  or refuses with the reason."""
+  step_dir = workdir / ckpt_lib.CHECKPOINT_DIR / str(config.total_steps)
+  if not (step_dir / "meta").exists():
+    return None
+  try:
+    meta, _, _ = ckpt_lib.read_meta(step_dir)
+  except (DataError, OSError):
+    return None
+  return step_dir if meta.get("config") == json.loads(config.to_json_best_effort()) else None
+
+
 @workdir_hold.held("pretrain")  # one writer per workdir; a workdir belongs to one program
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, stop_after: int | None = None) -> dict:
   """Pretrain; returns a summary dict. `stop_after` ends the loop early without a final save (tests use it to
@@ -88,6 +103,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, stop_
   is_main = jax.process_index() == 0
   workdir_lib.prepare(workdir)  # every process: each writes its own batches.<process>.jsonl here
   _record_simulator(config)
+  if (finished := _finished_checkpoint(workdir, config)) is not None:
+    log(f"already complete: step {config.total_steps} of {config.total_steps} under this config ({finished}); "
+        f"nothing to train (a larger --config.total_steps trains on, another --workdir starts afresh)")
+    return {"workdir": str(workdir), "start_step": config.total_steps, "step": config.total_steps,
+            "checkpoint": str(finished), "metrics": str(workdir / metrics_lib.METRICS_FILE)}
   if is_main:
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
 
