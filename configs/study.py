@@ -56,6 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.pretrain.data.num_synthetic = budget.data.num_synthetic  # simulator records (the study's pretraining data)
   c.pretrain.data.sources = ""                 # "" the simulator alone; e.g. synthetic=0.8,raw:generic=0.2 mixes in
   c.pretrain.data.records = ""                 # the folder of unlabeled recordings that raw:generic reads
+  c.pretrain.data.allow_overlap = False        # True: let the probes score recordings pretraining trains on
   c.pretrain.checkpoint = ml_collections.ConfigDict()
   c.pretrain.checkpoint.every = 800            # each saved step is a point of the held-out loss curve
   c.pretrain.checkpoint.keep = 100

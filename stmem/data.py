@@ -37,7 +37,7 @@ import dataclasses
 import functools
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import grain
@@ -588,6 +588,34 @@ def shared_records(trained: set[str], held_out: Pool) -> list[str]:
   """Record ids of `held_out` whose recordings are among `trained` (identities from `record_identities` of the
   training pools, gathered once by the caller)."""
   return sorted({rid for key, rid in record_identities(held_out).items() if key in trained})
+
+
+def refuse_shared(trained: Sequence[Pool], held_out: Sequence[tuple[str, Pool]], *, allow: bool, flag: str,
+                  log: Callable[[str], None]) -> None:
+  """A held-out pool (`(who scores it, pool)`) holding recordings that the `trained` pools hold measures memory, not
+  transfer: refused, naming the records, unless `allow` (then said). `flag` is the option that allows it."""
+  if not held_out or not trained:
+    return
+  identities = set().union(*(record_identities(pool) for pool in trained))  # read once, not per held-out pool
+  for name, pool in held_out:
+    shared = shared_records(identities, pool)
+    if not shared:
+      continue
+    shown = ", ".join(shared[:5]) + (f" and {len(shared) - 5} more" if len(shared) > 5 else "")
+    if not allow:
+      raise UsageError(f"{name} scores {len(shared)} record(s) that pretraining trains on ({shown}): exclude them "
+                       f"from the training data, or pass {flag}=true")
+    log(f"{name} scores {len(shared)} record(s) pretraining trains on ({flag.removeprefix('--config.')})")
+
+
+def recording_pools(data_config: Mapping[str, Any], *, seed: int = 0) -> list[Pool]:
+  """The pools of recordings (prepared datasets and raw folders, not the simulator's records) that a `data` block
+  trains on, opened under the contract `training_pools` would give them, without simulating anything: what a check
+  made before any training compares with the records a probe scores."""
+  specs = [spec for _, spec, _ in source_specs(data_config, seed=seed) if spec.source != "synthetic"]
+  prepared = [open_pool(spec) for spec in specs if spec.source == "prepared"]
+  contract = prepared[0].contract if prepared else Contract()
+  return prepared + [open_pool(spec, contract) for spec in specs if spec.source != "prepared"]
 
 
 def task_pools(task_names: Sequence[str], contract: Contract, data_config: Mapping[str, Any], *,

@@ -62,3 +62,46 @@ def test_loop_seconds_sums_steps_over_their_rate_and_counts_a_repeated_segment_o
            {"step": 400, "steps_per_s": 8.0},  # a resumed run logs its checkpoint's step again
            {"step": 600, "steps_per_s": 4.0}]
   assert loop_seconds(lines) == 50 + 100 + 50
+
+
+def _ludb_root(shared_data, root: pathlib.Path, numbers) -> pathlib.Path:
+  """A data root holding ludb/ with some of LUDB's records (and its label table)."""
+  import shutil
+  folder = root / "ludb"
+  folder.mkdir(parents=True)
+  shutil.copy(shared_data / "ludb" / "ludb.csv", folder)
+  for i in numbers:
+    for ext in ("hea", "dat"):
+      shutil.copy(shared_data / "ludb" / f"{i}.{ext}", folder)
+  return root
+
+
+def test_recordings_the_probes_score_are_refused_in_pretraining_before_any_run(shared_data, tmp_path, capfd):
+  from stmem import configflags, programs
+  from stmem.programs import study
+  probed = _ludb_root(shared_data, tmp_path / "probed", range(1, 13))
+  other = _ludb_root(shared_data, tmp_path / "other", range(13, 19))
+  config = pathlib.Path(configs.__file__).parent / "study.py"
+
+  def argv(records, *extra):
+    return ["--config", f"{config}:smoke", "--workdir", str(tmp_path / "study"), "--config.probe.preset=shared",
+            "--config.probe.tasks=ludb_af", f"--config.probe.data.records={probed}",
+            "--config.pretrain.data.sources=synthetic=0.5,raw:ludb=0.5", f"--config.pretrain.data.records={records}",
+            *extra]
+
+  capfd.readouterr()
+  assert programs.run(["study", *argv(probed)]) == 2
+  said = capfd.readouterr().err
+  assert "the probe's ludb task scores 12 record(s) that pretraining trains on (1, 10, 11, 12, 2 and 7 more)" in said
+  assert "--config.pretrain.data.allow_overlap=true" in said and "Traceback" not in said
+  assert not (tmp_path / "study" / "runs").exists()  # refused before any pretraining
+
+  def check(records, *extra):
+    lines = []
+    parsed, workdir = configflags.parse(argv(records, *extra), "stmem study", None)
+    study.refuse_probe_overlap(parsed, workdir, lines.append)
+    return lines
+
+  assert check(other) == []  # recordings the probes do not score pass
+  assert check(probed, "--config.pretrain.data.allow_overlap=true") == [
+    "the probe's ludb task scores 12 record(s) pretraining trains on (pretrain.data.allow_overlap)"]

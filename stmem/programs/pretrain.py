@@ -24,7 +24,7 @@ from flax import nnx
 
 from data_pipelines import leads as leads_lib
 from data_pipelines.contract import Contract
-from data_pipelines.errors import DataError, UsageError
+from data_pipelines.errors import DataError
 from stmem import checkpoint as ckpt_lib
 from stmem import console
 from stmem import data as data_lib
@@ -54,19 +54,8 @@ def refuse_overlap(train_pools, evals, allow: bool, log) -> None:
   held_out = []
   for name, _, evaluator in evals:
     pools = list(getattr(evaluator, "pools", {}).values()) or [getattr(evaluator, "pool", None)]
-    held_out += [(name, pool) for pool in pools if pool is not None]
-  if not held_out:
-    return
-  trained = set().union(*(data_lib.record_identities(pool) for pool in train_pools))  # read once, not per evaluator
-  for name, pool in held_out:
-    shared = data_lib.shared_records(trained, pool)
-    if not shared:
-      continue
-    shown = ", ".join(shared[:5]) + (f" and {len(shared) - 5} more" if len(shared) > 5 else "")
-    if not allow:
-      raise UsageError(f"evaluator {name!r} scores {len(shared)} record(s) that pretraining trains on ({shown}): "
-                       f"exclude them from the training data, or pass --config.data.allow_overlap=true")
-    log(f"evaluator {name!r} scores {len(shared)} record(s) pretraining trains on (data.allow_overlap)")
+    held_out += [(f"evaluator {name!r}", pool) for pool in pools if pool is not None]
+  data_lib.refuse_shared(train_pools, held_out, allow=allow, flag="--config.data.allow_overlap", log=log)
 
 
 def _record_simulator(config: ml_collections.ConfigDict) -> None:

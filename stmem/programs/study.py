@@ -60,6 +60,32 @@ def finished_run(run_dir: pathlib.Path, total_steps: int) -> bool:
   return (run_dir / ckpt_lib.CHECKPOINT_DIR / str(total_steps) / "meta").exists()
 
 
+def pretrain_args(config, method: str, seed: int, run_dir: pathlib.Path) -> list[str]:
+  """The `stmem pretrain` command line (without the program name) of `method` and `seed` in `run_dir`."""
+  return ["--config", f"{CONFIG_DIR / 'pretrain.py'}:{config.pretrain_preset}", "--workdir", str(run_dir),
+          f"--config.model.method={method}", f"--config.seed={seed}",
+          "--config.evals=", *overrides(config.pretrain)]  # the held-out loss of every checkpoint is scored here
+
+
+def refuse_probe_overlap(config, workdir: pathlib.Path, log) -> None:
+  """Recordings that pretraining would read and the probes score are refused before any run, unless
+  `pretrain.data.allow_overlap` (then said). The pretraining runs score no evaluator of their own, so their own
+  check has nothing to compare them with; the simulator's records are not recordings and are not compared."""
+  from stmem import configflags
+  from stmem import data as data_lib
+  pretrain_config, _ = configflags.parse(pretrain_args(config, "stmem", 0, workdir), "stmem pretrain", None)
+  trained = data_lib.recording_pools(pretrain_config.data, seed=int(pretrain_config.seed))
+  if not trained:
+    return
+  probe_config, _ = configflags.parse(probe_args(config, "stmem", workdir, workdir, random_baseline=False),
+                                      "stmem probe", None)
+  pools, _ = data_lib.task_pools(_csv(probe_config.tasks), trained[0].contract, probe_config.data,
+                                 labels=_csv(probe_config.labels), kind=probe_config.kind, seed=int(probe_config.seed))
+  data_lib.refuse_shared(trained, [(f"the probe's {key} task", pool) for key, pool in pools.items()],
+                         allow=bool(pretrain_config.data.allow_overlap),
+                         flag="--config.pretrain.data.allow_overlap", log=log)
+
+
 def probe_args(config, method: str, run_dir: pathlib.Path, probe_dir: pathlib.Path, *, random_baseline: bool):
   """The `stmem probe` command line (without the program name) that scores `run_dir`'s checkpoint in `probe_dir`."""
   lead_sets = config.probe.lead_sets if method == "stmem" else "12"  # MTAE / MLAE refuse other lead sets
@@ -222,7 +248,6 @@ def run(config, workdir) -> dict:
   from stmem.models import METHODS
   from stmem import report
   log = console.Log("study")
-  config_dir = CONFIG_DIR
   workdir = pathlib.Path(workdir).expanduser().absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   start = time.time()
@@ -236,6 +261,7 @@ def run(config, workdir) -> dict:
   # the probes' records, checked now rather than after the pretraining runs
   from stmem import data as data_lib
   data_lib.check_raw_tasks(_csv(config.probe.get("tasks", "")), config.probe.get("data") or {})
+  refuse_probe_overlap(config, workdir, log)
 
   # ------------------------------------------------------------------------------------------ held-out ECGs
   evaluator, clean = heldout(config)
@@ -255,9 +281,7 @@ def run(config, workdir) -> dict:
         # what `stmem pretrain` would do with it, without the minute it takes to start and build its data
         log(f"{NAMES[method]} seed {seed}: {run_dir} is at step {config.pretrain.total_steps}, finished; left as it is")
       else:
-        rc = programs.run(["pretrain", "--config", f"{config_dir / 'pretrain.py'}:{config.pretrain_preset}",
-                           "--workdir", str(run_dir), f"--config.model.method={method}", f"--config.seed={seed}",
-                           "--config.evals=", *overrides(config.pretrain)])  # held-out loss of every checkpoint below
+        rc = programs.run(["pretrain", *pretrain_args(config, method, seed, run_dir)])
         if rc:
           log(f"`stmem pretrain` for {method} seed {seed} failed; see {run_dir}")
           raise entry.CommandFailed("pretrain", rc)
