@@ -15,7 +15,8 @@ reconstruction loss of every saved checkpoint on simulator ECGs the run never sa
 (predicting zero in norm-pix units) and the clean-signal floor (predicting the noise-free patches), then runs
 `stmem probe` (configs/probe.py, preset `probe.preset`) on each final checkpoint; the first seed's probe also scores
 the random-initialised encoder of that method. Writes report.md / report.csv / report.json and figures into the
-workdir.
+workdir. Before any run it refuses recordings mixed into pretraining that the probes score (unless
+pretrain.data.allow_overlap), and runs already in the workdir that were trained under other pretraining options.
 
 The budget is `pretrain:cpu`, the CPU recipe: the tiny model, 6,400 steps at batch 8, learning rate 1e-3, about 30
 minutes of 2 CPU cores per run (docs/study/README.md has the measured times and losses). Short runs first sit on a

@@ -551,6 +551,15 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
   return out
 
 
+def config_differences(saved: dict, config: dict) -> list[str]:
+  """The options in which a checkpoint's recorded config (`meta["config"]`) and `config` (both as JSON) differ, each
+  as `key: saved -> now` by its dotted name; [] when they are the same."""
+  a, b = _flat(saved), _flat(config)
+  missing = "(unset)"
+  return [f"{k}: {a.get(k, missing)!r} -> {b.get(k, missing)!r}" for k in sorted(a.keys() | b.keys())
+          if a.get(k, missing) != b.get(k, missing)]
+
+
 def _saved_meta(step_dir: pathlib.Path) -> dict | None:
   """A step's JSON meta, or None when it does not read."""
   for f in sorted((step_dir / "meta").glob("*")):

@@ -590,6 +590,17 @@ def shared_records(trained: set[str], held_out: Pool) -> list[str]:
   return sorted({rid for key, rid in record_identities(held_out).items() if key in trained})
 
 
+def record_simulator(config) -> None:
+  """A run on simulated records (alone or in a `data.sources` mix) names the simulator version that made them in
+  its config (the default's when the config file did not say), so config.json and the checkpoint's metadata tell
+  which simulator it was trained on."""
+  versions = {spec.simulator for _, spec, _ in source_specs(config.data, seed=config.seed)
+              if spec.source == "synthetic"}
+  if versions and config.data.get("simulator") not in versions:
+    with config.unlocked():
+      config.data.simulator = versions.pop()
+
+
 def refuse_shared(trained: Sequence[Pool], held_out: Sequence[tuple[str, Pool]], *, allow: bool, flag: str,
                   log: Callable[[str], None]) -> None:
   """A held-out pool (`(who scores it, pool)`) holding recordings that the `trained` pools hold measures memory, not

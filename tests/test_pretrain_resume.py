@@ -14,6 +14,7 @@ import pytest
 
 from configs import pretrain as pretrain_config
 from stmem import checkpoint as ckpt_lib
+from stmem import data
 from stmem.preemption import NonFiniteLoss
 from stmem.programs import pretrain
 
@@ -96,15 +97,15 @@ def test_a_run_records_its_simulator_version():
   c = _config()
   with c.unlocked():
     del c.data["simulator"]
-  pretrain._record_simulator(c)
+  data.record_simulator(c)
   assert c.data.simulator == 2
   c = _config(**{"data.simulator": 1})
-  pretrain._record_simulator(c)
+  data.record_simulator(c)
   assert c.data.simulator == 1
   c = _config(**{"data.source": "prepared", "data.data_dir": "/nowhere"})
   with c.unlocked():
     del c.data["simulator"]
-  pretrain._record_simulator(c)
+  data.record_simulator(c)
   assert "simulator" not in c.data
 
 

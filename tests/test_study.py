@@ -55,6 +55,15 @@ def test_study_smoke(tmp_path, capfd):
   probe_report.write_text(json.dumps(report))
   assert study.finished_probe(args, probe_dir, run_dir) is None
 
+  # Runs trained under other pretraining options are refused before anything is computed, naming the option.
+  from stmem import programs
+  capfd.readouterr()
+  assert programs.run(["study", "--config", f"{config}:smoke", "--workdir", str(out),
+                       "--config.pretrain.optim.base_lr=0.05"]) == 2
+  said = capfd.readouterr().err
+  assert f"{run_dir} was pretrained under other options than this study gives (optim.base_lr: " in said
+  assert "-> 0.05)" in said and "held-out references" not in said and "Traceback" not in said
+
 
 def test_loop_seconds_sums_steps_over_their_rate_and_counts_a_repeated_segment_once():
   from stmem.programs.study import loop_seconds

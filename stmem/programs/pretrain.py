@@ -58,17 +58,6 @@ def refuse_overlap(train_pools, evals, allow: bool, log) -> None:
   data_lib.refuse_shared(train_pools, held_out, allow=allow, flag="--config.data.allow_overlap", log=log)
 
 
-def _record_simulator(config: ml_collections.ConfigDict) -> None:
-  """A run on simulated records (alone or in a `data.sources` mix) names the simulator version that made them in
-  its config (the default's when the config file did not say), so config.json and the checkpoint's metadata tell
-  which simulator it was trained on."""
-  versions = {spec.simulator for _, spec, _ in data_lib.source_specs(config.data, seed=config.seed)
-              if spec.source == "synthetic"}
-  if versions and config.data.get("simulator") not in versions:
-    with config.unlocked():
-      config.data.simulator = versions.pop()
-
-
 def _finished_checkpoint(workdir, config: ml_collections.ConfigDict):
   """The checkpoint of this workdir's last step when it is finished and its run's config is this one, else None.
   Anything else (no such step, an unreadable meta, a changed option) takes the full path, which resumes, re-plans
@@ -80,7 +69,8 @@ def _finished_checkpoint(workdir, config: ml_collections.ConfigDict):
     meta, _, _ = ckpt_lib.read_meta(step_dir)
   except (DataError, OSError):
     return None
-  return step_dir if meta.get("config") == json.loads(config.to_json_best_effort()) else None
+  return None if ckpt_lib.config_differences(meta.get("config") or {}, json.loads(config.to_json_best_effort())) \
+    else step_dir
 
 
 @workdir_hold.held("pretrain")  # one writer per workdir; a workdir belongs to one program
@@ -91,7 +81,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, stop_
   log = console.Log("pretrain")
   is_main = jax.process_index() == 0
   workdir_lib.prepare(workdir)  # every process: each writes its own batches.<process>.jsonl here
-  _record_simulator(config)
+  data_lib.record_simulator(config)
   if (finished := _finished_checkpoint(workdir, config)) is not None:
     log(f"already complete: step {config.total_steps} of {config.total_steps} under this config ({finished}); "
         f"nothing to train (a larger --config.total_steps trains on, another --workdir starts afresh)")

@@ -53,11 +53,27 @@ def loop_seconds(lines: list[dict]) -> float:
   return round(seconds, 1)
 
 
-def finished_run(run_dir: pathlib.Path, total_steps: int) -> bool:
+def finished_run(run_dir: pathlib.Path, args: list[str], total_steps: int) -> bool:
   """True when `run_dir` holds a finished checkpoint (its `meta` written, the rule of `stmem.checkpoint`) at
-  `total_steps`: a finished run, which `stmem pretrain` leaves as is."""
+  `total_steps`: a finished run, which `stmem pretrain` leaves as is. A run there that was trained under other options
+  than `stmem pretrain ARGS` gives is refused: the report would name options it did not use (and `stmem pretrain`
+  would go on with the new ones)."""
+  from data_pipelines.errors import UsageError
   from stmem import checkpoint as ckpt_lib
-  return (run_dir / ckpt_lib.CHECKPOINT_DIR / str(total_steps) / "meta").exists()
+  from stmem import configflags
+  from stmem import data as data_lib
+  try:
+    meta, _, step = ckpt_lib.read_meta(run_dir)  # its latest finished checkpoint
+  except ckpt_lib.NotACheckpoint:
+    return False
+  config, _ = configflags.parse(args, "stmem pretrain", None)
+  data_lib.record_simulator(config)  # as `stmem pretrain` records it
+  differ = ckpt_lib.config_differences(meta.get("config") or {}, json.loads(config.to_json_best_effort()))
+  if differ:
+    shown = "; ".join(differ[:3]) + (f" and {len(differ) - 3} more" if len(differ) > 3 else "")
+    raise UsageError(f"{run_dir} was pretrained under other options than this study gives ({shown}): its results "
+                     f"would be reported under options it did not use; give another --workdir, or the options it used")
+  return step == total_steps
 
 
 def pretrain_args(config, method: str, seed: int, run_dir: pathlib.Path) -> list[str]:
@@ -262,6 +278,12 @@ def run(config, workdir) -> dict:
   from stmem import data as data_lib
   data_lib.check_raw_tasks(_csv(config.probe.get("tasks", "")), config.probe.get("data") or {})
   refuse_probe_overlap(config, workdir, log)
+  # runs already in the workdir: finished ones are kept, and one trained under other options is refused, before
+  # anything is computed
+  finished = {(method, seed): finished_run(run_dir, pretrain_args(config, method, seed, run_dir),
+                                           int(config.pretrain.total_steps))
+              for method in methods for seed in seeds
+              for run_dir in [workdir / "runs" / f"{method}_seed{seed}"]}
 
   # ------------------------------------------------------------------------------------------ held-out ECGs
   evaluator, clean = heldout(config)
@@ -277,7 +299,7 @@ def run(config, workdir) -> dict:
     for seed in seeds:
       run_dir = workdir / "runs" / f"{method}_seed{seed}"
       t0 = time.time()
-      if finished_run(run_dir, int(config.pretrain.total_steps)):
+      if finished[method, seed]:
         # what `stmem pretrain` would do with it, without the minute it takes to start and build its data
         log(f"{NAMES[method]} seed {seed}: {run_dir} is at step {config.pretrain.total_steps}, finished; left as it is")
       else:
