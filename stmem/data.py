@@ -347,7 +347,11 @@ def _raw_pool(spec: DatasetSpec, contract: Contract) -> Pool:
   import collections
 
   from data_pipelines import in_memory
-  examples = in_memory.read_examples(spec.name, os.path.expanduser(spec.path), contract, **dict(spec.options))
+  folder = os.path.expanduser(spec.path)
+  if not os.path.isdir(folder):  # said with its fix here: the reader only knows the folder is missing
+    raise UsageError(f"{spec.path} does not exist: set --config.data.records to the folder of your {spec.name} "
+                     f"records")
+  examples = in_memory.read_examples(spec.name, folder, contract, **dict(spec.options))
   reasons = collections.Counter(e["reason"] for e in examples.quarantine)
   quarantine = {"total": len(examples.quarantine), "by_reason": dict(reasons.most_common()),
                 "records": list(examples.quarantine)}

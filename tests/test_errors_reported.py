@@ -273,6 +273,21 @@ def test_output_places_are_checked_before_anything_is_loaded(tmp_path, capsys):
   assert a_file.read_text() == "not a folder\n"
 
 
+def test_a_missing_folder_of_recordings_names_the_option_to_set(tmp_path, capsys):
+  """In `stmem pretrain` the option is data.records; in `stmem study` the same option sits under pretrain."""
+  missing = tmp_path / "no_recordings"
+  rc, _, err = run(capsys, *PRETRAIN, "--workdir", tmp_path / "run",
+                   "--config.data.sources=synthetic=0.5,raw:generic=0.5", f"--config.data.records={missing}")
+  assert rc == 2 and error_line(err).endswith(f"{missing} does not exist: set --config.data.records to the folder "
+                                               f"of your generic records")
+  rc, _, err = run(capsys, "study", "--config", "study:smoke", "--workdir", tmp_path / "study",
+                   "--config.pretrain.data.sources=synthetic=0.5,raw:generic=0.5",
+                   f"--config.pretrain.data.records={missing}")
+  assert rc == 2 and error_line(err).endswith(f"{missing} does not exist: set --config.pretrain.data.records to the "
+                                               f"folder of your generic records")
+  assert not (tmp_path / "study" / "runs").exists()
+
+
 # ------------------------------------------------------------------------------------------------ flat and absent leads
 
 

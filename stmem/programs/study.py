@@ -15,6 +15,7 @@ is its training loop's, from its own metrics, so a run found finished keeps the 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
 import time
@@ -83,6 +84,17 @@ def pretrain_args(config, method: str, seed: int, run_dir: pathlib.Path) -> list
           "--config.evals=", *overrides(config.pretrain)]  # the held-out loss of every checkpoint is scored here
 
 
+@contextlib.contextmanager
+def options_under(block: str):
+  """A usage error from the library names the option of the program it configures (`--config.data.records`); in
+  the study that option is under `block` (`--config.pretrain.data.records`)."""
+  from data_pipelines.errors import UsageError
+  try:
+    yield
+  except UsageError as e:
+    raise UsageError(str(e).replace("--config.data.", f"--config.{block}.data.")) from None
+
+
 def refuse_probe_overlap(config, workdir: pathlib.Path, log) -> None:
   """Recordings that pretraining would read and the probes score are refused before any run, unless
   `pretrain.data.allow_overlap` (then said). The pretraining runs score no evaluator of their own, so their own
@@ -90,13 +102,16 @@ def refuse_probe_overlap(config, workdir: pathlib.Path, log) -> None:
   from stmem import configflags
   from stmem import data as data_lib
   pretrain_config, _ = configflags.parse(pretrain_args(config, "stmem", 0, workdir), "stmem pretrain", None)
-  trained = data_lib.recording_pools(pretrain_config.data, seed=int(pretrain_config.seed))
+  with options_under("pretrain"):
+    trained = data_lib.recording_pools(pretrain_config.data, seed=int(pretrain_config.seed))
   if not trained:
     return
   probe_config, _ = configflags.parse(probe_args(config, "stmem", workdir, workdir, random_baseline=False),
                                       "stmem probe", None)
-  pools, _ = data_lib.task_pools(_csv(probe_config.tasks), trained[0].contract, probe_config.data,
-                                 labels=_csv(probe_config.labels), kind=probe_config.kind, seed=int(probe_config.seed))
+  with options_under("probe"):
+    pools, _ = data_lib.task_pools(_csv(probe_config.tasks), trained[0].contract, probe_config.data,
+                                   labels=_csv(probe_config.labels), kind=probe_config.kind,
+                                   seed=int(probe_config.seed))
   data_lib.refuse_shared(trained, [(f"the probe's {key} task", pool) for key, pool in pools.items()],
                          allow=bool(pretrain_config.data.allow_overlap),
                          flag="--config.pretrain.data.allow_overlap", log=log)
@@ -276,7 +291,8 @@ def run(config, workdir) -> dict:
 
   # the probes' records, checked now rather than after the pretraining runs
   from stmem import data as data_lib
-  data_lib.check_raw_tasks(_csv(config.probe.get("tasks", "")), config.probe.get("data") or {})
+  with options_under("probe"):
+    data_lib.check_raw_tasks(_csv(config.probe.get("tasks", "")), config.probe.get("data") or {})
   refuse_probe_overlap(config, workdir, log)
   # runs already in the workdir: finished ones are kept, and one trained under other options is refused, before
   # anything is computed
