@@ -296,10 +296,10 @@ def run(config, workdir) -> dict:
   refuse_probe_overlap(config, workdir, log)
   # runs already in the workdir: finished ones are kept, and one trained under other options is refused, before
   # anything is computed
+  run_dirs = {(method, seed): workdir / "runs" / f"{method}_seed{seed}" for method in methods for seed in seeds}
   finished = {(method, seed): finished_run(run_dir, pretrain_args(config, method, seed, run_dir),
                                            int(config.pretrain.total_steps))
-              for method in methods for seed in seeds
-              for run_dir in [workdir / "runs" / f"{method}_seed{seed}"]}
+              for (method, seed), run_dir in run_dirs.items()}
 
   # ------------------------------------------------------------------------------------------ held-out ECGs
   evaluator, clean = heldout(config)
@@ -310,26 +310,23 @@ def run(config, workdir) -> dict:
         f"{r['clean_floor']:.4f}")
 
   # ------------------------------------------------------------------------------------------ pretraining
-  runs, timings = {}, {}
-  for method in methods:
-    for seed in seeds:
-      run_dir = workdir / "runs" / f"{method}_seed{seed}"
-      t0 = time.time()
-      if finished[method, seed]:
-        # what `stmem pretrain` would do with it, without the minute it takes to start and build its data
-        log(f"{NAMES[method]} seed {seed}: {run_dir} is at step {config.pretrain.total_steps}, finished; left as it is")
-      else:
-        rc = programs.run(["pretrain", *pretrain_args(config, method, seed, run_dir)])
-        if rc:
-          log(f"`stmem pretrain` for {method} seed {seed} failed; see {run_dir}")
-          raise entry.CommandFailed("pretrain", rc)
-      runs[method, seed] = run_dir
-      timings[f"pretrain {method} seed {seed}"] = round(time.time() - t0, 1)  # this command's, 0-ish when finished
+  timings = {}
+  for (method, seed), run_dir in run_dirs.items():
+    t0 = time.time()
+    if finished[method, seed]:
+      # what `stmem pretrain` would do with it, without the minute it takes to start and build its data
+      log(f"{NAMES[method]} seed {seed}: {run_dir} is at step {config.pretrain.total_steps}, finished; left as it is")
+    else:
+      rc = programs.run(["pretrain", *pretrain_args(config, method, seed, run_dir)])
+      if rc:
+        log(f"`stmem pretrain` for {method} seed {seed} failed; see {run_dir}")
+        raise entry.CommandFailed("pretrain", rc)
+    timings[f"pretrain {method} seed {seed}"] = round(time.time() - t0, 1)  # this command's, 0-ish when finished
 
   # ------------------------------------------------------------------------------------------ held-out loss
   from stmem import checkpoint as ckpt_lib
   curves, finals = {}, []
-  for (method, seed), run_dir in runs.items():
+  for (method, seed), run_dir in run_dirs.items():
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     lines = [x for x in lines if "loss" in x]  # the training metrics (evaluators write lines of their own)
     directory, _ = ckpt_lib.resolve(run_dir)
@@ -351,7 +348,7 @@ def run(config, workdir) -> dict:
 
   # ------------------------------------------------------------------------------------------ probes
   probe_rows = []
-  for (method, seed), run_dir in runs.items():
+  for (method, seed), run_dir in run_dirs.items():
     probe_dir = workdir / "probes" / f"{method}_seed{seed}"
     args = probe_args(config, method, run_dir, probe_dir, random_baseline=seed == seeds[0])
     t0 = time.time()
